@@ -1,0 +1,211 @@
+// The whole NSA forward in plain TypeScript with double accumulation: compress -> cmp attention (+lse) ->
+// block scores -> top-n -> selected attention -> window attention -> gated sum. It is the oracle every backend is
+// checked against, and the CPU backend runs it (split over rows across worker threads).
+//
+// Layout (packed): q [N, Hq, Dk], k [N, H, Dk], v [N, H, Dv], g [N, Hq, 3] (cmp, slc, win), compressed
+// [Nc, H, D]. Query head hq uses KV head floor(hq / G).
+
+import type { NSAConfig } from '../config/nsa-config.js';
+import { attendForward, KeyRanges, ScoreScratch, type AttentionOperands } from './attention.js';
+import { compressForward, type PhiParams } from './compress.js';
+import { packedLayout, visibleCompressed, type FloatArray, type PackedLayout, type SequenceSpan } from './layout.js';
+import { accumulateBlockScores, candidateBlocks, selectTopBlocks } from './selection.js';
+
+export interface NsaReferenceInputs {
+  readonly q: FloatArray;
+  readonly k: FloatArray;
+  readonly v: FloatArray;
+  readonly g: FloatArray;
+  /** Sequence offsets [0, ..., N]. */
+  readonly cuSeqlens: readonly number[];
+  /** Compressed keys/values given directly [Nc, H, D] (replacing phi). */
+  readonly kCmp?: FloatArray | undefined;
+  readonly vCmp?: FloatArray | undefined;
+  /** Independent raw keys/values for the selected and window branches [N, H, D]. */
+  readonly kSlc?: FloatArray | undefined;
+  readonly vSlc?: FloatArray | undefined;
+  readonly kWin?: FloatArray | undefined;
+  readonly vWin?: FloatArray | undefined;
+  /** Parameters of a learned phi (config.phi linear or mlp), for keys and for values. */
+  readonly phiK?: PhiParams | undefined;
+  readonly phiV?: PhiParams | undefined;
+}
+
+export interface NsaReferenceOutputs {
+  /** [N, Hq, Dv]: the gated sum, and each branch's ungated output. */
+  readonly o: Float64Array;
+  readonly oCmp: Float64Array;
+  readonly oSlc: Float64Array;
+  readonly oWin: Float64Array;
+  /** [N, Hq]: natural-log sum of exp(scores) per branch; -Infinity where a branch sees no key. */
+  readonly lseCmp: Float64Array;
+  readonly lseSlc: Float64Array;
+  readonly lseWin: Float64Array;
+  /** [N, H, n]: selected blocks, ascending, -1 padded. */
+  readonly blockIndices: Int32Array;
+}
+
+/** Everything the rows of a forward or backward share: the config, the layout and the compressed K/V. */
+export interface NsaProblem {
+  readonly config: NSAConfig;
+  readonly layout: PackedLayout;
+  readonly inputs: NsaReferenceInputs;
+  /** [Nc, H, Dk] and [Nc, H, Dv]: the compressed keys/values the cmp branch attends. */
+  readonly kc: FloatArray;
+  readonly vc: FloatArray;
+}
+
+export function prepareNsaProblem(config: NSAConfig, inputs: NsaReferenceInputs): NsaProblem {
+  const layout = packedLayout(config, inputs.cuSeqlens);
+  const kc = inputs.kCmp ?? compressForward(config, layout, inputs.k, config.headDim, inputs.phiK);
+  const vc = inputs.vCmp ?? compressForward(config, layout, inputs.v, config.valueDim, inputs.phiV);
+  return { config, layout, inputs, kc, vc };
+}
+
+export function allocateOutputs(layout: PackedLayout, selectCount: number): NsaReferenceOutputs {
+  const { totalTokens: N, heads: Hq, kvHeads: H, dv } = layout;
+  return {
+    o: new Float64Array(N * Hq * dv),
+    oCmp: new Float64Array(N * Hq * dv),
+    oSlc: new Float64Array(N * Hq * dv),
+    oWin: new Float64Array(N * Hq * dv),
+    lseCmp: new Float64Array(N * Hq),
+    lseSlc: new Float64Array(N * Hq),
+    lseWin: new Float64Array(N * Hq),
+    blockIndices: new Int32Array(N * H * selectCount),
+  };
+}
+
+/** The reference forward over all rows. */
+export function nsaReferenceForward(config: NSAConfig, inputs: NsaReferenceInputs): NsaReferenceOutputs {
+  const problem = prepareNsaProblem(config, inputs);
+  const out = allocateOutputs(problem.layout, config.selectCount);
+  forwardRows(problem, 0, problem.layout.totalTokens, out);
+  return out;
+}
+
+/** Computes the outputs of packed rows [rowStart, rowEnd) into `out` (other rows untouched). */
+export function forwardRows(problem: NsaProblem, rowStart: number, rowEnd: number, out: NsaReferenceOutputs): void {
+  const keys = new BranchKeys(problem.config);
+  const { config, layout, inputs } = problem;
+  const { heads: Hq, kvHeads: H, group: G, dk, dv } = layout;
+  const n = config.selectCount;
+  const ops = branchOperands(problem);
+  const scratch = new ScoreScratch();
+  const probs = new Float64Array(Math.max(1, layout.totalCompressed));
+  const scores = new Float64Array(config.selectBlockCount(maxLength(layout)) + 1);
+  forEachRow(layout, rowStart, rowEnd, (seq, row, t) => {
+    for (let h = 0; h < H; h++) {
+      // cmp attention for the G heads of the group; keep their probabilities for the block scores.
+      const visible = keys.fillCompressed(seq, t);
+      const candidates = candidateBlocks(config, t);
+      scores.fill(0, 0, candidates);
+      for (let gi = 0; gi < G; gi++) {
+        const hq = h * G + gi;
+        const qo = (row * Hq + hq) * dk;
+        const oo = (row * Hq + hq) * dv;
+        const lse = attendForward(ops.cmp, inputs.q, qo, h, keys.cmp, out.oCmp, oo, scratch);
+        out.lseCmp[row * Hq + hq] = lse;
+        for (let i = 0; i < visible; i++) probs[i] = Math.exp(scratch.buffer[i]! - lse);
+        accumulateBlockScores(config, probs, visible, scores);
+      }
+      const bo = (row * H + h) * n;
+      selectTopBlocks(config, t, scores, out.blockIndices, bo);
+      keys.fillSelected(seq, t, out.blockIndices, bo);
+      for (let gi = 0; gi < G; gi++) {
+        const hq = h * G + gi;
+        const qo = (row * Hq + hq) * dk;
+        const oo = (row * Hq + hq) * dv;
+        out.lseSlc[row * Hq + hq] = attendForward(ops.slc, inputs.q, qo, h, keys.slc, out.oSlc, oo, scratch);
+      }
+      keys.fillWindow(seq, t);
+      for (let gi = 0; gi < G; gi++) {
+        const hq = h * G + gi;
+        const qo = (row * Hq + hq) * dk;
+        const oo = (row * Hq + hq) * dv;
+        out.lseWin[row * Hq + hq] = attendForward(ops.win, inputs.q, qo, h, keys.win, out.oWin, oo, scratch);
+        const go = (row * Hq + hq) * 3;
+        const gc = inputs.g[go]!;
+        const gs = inputs.g[go + 1]!;
+        const gw = inputs.g[go + 2]!;
+        for (let c = 0; c < dv; c++) {
+          out.o[oo + c] = gc * out.oCmp[oo + c]! + gs * out.oSlc[oo + c]! + gw * out.oWin[oo + c]!;
+        }
+      }
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Shared with the backward
+
+/** The operands of the three branches: compressed K/V for cmp, each branch's raw K/V for slc and win. */
+export function branchOperands(problem: NsaProblem): {
+  cmp: AttentionOperands;
+  slc: AttentionOperands;
+  win: AttentionOperands;
+} {
+  const { config, inputs, kc, vc } = problem;
+  const base = { kvHeads: config.kvHeads, dk: config.headDim, dv: config.valueDim, scale: config.scale };
+  return {
+    cmp: { ...base, keys: kc, values: vc },
+    slc: { ...base, keys: inputs.kSlc ?? inputs.k, values: inputs.vSlc ?? inputs.v },
+    win: { ...base, keys: inputs.kWin ?? inputs.k, values: inputs.vWin ?? inputs.v },
+  };
+}
+
+/** Fills the key ranges (absolute rows) of each branch for a query at local position t of a sequence. */
+export class BranchKeys {
+  readonly cmp = new KeyRanges(1);
+  readonly slc: KeyRanges;
+  readonly win = new KeyRanges(1);
+  private readonly config: NSAConfig;
+
+  constructor(config: NSAConfig) {
+    this.config = config;
+    this.slc = new KeyRanges(config.selectCount);
+  }
+
+  /** cmp: the visible compressed rows [cStart, cStart + visible); returns how many. */
+  fillCompressed(seq: SequenceSpan, t: number): number {
+    const visible = visibleCompressed(this.config, t, seq.cLength);
+    this.cmp.clear().push(seq.cStart, seq.cStart + visible);
+    return visible;
+  }
+
+  /** slc: the rows of the selected blocks in blocks[bo .. bo + n), the block holding t cut at t. */
+  fillSelected(seq: SequenceSpan, t: number, blocks: Int32Array, bo: number): void {
+    const ls = this.config.selectBlock;
+    this.slc.clear();
+    for (let i = 0; i < this.config.selectCount; i++) {
+      const j = blocks[bo + i]!;
+      if (j < 0) break;
+      this.slc.push(seq.start + j * ls, seq.start + Math.min((j + 1) * ls, t + 1));
+    }
+  }
+
+  /** win: rows (t - w, t]. */
+  fillWindow(seq: SequenceSpan, t: number): void {
+    this.win.clear().push(seq.start + Math.max(0, t - this.config.window + 1), seq.start + t + 1);
+  }
+}
+
+/** Calls fn(sequence, packed row, local position) for every row in [rowStart, rowEnd). */
+export function forEachRow(
+  layout: PackedLayout,
+  rowStart: number,
+  rowEnd: number,
+  fn: (seq: SequenceSpan, row: number, t: number) => void,
+): void {
+  for (const seq of layout.sequences) {
+    const a = Math.max(rowStart, seq.start);
+    const b = Math.min(rowEnd, seq.start + seq.length);
+    for (let row = a; row < b; row++) fn(seq, row, row - seq.start);
+  }
+}
+
+function maxLength(layout: PackedLayout): number {
+  let m = 0;
+  for (const s of layout.sequences) m = Math.max(m, s.length);
+  return m;
+}

@@ -1,0 +1,61 @@
+// Comparisons with named tolerances: relative RMS error, and element-wise closeness that reports the first
+// offending index with both values. -Infinity and NaN must match exactly where they occur.
+
+import { expect } from 'vitest';
+
+export function relativeRmsError(actual: ArrayLike<number>, expected: ArrayLike<number>): number {
+  let num = 0;
+  let den = 0;
+  for (let i = 0; i < expected.length; i++) {
+    const e = expected[i]!;
+    const a = actual[i]!;
+    if (!Number.isFinite(e) || !Number.isFinite(a)) continue;
+    num += (a - e) ** 2;
+    den += e * e;
+  }
+  return den === 0 ? Math.sqrt(num) : Math.sqrt(num / den);
+}
+
+/** Positions where one side is not finite must hold the same value on the other. */
+export function expectSameNonFinite(actual: ArrayLike<number>, expected: ArrayLike<number>, what: string): void {
+  expect(actual.length, `${what}: length`).toBe(expected.length);
+  for (let i = 0; i < expected.length; i++) {
+    const e = expected[i]!;
+    const a = actual[i]!;
+    if (Number.isFinite(e) && Number.isFinite(a)) continue;
+    if (Object.is(a, e) || (Number.isNaN(a) && Number.isNaN(e))) continue;
+    throw new Error(`${what}[${i}]: expected ${e}, got ${a}`);
+  }
+}
+
+export interface RmsOptions {
+  readonly rtol: number;
+}
+
+export function expectRelativeRms(
+  actual: ArrayLike<number>,
+  expected: ArrayLike<number>,
+  what: string,
+  { rtol }: RmsOptions,
+): void {
+  expectSameNonFinite(actual, expected, what);
+  const err = relativeRmsError(actual, expected);
+  if (!(err <= rtol)) throw new Error(`${what}: relative RMS error ${err.toExponential(3)} > ${rtol.toExponential(1)}`);
+}
+
+export interface CloseOptions {
+  readonly atol: number;
+  readonly rtol: number;
+}
+
+export function expectClose(actual: ArrayLike<number>, expected: ArrayLike<number>, what: string, tol: CloseOptions): void {
+  expect(actual.length, `${what}: length`).toBe(expected.length);
+  for (let i = 0; i < expected.length; i++) {
+    const e = expected[i]!;
+    const a = actual[i]!;
+    if (Object.is(a, e) || (Number.isNaN(a) && Number.isNaN(e))) continue;
+    if (!(Math.abs(a - e) <= tol.atol + tol.rtol * Math.abs(e))) {
+      throw new Error(`${what}[${i}]: expected ${e}, got ${a} (|diff| ${Math.abs(a - e).toExponential(3)})`);
+    }
+  }
+}
