@@ -62,17 +62,20 @@ export function prepareNsaProblem(config: NSAConfig, inputs: NsaReferenceInputs)
   return { config, layout, inputs, kc, vc };
 }
 
-export function allocateOutputs(layout: PackedLayout, selectCount: number): NsaReferenceOutputs {
+/** Zeroed outputs; on SharedArrayBuffers when worker threads will write them. */
+export function allocateOutputs(layout: PackedLayout, selectCount: number, shared = false): NsaReferenceOutputs {
   const { totalTokens: N, heads: Hq, kvHeads: H, dv } = layout;
+  const buffer = (bytes: number): ArrayBuffer | SharedArrayBuffer => (shared ? new SharedArrayBuffer(bytes) : new ArrayBuffer(bytes));
+  const f64 = (n: number): Float64Array => new Float64Array(buffer(n * 8));
   return {
-    o: new Float64Array(N * Hq * dv),
-    oCmp: new Float64Array(N * Hq * dv),
-    oSlc: new Float64Array(N * Hq * dv),
-    oWin: new Float64Array(N * Hq * dv),
-    lseCmp: new Float64Array(N * Hq),
-    lseSlc: new Float64Array(N * Hq),
-    lseWin: new Float64Array(N * Hq),
-    blockIndices: new Int32Array(N * H * selectCount),
+    o: f64(N * Hq * dv),
+    oCmp: f64(N * Hq * dv),
+    oSlc: f64(N * Hq * dv),
+    oWin: f64(N * Hq * dv),
+    lseCmp: f64(N * Hq),
+    lseSlc: f64(N * Hq),
+    lseWin: f64(N * Hq),
+    blockIndices: new Int32Array(buffer(N * H * selectCount * 4)),
   };
 }
 
