@@ -1,6 +1,7 @@
 // The Backend interface every implementation (cpu, cuda, webgpu) provides. The operator in nsa/ validates
 // inputs once and hands backends an NsaRequest they can trust; backends return host tensors.
 
+import type { NSAConfig } from '../config/nsa-config.js';
 import type { NsaRequest } from '../nsa/validate.js';
 import type { NsaGradients, NsaOutputs } from '../nsa/types.js';
 import type { FloatDType } from '../tensor/dtype.js';
@@ -23,11 +24,43 @@ export interface BackendForwardResult {
   readonly saved: SavedForBackward;
 }
 
+export interface TimingOptions {
+  /** Untimed runs first (compilation, caches, clocks). */
+  readonly warmup: number;
+  /** Timed runs; the median is reported. */
+  readonly iterations: number;
+  /** Time forward + backward instead of forward alone. */
+  readonly backward?: boolean;
+  /** Called after each run (warm-up included), for progress bars. */
+  readonly onIteration?: (done: number, total: number) => void;
+}
+
+export interface TimingResult {
+  readonly medianMs: number;
+  readonly samplesMs: readonly number[];
+  /** How the time was taken (for example "CUDA events" or "wall clock"). */
+  readonly clock: string;
+}
+
+/** Random inputs of a given layout for benchmarks; each backend makes them where it computes. */
+export interface BenchmarkProblem {
+  readonly config: NSAConfig;
+  /** Sequence offsets of the packed tokens (B equal sequences: 0, T, 2T, ...). */
+  readonly cuSeqlens: readonly number[];
+  /** Dtype of q, k, v (gates are f32). */
+  readonly dtype: FloatDType;
+  readonly seed: number;
+}
+
 export interface Backend {
   readonly name: BackendName;
   /** One line for humans: the device and how the backend runs on it. */
   readonly description: string;
   forward(request: NsaRequest, outputDType: FloatDType): Promise<BackendForwardResult>;
   backward(request: NsaRequest, saved: SavedForBackward, dOut: Tensor, outputDType: FloatDType): Promise<NsaGradients>;
+  /** Times the operator on random inputs made (and kept) where the backend computes. */
+  time(problem: BenchmarkProblem, options: TimingOptions): Promise<TimingResult>;
+  /** Times this backend's dense causal attention on inputs of the same shapes (the baseline), if it has one. */
+  timeDense?(problem: BenchmarkProblem, options: TimingOptions): Promise<TimingResult>;
   dispose(): void;
 }

@@ -200,3 +200,48 @@ function maskedAttention(
   }
   return { p, o: matmul(p, v, T, S, dv), lse };
 }
+
+/**
+ * Plain causal attention per sequence and query head (GQA: head hq reads KV head floor(hq / G)), in doubles:
+ * the reference of the backends' dense kernels. q [N, Hq, Dk], k [N, H, Dk], v [N, H, Dv] -> o [N, Hq, Dv],
+ * lse [N, Hq].
+ */
+export function denseCausalAttention(
+  q: ArrayLike<number>,
+  k: ArrayLike<number>,
+  v: ArrayLike<number>,
+  cuSeqlens: readonly number[],
+  heads: number,
+  kvHeads: number,
+  dk: number,
+  dv: number,
+  scale: number,
+): { o: Float64Array; lse: Float64Array } {
+  const N = cuSeqlens[cuSeqlens.length - 1]!;
+  const o = new Float64Array(N * heads * dv);
+  const lse = new Float64Array(N * heads);
+  const G = heads / kvHeads;
+  for (let b = 0; b + 1 < cuSeqlens.length; b++) {
+    const s0 = cuSeqlens[b]!;
+    const T = cuSeqlens[b + 1]! - s0;
+    for (let hq = 0; hq < heads; hq++) {
+      const h = Math.floor(hq / G);
+      const r = maskedAttention(
+        slice(q, s0, T, heads, hq, dk),
+        slice(k, s0, T, kvHeads, h, dk),
+        slice(v, s0, T, kvHeads, h, dv),
+        T,
+        T,
+        dk,
+        dv,
+        scale,
+        (t, s) => s <= t,
+      );
+      for (let t = 0; t < T; t++) {
+        lse[(s0 + t) * heads + hq] = r.lse[t]!;
+        for (let c = 0; c < dv; c++) o[((s0 + t) * heads + hq) * dv + c] = r.o[t * dv + c]!;
+      }
+    }
+  }
+  return { o, lse };
+}

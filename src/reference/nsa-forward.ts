@@ -53,13 +53,22 @@ export interface NsaProblem {
   /** [Nc, H, Dk] and [Nc, H, Dv]: the compressed keys/values the cmp branch attends. */
   readonly kc: FloatArray;
   readonly vc: FloatArray;
+  /**
+   * [N, H, n]: a selection to use instead of top-n (to check a kernel's attention given the blocks it chose,
+   * independently of near-tie flips in its choice).
+   */
+  readonly fixedBlockIndices?: Int32Array | undefined;
 }
 
-export function prepareNsaProblem(config: NSAConfig, inputs: NsaReferenceInputs): NsaProblem {
+export function prepareNsaProblem(
+  config: NSAConfig,
+  inputs: NsaReferenceInputs,
+  fixedBlockIndices?: Int32Array,
+): NsaProblem {
   const layout = packedLayout(config, inputs.cuSeqlens);
   const kc = inputs.kCmp ?? compressForward(config, layout, inputs.k, config.headDim, inputs.phiK);
   const vc = inputs.vCmp ?? compressForward(config, layout, inputs.v, config.valueDim, inputs.phiV);
-  return { config, layout, inputs, kc, vc };
+  return { config, layout, inputs, kc, vc, fixedBlockIndices };
 }
 
 /** Zeroed outputs; on SharedArrayBuffers when worker threads will write them. */
@@ -79,9 +88,13 @@ export function allocateOutputs(layout: PackedLayout, selectCount: number, share
   };
 }
 
-/** The reference forward over all rows. */
-export function nsaReferenceForward(config: NSAConfig, inputs: NsaReferenceInputs): NsaReferenceOutputs {
-  const problem = prepareNsaProblem(config, inputs);
+/** The reference forward over all rows (with a given selection instead of top-n, when passed). */
+export function nsaReferenceForward(
+  config: NSAConfig,
+  inputs: NsaReferenceInputs,
+  fixedBlockIndices?: Int32Array,
+): NsaReferenceOutputs {
+  const problem = prepareNsaProblem(config, inputs, fixedBlockIndices);
   const out = allocateOutputs(problem.layout, config.selectCount);
   forwardRows(problem, 0, problem.layout.totalTokens, out);
   return out;
@@ -113,7 +126,8 @@ export function forwardRows(problem: NsaProblem, rowStart: number, rowEnd: numbe
         accumulateBlockScores(config, probs, visible, scores);
       }
       const bo = (row * H + h) * n;
-      selectTopBlocks(config, t, scores, out.blockIndices, bo);
+      if (problem.fixedBlockIndices === undefined) selectTopBlocks(config, t, scores, out.blockIndices, bo);
+      else out.blockIndices.set(problem.fixedBlockIndices.subarray(bo, bo + n), bo);
       keys.fillSelected(seq, t, out.blockIndices, bo);
       for (let gi = 0; gi < G; gi++) {
         const hq = h * G + gi;
@@ -137,6 +151,30 @@ export function forwardRows(problem: NsaProblem, rowStart: number, rowEnd: numbe
       }
     }
   });
+}
+
+/**
+ * The selection-block scores of the query at packed row `row` for KV head h (the GQA-summed, overlap-mapped cmp
+ * probabilities top-n ranks), one per candidate block. For checking a kernel's choice by scores.
+ */
+export function blockScoresAt(problem: NsaProblem, row: number, h: number): Float64Array {
+  const { config, layout, inputs } = problem;
+  const seq = layout.sequences.find((s) => row >= s.start && row < s.start + s.length)!;
+  const t = row - seq.start;
+  const keys = new BranchKeys(config);
+  const visible = keys.fillCompressed(seq, t);
+  const scores = new Float64Array(candidateBlocks(config, t));
+  const probs = new Float64Array(Math.max(1, visible));
+  const scratch = new ScoreScratch();
+  const ops = branchOperands(problem).cmp;
+  const o = new Float64Array(config.valueDim);
+  for (let gi = 0; gi < layout.group; gi++) {
+    const qo = (row * layout.heads + h * layout.group + gi) * layout.dk;
+    const lse = attendForward(ops, inputs.q, qo, h, keys.cmp, o, 0, scratch);
+    for (let i = 0; i < visible; i++) probs[i] = Math.exp(scratch.buffer[i]! - lse);
+    accumulateBlockScores(config, probs, visible, scores);
+  }
+  return scores;
 }
 
 // ---------------------------------------------------------------------------------------------------------------

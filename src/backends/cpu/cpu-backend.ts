@@ -12,7 +12,17 @@ import type { FloatDType } from '../../tensor/dtype.js';
 import { formatShape, Tensor } from '../../tensor/tensor.js';
 import type { NsaGradients, NsaOutputs } from '../../nsa/types.js';
 import type { NsaRequest } from '../../nsa/validate.js';
-import type { Backend, BackendForwardResult, SavedForBackward } from '../backend.js';
+import type {
+  Backend,
+  BackendForwardResult,
+  BenchmarkProblem,
+  SavedForBackward,
+  TimingOptions,
+  TimingResult,
+} from '../backend.js';
+import { randomInputs } from '../../nsa/random-inputs.js';
+import { validateNsaInputs } from '../../nsa/validate.js';
+import { median } from '../timing.js';
 import {
   runBackwardTask,
   runForwardTask,
@@ -82,6 +92,20 @@ export class CpuBackend implements Backend {
     const privates = pool === undefined ? tasks.map(runBackwardTask) : (await pool.run(tasks)).map((r) => r.kv!);
     const acc: BackwardAccumulators = { ...sumPrivate(privates), dq, dg };
     return gradientTensors(request, finishBackward(problem, acc), outputDType);
+  }
+
+  async time(problem: BenchmarkProblem, options: TimingOptions): Promise<TimingResult> {
+    const request = validateNsaInputs(randomInputs(problem), problem.config, { checkFinite: false });
+    const samples: number[] = [];
+    const total = options.warmup + options.iterations;
+    for (let i = 0; i < total; i++) {
+      const start = performance.now();
+      const { outputs, saved } = await this.forward(request, 'f32');
+      if (options.backward) await this.backward(request, saved, outputs.o, 'f32');
+      if (i >= options.warmup) samples.push(performance.now() - start);
+      options.onIteration?.(i + 1, total);
+    }
+    return { medianMs: median(samples), samplesMs: samples, clock: 'wall clock' };
   }
 
   dispose(): void {

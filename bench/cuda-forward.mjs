@@ -1,0 +1,60 @@
+// Forward benchmark of the cuda backend on the issue's shapes, with a per-stage breakdown, our dense kernel and
+// torch SDPA (python3 bench/torch_sdpa.py) measured in the same run. Run from the repo root after `npm run build`:
+//   node bench/cuda-forward.mjs [--lengths 8192,16384] [--out results.json]
+// Prints a table; medians of CUDA-event timings after warm-up.
+import { execFileSync } from 'node:child_process';
+import { writeFileSync } from 'node:fs';
+import { NSAConfig } from '../dist/index.js';
+import { createCudaBackend } from '../dist/backends/cuda/cuda-backend.js';
+
+const args = process.argv.slice(2);
+const flag = (name, fallback) => {
+  const i = args.indexOf(`--${name}`);
+  return i >= 0 ? args[i + 1] : fallback;
+};
+const lengths = flag('lengths', '8192,16384,32768,65536').split(',').map(Number);
+const outFile = flag('out', undefined);
+const groups = flag('groups', '16,4').split(',').map(Number);
+const kernels = flag('kernels', 'auto').split(',');
+const timing = { warmup: Number(flag('warmup', '3')), iterations: Number(flag('iters', '10')) };
+
+function sdpa(T, hq, h, d) {
+  try {
+    const out = execFileSync('python3', ['bench/torch_sdpa.py', '--seqlen', String(T), '--heads', String(hq), '--kv-heads', String(h), '--head-dim', String(d), '--value-dim', String(d), '--dtype', 'bf16', '--warmup', String(timing.warmup), '--iters', String(timing.iterations)], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+    return JSON.parse(out.trim().split('\n').pop()).median_ms;
+  } catch (e) {
+    return `n/a (${String(e.message).split('\n')[0]})`;
+  }
+}
+
+const rows = [];
+const backends = new Map();
+for (const kernel of kernels) backends.set(kernel, await createCudaBackend({ selectedKernel: kernel }));
+const first = backends.values().next().value;
+console.log(first.description);
+for (const G of groups) {
+  const hq = G === 16 ? 64 : 32;
+  const h = hq / G;
+  for (const preset of ['fla', 'paper']) {
+    for (const T of lengths) {
+      const config = NSAConfig.preset(preset, { heads: hq, kvHeads: h, headDim: 128, valueDim: 128, selectCount: 16, window: 512 });
+      const problem = { config, cuSeqlens: [0, T], dtype: 'bf16', seed: 1 };
+      const dense = (await first.timeDense(problem, timing)).medianMs;
+      const torch = sdpa(T, hq, h, 128);
+      for (const [kernel, backend] of backends) {
+        const nsa = (await backend.time(problem, timing)).medianMs;
+        const stages = await backend.profileStages(problem, timing);
+        const row = { G, preset, T, kernel, nsa, dense, sdpa: torch, stages: Object.fromEntries(Object.entries(stages).map(([k, v]) => [k, v.medianMs])) };
+        rows.push(row);
+        const fmt = (x) => (typeof x === 'number' ? x.toFixed(2) : x);
+        console.log(
+          `G=${G} ${preset.padEnd(5)} T=${String(T).padStart(6)} ${kernel.padEnd(5)} nsa ${fmt(nsa).padStart(8)} ms | dense ${fmt(dense).padStart(8)} | sdpa ${fmt(torch)} | ` +
+            `x dense ${(dense / nsa).toFixed(2)} | x sdpa ${typeof torch === 'number' ? (torch / nsa).toFixed(2) : '-'} | dense/sdpa thr ${typeof torch === 'number' ? (torch / dense).toFixed(2) : '-'} | ` +
+            Object.entries(row.stages).map(([k, v]) => `${k} ${v.toFixed(2)}`).join(' '),
+        );
+      }
+    }
+  }
+}
+if (outFile) writeFileSync(outFile, JSON.stringify({ device: first.description, rows }, null, 2));
+for (const b of [...backends.values()].reverse()) b.dispose();

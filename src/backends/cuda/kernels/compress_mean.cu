@@ -1,0 +1,36 @@
+// nvcc-check: -DDK=128 -DDV=128 -DCMP_L=64 -DCMP_D=64
+// nvcc-check: -DDK=192 -DDV=128 -DCMP_L=32 -DCMP_D=16 -DNSA_FP16
+//
+// phi = mean: compressed token i of a sequence is the average of keys (values) [i*d, i*d + l), accumulated in
+// fp32 and rounded once to the element type. One CTA per compressed token and KV head; each thread averages 8
+// consecutive channels with 16-byte loads (threads [0, DK/8) for keys, the rest for values). Memory-bound: it
+// reads K and V l/d times over and writes Tc rows, a small pass next to the attention kernels.
+#include "nsa_common.cuh"
+
+extern "C" __global__ void nsa_compress_mean(const elem_t *__restrict__ k, const elem_t *__restrict__ v,
+                                             elem_t *__restrict__ kc, elem_t *__restrict__ vc,
+                                             const int *__restrict__ cmp_row_seq, const int *__restrict__ cu_seqlens,
+                                             const int *__restrict__ cu_cmp, int H) {
+  const i64 crow = blockIdx.x;
+  const int h = blockIdx.y;
+  const int seq = cmp_row_seq[crow];
+  const int i = (int)(crow - cu_cmp[seq]);
+  const i64 first = cu_seqlens[seq] + (i64)i * CMP_D;
+  const bool is_key = threadIdx.x < DK / 8;
+  const int dim = is_key ? DK : DV;
+  const int c0 = (is_key ? threadIdx.x : threadIdx.x - DK / 8) * 8;
+  const elem_t *src = is_key ? k : v;
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int r = 0; r < CMP_L; r++) {
+    const uint4 raw = *reinterpret_cast<const uint4 *>(src + ((first + r) * H + h) * dim + c0);
+    const elem_t *x = reinterpret_cast<const elem_t *>(&raw);
+#pragma unroll
+    for (int e = 0; e < 8; e++) acc[e] += elem_to_float(x[e]);
+  }
+  uint4 packed;
+  u32 *words = reinterpret_cast<u32 *>(&packed);
+#pragma unroll
+  for (int e = 0; e < 4; e++) words[e] = pack_elem2(acc[2 * e] / CMP_L, acc[2 * e + 1] / CMP_L);
+  elem_t *dst = is_key ? kc : vc;
+  *reinterpret_cast<uint4 *>(dst + (crow * H + h) * dim + c0) = packed;
+}

@@ -1,0 +1,230 @@
+// Shared device code for the NSA kernels: element types, tensor-core MMA (m16n8k16, fp32 accumulate),
+// ldmatrix/cp.async wrappers, a swizzled shared-memory tile layout, and the per-warp online softmax.
+//
+// Fragment layouts (PTX ISA, mma.m16n8k16): a thread with lane = 4*g + c (g = lane/4, c = lane%4) holds
+//   A (16x16, row-major):  a0 = A[g][2c..2c+1], a1 = A[g+8][2c..], a2 = A[g][2c+8..], a3 = A[g+8][2c+8..]
+//   B (16x8,  k x n):      b0 = B[2c..2c+1][g], b1 = B[2c+8..2c+9][g]
+//   C (16x8,  fp32):       c0,c1 = C[g][2c..2c+1], c2,c3 = C[g+8][2c..2c+1]
+// Compile-time configuration comes from -D defines set by the host (see the kernels' headers).
+#pragma once
+
+typedef long long i64;
+typedef unsigned int u32;
+
+#if defined(NSA_FP16)
+#include <cuda_fp16.h>
+typedef __half elem_t;
+typedef __half2 elem2_t;
+#define NSA_MMA_TYPE "f16"
+__device__ __forceinline__ float elem_to_float(elem_t x) { return __half2float(x); }
+__device__ __forceinline__ elem_t float_to_elem(float x) { return __float2half_rn(x); }
+__device__ __forceinline__ u32 pack_elem2(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<u32 *>(&h);
+}
+#else
+#include <cuda_bf16.h>
+typedef __nv_bfloat16 elem_t;
+typedef __nv_bfloat162 elem2_t;
+#define NSA_MMA_TYPE "bf16"
+__device__ __forceinline__ float elem_to_float(elem_t x) { return __bfloat162float(x); }
+__device__ __forceinline__ elem_t float_to_elem(float x) { return __float2bfloat16_rn(x); }
+__device__ __forceinline__ u32 pack_elem2(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<u32 *>(&h);
+}
+#endif
+
+
+#define NSA_LOG2E 1.4426950408889634f
+#define NSA_LN2 0.6931471805599453f
+#define NSA_NEG_INF (-__int_as_float(0x7f800000))
+
+// ---------------------------------------------------------------------------------------------------------------
+// Tensor-core and copy primitives
+
+__device__ __forceinline__ void mma_16816(float c[4], const u32 a[4], const u32 b[2]) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." NSA_MMA_TYPE "." NSA_MMA_TYPE ".f32 "
+               "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+__device__ __forceinline__ u32 smem_addr(const void *p) {
+  return static_cast<u32>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(u32 r[4], const void *p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(u32 r[4], const void *p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+/** 16-byte global -> shared copy; `valid` false writes zeros (src-size 0) without reading global memory. */
+__device__ __forceinline__ void cp_async_16(void *smem, const void *gmem, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+               "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Shared-memory tiles: ROWS x COLS elements, rows of COLS*2 bytes, 16-byte chunks XOR-swizzled by (row % 8) so
+// that ldmatrix over 8 rows of one column chunk hits 8 different bank groups.
+
+template <int COLS> struct SwizzledTile {
+  static constexpr int CHUNKS = COLS / 8; // 16-byte chunks per row
+  static_assert(COLS % 64 == 0, "tile widths are multiples of 64 elements (8 chunks) for the swizzle");
+  __device__ static __forceinline__ int offset(int row, int col) {
+    const int chunk = col >> 3;
+    return row * COLS + (((chunk ^ (row & 7)) << 3) | (col & 7));
+  }
+};
+
+/**
+ * Asynchronously copies `rows` rows of COLS elements into a swizzled tile. Row r comes from src(r) (a pointer to
+ * COLS contiguous elements) or is zero-filled when src(r) is null. All threads of the block take part.
+ */
+template <int COLS, int THREADS, typename RowPtr>
+__device__ __forceinline__ void load_tile_async(elem_t *tile, int rows, RowPtr src) {
+  constexpr int CHUNKS = COLS / 8;
+  for (int i = threadIdx.x; i < rows * CHUNKS; i += THREADS) {
+    const int r = i / CHUNKS;
+    const int c = i % CHUNKS;
+    const elem_t *row = src(r);
+    cp_async_16(tile + SwizzledTile<COLS>::offset(r, c * 8), row == nullptr ? tile : row + c * 8, row != nullptr);
+  }
+}
+
+/** Same, with the copy split over the 32 lanes of one warp (for warp-private tiles). */
+template <int COLS, typename RowPtr>
+__device__ __forceinline__ void load_tile_async_warp(elem_t *tile, int rows, RowPtr src, int lane) {
+  constexpr int CHUNKS = COLS / 8;
+  for (int i = lane; i < rows * CHUNKS; i += 32) {
+    const int r = i / CHUNKS;
+    const int c = i % CHUNKS;
+    const elem_t *row = src(r);
+    cp_async_16(tile + SwizzledTile<COLS>::offset(r, c * 8), row == nullptr ? tile : row + c * 8, row != nullptr);
+  }
+}
+
+/** A fragments of a 16-row slice (rows r0..r0+15) of a swizzled [*, KDIM] tile, all KDIM/16 k-steps. */
+template <int KDIM> __device__ __forceinline__ void load_a_fragments(u32 a[KDIM / 16][4], const elem_t *tile, int r0, int lane) {
+  const int row = r0 + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+  for (int ks = 0; ks < KDIM / 16; ks++) {
+    const int col = ks * 16 + (lane >> 4) * 8;
+    ldmatrix_x4(a[ks], tile + SwizzledTile<KDIM>::offset(row, col));
+  }
+}
+
+/**
+ * S[16 x 16*NP] += Q (A fragments, 16 x KDIM) * K^T for keys k0 .. k0 + 16*NP of a swizzled [*, KDIM] key tile.
+ * s[2*p + h] is the C fragment of keys k0 + 16p + 8h .. +8.
+ */
+template <int KDIM, int NP>
+__device__ __forceinline__ void qk_mma(float s[2 * NP][4], const u32 a[KDIM / 16][4], const elem_t *ktile, int k0, int lane) {
+#pragma unroll
+  for (int p = 0; p < NP; p++) {
+    const int key = k0 + p * 16 + (lane & 7) + (lane >> 4) * 8;
+#pragma unroll
+    for (int ks = 0; ks < KDIM / 16; ks++) {
+      u32 b[4];
+      ldmatrix_x4(b, ktile + SwizzledTile<KDIM>::offset(key, ks * 16 + ((lane >> 3) & 1) * 8));
+      mma_16816(s[2 * p], a[ks], b);
+      mma_16816(s[2 * p + 1], a[ks], b + 2);
+    }
+  }
+}
+
+/**
+ * O[16 x VDIM] += P (16 x 16*NP, fp32 C fragments packed to elem pairs) * V[keys k0 .. k0 + 16*NP] from a swizzled
+ * [*, VDIM] value tile. o[n] is the C fragment of value columns 8n .. 8n+7.
+ */
+template <int VDIM, int NP>
+__device__ __forceinline__ void pv_mma(float o[VDIM / 8][4], const float s[2 * NP][4], const elem_t *vtile, int k0, int lane) {
+#pragma unroll
+  for (int p = 0; p < NP; p++) {
+    u32 a[4];
+    a[0] = pack_elem2(s[2 * p][0], s[2 * p][1]);
+    a[1] = pack_elem2(s[2 * p][2], s[2 * p][3]);
+    a[2] = pack_elem2(s[2 * p + 1][0], s[2 * p + 1][1]);
+    a[3] = pack_elem2(s[2 * p + 1][2], s[2 * p + 1][3]);
+    const int key = k0 + p * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+    for (int n = 0; n < VDIM / 16; n++) {
+      u32 b[4];
+      ldmatrix_x4_trans(b, vtile + SwizzledTile<VDIM>::offset(key, n * 16 + (lane >> 4) * 8));
+      mma_16816(o[2 * n], a, b);
+      mma_16816(o[2 * n + 1], a, b + 2);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Online softmax for the two rows a thread holds in C fragments (row g and g + 8 of a 16-row slice).
+// Scores are in log2 units (already multiplied by scale * log2(e)).
+
+struct SoftmaxRows {
+  float m[2];
+  float l[2];
+  __device__ __forceinline__ void init() {
+    m[0] = m[1] = NSA_NEG_INF;
+    l[0] = l[1] = 0.f;
+  }
+};
+
+/**
+ * Folds one tile of scores s (masked entries already -inf) into the running max/sum, rescales the output
+ * accumulators, and turns s into the unnormalised probabilities exp2(s - m).
+ */
+template <int NS, int VDIM>
+__device__ __forceinline__ void softmax_update(SoftmaxRows &st, float s[NS][4], float o[VDIM / 8][4]) {
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    float mx = st.m[h];
+#pragma unroll
+    for (int n = 0; n < NS; n++) mx = fmaxf(mx, fmaxf(s[n][2 * h], s[n][2 * h + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+    // A row with nothing visible so far keeps m = -inf; use 0 as the exponent base so exp2 gives 0, not NaN.
+    const float base = mx == NSA_NEG_INF ? 0.f : mx;
+    const float rescale = exp2f(st.m[h] - base);
+    st.m[h] = mx;
+    float sum = 0.f;
+#pragma unroll
+    for (int n = 0; n < NS; n++) {
+      s[n][2 * h] = exp2f(s[n][2 * h] - base);
+      s[n][2 * h + 1] = exp2f(s[n][2 * h + 1] - base);
+      sum += s[n][2 * h] + s[n][2 * h + 1];
+    }
+    st.l[h] = st.l[h] * rescale + sum;
+#pragma unroll
+    for (int n = 0; n < VDIM / 8; n++) {
+      o[n][2 * h] *= rescale;
+      o[n][2 * h + 1] *= rescale;
+    }
+  }
+}
+
+/** Row sums across the 4 lanes that share a row; returns the row's total l and its natural-log lse. */
+__device__ __forceinline__ float softmax_finish_row(const SoftmaxRows &st, int h, float *lse_out) {
+  float l = st.l[h];
+  l += __shfl_xor_sync(0xffffffff, l, 1);
+  l += __shfl_xor_sync(0xffffffff, l, 2);
+  *lse_out = (l == 0.f || st.m[h] == NSA_NEG_INF) ? NSA_NEG_INF : (st.m[h] + log2f(l)) * NSA_LN2;
+  return l;
+}
+
+template <int N> __device__ __forceinline__ void zero_frags(float f[N][4]) {
+#pragma unroll
+  for (int i = 0; i < N; i++) f[i][0] = f[i][1] = f[i][2] = f[i][3] = 0.f;
+}

@@ -1,0 +1,182 @@
+// nvcc-check: -DDK=128 -DCMP_L=64 -DCMP_D=64 -DSEL_L=64 -DSEL_N=16
+// nvcc-check: -DDK=192 -DCMP_L=32 -DCMP_D=16 -DSEL_L=64 -DSEL_N=16 -DNSA_FP16
+//
+// Block scores and top-n, without the [T, Hq, Tc] probability matrix ever reaching global memory.
+// A CTA takes P consecutive query positions of one sequence and all G query heads of one KV head (rows = P*G
+// <= 64, row r = position r / G, head r % G). For each tile of 64 compressed keys it recomputes the scores,
+// turns them into the cmp branch's probabilities with the lse of the cmp pass (p = exp(s - lse)), sums them over
+// the G heads and spreads them over the selection blocks they overlap (weight overlap / d): scores[P][Ns] live in
+// shared memory. Then one warp per position takes the forced blocks (0, the block before t's, t's own), then the
+// best others (score descending, lower index on ties), sorts them and writes block_indices [N, H, n].
+// The summation order is fixed, so the choice is the same run to run.
+#include "nsa_common.cuh"
+
+#define ROWS 64
+#define BLOCK_N 64
+#define THREADS 128
+
+__device__ __forceinline__ int cmp_visible(int t, int tc) {
+  return t < CMP_L - 1 ? 0 : min(tc, (t - CMP_L + 1) / CMP_D + 1);
+}
+
+/** (score, index) ordering of top-n: higher score first, lower index on ties. */
+__device__ __forceinline__ bool better(float s, int j, float bs, int bj) { return s > bs || (s == bs && j < bj); }
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+    nsa_select_blocks(const elem_t *__restrict__ q, const elem_t *__restrict__ kc, const float *__restrict__ lse_cmp,
+                      const int *__restrict__ cu_seqlens, const int *__restrict__ cu_cmp, const int2 *__restrict__ tiles,
+                      int *__restrict__ block_indices, int Hq, int H, int P, int ns_stride, float scale_log2) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  elem_t *qsmem = reinterpret_cast<elem_t *>(smem_raw);
+  elem_t *ksmem = qsmem + ROWS * DK;                                      // 2 stages of BLOCK_N x DK
+  float *psmem = reinterpret_cast<float *>(ksmem + 2 * BLOCK_N * DK);      // ROWS x BLOCK_N probabilities
+  float *scores = psmem + ROWS * BLOCK_N;                                  // P x ns_stride block scores
+
+  const int2 tile = tiles[blockIdx.x];
+  const int seq = tile.x;
+  const int pos0 = tile.y;
+  const int h = blockIdx.y;
+  const int G = Hq / H;
+  const int seq_start = cu_seqlens[seq];
+  const int seq_len = cu_seqlens[seq + 1] - seq_start;
+  const int c_start = cu_cmp[seq];
+  const int tc = cu_cmp[seq + 1] - c_start;
+  const int npos = min(P, seq_len - pos0);
+  const int rows = npos * G;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+
+  for (int i = threadIdx.x; i < P * ns_stride; i += THREADS) scores[i] = 0.f;
+  load_tile_async<DK, THREADS>(qsmem, ROWS, [&](int r) -> const elem_t * {
+    if (r >= rows) return nullptr;
+    return q + ((i64)(seq_start + pos0 + r / G) * Hq + h * G + r % G) * DK;
+  });
+  cp_async_commit();
+
+  const int last = pos0 + npos - 1;
+  const int nkeys = cmp_visible(last, tc);
+  const int ntiles = (nkeys + BLOCK_N - 1) / BLOCK_N;
+  auto issue = [&](int it) {
+    const int k0 = it * BLOCK_N;
+    load_tile_async<DK, THREADS>(ksmem + (it & 1) * BLOCK_N * DK, BLOCK_N, [&](int r) -> const elem_t * {
+      return k0 + r < nkeys ? kc + ((i64)(c_start + k0 + r) * H + h) * DK : nullptr;
+    });
+    cp_async_commit();
+  };
+  if (ntiles > 0) issue(0);
+
+  // This thread's two rows: local position, and lse in log2 units (rows past the CTA's positions are inert).
+  const int r_lo = warp * 16 + lane / 4;
+  const int r_hi = r_lo + 8;
+  const int t_lo = r_lo < rows ? pos0 + r_lo / G : -1;
+  const int t_hi = r_hi < rows ? pos0 + r_hi / G : -1;
+  const float lse_lo = t_lo >= 0 ? lse_cmp[(i64)(seq_start + t_lo) * Hq + h * G + r_lo % G] * NSA_LOG2E : 0.f;
+  const float lse_hi = t_hi >= 0 ? lse_cmp[(i64)(seq_start + t_hi) * Hq + h * G + r_hi % G] * NSA_LOG2E : 0.f;
+  const int vis_lo = t_lo >= 0 ? cmp_visible(t_lo, tc) : 0;
+  const int vis_hi = t_hi >= 0 ? cmp_visible(t_hi, tc) : 0;
+
+  u32 qfrag[DK / 16][4];
+  for (int it = 0; it < ntiles; it++) {
+    if (it + 1 < ntiles) issue(it + 1);
+    else cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    if (it == 0) load_a_fragments<DK>(qfrag, qsmem, warp * 16, lane);
+    const int k0 = it * BLOCK_N;
+    float s[BLOCK_N / 8][4];
+    zero_frags<BLOCK_N / 8>(s);
+    qk_mma<DK, BLOCK_N / 16>(s, qfrag, ksmem + (it & 1) * BLOCK_N * DK, 0, lane);
+#pragma unroll
+    for (int n = 0; n < BLOCK_N / 8; n++) {
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int key = k0 + n * 8 + (lane % 4) * 2 + (e & 1);
+        const bool hi = e >= 2;
+        const bool ok = key < (hi ? vis_hi : vis_lo);
+        const float p = ok ? exp2f(s[n][e] * scale_log2 - (hi ? lse_hi : lse_lo)) : 0.f;
+        psmem[(hi ? r_hi : r_lo) * BLOCK_N + n * 8 + (lane % 4) * 2 + (e & 1)] = p;
+      }
+    }
+    __syncthreads();
+    // Fold this tile into the block scores: one thread per (position, selection block) the tile touches.
+    const int j_first = (k0 * CMP_D) / SEL_L;
+    const int j_last = ((min(k0 + BLOCK_N, nkeys) - 1) * CMP_D + CMP_L - 1) / SEL_L;
+    const int nj = j_last - j_first + 1;
+    for (int w = threadIdx.x; w < npos * nj; w += THREADS) {
+      const int pos = w / nj;
+      const int j = j_first + w % nj;
+      const int i_lo = max(k0, (j * SEL_L - CMP_L + CMP_D) / CMP_D); // first compressed block ending past j*l'
+      const int i_hi = min(min(k0 + BLOCK_N, nkeys), ((j + 1) * SEL_L - 1) / CMP_D + 1);
+      float acc = 0.f;
+      for (int i = max(i_lo, 0); i < i_hi; i++) {
+        const int start = i * CMP_D;
+        const int overlap = min(start + CMP_L, (j + 1) * SEL_L) - max(start, j * SEL_L);
+        if (overlap <= 0) continue;
+        float ps = 0.f;
+        for (int g = 0; g < G; g++) ps += psmem[(pos * G + g) * BLOCK_N + (i - k0)];
+        acc += ps * (float)overlap;
+      }
+      scores[pos * ns_stride + j] += acc * (1.f / CMP_D);
+    }
+    __syncthreads();
+  }
+
+  // Top-n: one warp per position.
+  for (int pos = warp; pos < npos; pos += THREADS / 32) {
+    const int t = pos0 + pos;
+    const int current = t / SEL_L;
+    float *sc = scores + pos * ns_stride;
+    int chosen = -1; // lane i keeps the i-th chosen block
+    int count = 0;
+    int previous = -1;
+    const int forced[3] = {0, current - 1, current};
+#pragma unroll
+    for (int f = 0; f < 3; f++) {
+      const int j = forced[f];
+      if (count == SEL_N || j <= previous) continue;
+      if (lane == count) chosen = j;
+      count++;
+      previous = j;
+    }
+    __syncwarp();
+    if (lane == 0) {
+      for (int f = 0; f < 3; f++)
+        if (forced[f] >= 0) sc[forced[f]] = NSA_NEG_INF; // taken: scores are >= 0 otherwise
+    }
+    __syncwarp();
+    while (count < SEL_N) {
+      float bs = NSA_NEG_INF;
+      int bj = 0x7fffffff;
+      for (int j = lane; j <= current; j += 32) {
+        const float s = sc[j];
+        if (better(s, j, bs, bj)) {
+          bs = s;
+          bj = j;
+        }
+      }
+#pragma unroll
+      for (int off = 16; off > 0; off >>= 1) {
+        const float os = __shfl_xor_sync(0xffffffff, bs, off);
+        const int oj = __shfl_xor_sync(0xffffffff, bj, off);
+        if (better(os, oj, bs, bj)) {
+          bs = os;
+          bj = oj;
+        }
+      }
+      if (bs == NSA_NEG_INF) break; // no candidates left
+      if (lane == count) chosen = bj;
+      if (lane == 0) sc[bj] = NSA_NEG_INF;
+      __syncwarp();
+      count++;
+    }
+    // Sort the chosen blocks ascending: each lane's rank is how many chosen blocks are smaller.
+    int rank = 0;
+    for (int i = 0; i < count; i++) {
+      const int other = __shfl_sync(0xffffffff, chosen, i);
+      rank += (lane < count && other < chosen) ? 1 : 0;
+    }
+    int *dst = block_indices + ((i64)(seq_start + t) * H + h) * SEL_N;
+    if (lane < count) dst[rank] = chosen;
+    for (int i = count + lane; i < SEL_N; i += 32) dst[i] = -1;
+  }
+}

@@ -1,0 +1,139 @@
+// nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16
+// nvcc-check: -DDK=192 -DDV=128 -DSEL_L=32 -DSEL_N=16 -DNSA_FP16
+//
+// Selected attention, group-centric (the NSA paper's kernel, for large G): a CTA takes one query position t and
+// up to 16 query heads of one KV head (the G heads of a group share one selection), so each selected K/V block
+// is fetched once for the whole group. The n selected blocks (block t's own cut at t) are streamed as tiles of 64
+// keys through shared memory; each of the 4 warps takes 16 keys of a tile with its own online softmax, and the
+// warps' partial results are merged at the end (flash-decoding style). The epilogue adds g_slc * o_slc to the
+// fp32 accumulator `out` holding the other branches, and optionally writes the final output in the input dtype.
+#include "nsa_common.cuh"
+
+#define BLOCK_N 64
+#define THREADS 128
+#define ROWS 16
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+    nsa_selected_attention(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
+                           const float *__restrict__ gate, const int *__restrict__ block_indices,
+                           const int *__restrict__ row_seq, const int *__restrict__ cu_seqlens, float *__restrict__ out,
+                           elem_t *__restrict__ out_final, float *__restrict__ branch_out, float *__restrict__ lse_out,
+                           int Hq, int H, float scale_log2) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  elem_t *qsmem = reinterpret_cast<elem_t *>(smem_raw);           // ROWS x DK
+  elem_t *ksmem = qsmem + ROWS * DK;                               // 2 x BLOCK_N x DK
+  elem_t *vsmem = ksmem + 2 * BLOCK_N * DK;                        // 2 x BLOCK_N x DV
+  __shared__ int sel[SEL_N];
+  __shared__ float merge_m[4][ROWS];
+  __shared__ float merge_l[4][ROWS];
+
+  const i64 row = blockIdx.x; // packed token
+  const int h = blockIdx.y;
+  const int G = Hq / H;
+  const int head0 = blockIdx.z * ROWS; // first head of this CTA within the group
+  const int rows = min(ROWS, G - head0);
+  const int seq = row_seq[row];
+  const int seq_start = cu_seqlens[seq];
+  const int t = (int)(row - seq_start);
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+
+  int nsel = 0;
+  if (threadIdx.x < SEL_N) sel[threadIdx.x] = block_indices[(row * H + h) * SEL_N + threadIdx.x];
+  __syncthreads();
+  while (nsel < SEL_N && sel[nsel] >= 0) nsel++;
+  const int total = nsel * SEL_L;
+  const int ntiles = (total + BLOCK_N - 1) / BLOCK_N;
+
+  load_tile_async<DK, THREADS>(qsmem, ROWS, [&](int r) -> const elem_t * {
+    return r < rows ? q + (row * Hq + h * G + head0 + r) * DK : nullptr;
+  });
+  // Key i of the concatenated selection is token sel[i / l'] * l' + i % l' of the sequence (if <= t).
+  auto key_pos = [&](int i) { return sel[i / SEL_L] * SEL_L + i % SEL_L; };
+  auto issue = [&](int it) {
+    const int k0 = it * BLOCK_N;
+    load_tile_async<DK, THREADS>(ksmem + (it & 1) * BLOCK_N * DK, BLOCK_N, [&](int r) -> const elem_t * {
+      const int i = k0 + r;
+      if (i >= total || key_pos(i) > t) return nullptr;
+      return k + ((i64)(seq_start + key_pos(i)) * H + h) * DK;
+    });
+    load_tile_async<DV, THREADS>(vsmem + (it & 1) * BLOCK_N * DV, BLOCK_N, [&](int r) -> const elem_t * {
+      const int i = k0 + r;
+      if (i >= total || key_pos(i) > t) return nullptr;
+      return v + ((i64)(seq_start + key_pos(i)) * H + h) * DV;
+    });
+    cp_async_commit();
+  };
+  issue(0);
+
+  float o[DV / 8][4];
+  zero_frags<DV / 8>(o);
+  SoftmaxRows st;
+  st.init();
+  u32 qfrag[DK / 16][4];
+  for (int it = 0; it < ntiles; it++) {
+    if (it + 1 < ntiles) issue(it + 1);
+    else cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    if (it == 0) load_a_fragments<DK>(qfrag, qsmem, 0, lane);
+    const int k0 = it * BLOCK_N + warp * 16; // this warp's 16 keys
+    float s[2][4];
+    zero_frags<2>(s);
+    qk_mma<DK, 1>(s, qfrag, ksmem + (it & 1) * BLOCK_N * DK, warp * 16, lane);
+#pragma unroll
+    for (int n = 0; n < 2; n++) {
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int i = k0 + n * 8 + (lane % 4) * 2 + (e & 1);
+        const int r = lane / 4 + (e >= 2 ? 8 : 0);
+        const bool ok = i < total && r < rows && key_pos(i) <= t;
+        s[n][e] = ok ? s[n][e] * scale_log2 : NSA_NEG_INF;
+      }
+    }
+    softmax_update<2, DV>(st, s, o);
+    pv_mma<DV, 1>(o, s, vsmem + (it & 1) * BLOCK_N * DV, warp * 16, lane);
+    __syncthreads();
+  }
+
+  // Merge the four warps' partial softmax states: stage each warp's (m, l, o) in shared memory.
+  float *merge_o = reinterpret_cast<float *>(ksmem); // 4 x ROWS x DV floats, reusing the key stages
+#pragma unroll
+  for (int hh = 0; hh < 2; hh++) {
+    float l = st.l[hh];
+    l += __shfl_xor_sync(0xffffffff, l, 1);
+    l += __shfl_xor_sync(0xffffffff, l, 2);
+    const int r = lane / 4 + hh * 8;
+    if (lane % 4 == 0) {
+      merge_m[warp][r] = st.m[hh];
+      merge_l[warp][r] = l;
+    }
+#pragma unroll
+    for (int n = 0; n < DV / 8; n++) {
+      const int col = n * 8 + (lane % 4) * 2;
+      merge_o[(warp * ROWS + r) * DV + col] = o[n][2 * hh];
+      merge_o[(warp * ROWS + r) * DV + col + 1] = o[n][2 * hh + 1];
+    }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < rows * DV; idx += THREADS) {
+    const int r = idx / DV;
+    const int col = idx % DV;
+    float m = NSA_NEG_INF;
+    for (int w = 0; w < 4; w++) m = fmaxf(m, merge_m[w][r]);
+    float l = 0.f;
+    float acc = 0.f;
+    for (int w = 0; w < 4; w++) {
+      const float f = merge_m[w][r] == NSA_NEG_INF ? 0.f : exp2f(merge_m[w][r] - m);
+      l += f * merge_l[w][r];
+      acc += f * merge_o[(w * ROWS + r) * DV + col];
+    }
+    const float x = l > 0.f ? acc / l : 0.f;
+    const i64 orow = row * Hq + h * G + head0 + r;
+    if (col == 0) lse_out[orow] = l > 0.f ? (m + log2f(l)) * NSA_LN2 : NSA_NEG_INF;
+    if (branch_out != nullptr) branch_out[orow * DV + col] = x;
+    const float y = out[orow * DV + col] + gate[orow * 3 + 1] * x;
+    if (out_final != nullptr) out_final[orow * DV + col] = float_to_elem(y);
+    else out[orow * DV + col] = y;
+  }
+}

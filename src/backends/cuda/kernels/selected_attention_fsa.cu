@@ -1,0 +1,227 @@
+// nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16
+// nvcc-check: -DDK=64 -DDV=64 -DSEL_L=32 -DSEL_N=8 -DNSA_FP16
+//
+// Selected attention for small G, FSA's loop order: the outer loop runs over (KV head, key block), and each CTA
+// gathers the queries that selected its block into one MMA tile, so a K/V block is read once per tile of queries
+// instead of once per query. Each (query row, slot) gets a partial result (its output over that one block and the
+// block's lse); a reduction merges the n partials of a row with their lse, deterministically (no atomics on
+// outputs: a row's partials are computed independently of which other rows shared the tile).
+//   1. nsa_fsa_count:  how many (query, slot) pairs selected each (h, block)
+//   2. nsa_fsa_scan:   exclusive prefix sums of the counts and of the tiles they need (one CTA)
+//   3. nsa_fsa_fill:   the inverse index: for each (h, block), the (token, slot) pairs that chose it
+//   4. nsa_fsa_attend: per tile, attention of the gathered rows over one block -> partials
+//   5. nsa_fsa_reduce: merge the partials of each (token, head), gate, add into `out`
+// Blocks are numbered globally: block j of sequence s is cu_blocks[s] + j; key = h * total_blocks + block.
+#include "nsa_common.cuh"
+
+#define THREADS 128
+#define ROWS 64
+#define BLOCK_N 64
+
+extern "C" __global__ void nsa_fsa_count(const int *__restrict__ block_indices, const int *__restrict__ row_seq,
+                                         const int *__restrict__ cu_blocks, int *__restrict__ counts, i64 pairs, int H,
+                                         int total_blocks) {
+  const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x; // over N * H * SEL_N
+  if (idx >= pairs) return;
+  const int j = block_indices[idx];
+  if (j < 0) return;
+  const i64 row = idx / ((i64)H * SEL_N);
+  const int h = (int)((idx / SEL_N) % H);
+  atomicAdd(counts + (i64)h * total_blocks + cu_blocks[row_seq[row]] + j, 1);
+}
+
+/** Exclusive scans of counts -> offsets and of ceil(count / per_tile) -> tile_offsets, each with n + 1 entries. */
+extern "C" __global__ void __launch_bounds__(1024)
+    nsa_fsa_scan(const int *__restrict__ counts, int *__restrict__ offsets, int *__restrict__ tile_offsets, int n,
+                 int per_tile) {
+  __shared__ int sums[2][1024];
+  const int chunk = (n + 1023) / 1024;
+  const int begin = min(n, threadIdx.x * chunk);
+  const int end = min(n, begin + chunk);
+  int c = 0;
+  int t = 0;
+  for (int i = begin; i < end; i++) {
+    c += counts[i];
+    t += (counts[i] + per_tile - 1) / per_tile;
+  }
+  sums[0][threadIdx.x] = c;
+  sums[1][threadIdx.x] = t;
+  __syncthreads();
+  for (int off = 1; off < 1024; off <<= 1) { // Hillis-Steele inclusive scan
+    const int a = threadIdx.x >= off ? sums[0][threadIdx.x - off] : 0;
+    const int b = threadIdx.x >= off ? sums[1][threadIdx.x - off] : 0;
+    __syncthreads();
+    sums[0][threadIdx.x] += a;
+    sums[1][threadIdx.x] += b;
+    __syncthreads();
+  }
+  c = threadIdx.x > 0 ? sums[0][threadIdx.x - 1] : 0;
+  t = threadIdx.x > 0 ? sums[1][threadIdx.x - 1] : 0;
+  for (int i = begin; i < end; i++) {
+    offsets[i] = c;
+    tile_offsets[i] = t;
+    c += counts[i];
+    t += (counts[i] + per_tile - 1) / per_tile;
+  }
+  if (threadIdx.x == 1023) {
+    offsets[n] = sums[0][1023];
+    tile_offsets[n] = sums[1][1023];
+  }
+}
+
+extern "C" __global__ void nsa_fsa_fill(const int *__restrict__ block_indices, const int *__restrict__ row_seq,
+                                        const int *__restrict__ cu_blocks, const int *__restrict__ offsets,
+                                        int *__restrict__ cursors, int2 *__restrict__ entries, i64 pairs, int H,
+                                        int total_blocks) {
+  const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= pairs) return;
+  const int j = block_indices[idx];
+  if (j < 0) return;
+  const i64 row = idx / ((i64)H * SEL_N);
+  const int h = (int)((idx / SEL_N) % H);
+  const i64 key = (i64)h * total_blocks + cu_blocks[row_seq[row]] + j;
+  const int at = offsets[key] + atomicAdd(cursors + key, 1);
+  entries[at] = make_int2((int)row, (int)(idx % SEL_N));
+}
+
+/**
+ * One tile: up to `per_tile` (token, slot) entries of one (h, block), all G heads of each -> rows = entries * G.
+ * Writes partial_o [N, Hq, SEL_N, DV] (normalised over the block) and partial_lse [N, Hq, SEL_N].
+ */
+extern "C" __global__ void __launch_bounds__(THREADS)
+    nsa_fsa_attend(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
+                   const int *__restrict__ offsets, const int *__restrict__ tile_offsets, const int2 *__restrict__ entries,
+                   const int *__restrict__ block_seq, const int *__restrict__ cu_blocks, const int *__restrict__ cu_seqlens,
+                   float *__restrict__ partial_o, float *__restrict__ partial_lse, int Hq, int H, int total_blocks,
+                   int per_tile, float scale_log2) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  elem_t *qsmem = reinterpret_cast<elem_t *>(smem_raw); // ROWS x DK
+  elem_t *ksmem = qsmem + ROWS * DK;                    // BLOCK_N x DK
+  elem_t *vsmem = ksmem + BLOCK_N * DK;                 // BLOCK_N x DV
+  const int nkeys_total = H * total_blocks;
+  const int b = blockIdx.x;
+  if (b >= tile_offsets[nkeys_total]) return; // the grid is an upper bound on the tiles
+  // Binary search: the key whose tile range holds b.
+  int lo = 0;
+  int hi = nkeys_total - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (tile_offsets[mid] <= b) lo = mid;
+    else hi = mid - 1;
+  }
+  const int key = lo;
+  const int h = key / total_blocks;
+  const int gblock = key % total_blocks;
+  const int seq = block_seq[gblock];
+  const int j = gblock - cu_blocks[seq];
+  const int seq_start = cu_seqlens[seq];
+  const int seq_len = cu_seqlens[seq + 1] - seq_start;
+  const int G = Hq / H;
+  const int e0 = offsets[key] + (b - tile_offsets[key]) * per_tile;
+  const int nentries = min(per_tile, offsets[key + 1] - e0);
+  const int rows = nentries * G;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int key0 = j * SEL_L; // first token of the block
+
+  load_tile_async<DK, THREADS>(qsmem, ROWS, [&](int r) -> const elem_t * {
+    if (r >= rows) return nullptr;
+    return q + ((i64)entries[e0 + r / G].x * Hq + h * G + r % G) * DK;
+  });
+  cp_async_commit();
+
+  // This thread's two rows and the local positions of their tokens.
+  const int r_lo = warp * 16 + lane / 4;
+  const int r_hi = r_lo + 8;
+  const int2 ent_lo = r_lo < rows ? entries[e0 + r_lo / G] : make_int2(-1, 0);
+  const int2 ent_hi = r_hi < rows ? entries[e0 + r_hi / G] : make_int2(-1, 0);
+  const int t_lo = ent_lo.x >= 0 ? ent_lo.x - seq_start : -1;
+  const int t_hi = ent_hi.x >= 0 ? ent_hi.x - seq_start : -1;
+
+  float o[DV / 8][4];
+  zero_frags<DV / 8>(o);
+  SoftmaxRows st;
+  st.init();
+  u32 qfrag[DK / 16][4];
+  for (int k0 = 0; k0 < SEL_L; k0 += BLOCK_N) {
+    const int nk = min(BLOCK_N, min(SEL_L - k0, seq_len - key0 - k0));
+    load_tile_async<DK, THREADS>(ksmem, BLOCK_N, [&](int r) -> const elem_t * {
+      return r < nk ? k + ((i64)(seq_start + key0 + k0 + r) * H + h) * DK : nullptr;
+    });
+    load_tile_async<DV, THREADS>(vsmem, BLOCK_N, [&](int r) -> const elem_t * {
+      return r < nk ? v + ((i64)(seq_start + key0 + k0 + r) * H + h) * DV : nullptr;
+    });
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    if (k0 == 0) load_a_fragments<DK>(qfrag, qsmem, warp * 16, lane);
+    float s[BLOCK_N / 8][4];
+    zero_frags<BLOCK_N / 8>(s);
+    qk_mma<DK, BLOCK_N / 16>(s, qfrag, ksmem, 0, lane);
+#pragma unroll
+    for (int n = 0; n < BLOCK_N / 8; n++) {
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int pos = key0 + k0 + n * 8 + (lane % 4) * 2 + (e & 1);
+        const int t = e < 2 ? t_lo : t_hi;
+        s[n][e] = (t >= 0 && pos - key0 - k0 < nk && pos <= t) ? s[n][e] * scale_log2 : NSA_NEG_INF;
+      }
+    }
+    softmax_update<BLOCK_N / 8, DV>(st, s, o);
+    pv_mma<DV, BLOCK_N / 16>(o, s, vsmem, 0, lane);
+    __syncthreads();
+  }
+#pragma unroll
+  for (int hh = 0; hh < 2; hh++) {
+    float lse;
+    const float l = softmax_finish_row(st, hh, &lse);
+    const int r = hh == 0 ? r_lo : r_hi;
+    const int2 ent = hh == 0 ? ent_lo : ent_hi;
+    if (r >= rows) continue;
+    const i64 prow = ((i64)ent.x * Hq + h * G + r % G) * SEL_N + ent.y;
+    if (lane % 4 == 0) partial_lse[prow] = lse;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+    for (int n = 0; n < DV / 8; n++) {
+      const int col = n * 8 + (lane % 4) * 2;
+      *reinterpret_cast<float2 *>(partial_o + prow * DV + col) = make_float2(o[n][2 * hh] * inv, o[n][2 * hh + 1] * inv);
+    }
+  }
+}
+
+/** Merges the n partials of each (token, query head); one warp per (token, head). */
+extern "C" __global__ void nsa_fsa_reduce(const float *__restrict__ partial_o, const float *__restrict__ partial_lse,
+                                          const int *__restrict__ block_indices, const float *__restrict__ gate,
+                                          float *__restrict__ out, elem_t *__restrict__ out_final,
+                                          float *__restrict__ branch_out, float *__restrict__ lse_out, i64 rows, int Hq,
+                                          int H) {
+  const i64 r = (i64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; // token * Hq + hq
+  const int lane = threadIdx.x % 32;
+  if (r >= rows) return;
+  const i64 token = r / Hq;
+  const int hq = (int)(r % Hq);
+  const int h = hq / (Hq / H);
+  const int *sel = block_indices + (token * H + h) * SEL_N;
+  float m = NSA_NEG_INF;
+  for (int s = 0; s < SEL_N; s++)
+    if (sel[s] >= 0) m = fmaxf(m, partial_lse[r * SEL_N + s]);
+  float wsum = 0.f;
+  for (int s = 0; s < SEL_N; s++)
+    if (sel[s] >= 0 && partial_lse[r * SEL_N + s] != NSA_NEG_INF) wsum += __expf(partial_lse[r * SEL_N + s] - m);
+  const float lse = wsum > 0.f ? m + __logf(wsum) : NSA_NEG_INF;
+  if (lane == 0) lse_out[r] = lse;
+  const float g = gate[r * 3 + 1];
+  for (int col = lane; col < DV; col += 32) {
+    float acc = 0.f;
+    for (int s = 0; s < SEL_N; s++) {
+      if (sel[s] < 0) continue;
+      const float pl = partial_lse[r * SEL_N + s];
+      if (pl == NSA_NEG_INF) continue;
+      acc += __expf(pl - lse) * partial_o[(r * SEL_N + s) * DV + col];
+    }
+    if (branch_out != nullptr) branch_out[r * DV + col] = acc;
+    const float y = out[r * DV + col] + g * acc;
+    if (out_final != nullptr) out_final[r * DV + col] = float_to_elem(y);
+    else out[r * DV + col] = y;
+  }
+}

@@ -1,0 +1,307 @@
+// The NSA forward on the GPU, on device-resident tensors:
+//   1. compress (phi = mean) K and V into Kc, Vc                    nsa_compress_mean
+//   2. cmp then win attention per 64-row query tile; out = g_cmp*o_cmp + g_win*o_win, lse of both
+//   3. block scores from the cmp probabilities (kept on chip) and top-n   nsa_select_blocks
+//   4. selected attention; out += g_slc*o_slc (final dtype if asked)     group-centric, or FSA for small G
+// Index tables come from the layout plan and are uploaded once per runner.
+
+import type { NSAConfig } from '../../../config/nsa-config.js';
+import type { CudaContext } from '../context.js';
+import type { KernelArg } from '../kernel-args.js';
+import type { DeviceBuffer } from '../memory.js';
+import { buildLayoutPlan, type LayoutPlan } from './layout-plan.js';
+import type { HalfDType, NsaPrograms } from './programs.js';
+
+export type SelectedKernelChoice = 'auto' | 'group' | 'fsa';
+
+export const FORWARD_STAGES = ['compress', 'cmp+win', 'select', 'selected'] as const;
+export type ForwardStage = (typeof FORWARD_STAGES)[number];
+
+/** Inputs on the device: q, k, v (and the optional ones) in the half dtype, gates in fp32. */
+export interface DeviceNsaInputs {
+  readonly q: DeviceBuffer;
+  readonly k: DeviceBuffer;
+  readonly v: DeviceBuffer;
+  readonly gate: DeviceBuffer;
+  readonly kCmp?: DeviceBuffer | undefined;
+  readonly vCmp?: DeviceBuffer | undefined;
+  readonly kSlc?: DeviceBuffer | undefined;
+  readonly vSlc?: DeviceBuffer | undefined;
+  readonly kWin?: DeviceBuffer | undefined;
+  readonly vWin?: DeviceBuffer | undefined;
+}
+
+/** Outputs on the device; the ungated per-branch outputs and the final half-precision output are optional. */
+export interface DeviceNsaOutputs {
+  /** [N, Hq, Dv] fp32: the gated sum. */
+  readonly out: DeviceBuffer;
+  /** [N, Hq, Dv] in the half dtype: the gated sum rounded once, when asked. */
+  readonly outFinal?: DeviceBuffer | undefined;
+  readonly oCmp?: DeviceBuffer | undefined;
+  readonly oSlc?: DeviceBuffer | undefined;
+  readonly oWin?: DeviceBuffer | undefined;
+  readonly lseCmp: DeviceBuffer;
+  readonly lseSlc: DeviceBuffer;
+  readonly lseWin: DeviceBuffer;
+  /** [N, H, n] int32 */
+  readonly blockIndices: DeviceBuffer;
+}
+
+const NULL: KernelArg = { ptr: 0n };
+const ptr = (b: DeviceBuffer | undefined): KernelArg => (b === undefined ? NULL : { ptr: b.ptr });
+
+export class ForwardRunner {
+  readonly plan: LayoutPlan;
+  readonly selectedKernel: 'group' | 'fsa';
+  private readonly tables: Record<
+    'cuSeqlens' | 'cuCmp' | 'cuBlocks' | 'rowSeq' | 'cmpRowSeq' | 'blockSeq' | 'queryTiles' | 'selectTiles',
+    DeviceBuffer
+  >;
+  private readonly scratch: DeviceBuffer[] = [];
+  private readonly kc: DeviceBuffer;
+  private readonly vc: DeviceBuffer;
+  private readonly fsaBuffers: Record<'counts' | 'cursors' | 'offsets' | 'tileOffsets' | 'entries' | 'partialO' | 'partialLse', DeviceBuffer> | undefined;
+
+  constructor(
+    private readonly ctx: CudaContext,
+    private readonly programs: NsaPrograms,
+    cuSeqlens: readonly number[],
+    choice: SelectedKernelChoice = 'auto',
+  ) {
+    const config = programs.config;
+    const probe = buildLayoutPlan(config, cuSeqlens, 1);
+    const P = programs.positionsPerSelectTile(probe.maxBlocks);
+    this.plan = P === 1 ? probe : buildLayoutPlan(config, cuSeqlens, P);
+    this.selectedKernel = choice === 'auto' ? (config.groupSize >= 8 ? 'group' : 'fsa') : choice;
+    const up = (a: Int32Array, what: string): DeviceBuffer => this.keep(ctx.upload(a, what));
+    this.tables = {
+      cuSeqlens: up(this.plan.cuSeqlens, 'cu_seqlens'),
+      cuCmp: up(this.plan.cuCmp, 'cu_cmp'),
+      cuBlocks: up(this.plan.cuBlocks, 'cu_blocks'),
+      rowSeq: up(this.plan.rowSeq, 'row_seq'),
+      cmpRowSeq: up(nonEmpty(this.plan.cmpRowSeq), 'cmp_row_seq'),
+      blockSeq: up(this.plan.blockSeq, 'block_seq'),
+      queryTiles: up(this.plan.queryTiles, 'query tiles'),
+      selectTiles: up(this.plan.selectTiles, 'select tiles'),
+    };
+    const { kvHeads: H, headDim: dk, valueDim: dv, heads: Hq, selectCount: n } = config;
+    const half = 2;
+    this.kc = this.keep(ctx.alloc(Math.max(1, this.plan.totalCompressed) * H * dk * half, 'compressed keys'));
+    this.vc = this.keep(ctx.alloc(Math.max(1, this.plan.totalCompressed) * H * dv * half, 'compressed values'));
+    if (this.selectedKernel === 'fsa') {
+      const N = this.plan.totalTokens;
+      const keys = H * this.plan.totalBlocks;
+      this.fsaBuffers = {
+        counts: this.keep(ctx.alloc(keys * 4, 'fsa counts')),
+        cursors: this.keep(ctx.alloc(keys * 4, 'fsa cursors')),
+        offsets: this.keep(ctx.alloc((keys + 1) * 4, 'fsa offsets')),
+        tileOffsets: this.keep(ctx.alloc((keys + 1) * 4, 'fsa tile offsets')),
+        entries: this.keep(ctx.alloc(N * H * n * 8, 'fsa inverse index')),
+        partialO: this.keep(ctx.alloc(N * Hq * n * dv * 4, 'fsa partial outputs')),
+        partialLse: this.keep(ctx.alloc(N * Hq * n * 4, 'fsa partial lse')),
+      };
+    } else {
+      this.fsaBuffers = undefined;
+    }
+  }
+
+  get config(): NSAConfig {
+    return this.programs.config;
+  }
+
+  get dtype(): HalfDType {
+    return this.programs.dtype;
+  }
+
+  /** The compressed K/V the last run attended (computed, or the given ones). */
+  compressed(inputs: DeviceNsaInputs): { kc: DeviceBuffer; vc: DeviceBuffer } {
+    return { kc: inputs.kCmp ?? this.kc, vc: inputs.vCmp ?? this.vc };
+  }
+
+  /** Launches the whole forward on the context's stream (asynchronous). */
+  run(inputs: DeviceNsaInputs, outputs: DeviceNsaOutputs): void {
+    for (const stage of FORWARD_STAGES) this.runStage(stage, inputs, outputs);
+  }
+
+  /** One stage alone (for profiling; each reads what the stages before it wrote). */
+  runStage(stage: ForwardStage, inputs: DeviceNsaInputs, outputs: DeviceNsaOutputs): void {
+    const { config, plan, programs, tables } = this;
+    const { heads: Hq, kvHeads: H } = config;
+    const scaleLog2 = config.scale * Math.LOG2E;
+    const N = plan.totalTokens;
+    const { kc, vc } = this.compressed(inputs);
+    if (stage === 'compress' && inputs.kCmp === undefined && plan.totalCompressed > 0) {
+      programs.compressMean.launch({
+        grid: [plan.totalCompressed, H, 1],
+        block: [(config.headDim + config.valueDim) / 8, 1, 1],
+        args: [ptr(inputs.k), ptr(inputs.v), ptr(kc), ptr(vc), ptr(tables.cmpRowSeq), ptr(tables.cuSeqlens), ptr(tables.cuCmp), { i32: H }],
+      });
+    }
+    if (stage === 'cmp+win') programs.flash(3).launch({
+      grid: [plan.queryTiles.length / 2, Hq, 1],
+      block: [128, 1, 1],
+      sharedBytes: programs.flashSharedBytes(),
+      args: [
+        ptr(inputs.q),
+        ptr(inputs.kWin ?? inputs.k),
+        ptr(inputs.vWin ?? inputs.v),
+        ptr(kc),
+        ptr(vc),
+        ptr(inputs.gate),
+        ptr(outputs.out),
+        ptr(outputs.oCmp),
+        ptr(outputs.oWin),
+        ptr(outputs.lseCmp),
+        ptr(outputs.lseWin),
+        ptr(tables.cuSeqlens),
+        ptr(tables.cuCmp),
+        ptr(tables.queryTiles),
+        { i32: Hq },
+        { i32: H },
+        { f32: scaleLog2 },
+        { i32: 0 },
+      ],
+    });
+    if (stage === 'select') programs.selectBlocks.launch({
+      grid: [plan.selectTiles.length / 2, H, 1],
+      block: [128, 1, 1],
+      sharedBytes: programs.selectSharedBytes(plan.positionsPerTile, plan.maxBlocks),
+      args: [
+        ptr(inputs.q),
+        ptr(kc),
+        ptr(outputs.lseCmp),
+        ptr(tables.cuSeqlens),
+        ptr(tables.cuCmp),
+        ptr(tables.selectTiles),
+        ptr(outputs.blockIndices),
+        { i32: Hq },
+        { i32: H },
+        { i32: plan.positionsPerTile },
+        { i32: plan.maxBlocks },
+        { f32: scaleLog2 },
+      ],
+    });
+    if (stage !== 'selected') return;
+    const kSlc = inputs.kSlc ?? inputs.k;
+    const vSlc = inputs.vSlc ?? inputs.v;
+    if (this.selectedKernel === 'group') {
+      programs.selectedAttention.launch({
+        grid: [N, H, Math.ceil(config.groupSize / 16)],
+        block: [128, 1, 1],
+        sharedBytes: programs.selectedSharedBytes(),
+        args: [
+          ptr(inputs.q),
+          ptr(kSlc),
+          ptr(vSlc),
+          ptr(inputs.gate),
+          ptr(outputs.blockIndices),
+          ptr(tables.rowSeq),
+          ptr(tables.cuSeqlens),
+          ptr(outputs.out),
+          ptr(outputs.outFinal),
+          ptr(outputs.oSlc),
+          ptr(outputs.lseSlc),
+          { i32: Hq },
+          { i32: H },
+          { f32: scaleLog2 },
+        ],
+      });
+    } else {
+      this.runFsa(inputs.q, kSlc, vSlc, inputs.gate, outputs, scaleLog2);
+    }
+  }
+
+  dispose(): void {
+    for (const b of this.scratch) b.dispose();
+    this.scratch.length = 0;
+  }
+
+  private runFsa(q: DeviceBuffer, k: DeviceBuffer, v: DeviceBuffer, gate: DeviceBuffer, outputs: DeviceNsaOutputs, scaleLog2: number): void {
+    const { config, plan, programs, tables, ctx } = this;
+    const f = this.fsaBuffers!;
+    const { heads: Hq, kvHeads: H, selectCount: n, groupSize: G } = config;
+    const N = plan.totalTokens;
+    const pairs = N * H * n;
+    const keys = H * plan.totalBlocks;
+    const perTile = Math.max(1, Math.floor(64 / G));
+    ctx.memset(f.counts, 0);
+    ctx.memset(f.cursors, 0);
+    const pairGrid: [number, number, number] = [Math.ceil(pairs / 256), 1, 1];
+    programs.fsa('count').launch({
+      grid: pairGrid,
+      block: [256, 1, 1],
+      args: [ptr(outputs.blockIndices), ptr(tables.rowSeq), ptr(tables.cuBlocks), ptr(f.counts), { i64: pairs }, { i32: H }, { i32: plan.totalBlocks }],
+    });
+    programs.fsa('scan').launch({
+      grid: [1, 1, 1],
+      block: [1024, 1, 1],
+      args: [ptr(f.counts), ptr(f.offsets), ptr(f.tileOffsets), { i32: keys }, { i32: perTile }],
+    });
+    programs.fsa('fill').launch({
+      grid: pairGrid,
+      block: [256, 1, 1],
+      args: [
+        ptr(outputs.blockIndices),
+        ptr(tables.rowSeq),
+        ptr(tables.cuBlocks),
+        ptr(f.offsets),
+        ptr(f.cursors),
+        ptr(f.entries),
+        { i64: pairs },
+        { i32: H },
+        { i32: plan.totalBlocks },
+      ],
+    });
+    programs.fsa('attend').launch({
+      grid: [Math.ceil(pairs / perTile) + keys, 1, 1],
+      block: [128, 1, 1],
+      sharedBytes: programs.fsaSharedBytes(),
+      args: [
+        ptr(q),
+        ptr(k),
+        ptr(v),
+        ptr(f.offsets),
+        ptr(f.tileOffsets),
+        ptr(f.entries),
+        ptr(tables.blockSeq),
+        ptr(tables.cuBlocks),
+        ptr(tables.cuSeqlens),
+        ptr(f.partialO),
+        ptr(f.partialLse),
+        { i32: Hq },
+        { i32: H },
+        { i32: plan.totalBlocks },
+        { i32: perTile },
+        { f32: scaleLog2 },
+      ],
+    });
+    const rows = N * Hq;
+    programs.fsa('reduce').launch({
+      grid: [Math.ceil(rows / 4), 1, 1],
+      block: [128, 1, 1],
+      args: [
+        ptr(f.partialO),
+        ptr(f.partialLse),
+        ptr(outputs.blockIndices),
+        ptr(gate),
+        ptr(outputs.out),
+        ptr(outputs.outFinal),
+        ptr(outputs.oSlc),
+        ptr(outputs.lseSlc),
+        { i64: rows },
+        { i32: Hq },
+        { i32: H },
+      ],
+    });
+  }
+
+  private keep(b: DeviceBuffer): DeviceBuffer {
+    this.scratch.push(b);
+    return b;
+  }
+}
+
+/** A device buffer must not be empty; a table with no entries still uploads one (unused) word. */
+function nonEmpty(a: Int32Array): Int32Array {
+  return a.length > 0 ? a : new Int32Array(1);
+}

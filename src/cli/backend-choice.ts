@@ -1,0 +1,24 @@
+// Which backend a command runs on: the one named by --backend (its unavailability is an error the user asked
+// for), or else the best one present, saying in one line on stderr why better ones were passed over.
+
+import { bestBackend, getBackend, type Backend, type BackendName } from '../backends/index.js';
+import type { CliIo } from './io.js';
+
+export async function chooseBackend(name: BackendName | undefined, io: CliIo): Promise<Backend> {
+  if (name !== undefined) return getBackend(name);
+  const { backend, skipped } = await bestBackend();
+  if (skipped.length > 0) {
+    const reasons = skipped.map((s) => `${s.name} unavailable (${firstLine(s.reason)})`).join(', ');
+    io.stderr(`nsa: ${reasons}; using ${backend.name}\n`);
+  }
+  return backend;
+}
+
+/** True for backends that run on a GPU (their defaults are the large shapes, bf16, and looser tolerances). */
+export function isGpuBackend(backend: Backend): boolean {
+  return backend.name !== 'cpu';
+}
+
+export function firstLine(text: string): string {
+  return text.split('\n', 1)[0]!.trim();
+}

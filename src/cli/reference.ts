@@ -1,0 +1,119 @@
+// The float64 reference on the exact values a backend received (half inputs widen exactly to f32): all rows
+// for `nsa check`, or a few rows for `nsa demo`, which stays cheap at long sequence lengths.
+
+import { PHI_PARAM_NAMES, type PhiParams } from '../reference/compress.js';
+import type { NsaReferenceGradients } from '../reference/nsa-backward.js';
+import {
+  allocateOutputs,
+  forwardRows,
+  prepareNsaProblem,
+  type NsaProblem,
+  type NsaReferenceInputs,
+  type NsaReferenceOutputs,
+} from '../reference/nsa-forward.js';
+import type { FloatArray } from '../reference/layout.js';
+import { bf16ToF32, f16ToF32 } from '../tensor/dtype.js';
+import type { Tensor } from '../tensor/tensor.js';
+import type { NsaRequest } from '../nsa/validate.js';
+
+/** The request's tensors as the reference reads them (no rounding: every input dtype widens exactly). */
+export function referenceInputsOf(request: NsaRequest): NsaReferenceInputs {
+  const { inputs, config } = request;
+  const opt = (t: Tensor | undefined): FloatArray | undefined => (t === undefined ? undefined : exactFloats(t));
+  const phi = (params: Readonly<Record<string, Tensor>> | undefined): PhiParams | undefined => {
+    if (params === undefined || config.phi === 'mean') return undefined;
+    const p = Object.fromEntries(PHI_PARAM_NAMES[config.phi].map((name) => [name, exactFloats(params[name]!)]));
+    if (config.phi === 'linear') return { kind: 'linear', pe: p['pe']!, w: p['w']!, b: p['b']! };
+    return { kind: 'mlp', pe: p['pe']!, w1: p['w1']!, b1: p['b1']!, w2: p['w2']!, b2: p['b2']!, hidden: request.phiHidden };
+  };
+  return {
+    q: exactFloats(inputs.q),
+    k: exactFloats(inputs.k),
+    v: exactFloats(inputs.v),
+    g: exactFloats(inputs.g),
+    cuSeqlens: request.cuSeqlens,
+    kCmp: opt(inputs.kCmp),
+    vCmp: opt(inputs.vCmp),
+    kSlc: opt(inputs.kSlc),
+    vSlc: opt(inputs.vSlc),
+    kWin: opt(inputs.kWin),
+    vWin: opt(inputs.vWin),
+    phiK: phi(inputs.phiK),
+    phiV: phi(inputs.phiV),
+  };
+}
+
+/** Outputs of some packed rows only, compacted: row i of each array is rows[i]. */
+export interface ReferenceRows {
+  readonly rows: readonly number[];
+  /** [rows, Hq, Dv] */
+  readonly o: Float64Array;
+  /** [rows, H, n] */
+  readonly blockIndices: Int32Array;
+}
+
+/**
+ * The reference forward for the given packed rows, with its own top-n or, when `fixedBlockIndices` ([N, H, n])
+ * is given, with that selection (to check a backend's attention apart from near-tie flips in its choice). The
+ * full-size output arrays forwardRows writes into are zero-filled allocations of which only the checked rows
+ * are touched, so the OS maps just those pages.
+ */
+export function referenceRows(request: NsaRequest, rows: readonly number[], fixedBlockIndices?: Int32Array): ReferenceRows {
+  const problem: NsaProblem = prepareNsaProblem(request.config, referenceInputsOf(request), fixedBlockIndices);
+  const out = allocateOutputs(problem.layout, request.config.selectCount);
+  const { heads: Hq, kvHeads: H, dv } = problem.layout;
+  const n = request.config.selectCount;
+  const o = new Float64Array(rows.length * Hq * dv);
+  const blockIndices = new Int32Array(rows.length * H * n);
+  rows.forEach((row, i) => {
+    forwardRows(problem, row, row + 1, out);
+    o.set(out.o.subarray(row * Hq * dv, (row + 1) * Hq * dv), i * Hq * dv);
+    blockIndices.set(out.blockIndices.subarray(row * H * n, (row + 1) * H * n), i * H * n);
+  });
+  return { rows, o, blockIndices };
+}
+
+/** The reference's outputs and gradients under the interchange names tensorsFromOutputs uses. */
+export function referenceTensorsByName(out: NsaReferenceOutputs, grads: NsaReferenceGradients | undefined): Map<string, Float64Array> {
+  const named = new Map<string, Float64Array>([
+    ['o', out.o],
+    ['o_cmp', out.oCmp],
+    ['o_slc', out.oSlc],
+    ['o_win', out.oWin],
+    ['lse_cmp', out.lseCmp],
+    ['lse_slc', out.lseSlc],
+    ['lse_win', out.lseWin],
+  ]);
+  if (grads === undefined) return named;
+  const optional: [string, Float64Array | undefined][] = [
+    ['dq', grads.dq],
+    ['dk', grads.dk],
+    ['dv', grads.dv],
+    ['dg', grads.dg],
+    ['dk_cmp', grads.dkCmp],
+    ['dv_cmp', grads.dvCmp],
+    ['dk_slc', grads.dkSlc],
+    ['dv_slc', grads.dvSlc],
+    ['dk_win', grads.dkWin],
+    ['dv_win', grads.dvWin],
+  ];
+  for (const [name, values] of optional) if (values !== undefined) named.set(name, values);
+  for (const [prefix, params] of [
+    ['dphi_k', grads.dPhiK],
+    ['dphi_v', grads.dPhiV],
+  ] as const) {
+    for (const [p, values] of Object.entries(params ?? {})) named.set(`${prefix}.${p}`, values);
+  }
+  return named;
+}
+
+/** f32/f64 storage as is; half storage widened to f32 (exact). */
+export function exactFloats(t: Tensor): FloatArray {
+  if (t.dtype === 'f32' || t.dtype === 'f64') return t.data as FloatArray;
+  if (t.dtype !== 'f16' && t.dtype !== 'bf16') return Float32Array.from(t.toFloat64());
+  const bits = t.data as Uint16Array;
+  const widen = t.dtype === 'bf16' ? bf16ToF32 : f16ToF32;
+  const out = new Float32Array(bits.length);
+  for (let i = 0; i < bits.length; i++) out[i] = widen(bits[i]!);
+  return out;
+}

@@ -1,0 +1,181 @@
+// The cuda backend's NSA forward against the float64 reference. Skips, saying why, where no GPU is present.
+// Attention is compared given the blocks the GPU chose (relative RMS < 0.5% on o, each branch and each lse);
+// the choice itself is compared by the reference scores of the chosen blocks (near ties may flip in half
+// precision), and must be a valid selection: ascending, distinct, forced blocks present, nothing in the future.
+
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { NSAConfig, type NSAConfigOptions } from '../../src/config/nsa-config.js';
+import { cudaAvailability } from '../../src/backends/cuda/libraries.js';
+import type { CudaBackend} from '../../src/backends/cuda/cuda-backend.js';
+import { createCudaBackend } from '../../src/backends/cuda/cuda-backend.js';
+import { denseCausalAttention } from '../../src/reference/dense-oracle.js';
+import { blockScoresAt, nsaReferenceForward, prepareNsaProblem, type NsaReferenceInputs } from '../../src/reference/nsa-forward.js';
+import { nsaForward } from '../../src/nsa/operator.js';
+import { randomInputs } from '../../src/nsa/random-inputs.js';
+import { validateNsaInputs } from '../../src/nsa/validate.js';
+import type { NsaInputs, NsaOutputs } from '../../src/nsa/types.js';
+import { Tensor } from '../../src/tensor/tensor.js';
+import { expectRelativeRms } from '../helpers/compare.js';
+
+const availability = cudaAvailability();
+const TOL = { rtol: 5e-3 };
+
+interface Case {
+  readonly name: string;
+  readonly options: NSAConfigOptions;
+  readonly seqlens: readonly number[];
+  readonly dtype: 'bf16' | 'f16';
+  readonly kernels: readonly ('group' | 'fsa')[];
+  readonly independent?: boolean;
+}
+
+const base = { compressBlock: 32, compressStride: 16, selectBlock: 64, selectCount: 6, window: 96 };
+const CASES: Case[] = [
+  { name: 'fla preset form, G = 16, T = 1000', options: { compressBlock: 64, compressStride: 64, selectBlock: 64, selectCount: 4, window: 128, heads: 16, kvHeads: 1, headDim: 64, valueDim: 64 }, seqlens: [1000], dtype: 'bf16', kernels: ['group', 'fsa'] },
+  { name: 'paper preset form, G = 4, D = 128, T = 777', options: { ...base, heads: 8, kvHeads: 2, headDim: 128, valueDim: 128 }, seqlens: [777], dtype: 'bf16', kernels: ['group', 'fsa'] },
+  { name: 'G = 1 (MHA), T = 513', options: { ...base, heads: 2, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [513], dtype: 'bf16', kernels: ['group', 'fsa'] },
+  { name: 'G = 2, f16, packed [100, 1, 300, 64, 5]', options: { ...base, selectBlock: 32, selectCount: 5, heads: 4, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [100, 1, 300, 64, 5], dtype: 'f16', kernels: ['group', 'fsa'] },
+  { name: 'dk = 192, dv = 128, G = 16, T = 400', options: { ...base, heads: 16, kvHeads: 1, headDim: 192, valueDim: 128 }, seqlens: [400], dtype: 'bf16', kernels: ['group'] },
+  { name: "l' = 32 < 64-key tiles, n = 8, G = 8", options: { compressBlock: 16, compressStride: 8, selectBlock: 32, selectCount: 8, window: 40, heads: 8, kvHeads: 1, headDim: 64, valueDim: 64 }, seqlens: [611], dtype: 'bf16', kernels: ['group', 'fsa'] },
+  { name: "l' = 128 > 64-key tiles, G = 4", options: { compressBlock: 64, compressStride: 32, selectBlock: 128, selectCount: 4, window: 200, heads: 4, kvHeads: 1, headDim: 64, valueDim: 64 }, seqlens: [900], dtype: 'bf16', kernels: ['group', 'fsa'] },
+  { name: 'independent K/V per branch, compressed K/V given', options: { ...base, heads: 8, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [300, 211], dtype: 'bf16', kernels: ['group', 'fsa'], independent: true },
+];
+
+/** The exact values the GPU sees (the half-precision inputs), as the reference's double inputs. */
+function referenceInputs(inputs: NsaInputs, cuSeqlens: readonly number[]): NsaReferenceInputs {
+  const f64 = (t: Tensor | undefined): Float64Array | undefined => t?.toFloat64();
+  return {
+    q: inputs.q.toFloat64(),
+    k: inputs.k.toFloat64(),
+    v: inputs.v.toFloat64(),
+    g: inputs.g.toFloat64(),
+    cuSeqlens,
+    kCmp: f64(inputs.kCmp),
+    vCmp: f64(inputs.vCmp),
+    kSlc: f64(inputs.kSlc),
+    vSlc: f64(inputs.vSlc),
+    kWin: f64(inputs.kWin),
+    vWin: f64(inputs.vWin),
+  };
+}
+
+function withIndependentKv(inputs: NsaInputs, config: NSAConfig, cuSeqlens: readonly number[], seed: number): NsaInputs {
+  const N = cuSeqlens[cuSeqlens.length - 1]!;
+  let tc = 0;
+  for (let s = 0; s + 1 < cuSeqlens.length; s++) tc += config.compressedLength(cuSeqlens[s + 1]! - cuSeqlens[s]!);
+  const { kvHeads: H, headDim: dk, valueDim: dv } = config;
+  return {
+    ...inputs,
+    kCmp: Tensor.randn([1, tc, H, dk], 'bf16', seed + 10),
+    vCmp: Tensor.randn([1, tc, H, dv], 'bf16', seed + 11),
+    kSlc: Tensor.randn([1, N, H, dk], 'bf16', seed + 12),
+    vSlc: Tensor.randn([1, N, H, dv], 'bf16', seed + 13),
+    kWin: Tensor.randn([1, N, H, dk], 'bf16', seed + 14),
+    vWin: Tensor.randn([1, N, H, dv], 'bf16', seed + 15),
+  };
+}
+
+/** Every row's selection is valid, and where it differs from the reference its score is within tolerance. */
+function checkSelection(config: NSAConfig, ref: NsaReferenceInputs, gpu: Int32Array, expected: Int32Array): { differing: number; rows: number } {
+  const problem = prepareNsaProblem(config, ref);
+  const { kvHeads: H, selectCount: n, selectBlock: ls } = config;
+  let differing = 0;
+  for (const seq of problem.layout.sequences) {
+    for (let t = 0; t < seq.length; t++) {
+      const row = seq.start + t;
+      for (let h = 0; h < H; h++) {
+        const o = (row * H + h) * n;
+        const got = Array.from(gpu.subarray(o, o + n)).filter((j) => j >= 0);
+        const want = Array.from(expected.subarray(o, o + n)).filter((j) => j >= 0);
+        const where = `row ${row} (t = ${t}), head ${h}: got [${got}], reference [${want}]`;
+        expect(got.length, where).toBe(want.length);
+        for (let i = 1; i < got.length; i++) expect(got[i]! > got[i - 1]!, `${where}: ascending and distinct`).toBe(true);
+        const current = Math.floor(t / ls);
+        for (const j of got) expect(j <= current, `${where}: no future block`).toBe(true);
+        for (const forced of [0, current - 1, current].filter((j) => j >= 0).slice(0, n)) {
+          expect(got.includes(forced), `${where}: forced block ${forced}`).toBe(true);
+        }
+        if (got.join() === want.join()) continue;
+        differing++;
+        const scores = blockScoresAt(problem, row, h);
+        const sum = (js: number[]): number => js.reduce((s, j) => s + scores[j]!, 0);
+        const deficit = sum(want) - sum(got);
+        expect(deficit, `${where}: score deficit ${deficit} of ${sum(want)}`).toBeLessThanOrEqual(1e-2 * Math.max(sum(want), 1e-6));
+      }
+    }
+  }
+  const rows = problem.layout.totalTokens * H;
+  expect(differing, `rows whose selection differs from the reference: ${differing} of ${rows}`).toBeLessThanOrEqual(Math.max(2, rows * 0.02));
+  return { differing, rows };
+}
+
+function compareOutputs(out: NsaOutputs, ref: ReturnType<typeof nsaReferenceForward>): void {
+  expectRelativeRms(out.o.toFloat64(), ref.o, 'o', TOL);
+  expectRelativeRms(out.oCmp.toFloat64(), ref.oCmp, 'o_cmp', TOL);
+  expectRelativeRms(out.oSlc.toFloat64(), ref.oSlc, 'o_slc', TOL);
+  expectRelativeRms(out.oWin.toFloat64(), ref.oWin, 'o_win', TOL);
+  expectRelativeRms(out.lseCmp.toFloat64(), ref.lseCmp, 'lse_cmp', TOL);
+  expectRelativeRms(out.lseSlc.toFloat64(), ref.lseSlc, 'lse_slc', TOL);
+  expectRelativeRms(out.lseWin.toFloat64(), ref.lseWin, 'lse_win', TOL);
+}
+
+if (!availability.available) {
+  describe('cuda NSA forward', () => {
+    it.skip(`skipped: no usable CUDA GPU here (${availability.reason.split('\n')[0]})`, () => {});
+  });
+} else {
+  describe(`cuda NSA forward on ${availability.device.name}`, () => {
+    const backends = new Map<string, CudaBackend>();
+    beforeAll(async () => {
+      for (const kernel of ['group', 'fsa'] as const) {
+        backends.set(kernel, (await createCudaBackend({ selectedKernel: kernel })) as CudaBackend);
+      }
+    });
+    afterAll(() => {
+      // One context per process: dispose the last one only after all are done.
+      for (const b of [...backends.values()].reverse()) b.dispose();
+    });
+
+    for (const [i, c] of CASES.entries()) {
+      it(c.name, async () => {
+        const config = new NSAConfig(c.options);
+        const cuSeqlens = [0];
+        for (const len of c.seqlens) cuSeqlens.push(cuSeqlens[cuSeqlens.length - 1]! + len);
+        let inputs = randomInputs({ config, cuSeqlens, dtype: c.dtype, seed: 1000 + 17 * i });
+        if (c.independent) inputs = withIndependentKv(inputs, config, cuSeqlens, 1000 + 17 * i);
+        const ref = referenceInputs(inputs, cuSeqlens);
+        const refOwn = nsaReferenceForward(config, ref);
+        for (const kernel of c.kernels) {
+          const result = await nsaForward(inputs, config, { backend: backends.get(kernel)! });
+          const gpuBlocks = result.blockIndices.data;
+          const stats = checkSelection(config, ref, gpuBlocks, refOwn.blockIndices);
+          compareOutputs(result, nsaReferenceForward(config, ref, gpuBlocks));
+          console.log(`${c.name} [${kernel}]: selection differs from the reference in ${stats.differing} of ${stats.rows} rows`);
+          const again = await nsaForward(inputs, config, { backend: backends.get(kernel)! });
+          expect(Buffer.from(again.o.data.buffer).equals(Buffer.from(result.o.data.buffer)), 'two runs give identical o').toBe(true);
+        }
+      });
+    }
+
+    it('dense causal kernel (the benchmark baseline) against float64 attention', () => {
+      const config = new NSAConfig({ heads: 8, kvHeads: 2, headDim: 128, valueDim: 128 });
+      const cuSeqlens = [0, 333, 334, 700];
+      const inputs = randomInputs({ config, cuSeqlens, dtype: 'bf16', seed: 7 });
+      const request = validateNsaInputs(inputs, config);
+      const gpu = backends.get('group')!.denseAttention(request);
+      const ref = denseCausalAttention(inputs.q.toFloat64(), inputs.k.toFloat64(), inputs.v.toFloat64(), cuSeqlens, 8, 2, 128, 128, config.scale);
+      expectRelativeRms(gpu.o, ref.o, 'dense o', TOL);
+      expectRelativeRms(gpu.lse, ref.lse, 'dense lse', TOL);
+    });
+
+    it('bad input is refused before any launch, and the backend stays usable', async () => {
+      const config = new NSAConfig({ heads: 4, kvHeads: 1, headDim: 96, valueDim: 96 });
+      const inputs = randomInputs({ config, cuSeqlens: [0, 100], dtype: 'bf16', seed: 3 });
+      await expect(nsaForward(inputs, config, { backend: backends.get('group')! })).rejects.toThrow(/headDim 96/);
+      const ok = new NSAConfig({ heads: 4, kvHeads: 1, headDim: 64, valueDim: 64 });
+      const good = randomInputs({ config: ok, cuSeqlens: [0, 100], dtype: 'bf16', seed: 3 });
+      const result = await nsaForward(good, ok, { backend: backends.get('group')! });
+      expect(result.o.shape).toEqual([1, 100, 4, 64]);
+    });
+  });
+}
