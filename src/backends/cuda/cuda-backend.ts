@@ -175,7 +175,7 @@ export class CudaBackend implements Backend {
     scope: BufferScope,
   ): { run: () => void; out: DeviceBuffer; lse: DeviceBuffer } {
     const programs = this.programsFor(config, dtype);
-    const plan = buildLayoutPlan(config, cuSeqlens, 1);
+    const plan = buildLayoutPlan(config, cuSeqlens, programs.queryTile, 1);
     const N = plan.totalTokens;
     const tiles = scope.add(this.ctx.upload(plan.queryTiles, 'query tiles'));
     const cu = scope.add(this.ctx.upload(plan.cuSeqlens, 'cu_seqlens'));
@@ -186,7 +186,7 @@ export class CudaBackend implements Backend {
     const run = (): void =>
       kernel.launch({
         grid: [plan.queryTiles.length / 2, config.heads, 1],
-        block: [128, 1, 1],
+        block: [2 * programs.queryTile, 1, 1],
         sharedBytes: programs.flashSharedBytes(),
         args: [
           { ptr: inputs.q.ptr },

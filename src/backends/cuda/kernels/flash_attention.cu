@@ -2,7 +2,8 @@
 // nvcc-check: -DDK=64 -DDV=64 -DNSA_MODE=3 -DCMP_L=32 -DCMP_D=16 -DWINDOW=512 -DNSA_FP16
 // nvcc-check: -DDK=192 -DDV=128 -DNSA_MODE=3 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512
 //
-// FlashAttention-2 style tiles: a CTA takes 64 query rows of one query head (4 warps x 16 rows) and streams key
+// FlashAttention-2 style tiles: a CTA takes 16 * FA_WARPS query rows of one query head (a warp per 16 rows; 128
+// rows by default, so each key tile fetched into shared memory serves twice the rows of 64) and streams key
 // tiles of 64 through shared memory (cp.async, double buffered), with tensor-core MMA and an online softmax.
 // One kernel body serves the dense causal baseline and the NSA branches that read contiguous key ranges:
 //   NSA_MODE 0  dense causal: keys [0, t]
@@ -26,9 +27,12 @@
 #define WINDOW 1
 #endif
 
-#define BLOCK_M 64
+#ifndef FA_WARPS
+#define FA_WARPS 8
+#endif
+#define BLOCK_M (16 * FA_WARPS) // query rows per CTA: one warp per 16 rows
 #define BLOCK_N 64
-#define THREADS 128
+#define THREADS (32 * FA_WARPS)
 
 enum Phase { PHASE_DENSE = 0, PHASE_CMP = 1, PHASE_WIN = 2 };
 
@@ -53,6 +57,13 @@ template <int PHASE> __device__ __forceinline__ bool key_visible(int t, int key,
   if (PHASE == PHASE_CMP) return key < cmp_visible(t, tc);
   if (PHASE == PHASE_WIN) return key <= t && key > t - WINDOW;
   return key <= t;
+}
+
+/** True when every row of the tile [q0, q1) sees every key of [k0, k0 + BLOCK_N): the tile needs no mask. */
+template <int PHASE> __device__ __forceinline__ bool tile_unmasked(int q0, int q1, int k0, int tc) {
+  if (PHASE == PHASE_CMP) return k0 + BLOCK_N <= cmp_visible(q0, tc);
+  if (PHASE == PHASE_WIN) return k0 + BLOCK_N - 1 <= q0 && k0 >= q1 - WINDOW;
+  return k0 + BLOCK_N - 1 <= q0;
 }
 
 struct Pointers {
@@ -114,14 +125,23 @@ __device__ __forceinline__ void run_phase(const Pointers p, int gate_index, bool
     float s[BLOCK_N / 8][4];
     zero_frags<BLOCK_N / 8>(s);
     qk_mma<DK, BLOCK_N / 16>(s, qfrag, ks, 0, lane);
+    if (k0 + BLOCK_N <= keys.end && tile_unmasked<PHASE>(q0, q0 + BLOCK_M, k0, tc)) {
+      // Interior tile (rows past the sequence end compute garbage that is never written).
 #pragma unroll
-    for (int n = 0; n < BLOCK_N / 8; n++) {
+      for (int n = 0; n < BLOCK_N / 8; n++) {
 #pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const int key = k0 + n * 8 + (lane % 4) * 2 + (e & 1);
-        const int t = e < 2 ? row_lo : row_hi;
-        const bool ok = key < keys.end && t < seq_len && key_visible<PHASE>(t, key, tc);
-        s[n][e] = ok ? s[n][e] * scale_log2 : NSA_NEG_INF;
+        for (int e = 0; e < 4; e++) s[n][e] *= scale_log2;
+      }
+    } else {
+#pragma unroll
+      for (int n = 0; n < BLOCK_N / 8; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int key = k0 + n * 8 + (lane % 4) * 2 + (e & 1);
+          const int t = e < 2 ? row_lo : row_hi;
+          const bool ok = key < keys.end && t < seq_len && key_visible<PHASE>(t, key, tc);
+          s[n][e] = ok ? s[n][e] * scale_log2 : NSA_NEG_INF;
+        }
       }
     }
     softmax_update<BLOCK_N / 8, DV>(st, s, o);
@@ -155,7 +175,7 @@ __device__ __forceinline__ void run_phase(const Pointers p, int gate_index, bool
   }
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS, 2)
+extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
     nsa_flash_attention(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
                         const elem_t *__restrict__ kc, const elem_t *__restrict__ vc, const float *__restrict__ gate,
                         float *__restrict__ out, float *__restrict__ out_cmp, float *__restrict__ out_win,

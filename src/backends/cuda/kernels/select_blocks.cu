@@ -1,19 +1,27 @@
-// nvcc-check: -DDK=128 -DCMP_L=64 -DCMP_D=64 -DSEL_L=64 -DSEL_N=16
-// nvcc-check: -DDK=192 -DCMP_L=32 -DCMP_D=16 -DSEL_L=64 -DSEL_N=16 -DNSA_FP16
+// nvcc-check: -DDK=128 -DCMP_L=64 -DCMP_D=64 -DSEL_L=64 -DSEL_N=16 -DGROUP=16
+// nvcc-check: -DDK=192 -DCMP_L=32 -DCMP_D=16 -DSEL_L=64 -DSEL_N=16 -DGROUP=4 -DNSA_FP16
+// nvcc-check: -DDK=64 -DCMP_L=32 -DCMP_D=16 -DSEL_L=64 -DSEL_N=16 -DGROUP=3
+// nvcc-check: -DDK=64 -DCMP_L=32 -DCMP_D=16 -DSEL_L=64 -DSEL_N=16 -DGROUP=32
 //
 // Block scores and top-n, without the [T, Hq, Tc] probability matrix ever reaching global memory.
 // A CTA takes P consecutive query positions of one sequence and all G query heads of one KV head (rows = P*G
-// <= 64, row r = position r / G, head r % G). For each tile of 64 compressed keys it recomputes the scores,
-// turns them into the cmp branch's probabilities with the lse of the cmp pass (p = exp(s - lse)), sums them over
-// the G heads and spreads them over the selection blocks they overlap (weight overlap / d): scores[P][Ns] live in
-// shared memory. Then one warp per position takes the forced blocks (0, the block before t's, t's own), then the
+// <= 128, 8 warps of 16 rows, row r = position r / G, head r % G). For each tile of 64 compressed keys it
+// recomputes the scores, turns them into the cmp branch's probabilities with the lse of the cmp pass
+// (p = exp(s - lse)), sums them over the G heads (in registers with warp shuffles when G is a power of two,
+// through shared memory otherwise) and spreads them over the selection blocks they overlap (weight overlap / d):
+// scores[P][Ns] live in shared memory. G (GROUP) is compiled in. Then one warp per position takes the forced blocks (0, the block before t's, t's own), then the
 // best others (score descending, lower index on ties), sorts them and writes block_indices [N, H, n].
 // The summation order is fixed, so the choice is the same run to run.
 #include "nsa_common.cuh"
 
-#define ROWS 64
+#define ROWS 128
 #define BLOCK_N 64
-#define THREADS 128
+#define THREADS 256
+#define WARPS (THREADS / 32)
+#define POW2_GROUP ((GROUP & (GROUP - 1)) == 0)
+// Power-of-two G: a warp's 16 rows hold SEGS whole positions (G <= 16) or a sixteenth-multiple of one (G > 16).
+#define SEGS (GROUP >= 16 ? 1 : 16 / GROUP)
+#define PSTRIDE (BLOCK_N + 1) // padded rows of the generic path's probability tile (fewer bank conflicts)
 
 __device__ __forceinline__ int cmp_visible(int t, int tc) {
   return t < CMP_L - 1 ? 0 : min(tc, (t - CMP_L + 1) / CMP_D + 1);
@@ -29,14 +37,15 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   extern __shared__ __align__(128) unsigned char smem_raw[];
   elem_t *qsmem = reinterpret_cast<elem_t *>(smem_raw);
   elem_t *ksmem = qsmem + ROWS * DK;                                      // 2 stages of BLOCK_N x DK
-  float *psmem = reinterpret_cast<float *>(ksmem + 2 * BLOCK_N * DK);      // ROWS x BLOCK_N probabilities
-  float *scores = psmem + ROWS * BLOCK_N;                                  // P x ns_stride block scores
+  // Per-tile head sums: [WARPS][SEGS][BLOCK_N] (power-of-two G) or the probabilities [ROWS][PSTRIDE].
+  float *psmem = reinterpret_cast<float *>(ksmem + 2 * BLOCK_N * DK);
+  float *scores = psmem + (POW2_GROUP ? WARPS * SEGS * BLOCK_N : ROWS * PSTRIDE); // P x ns_stride block scores
 
   const int2 tile = tiles[blockIdx.x];
   const int seq = tile.x;
   const int pos0 = tile.y;
   const int h = blockIdx.y;
-  const int G = Hq / H;
+  const int G = GROUP;
   const int seq_start = cu_seqlens[seq];
   const int seq_len = cu_seqlens[seq + 1] - seq_start;
   const int c_start = cu_cmp[seq];
@@ -93,10 +102,32 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         const int key = k0 + n * 8 + (lane % 4) * 2 + (e & 1);
         const bool hi = e >= 2;
         const bool ok = key < (hi ? vis_hi : vis_lo);
-        const float p = ok ? exp2f(s[n][e] * scale_log2 - (hi ? lse_hi : lse_lo)) : 0.f;
-        psmem[(hi ? r_hi : r_lo) * BLOCK_N + n * 8 + (lane % 4) * 2 + (e & 1)] = p;
+        s[n][e] = ok ? exp2f(s[n][e] * scale_log2 - (hi ? lse_hi : lse_lo)) : 0.f;
       }
     }
+#if POW2_GROUP
+    // Sum over the heads of each position with shuffles across the lanes holding its rows (g = lane / 4).
+#pragma unroll
+    for (int n = 0; n < BLOCK_N / 8; n++) {
+#pragma unroll
+      for (int e = 0; e < (GROUP >= 16 ? 2 : 4); e++) {
+        float v = GROUP >= 16 ? s[n][e] + s[n][e + 2] : s[n][e];
+#pragma unroll
+        for (int m = 4; m < 4 * (GROUP >= 8 ? 8 : GROUP); m <<= 1) v += __shfl_xor_sync(0xffffffff, v, m);
+        const int g = lane / 4;
+        if (GROUP >= 16 ? g == 0 : g % GROUP == 0) {
+          const int seg = GROUP >= 16 ? 0 : (e < 2 ? g : g + 8) / GROUP;
+          psmem[(warp * SEGS + seg) * BLOCK_N + n * 8 + (lane % 4) * 2 + (e & 1)] = v;
+        }
+      }
+    }
+#else
+#pragma unroll
+    for (int n = 0; n < BLOCK_N / 8; n++) {
+#pragma unroll
+      for (int e = 0; e < 4; e++) psmem[(e >= 2 ? r_hi : r_lo) * PSTRIDE + n * 8 + (lane % 4) * 2 + (e & 1)] = s[n][e];
+    }
+#endif
     __syncthreads();
     // Fold this tile into the block scores: one thread per (position, selection block) the tile touches.
     const int j_first = (k0 * CMP_D) / SEL_L;
@@ -113,7 +144,15 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         const int overlap = min(start + CMP_L, (j + 1) * SEL_L) - max(start, j * SEL_L);
         if (overlap <= 0) continue;
         float ps = 0.f;
-        for (int g = 0; g < G; g++) ps += psmem[(pos * G + g) * BLOCK_N + (i - k0)];
+#if POW2_GROUP
+        if (GROUP >= 16) {
+          for (int w = 0; w < GROUP / 16; w++) ps += psmem[(pos * (GROUP / 16) + w) * BLOCK_N + (i - k0)];
+        } else {
+          ps = psmem[pos * BLOCK_N + (i - k0)]; // warp * SEGS + seg == pos
+        }
+#else
+        for (int g = 0; g < G; g++) ps += psmem[(pos * G + g) * PSTRIDE + (i - k0)];
+#endif
         acc += ps * (float)overlap;
       }
       scores[pos * ns_stride + j] += acc * (1.f / CMP_D);

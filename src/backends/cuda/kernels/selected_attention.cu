@@ -1,19 +1,30 @@
 // nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16
 // nvcc-check: -DDK=192 -DDV=128 -DSEL_L=32 -DSEL_N=16 -DNSA_FP16
+// nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DSLC_WARPS=2 -DSLC_STAGES=4
 //
 // Selected attention, group-centric (the NSA paper's kernel, for large G): a CTA takes one query position t and
 // up to 16 query heads of one KV head (the G heads of a group share one selection), so each selected K/V block
-// is fetched once for the whole group. The n selected blocks (block t's own cut at t) are streamed as tiles of 64
-// keys through shared memory; each of the 4 warps takes 16 keys of a tile with its own online softmax, and the
-// warps' partial results are merged at the end (flash-decoding style). The epilogue adds g_slc * o_slc to the
+// is fetched once for the whole group. The n selected blocks (block t's own cut at t) are streamed as tiles of
+// 16 * SLC_WARPS keys through a SLC_STAGES-deep cp.async pipeline (the kernel is bound by how many bytes are in
+// flight); each warp takes 16 keys of a tile with its own online softmax, and the warps' partial results are
+// merged at the end (flash-decoding style). The epilogue adds g_slc * o_slc to the
 // fp32 accumulator `out` holding the other branches, and optionally writes the final output in the input dtype.
 #include "nsa_common.cuh"
 
-#define BLOCK_N 64
-#define THREADS 128
+#ifndef SLC_WARPS
+#define SLC_WARPS 2
+#endif
+#ifndef SLC_STAGES
+#define SLC_STAGES 1
+#endif
+#ifndef SLC_MIN_BLOCKS
+#define SLC_MIN_BLOCKS 8 // CTAs per SM the register budget must allow
+#endif
+#define BLOCK_N (16 * SLC_WARPS)
+#define THREADS (32 * SLC_WARPS)
 #define ROWS 16
 
-extern "C" __global__ void __launch_bounds__(THREADS)
+extern "C" __global__ void __launch_bounds__(THREADS, SLC_MIN_BLOCKS)
     nsa_selected_attention(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
                            const float *__restrict__ gate, const int *__restrict__ block_indices,
                            const int *__restrict__ row_seq, const int *__restrict__ cu_seqlens, float *__restrict__ out,
@@ -21,11 +32,11 @@ extern "C" __global__ void __launch_bounds__(THREADS)
                            int Hq, int H, float scale_log2) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   elem_t *qsmem = reinterpret_cast<elem_t *>(smem_raw);           // ROWS x DK
-  elem_t *ksmem = qsmem + ROWS * DK;                               // 2 x BLOCK_N x DK
-  elem_t *vsmem = ksmem + 2 * BLOCK_N * DK;                        // 2 x BLOCK_N x DV
+  elem_t *ksmem = qsmem + ROWS * DK;                               // SLC_STAGES x BLOCK_N x DK
+  elem_t *vsmem = ksmem + SLC_STAGES * BLOCK_N * DK;               // SLC_STAGES x BLOCK_N x DV
   __shared__ int sel[SEL_N];
-  __shared__ float merge_m[4][ROWS];
-  __shared__ float merge_l[4][ROWS];
+  __shared__ float merge_m[SLC_WARPS][ROWS];
+  __shared__ float merge_l[SLC_WARPS][ROWS];
 
   const i64 row = blockIdx.x; // packed token
   const int h = blockIdx.y;
@@ -52,19 +63,23 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   auto key_pos = [&](int i) { return sel[i / SEL_L] * SEL_L + i % SEL_L; };
   auto issue = [&](int it) {
     const int k0 = it * BLOCK_N;
-    load_tile_async<DK, THREADS>(ksmem + (it & 1) * BLOCK_N * DK, BLOCK_N, [&](int r) -> const elem_t * {
+    load_tile_async<DK, THREADS>(ksmem + (it % SLC_STAGES) * BLOCK_N * DK, BLOCK_N, [&](int r) -> const elem_t * {
       const int i = k0 + r;
       if (i >= total || key_pos(i) > t) return nullptr;
       return k + ((i64)(seq_start + key_pos(i)) * H + h) * DK;
     });
-    load_tile_async<DV, THREADS>(vsmem + (it & 1) * BLOCK_N * DV, BLOCK_N, [&](int r) -> const elem_t * {
+    load_tile_async<DV, THREADS>(vsmem + (it % SLC_STAGES) * BLOCK_N * DV, BLOCK_N, [&](int r) -> const elem_t * {
       const int i = k0 + r;
       if (i >= total || key_pos(i) > t) return nullptr;
       return v + ((i64)(seq_start + key_pos(i)) * H + h) * DV;
     });
     cp_async_commit();
   };
-  issue(0);
+  // Prologue: SLC_STAGES - 1 tiles in flight (empty groups keep the wait counts uniform).
+  for (int st = 0; st < SLC_STAGES - 1; st++) {
+    if (st < ntiles) issue(st);
+    else cp_async_commit();
+  }
 
   float o[DV / 8][4];
   zero_frags<DV / 8>(o);
@@ -72,32 +87,36 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   st.init();
   u32 qfrag[DK / 16][4];
   for (int it = 0; it < ntiles; it++) {
-    if (it + 1 < ntiles) issue(it + 1);
+    if (it + SLC_STAGES - 1 < ntiles) issue(it + SLC_STAGES - 1);
     else cp_async_commit();
-    cp_async_wait<1>();
+    cp_async_wait<SLC_STAGES - 1>();
     __syncthreads();
     if (it == 0) load_a_fragments<DK>(qfrag, qsmem, 0, lane);
     const int k0 = it * BLOCK_N + warp * 16; // this warp's 16 keys
     float s[2][4];
     zero_frags<2>(s);
-    qk_mma<DK, 1>(s, qfrag, ksmem + (it & 1) * BLOCK_N * DK, warp * 16, lane);
+    qk_mma<DK, 1>(s, qfrag, ksmem + (it % SLC_STAGES) * BLOCK_N * DK, warp * 16, lane);
+    // Blocks are ascending, so only the warp's keys reaching past t (the tail of t's own block) need a mask.
+    // Padding rows (G < 16) are never written, so they need none.
+    const bool all_visible = k0 + 15 < total && key_pos(k0 + 15) <= t;
 #pragma unroll
     for (int n = 0; n < 2; n++) {
 #pragma unroll
       for (int e = 0; e < 4; e++) {
         const int i = k0 + n * 8 + (lane % 4) * 2 + (e & 1);
-        const int r = lane / 4 + (e >= 2 ? 8 : 0);
-        const bool ok = i < total && r < rows && key_pos(i) <= t;
+        const bool ok = all_visible || (i < total && key_pos(i) <= t);
         s[n][e] = ok ? s[n][e] * scale_log2 : NSA_NEG_INF;
       }
     }
     softmax_update<2, DV>(st, s, o);
-    pv_mma<DV, 1>(o, s, vsmem + (it & 1) * BLOCK_N * DV, warp * 16, lane);
+    pv_mma<DV, 1>(o, s, vsmem + (it % SLC_STAGES) * BLOCK_N * DV, warp * 16, lane);
     __syncthreads();
   }
 
-  // Merge the four warps' partial softmax states: stage each warp's (m, l, o) in shared memory.
-  float *merge_o = reinterpret_cast<float *>(ksmem); // 4 x ROWS x DV floats, reusing the key stages
+  // Merge the warps' partial softmax states: stage each warp's (m, l, o) in shared memory.
+  cp_async_wait<0>();
+  __syncthreads();
+  float *merge_o = reinterpret_cast<float *>(ksmem); // SLC_WARPS x ROWS x DV floats, reusing the key stages
 #pragma unroll
   for (int hh = 0; hh < 2; hh++) {
     float l = st.l[hh];
@@ -120,10 +139,10 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     const int r = idx / DV;
     const int col = idx % DV;
     float m = NSA_NEG_INF;
-    for (int w = 0; w < 4; w++) m = fmaxf(m, merge_m[w][r]);
+    for (int w = 0; w < SLC_WARPS; w++) m = fmaxf(m, merge_m[w][r]);
     float l = 0.f;
     float acc = 0.f;
-    for (int w = 0; w < 4; w++) {
+    for (int w = 0; w < SLC_WARPS; w++) {
       const float f = merge_m[w][r] == NSA_NEG_INF ? 0.f : exp2f(merge_m[w][r] - m);
       l += f * merge_l[w][r];
       acc += f * merge_o[(w * ROWS + r) * DV + col];

@@ -14,6 +14,9 @@ import type { HalfDType, NsaPrograms } from './programs.js';
 
 export type SelectedKernelChoice = 'auto' | 'group' | 'fsa';
 
+/** From this G on, 'auto' picks the group-centric selected attention (measured: docs/performance.md). */
+export const GROUP_CENTRIC_MIN_G = 16;
+
 export const FORWARD_STAGES = ['compress', 'cmp+win', 'select', 'selected'] as const;
 export type ForwardStage = (typeof FORWARD_STAGES)[number];
 
@@ -69,10 +72,10 @@ export class ForwardRunner {
     choice: SelectedKernelChoice = 'auto',
   ) {
     const config = programs.config;
-    const probe = buildLayoutPlan(config, cuSeqlens, 1);
+    const probe = buildLayoutPlan(config, cuSeqlens, programs.queryTile, 1);
     const P = programs.positionsPerSelectTile(probe.maxBlocks);
-    this.plan = P === 1 ? probe : buildLayoutPlan(config, cuSeqlens, P);
-    this.selectedKernel = choice === 'auto' ? (config.groupSize >= 8 ? 'group' : 'fsa') : choice;
+    this.plan = P === 1 ? probe : buildLayoutPlan(config, cuSeqlens, programs.queryTile, P);
+    this.selectedKernel = choice === 'auto' ? (config.groupSize >= GROUP_CENTRIC_MIN_G ? 'group' : 'fsa') : choice;
     const up = (a: Int32Array, what: string): DeviceBuffer => this.keep(ctx.upload(a, what));
     this.tables = {
       cuSeqlens: up(this.plan.cuSeqlens, 'cu_seqlens'),
@@ -139,7 +142,7 @@ export class ForwardRunner {
     }
     if (stage === 'cmp+win') programs.flash(3).launch({
       grid: [plan.queryTiles.length / 2, Hq, 1],
-      block: [128, 1, 1],
+      block: [2 * programs.queryTile, 1, 1],
       sharedBytes: programs.flashSharedBytes(),
       args: [
         ptr(inputs.q),
@@ -164,7 +167,7 @@ export class ForwardRunner {
     });
     if (stage === 'select') programs.selectBlocks.launch({
       grid: [plan.selectTiles.length / 2, H, 1],
-      block: [128, 1, 1],
+      block: [256, 1, 1],
       sharedBytes: programs.selectSharedBytes(plan.positionsPerTile, plan.maxBlocks),
       args: [
         ptr(inputs.q),
@@ -187,7 +190,7 @@ export class ForwardRunner {
     if (this.selectedKernel === 'group') {
       programs.selectedAttention.launch({
         grid: [N, H, Math.ceil(config.groupSize / 16)],
-        block: [128, 1, 1],
+        block: [programs.selectedThreads, 1, 1],
         sharedBytes: programs.selectedSharedBytes(),
         args: [
           ptr(inputs.q),

@@ -17,16 +17,19 @@ export interface LayoutPlan {
   readonly rowSeq: Int32Array;
   readonly cmpRowSeq: Int32Array;
   readonly blockSeq: Int32Array;
-  /** (sequence, first local row) pairs of 64-row query tiles. */
+  /** (sequence, first local row) pairs of the flash kernel's query tiles. */
   readonly queryTiles: Int32Array;
   /** (sequence, first local position) pairs of the block-selection kernel's tiles of `positionsPerTile`. */
   readonly selectTiles: Int32Array;
   readonly positionsPerTile: number;
 }
 
-export const QUERY_TILE = 64;
-
-export function buildLayoutPlan(config: NSAConfig, cuSeqlens: readonly number[], positionsPerTile: number): LayoutPlan {
+export function buildLayoutPlan(
+  config: NSAConfig,
+  cuSeqlens: readonly number[],
+  queryTile: number,
+  positionsPerTile: number,
+): LayoutPlan {
   const S = cuSeqlens.length - 1;
   const N = cuSeqlens[S]!;
   const cuCmp = new Int32Array(S + 1);
@@ -59,7 +62,7 @@ export function buildLayoutPlan(config: NSAConfig, cuSeqlens: readonly number[],
     rowSeq,
     cmpRowSeq,
     blockSeq,
-    queryTiles: tiles(cuSeqlens, QUERY_TILE),
+    queryTiles: tiles(cuSeqlens, queryTile),
     selectTiles: tiles(cuSeqlens, positionsPerTile),
     positionsPerTile,
   };

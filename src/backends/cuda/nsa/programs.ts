@@ -20,7 +20,36 @@ export const SUPPORTED_HEAD_DIMS: readonly (readonly [number, number])[] = [
 ];
 
 export const MAX_SELECT_COUNT = 32;
-export const MAX_GROUP_FOR_SCORING = 64;
+export const MAX_GROUP_FOR_SCORING = 128;
+
+/** Launch shapes that trade occupancy against bytes in flight; NSA_FA_WARPS and NSA_SLC_PIPELINE override. */
+export interface KernelTuning {
+  /** Warps (of 16 query rows each) per flash-attention CTA: 4 or 8. */
+  readonly faWarps: 4 | 8;
+  /** Warps (16 keys of a tile each) per group-centric selected-attention CTA, and its pipeline depth. */
+  readonly slcWarps: 2 | 4;
+  readonly slcStages: number;
+  /** CTAs per SM the selected-attention kernel's registers must allow (its __launch_bounds__). */
+  readonly slcMinBlocks: number;
+}
+
+export function kernelTuning(
+  config: NSAConfig,
+  env: Readonly<Record<string, string | undefined>> = process.env,
+): KernelTuning {
+  const fa = env['NSA_FA_WARPS'] === '4' ? 4 : 8;
+  // NSA_SLC_PIPELINE=WxS or WxSxB: W warps, S pipeline stages, B CTAs per SM.
+  const match = /^([24])x([1-6])(?:x([1-8]))?$/.exec(env['NSA_SLC_PIPELINE'] ?? '');
+  return {
+    faWarps: fa,
+    // Default 2x1x8: measured fastest at 64k, G = 16 on an H200 (docs/performance.md): the kernel is bound by
+    // latency, so many small CTAs beat deep pipelines.
+    slcWarps: match ? (Number(match[1]) as 2 | 4) : 2,
+    slcStages: match ? Number(match[2]) : 1,
+    // 8 CTAs per SM caps registers at 128 per thread: enough for dk <= 128, spills at dk = 192.
+    slcMinBlocks: match?.[3] !== undefined ? Number(match[3]) : config.headDim <= 128 ? 8 : 4,
+  };
+}
 
 /** Throws UnsupportedConfigError for a config the CUDA kernels do not cover, saying what they do cover. */
 export function checkCudaSupport(config: NSAConfig): void {
@@ -47,8 +76,14 @@ export class NsaPrograms {
     private readonly ctx: CudaContext,
     readonly config: NSAConfig,
     readonly dtype: HalfDType,
+    readonly tuning: KernelTuning = kernelTuning(config),
   ) {
     checkCudaSupport(config);
+  }
+
+  /** Query rows per flash-attention CTA (the query tile of the layout plan). */
+  get queryTile(): number {
+    return 16 * this.tuning.faWarps;
   }
 
   get compressMean(): Kernel {
@@ -59,16 +94,26 @@ export class NsaPrograms {
   flash(mode: 0 | 1 | 2 | 3): Kernel {
     return this.kernel('flash_attention.cu', 'nsa_flash_attention', [
       `-DNSA_MODE=${mode}`,
+      `-DFA_WARPS=${this.tuning.faWarps}`,
       ...(mode === 0 ? [] : [...this.cmpDefines(), `-DWINDOW=${this.config.window}`]),
     ]);
   }
 
   get selectBlocks(): Kernel {
-    return this.kernel('select_blocks.cu', 'nsa_select_blocks', [...this.cmpDefines(), ...this.selDefines()]);
+    return this.kernel('select_blocks.cu', 'nsa_select_blocks', [
+      ...this.cmpDefines(),
+      ...this.selDefines(),
+      `-DGROUP=${this.config.groupSize}`,
+    ]);
   }
 
   get selectedAttention(): Kernel {
-    return this.kernel('selected_attention.cu', 'nsa_selected_attention', this.selDefines());
+    return this.kernel('selected_attention.cu', 'nsa_selected_attention', [
+      ...this.selDefines(),
+      `-DSLC_WARPS=${this.tuning.slcWarps}`,
+      `-DSLC_STAGES=${this.tuning.slcStages}`,
+      `-DSLC_MIN_BLOCKS=${this.tuning.slcMinBlocks}`,
+    ]);
   }
 
   fsa(fn: 'count' | 'scan' | 'fill' | 'attend' | 'reduce'): Kernel {
@@ -78,16 +123,24 @@ export class NsaPrograms {
   /** Dynamic shared memory of each kernel (bytes). */
   flashSharedBytes(): number {
     const { headDim: dk, valueDim: dv } = this.config;
-    return 2 * (64 * dk + 2 * 64 * dk + 2 * 64 * dv);
+    return 2 * (this.queryTile * dk + 2 * 64 * dk + 2 * 64 * dv);
   }
 
+  /** Q (128 rows), two key stages, the per-tile head sums, and P positions' block scores. */
   selectSharedBytes(positionsPerTile: number, scoreStride: number): number {
-    return 2 * (64 * this.config.headDim + 2 * 64 * this.config.headDim) + 4 * 64 * 64 + 4 * positionsPerTile * scoreStride;
+    const G = this.config.groupSize;
+    const headSums = (G & (G - 1)) === 0 ? 8 * Math.max(1, 16 / G) * 64 : 128 * 65;
+    return 2 * (128 * this.config.headDim + 2 * 64 * this.config.headDim) + 4 * headSums + 4 * positionsPerTile * scoreStride;
   }
 
   selectedSharedBytes(): number {
     const { headDim: dk, valueDim: dv } = this.config;
-    return 2 * (16 * dk + 2 * 64 * dk + 2 * 64 * dv);
+    const { slcWarps, slcStages } = this.tuning;
+    return 2 * (16 * dk + slcStages * 16 * slcWarps * (dk + dv));
+  }
+
+  get selectedThreads(): number {
+    return 32 * this.tuning.slcWarps;
   }
 
   fsaSharedBytes(): number {
@@ -97,7 +150,7 @@ export class NsaPrograms {
 
   /** Positions per block-selection tile: as many as the G heads and the score rows allow (at least 1). */
   positionsPerSelectTile(scoreStride: number): number {
-    const byRows = Math.max(1, Math.floor(64 / this.config.groupSize));
+    const byRows = Math.max(1, Math.floor(128 / this.config.groupSize));
     const fixed = this.selectSharedBytes(0, scoreStride);
     const byShared = Math.floor((this.ctx.maxSharedBytesOptin - fixed) / (4 * scoreStride));
     if (byShared < 1) {
