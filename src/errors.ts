@@ -31,7 +31,19 @@ export interface ConfigIssue {
 }
 
 export function formatConfigIssue(issue: ConfigIssue): string {
-  return `${issue.path}: ${issue.rule} (got ${JSON.stringify(issue.received)})`;
+  return `${issue.path}: ${issue.rule} (got ${formatValue(issue.received)})`;
+}
+
+/** A value as a user would write it: NaN and Infinity as such, bigints with their n, anything else as JSON. */
+export function formatValue(value: unknown): string {
+  if (typeof value === 'number' && !Number.isFinite(value)) return String(value);
+  if (typeof value === 'bigint') return `${value}n`;
+  if (value === undefined) return 'undefined';
+  try {
+    return JSON.stringify(value) ?? String(value);
+  } catch {
+    return String(value);
+  }
 }
 
 /** A configuration that breaks one or more rules; `issues` lists each broken rule. */

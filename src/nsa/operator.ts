@@ -2,12 +2,12 @@
 // reuses what the forward saved (per-branch outputs and lse, the selected blocks, the compressed K/V).
 
 import type { NSAConfig, NSAConfigOptions } from '../config/nsa-config.js';
-import { DisposedError, InputValueError } from '../errors.js';
+import { DisposedError } from '../errors.js';
 import type { Backend, BackendName } from '../backends/backend.js';
 import { bestBackend, getBackend } from '../backends/registry.js';
 import type { Tensor } from '../tensor/tensor.js';
 import type { NsaGradients, NsaInputs, NsaOutputs, NsaRunOptions } from './types.js';
-import { validateNsaInputs, type NsaRequest } from './validate.js';
+import { validateDOut, validateNsaInputs, type NsaRequest } from './validate.js';
 
 export interface NsaCallOptions extends NsaRunOptions {
   /** A backend or its name; the best backend present when absent (cuda, else cpu). */
@@ -45,9 +45,7 @@ export async function nsaForward(
     savedBytes: saved.bytes,
     async backward(dOut: Tensor): Promise<NsaGradients> {
       if (released) throw new DisposedError('the forward result (release() was called)');
-      if ((options.checkFinite ?? true) && !dOut.toFloat32().every(Number.isFinite)) {
-        throw new InputValueError('dOut: inputs must be finite, but it holds NaN or Inf');
-      }
+      validateDOut(request, dOut, { checkFinite: options.checkFinite ?? true });
       return backend.backward(request, saved, dOut, dtype);
     },
     release(): void {

@@ -77,6 +77,20 @@ export function validateNsaInputs(
   return { config, inputs, cuSeqlens, batch: B, tokens: T, phiHidden };
 }
 
+/** Checks the upstream gradient of o: a finite float tensor of o's shape [B, T, Hq, Dv]. */
+export function validateDOut(request: NsaRequest, dOut: unknown, { checkFinite = true }: { checkFinite?: boolean } = {}): Tensor {
+  expectFloatTensor(dOut, 'dOut', 4);
+  const { batch: B, tokens: T, config } = request;
+  expectShape(dOut, 'dOut', [B, T, config.heads, config.valueDim], 'the shape of o');
+  if (checkFinite) {
+    const index = firstNonFinite(dOut);
+    if (index >= 0) {
+      throw new InputValueError(`dOut: element ${index} ${formatIndex(dOut.shape, index)} is ${dOut.toFloat64()[index]}; inputs must be finite`);
+    }
+  }
+  return dOut;
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Implementation
 

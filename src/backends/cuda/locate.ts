@@ -116,7 +116,11 @@ export function nvrtcBuiltinsBeside(nvrtcPath: string, major: number, minor: num
 
 /** The BackendUnavailableError text: what was looked for, where, why each load failed, and what to do. */
 export function notFoundMessage(search: LibrarySearch, failures: readonly string[]): string {
-  const lines = [`could not load ${search.what}. Looked for ${search.fileNames.join(', ')} in:`];
+  // The first line stands alone (the CLI prints only it when it falls back to the CPU).
+  const lines = [
+    `could not load ${search.what} (${search.fileNames.join(', ')} not found in ${search.directoriesTried.length} places)`,
+    'Looked in:',
+  ];
   lines.push(...search.directoriesTried.map((d) => `  - ${d}`));
   if (failures.length > 0) lines.push('Load attempts that failed:', ...failures.map((f) => `  - ${f}`));
   lines.push(search.advice);
