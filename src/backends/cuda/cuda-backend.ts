@@ -3,7 +3,7 @@
 // once on upload). Outputs come back in f32 (or the asked dtype) like every backend's.
 
 import type { NSAConfig } from '../../config/nsa-config.js';
-import { UnsupportedConfigError } from '../../errors.js';
+import { DisposedError, UnsupportedConfigError } from '../../errors.js';
 import type { NsaGradients, NsaOutputs } from '../../nsa/types.js';
 import type { NsaRequest } from '../../nsa/validate.js';
 import type { FloatDType } from '../../tensor/dtype.js';
@@ -19,6 +19,7 @@ import {
   type ForwardStage,
   type SelectedKernelChoice,
 } from './nsa/forward-runner.js';
+import { BackwardRunner, type BackwardStage, type DeviceNsaGradients } from './nsa/backward-runner.js';
 import { DeviceRandom } from './nsa/device-random.js';
 import { buildLayoutPlan } from './nsa/layout-plan.js';
 import { NsaPrograms, type HalfDType } from './nsa/programs.js';
@@ -63,33 +64,59 @@ export class CudaBackend implements Backend {
     const dtype: HalfDType = inputs.q.dtype === 'f16' ? 'f16' : 'bf16';
     const scope = new BufferScope();
     try {
-      const runner = scope.keep(new ForwardRunner(this.ctx, this.programsFor(config, dtype), request.cuSeqlens, this.selectedKernel));
+      const programs = this.programsFor(config, dtype);
+      const runner = scope.keep(new ForwardRunner(this.ctx, programs, request.cuSeqlens, this.selectedKernel));
       const device = this.uploadInputs(request, dtype, scope);
       const outputs = this.allocateOutputs(config, runner.plan.totalTokens, scope, { branches: true, final: false });
       runner.run(device, outputs);
       this.ctx.synchronize();
-      return { outputs: this.downloadOutputs(request, outputs, outputDType), saved: new NoBackward() };
+      const host = this.downloadOutputs(request, outputs, outputDType);
+      return { outputs: host, saved: new CudaSaved(programs, runner, device, outputs, scope) };
+    } catch (e) {
+      scope.dispose();
+      throw e;
+    }
+  }
+
+  async backward(request: NsaRequest, saved: SavedForBackward, dOut: Tensor, outputDType: FloatDType): Promise<NsaGradients> {
+    if (!(saved instanceof CudaSaved)) throw new TypeError('saved: expected what the cuda backend forward returned');
+    saved.assertLive();
+    const scope = new BufferScope();
+    try {
+      const dO = scope.add(this.ctx.upload(dOut.cast(saved.programs.dtype).data, 'dO'));
+      const grads = this.allocateGradients(request.config, saved.runner, saved.inputs, scope);
+      const runner = scope.keep(new BackwardRunner(this.ctx, saved.programs, saved.runner));
+      runner.run(saved.inputs, saved.outputs, dO, grads);
+      this.ctx.synchronize();
+      return this.downloadGradients(request, grads, outputDType);
     } finally {
       scope.dispose();
     }
   }
 
-  backward(): Promise<NsaGradients> {
-    return Promise.reject(
-      new UnsupportedConfigError('cuda backend: the backward pass is not implemented on the GPU yet; use the cpu backend for gradients'),
-    );
-  }
-
   async time(problem: BenchmarkProblem, options: TimingOptions): Promise<TimingResult> {
-    if (options.backward) throw new UnsupportedConfigError('cuda backend: backward timing needs the GPU backward (not implemented yet)');
     const { config } = problem;
     const dtype: HalfDType = problem.dtype === 'f16' ? 'f16' : 'bf16';
     const scope = new BufferScope();
     try {
-      const runner = scope.keep(new ForwardRunner(this.ctx, this.programsFor(config, dtype), problem.cuSeqlens, this.selectedKernel));
+      const programs = this.programsFor(config, dtype);
+      const runner = scope.keep(new ForwardRunner(this.ctx, programs, problem.cuSeqlens, this.selectedKernel));
       const inputs = this.randomInputs(problem, dtype, scope);
-      const outputs = this.allocateOutputs(config, runner.plan.totalTokens, scope, { branches: false, final: true });
-      return this.timed(() => runner.run(inputs, outputs), options);
+      const N = runner.plan.totalTokens;
+      if (!options.backward) {
+        const outputs = this.allocateOutputs(config, N, scope, { branches: false, final: true });
+        return this.timed(() => runner.run(inputs, outputs), options);
+      }
+      // Forward + backward: the forward keeps each branch's output for the backward's row terms.
+      const outputs = this.allocateOutputs(config, N, scope, { branches: true, final: true });
+      const dO = scope.alloc(this.ctx, N * config.heads * config.valueDim * 2, 'dO');
+      new DeviceRandom(this.ctx, dtype).normal(dO, N * config.heads * config.valueDim, problem.seed + 9);
+      const grads = this.allocateGradients(config, runner, inputs, scope);
+      const backward = scope.keep(new BackwardRunner(this.ctx, programs, runner));
+      return this.timed(() => {
+        runner.run(inputs, outputs);
+        backward.run(inputs, outputs, dO, grads);
+      }, options);
     } finally {
       scope.dispose();
     }
@@ -112,13 +139,43 @@ export class CudaBackend implements Backend {
     }
   }
 
+  /** Times each backward stage alone (after one full forward and backward), to see where the time goes. */
+  async profileBackwardStages(problem: BenchmarkProblem, options: TimingOptions): Promise<Partial<Record<BackwardStage, TimingResult>>> {
+    const dtype: HalfDType = problem.dtype === 'f16' ? 'f16' : 'bf16';
+    const { config } = problem;
+    const scope = new BufferScope();
+    try {
+      const programs = this.programsFor(config, dtype);
+      const runner = scope.keep(new ForwardRunner(this.ctx, programs, problem.cuSeqlens, this.selectedKernel));
+      const inputs = this.randomInputs(problem, dtype, scope);
+      const N = runner.plan.totalTokens;
+      const outputs = this.allocateOutputs(config, N, scope, { branches: true, final: false });
+      const dO = scope.alloc(this.ctx, N * config.heads * config.valueDim * 2, 'dO');
+      new DeviceRandom(this.ctx, dtype).normal(dO, N * config.heads * config.valueDim, problem.seed + 9);
+      const grads = this.allocateGradients(config, runner, inputs, scope);
+      const backward = scope.keep(new BackwardRunner(this.ctx, programs, runner));
+      runner.run(inputs, outputs);
+      backward.run(inputs, outputs, dO, grads);
+      const result: Partial<Record<BackwardStage, TimingResult>> = {};
+      for (const [name, launch] of backward.stages(inputs, outputs, dO, grads)) result[name] = this.timed(launch, options);
+      return result;
+    } finally {
+      scope.dispose();
+    }
+  }
+
   async timeDense(problem: BenchmarkProblem, options: TimingOptions): Promise<TimingResult> {
     const dtype: HalfDType = problem.dtype === 'f16' ? 'f16' : 'bf16';
     const scope = new BufferScope();
     try {
       const inputs = this.randomInputs(problem, dtype, scope);
       const dense = this.denseLauncher(problem.config, dtype, problem.cuSeqlens, inputs, scope);
-      return this.timed(dense.run, options);
+      if (!options.backward) return this.timed(dense.run, options);
+      const backward = this.denseBackwardLauncher(problem, dtype, inputs, dense, scope);
+      return this.timed(() => {
+        dense.run();
+        backward();
+      }, options);
     } finally {
       scope.dispose();
     }
@@ -212,6 +269,96 @@ export class CudaBackend implements Backend {
     return { run, out, lse };
   }
 
+  /** dO of the dense kernel's output, then its backward (the baseline of fwd+bwd timings). */
+  private denseBackwardLauncher(
+    problem: BenchmarkProblem,
+    dtype: HalfDType,
+    inputs: DeviceNsaInputs,
+    dense: { out: DeviceBuffer; lse: DeviceBuffer },
+    scope: BufferScope,
+  ): () => void {
+    const { config, cuSeqlens } = problem;
+    const programs = this.programsFor(config, dtype);
+    const N = cuSeqlens[cuSeqlens.length - 1]!;
+    const { heads: Hq, kvHeads: H, headDim: dk, valueDim: dv } = config;
+    const dO = scope.alloc(this.ctx, N * Hq * dv * 2, 'dense dO');
+    new DeviceRandom(this.ctx, dtype).normal(dO, N * Hq * dv, problem.seed + 9);
+    const delta = scope.alloc(this.ctx, N * Hq * 3 * 4, 'dense delta');
+    const dq = scope.alloc(this.ctx, N * Hq * dk * 4, 'dense dq');
+    const dkBuf = scope.alloc(this.ctx, N * H * dk * 4, 'dense dk');
+    const dvBuf = scope.alloc(this.ctx, N * H * dv * 4, 'dense dv');
+    const queryTiles = denseTiles(cuSeqlens, 'latest first');
+    const keyTiles = denseTiles(cuSeqlens, 'earliest first');
+    const qt = scope.add(this.ctx.upload(queryTiles, 'dense query tiles'));
+    const kt = scope.add(this.ctx.upload(keyTiles, 'dense key tiles'));
+    const cu = scope.add(this.ctx.upload(Int32Array.from(cuSeqlens), 'cu_seqlens'));
+    const none = { ptr: 0n };
+    const p = (b: DeviceBuffer): { ptr: bigint } => ({ ptr: b.ptr });
+    const tail = [{ i32: Hq }, { i32: H }, { i32: 0 }, { f32: config.scale * Math.LOG2E }, { f32: config.scale }, { i32: 0 }];
+    return () => {
+      programs.flashBackward(0, 'preprocess').launch({
+        grid: [Math.ceil((N * Hq) / 4), 1, 1],
+        block: [128, 1, 1],
+        args: [p(dO), p(dense.out), none, none, none, none, p(delta), { i64: N * Hq }],
+      });
+      programs.flashBackward(0, 'dq').launch({
+        grid: [queryTiles.length / 2, Hq, 1],
+        block: [128, 1, 1],
+        sharedBytes: programs.flashBackwardSharedBytes('dq'),
+        args: [p(inputs.q), p(inputs.k), p(inputs.v), p(dO), p(dense.lse), none, p(delta), p(dq), p(cu), p(cu), p(qt), ...tail],
+      });
+      programs.flashBackward(0, 'dkdv').launch({
+        grid: [keyTiles.length / 2, H, 1],
+        block: [128, 1, 1],
+        sharedBytes: programs.flashBackwardSharedBytes('dkdv'),
+        args: [p(inputs.q), p(inputs.k), p(inputs.v), p(dO), p(dense.lse), none, p(delta), p(dkBuf), p(dvBuf), p(cu), p(cu), p(kt), ...tail, none, none, { i64: N * H }],
+      });
+    };
+  }
+
+  private allocateGradients(config: NSAConfig, runner: ForwardRunner, inputs: DeviceNsaInputs, scope: BufferScope): DeviceNsaGradients {
+    if (config.groupSize > 64) {
+      throw new UnsupportedConfigError(`cuda backend: the backward takes G <= 64 query heads per KV head, got ${config.groupSize}`);
+    }
+    const { totalTokens: N, totalCompressed: Nc } = runner.plan;
+    const { heads: Hq, kvHeads: H, headDim: dk, valueDim: dv } = config;
+    const f32 = (n: number, what: string): DeviceBuffer => scope.alloc(this.ctx, Math.max(1, n) * 4, what);
+    return {
+      dq: f32(N * Hq * dk, 'dq'),
+      dk: f32(N * H * dk, 'dk'),
+      dv: f32(N * H * dv, 'dv'),
+      dg: f32(N * Hq * 3, 'dg'),
+      dkc: f32(Nc * H * dk, 'dkc'),
+      dvc: f32(Nc * H * dv, 'dvc'),
+      dkSlc: inputs.kSlc === undefined ? undefined : f32(N * H * dk, 'dkSlc'),
+      dvSlc: inputs.vSlc === undefined ? undefined : f32(N * H * dv, 'dvSlc'),
+      dkWin: inputs.kWin === undefined ? undefined : f32(N * H * dk, 'dkWin'),
+      dvWin: inputs.vWin === undefined ? undefined : f32(N * H * dv, 'dvWin'),
+    };
+  }
+
+  private downloadGradients(request: NsaRequest, g: DeviceNsaGradients, dtype: FloatDType): NsaGradients {
+    const { inputs } = request;
+    const like = (b: DeviceBuffer, t: Tensor): Tensor => {
+      const out = new Tensor('f32', t.shape);
+      this.ctx.download(b, out.data);
+      return dtype === 'f32' ? out : out.cast(dtype);
+    };
+    const grads: { -readonly [K in keyof NsaGradients]: NsaGradients[K] } = {
+      dq: like(g.dq, inputs.q),
+      dk: like(g.dk, inputs.k),
+      dv: like(g.dv, inputs.v),
+      dg: like(g.dg, inputs.g),
+    };
+    if (inputs.kCmp !== undefined) grads.dkCmp = like(g.dkc, inputs.kCmp);
+    if (inputs.vCmp !== undefined) grads.dvCmp = like(g.dvc, inputs.vCmp);
+    if (inputs.kSlc !== undefined && g.dkSlc !== undefined) grads.dkSlc = like(g.dkSlc, inputs.kSlc);
+    if (inputs.vSlc !== undefined && g.dvSlc !== undefined) grads.dvSlc = like(g.dvSlc, inputs.vSlc);
+    if (inputs.kWin !== undefined && g.dkWin !== undefined) grads.dkWin = like(g.dkWin, inputs.kWin);
+    if (inputs.vWin !== undefined && g.dvWin !== undefined) grads.dvWin = like(g.dvWin, inputs.vWin);
+    return grads;
+  }
+
   private uploadInputs(request: NsaRequest, dtype: HalfDType, scope: BufferScope): DeviceNsaInputs {
     const half = (t: Tensor | undefined, what: string): DeviceBuffer | undefined =>
       t === undefined ? undefined : scope.add(this.ctx.upload(t.cast(dtype).data, what));
@@ -294,11 +441,38 @@ export class CudaBackend implements Backend {
   }
 }
 
-/** What the cuda forward keeps for a backward: nothing yet (the GPU backward is not implemented). */
-class NoBackward implements SavedForBackward {
+/**
+ * What the cuda forward keeps on the device for the backward: the inputs (in the compute dtype), the compressed
+ * K/V, every branch's output (fp32) and lse, the selected blocks and the index tables. `bytes` says how much.
+ */
+class CudaSaved implements SavedForBackward {
   readonly backend = 'cuda' as const;
-  readonly bytes = 0;
-  release(): void {}
+  readonly bytes: number;
+  private released = false;
+  constructor(
+    readonly programs: NsaPrograms,
+    readonly runner: ForwardRunner,
+    readonly inputs: DeviceNsaInputs,
+    readonly outputs: DeviceNsaOutputs,
+    private readonly scope: BufferScope,
+  ) {
+    this.bytes = scope.bytes();
+  }
+  assertLive(): void {
+    if (this.released) throw new DisposedError('the cuda forward state (release() was called)');
+  }
+  release(): void {
+    if (!this.released) this.scope.dispose();
+    this.released = true;
+  }
+}
+
+/** Tiles of 64 rows of each sequence: (sequence, start) pairs. */
+function denseTiles(cu: readonly number[], order: 'latest first' | 'earliest first'): Int32Array {
+  const list: [number, number][] = [];
+  for (let s = 0; s + 1 < cu.length; s++) for (let start = 0; start < cu[s + 1]! - cu[s]!; start += 64) list.push([s, start]);
+  list.sort((a, b) => (order === 'latest first' ? b[1] - a[1] : a[1] - b[1]) || a[0] - b[0]);
+  return Int32Array.from(list.flat());
 }
 
 /** Device buffers (and runners) of one call, freed together however the call ends. */
@@ -314,6 +488,10 @@ class BufferScope {
   }
   alloc(ctx: CudaContext, bytes: number, what: string): DeviceBuffer {
     return this.add(ctx.alloc(bytes, what));
+  }
+  /** Bytes of the device buffers held. */
+  bytes(): number {
+    return this.items.reduce((sum, item) => sum + ('bytes' in item && typeof item.bytes === 'number' ? item.bytes : 0), 0);
   }
   dispose(): void {
     for (const item of this.items.reverse()) item.dispose();

@@ -41,11 +41,15 @@ export interface TimingResult {
   readonly samplesMs: readonly number[];
 }
 
-/** Without opting in, a block may use 48 KiB of dynamic shared memory. */
-export const DEFAULT_DYNAMIC_SHARED_LIMIT = 48 * 1024;
+/**
+ * Dynamic shared memory above this is opted in first: without opting in a block gets 48 KiB of shared memory,
+ * static and dynamic together, so a kernel with a few KiB of __shared__ arrays fails to launch just under 48 KiB
+ * of dynamic memory.
+ */
+export const OPT_IN_ABOVE = 32 * 1024;
 
 export class Kernel {
-  private sharedLimit = DEFAULT_DYNAMIC_SHARED_LIMIT;
+  private sharedLimit = OPT_IN_ABOVE;
 
   constructor(
     private readonly target: LaunchTarget,

@@ -34,3 +34,31 @@ extern "C" __global__ void nsa_compress_mean(const elem_t *__restrict__ k, const
   elem_t *dst = is_key ? kc : vc;
   *reinterpret_cast<uint4 *>(dst + (crow * H + h) * dim + c0) = packed;
 }
+
+/**
+ * Backward of the mean: each token's gradient gains dKc[i] / l from every compressed block i that covers it
+ * (i*d <= tau < i*d + l). One CTA per token and KV head; adds into the fp32 dk, dv.
+ */
+extern "C" __global__ void nsa_compress_mean_bwd(const float *__restrict__ dkc, const float *__restrict__ dvc,
+                                                 float *__restrict__ dk, float *__restrict__ dv,
+                                                 const int *__restrict__ row_seq, const int *__restrict__ cu_seqlens,
+                                                 const int *__restrict__ cu_cmp, int H) {
+  const i64 row = blockIdx.x;
+  const int h = blockIdx.y;
+  const int seq = row_seq[row];
+  const int tau = (int)(row - cu_seqlens[seq]);
+  const int c_start = cu_cmp[seq];
+  const int tc = cu_cmp[seq + 1] - c_start;
+  const int i_lo = tau < CMP_L ? 0 : (tau - CMP_L) / CMP_D + 1; // first block with i*d + l > tau
+  const int i_hi = min(tc - 1, tau / CMP_D);                    // last block with i*d <= tau
+  for (int c = threadIdx.x; c < DK + DV; c += blockDim.x) {
+    const bool is_key = c < DK;
+    const int col = is_key ? c : c - DK;
+    const int dim = is_key ? DK : DV;
+    const float *src = is_key ? dkc : dvc;
+    float acc = 0.f;
+    for (int i = i_lo; i <= i_hi; i++) acc += src[((i64)(c_start + i) * H + h) * dim + col];
+    float *dst = is_key ? dk : dv;
+    dst[(row * H + h) * dim + col] += acc * (1.f / CMP_L);
+  }
+}

@@ -169,6 +169,28 @@ __device__ __forceinline__ void pv_mma(float o[VDIM / 8][4], const float s[2 * N
   }
 }
 
+/**
+ * Like qk_mma, with the A operand (16 rows x KDIM) read from a swizzled shared tile one k-step at a time instead of
+ * held in registers (the backward kernels keep more accumulators and cannot afford both).
+ */
+template <int KDIM, int NP>
+__device__ __forceinline__ void qk_mma_smem(float s[2 * NP][4], const elem_t *atile, int r0, const elem_t *ktile, int k0, int lane) {
+  const int arow = r0 + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+  for (int ks = 0; ks < KDIM / 16; ks++) {
+    u32 a[4];
+    ldmatrix_x4(a, atile + SwizzledTile<KDIM>::offset(arow, ks * 16 + (lane >> 4) * 8));
+#pragma unroll
+    for (int p = 0; p < NP; p++) {
+      const int key = k0 + p * 16 + (lane & 7) + (lane >> 4) * 8;
+      u32 b[4];
+      ldmatrix_x4(b, ktile + SwizzledTile<KDIM>::offset(key, ks * 16 + ((lane >> 3) & 1) * 8));
+      mma_16816(s[2 * p], a, b);
+      mma_16816(s[2 * p + 1], a, b + 2);
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------------------------
 // Online softmax for the two rows a thread holds in C fragments (row g and g + 8 of a 16-row slice).
 // Scores are in log2 units (already multiplied by scale * log2(e)).

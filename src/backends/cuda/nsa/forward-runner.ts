@@ -112,6 +112,11 @@ export class ForwardRunner {
     return this.programs.config;
   }
 
+  /** The index tables on the device (the backward reads them too). */
+  get deviceTables(): Readonly<Record<'cuSeqlens' | 'cuCmp' | 'cuBlocks' | 'rowSeq' | 'cmpRowSeq' | 'blockSeq', DeviceBuffer>> {
+    return this.tables;
+  }
+
   get dtype(): HalfDType {
     return this.programs.dtype;
   }
@@ -212,6 +217,11 @@ export class ForwardRunner {
     } else {
       this.runFsa(inputs.q, kSlc, vSlc, inputs.gate, outputs, scaleLog2);
     }
+  }
+
+  /** Device bytes this runner holds (index tables, compressed K/V, FSA buffers). */
+  get bytes(): number {
+    return this.scratch.reduce((sum, b) => sum + b.bytes, 0);
   }
 
   dispose(): void {

@@ -120,6 +120,42 @@ export class NsaPrograms {
     return this.kernel('selected_attention_fsa.cu', `nsa_fsa_${fn}`, this.selDefines());
   }
 
+  // Backward ------------------------------------------------------------------------------------------------
+
+  /** Flash backward of mode 0 (dense), 1 (cmp) or 2 (win): preprocess, dq or dkdv. */
+  flashBackward(mode: 0 | 1 | 2, fn: 'preprocess' | 'dq' | 'dkdv' | 'reduce_splits'): Kernel {
+    const name = fn === 'preprocess' || fn === 'reduce_splits' ? `nsa_bwd_${fn}` : `nsa_flash_bwd_${fn}`;
+    return this.kernel('flash_attention_bwd.cu', name, [
+      `-DNSA_MODE=${mode}`,
+      ...(mode === 0 ? [] : [...this.cmpDefines(), `-DWINDOW=${this.config.window}`]),
+    ]);
+  }
+
+  selectedBackward(fn: 'dq' | 'dkdv' | 'reduce'): Kernel {
+    return this.kernel('selected_attention_bwd.cu', `nsa_slc_bwd_${fn}`, this.selDefines());
+  }
+
+  inverseIndex(fn: 'count' | 'key_totals' | 'scan' | 'chunk_starts' | 'fill'): Kernel {
+    return this.kernel('inverse_index.cu', `nsa_index_${fn}`, [`-DSEL_N=${this.config.selectCount}`]);
+  }
+
+  get compressMeanBackward(): Kernel {
+    return this.kernel('compress_mean.cu', 'nsa_compress_mean_bwd', this.cmpDefines());
+  }
+
+  /** Key tile + value tile + gathered query rows + their dO rows. */
+  flashBackwardSharedBytes(fn: 'dq' | 'dkdv'): number {
+    const { headDim: dk, valueDim: dv } = this.config;
+    return fn === 'dkdv' ? 2 * 64 * (2 * dk + 2 * dv) : 2 * (64 * dk + 64 * dv + 2 * 64 * dk + 2 * 64 * dv);
+  }
+
+  selectedBackwardSharedBytes(fn: 'dq' | 'dkdv'): number {
+    const { headDim: dk, valueDim: dv } = this.config;
+    if (fn === 'dkdv') return 2 * 64 * (2 * dk + 2 * dv);
+    // Q and dO rows, then the key/value tile, which the warps' dQ parts (fp32) reuse at the end.
+    return 2 * 16 * (dk + dv) + Math.max(2 * 64 * (dk + dv), 4 * 4 * 16 * dk);
+  }
+
   /** Dynamic shared memory of each kernel (bytes). */
   flashSharedBytes(): number {
     const { headDim: dk, valueDim: dv } = this.config;

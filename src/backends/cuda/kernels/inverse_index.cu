@@ -1,0 +1,111 @@
+// nvcc-check: -DSEL_N=16
+// nvcc-check: -DSEL_N=3
+//
+// The inverse of the selection, deterministically: for each key (KV head h, selection block), the (token, slot)
+// pairs that chose it, in token order. Used by the FSA-ordered selected attention and by the selected branch's
+// dK/dV, whose sums then run in the same order on every run (no atomics decide an order anywhere).
+// Keys are numbered h * total_blocks + cu_blocks[sequence] + j. Tokens are cut into C chunks; a stable counting
+// sort places each chunk's pairs after the earlier chunks' pairs of the same key:
+//   nsa_index_count          counts[key * C + chunk], one thread per (chunk, h), walking its tokens in order
+//   nsa_index_key_totals     per-key totals (sum over chunks, in chunk order)
+//   nsa_index_scan           exclusive scans of the totals -> key offsets, and of the tiles they need
+//   nsa_index_chunk_starts   where each (key, chunk) run starts: key offset + earlier chunks' counts
+//   nsa_index_fill           entries (token, slot), one thread per (chunk, h) again, in token order
+#include "nsa_common.cuh"
+
+extern "C" __global__ void nsa_index_count(const int *__restrict__ block_indices, const int *__restrict__ row_seq,
+                                           const int *__restrict__ cu_blocks, int *__restrict__ counts, int N, int H,
+                                           int total_blocks, int chunk, int chunks) {
+  const int idx = blockIdx.x * blockDim.x + threadIdx.x; // (chunk, h)
+  if (idx >= chunks * H) return;
+  const int c = idx / H;
+  const int h = idx % H;
+  const int end = min(N, (c + 1) * chunk);
+  for (int t = c * chunk; t < end; t++) {
+    const int base = h * total_blocks + cu_blocks[row_seq[t]];
+    const int *sel = block_indices + ((i64)t * H + h) * SEL_N;
+    for (int s = 0; s < SEL_N; s++) {
+      const int j = sel[s];
+      if (j < 0) break;
+      counts[(i64)(base + j) * chunks + c]++;
+    }
+  }
+}
+
+extern "C" __global__ void nsa_index_key_totals(const int *__restrict__ counts, int *__restrict__ totals, int keys, int chunks) {
+  const int key = blockIdx.x * blockDim.x + threadIdx.x;
+  if (key >= keys) return;
+  int sum = 0;
+  for (int c = 0; c < chunks; c++) sum += counts[(i64)key * chunks + c];
+  totals[key] = sum;
+}
+
+/** Exclusive scans of totals -> offsets and of ceil(total / per_tile) -> tile_offsets (n + 1 entries each). */
+extern "C" __global__ void __launch_bounds__(1024)
+    nsa_index_scan(const int *__restrict__ totals, int *__restrict__ offsets, int *__restrict__ tile_offsets, int n, int per_tile) {
+  __shared__ int sums[2][1024];
+  const int per_thread = (n + 1023) / 1024;
+  const int begin = min(n, (int)threadIdx.x * per_thread);
+  const int end = min(n, begin + per_thread);
+  int c = 0;
+  int t = 0;
+  for (int i = begin; i < end; i++) {
+    c += totals[i];
+    t += (totals[i] + per_tile - 1) / per_tile;
+  }
+  sums[0][threadIdx.x] = c;
+  sums[1][threadIdx.x] = t;
+  __syncthreads();
+  for (int off = 1; off < 1024; off <<= 1) { // Hillis-Steele inclusive scan
+    const int a = threadIdx.x >= off ? sums[0][threadIdx.x - off] : 0;
+    const int b = threadIdx.x >= off ? sums[1][threadIdx.x - off] : 0;
+    __syncthreads();
+    sums[0][threadIdx.x] += a;
+    sums[1][threadIdx.x] += b;
+    __syncthreads();
+  }
+  c = threadIdx.x > 0 ? sums[0][threadIdx.x - 1] : 0;
+  t = threadIdx.x > 0 ? sums[1][threadIdx.x - 1] : 0;
+  for (int i = begin; i < end; i++) {
+    offsets[i] = c;
+    tile_offsets[i] = t;
+    c += totals[i];
+    t += (totals[i] + per_tile - 1) / per_tile;
+  }
+  if (threadIdx.x == 1023) {
+    offsets[n] = sums[0][1023];
+    tile_offsets[n] = sums[1][1023];
+  }
+}
+
+extern "C" __global__ void nsa_index_chunk_starts(const int *__restrict__ counts, const int *__restrict__ offsets,
+                                                  int *__restrict__ starts, int keys, int chunks) {
+  const int key = blockIdx.x * blockDim.x + threadIdx.x;
+  if (key >= keys) return;
+  int at = offsets[key];
+  for (int c = 0; c < chunks; c++) {
+    starts[(i64)key * chunks + c] = at;
+    at += counts[(i64)key * chunks + c];
+  }
+}
+
+extern "C" __global__ void nsa_index_fill(const int *__restrict__ block_indices, const int *__restrict__ row_seq,
+                                          const int *__restrict__ cu_blocks, int *__restrict__ starts,
+                                          int2 *__restrict__ entries, int N, int H, int total_blocks, int chunk, int chunks) {
+  const int idx = blockIdx.x * blockDim.x + threadIdx.x;
+  if (idx >= chunks * H) return;
+  const int c = idx / H;
+  const int h = idx % H;
+  const int end = min(N, (c + 1) * chunk);
+  for (int t = c * chunk; t < end; t++) {
+    const int base = h * total_blocks + cu_blocks[row_seq[t]];
+    const int *sel = block_indices + ((i64)t * H + h) * SEL_N;
+    for (int s = 0; s < SEL_N; s++) {
+      const int j = sel[s];
+      if (j < 0) break;
+      int *cursor = starts + (i64)(base + j) * chunks + c; // this thread's own (key, chunk) cursor
+      entries[*cursor] = make_int2(t, s);
+      (*cursor)++;
+    }
+  }
+}

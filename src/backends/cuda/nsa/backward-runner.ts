@@ -1,0 +1,280 @@
+// The NSA backward on the GPU, on what the forward kept on the device (inputs, compressed K/V, each branch's
+// output and lse, the selected blocks). Every gradient is summed in a fixed order (no atomics on values), so two
+// runs give the same bits:
+//   1. per (row, head): dg_b = dO . o_b, delta_b = g_b * dg_b                      nsa_bwd_preprocess
+//   2. cmp: dQ (query-centric) and dKc, dVc (key-centric) over the compressed keys  flash backward, mode 1
+//   3. win: dQ and dK, dV of the window                                             flash backward, mode 2
+//   4. slc: dQ group-centric; dK, dV key-centric through a deterministic inverse index of the selection
+//   5. phi = mean: dK, dV += the compressed gradients spread back over their blocks (or handed out as dkCmp, dvCmp)
+
+import type { CudaContext } from '../context.js';
+import type { KernelArg } from '../kernel-args.js';
+import type { DeviceBuffer } from '../memory.js';
+import type { DeviceNsaInputs, DeviceNsaOutputs, ForwardRunner } from './forward-runner.js';
+import type { NsaPrograms } from './programs.js';
+
+/** fp32 gradients on the device. */
+export interface DeviceNsaGradients {
+  readonly dq: DeviceBuffer;
+  /** Gradients of the shared k, v. */
+  readonly dk: DeviceBuffer;
+  readonly dv: DeviceBuffer;
+  /** [N, Hq, 3] */
+  readonly dg: DeviceBuffer;
+  /** Compressed K/V gradients [Nc, H, D]. */
+  readonly dkc: DeviceBuffer;
+  readonly dvc: DeviceBuffer;
+  /** Present when the forward had independent K/V for the branch. */
+  readonly dkSlc?: DeviceBuffer | undefined;
+  readonly dvSlc?: DeviceBuffer | undefined;
+  readonly dkWin?: DeviceBuffer | undefined;
+  readonly dvWin?: DeviceBuffer | undefined;
+}
+
+export type BackwardStage =
+  | 'preprocess'
+  | 'cmp dq'
+  | 'cmp dkdv'
+  | 'win dq'
+  | 'win dkdv'
+  | 'slc dq'
+  | 'slc index'
+  | 'slc dkdv'
+  | 'compress';
+
+const NULL: KernelArg = { ptr: 0n };
+const ptr = (b: DeviceBuffer | undefined): KernelArg => (b === undefined ? NULL : { ptr: b.ptr });
+const TILE = 64;
+
+export class BackwardRunner {
+  private readonly buffers: DeviceBuffer[] = [];
+  private readonly queryTiles: DeviceBuffer;
+  private readonly keyTiles: DeviceBuffer;
+  private readonly cmpKeyTiles: DeviceBuffer;
+  private readonly counts: { queryTiles: number; keyTiles: number; cmpKeyTiles: number };
+  private readonly delta: DeviceBuffer;
+  private readonly index: Record<'counts' | 'totals' | 'offsets' | 'tileOffsets' | 'starts' | 'entries', DeviceBuffer>;
+  private readonly chunk: number;
+  private readonly chunks: number;
+  /** (token, slot) pairs per work item of the selected dK/dV: 64 tiles of 64 / G positions, at least 256. */
+  private readonly itemEntries: number;
+  private readonly cmpSplits: number;
+  /** Partial sums of the split cmp dK/dV and of the selected dK/dV's work items (one after the other). */
+  private readonly partial: DeviceBuffer;
+
+  constructor(
+    private readonly ctx: CudaContext,
+    private readonly programs: NsaPrograms,
+    private readonly forward: ForwardRunner,
+  ) {
+    const { plan } = forward;
+    const { heads: Hq, kvHeads: H, selectCount: n } = programs.config;
+    const up = (a: Int32Array, what: string): DeviceBuffer => this.keep(ctx.upload(a.length > 0 ? a : new Int32Array(2), what));
+    const cu = Array.from(plan.cuSeqlens);
+    const q = tileList(cu, TILE, 'latest first');
+    const k = tileList(cu, TILE, 'earliest first');
+    const c = tileList(Array.from(plan.cuCmp), TILE, 'earliest first');
+    this.counts = { queryTiles: q.length / 2, keyTiles: k.length / 2, cmpKeyTiles: c.length / 2 };
+    this.queryTiles = up(q, 'backward query tiles');
+    this.keyTiles = up(k, 'backward key tiles');
+    this.cmpKeyTiles = up(c, 'backward compressed key tiles');
+    const N = plan.totalTokens;
+    this.delta = this.keep(ctx.alloc(N * Hq * 3 * 4, 'delta'));
+    this.itemEntries = Math.max(256, 64 * Math.max(1, Math.floor(64 / programs.config.groupSize)));
+    // Few compressed key tiles would leave most SMs idle in the cmp dK/dV: split their query walk.
+    this.cmpSplits = Math.min(32, Math.max(1, Math.ceil((2 * ctx.device.smCount) / Math.max(1, this.counts.cmpKeyTiles * H))));
+    const { headDim: dk, valueDim: dv, selectBlock } = programs.config;
+    const slcItems = H * plan.totalBlocks + Math.ceil((N * H * n) / this.itemEntries);
+    const partialFloats = Math.max(
+      this.cmpSplits > 1 ? this.cmpSplits * plan.totalCompressed * H * (dk + dv) : 0,
+      slcItems * Math.ceil(selectBlock / TILE) * TILE * (dk + dv),
+    );
+    this.partial = this.keep(ctx.alloc(Math.max(1, partialFloats) * 4, 'backward partial sums'));
+    this.chunks = Math.max(1, Math.min(256, Math.ceil(N / 64)));
+    this.chunk = Math.ceil(N / this.chunks);
+    const keys = H * plan.totalBlocks;
+    this.index = {
+      counts: this.keep(ctx.alloc(keys * this.chunks * 4, 'inverse index counts')),
+      totals: this.keep(ctx.alloc(keys * 4, 'inverse index totals')),
+      offsets: this.keep(ctx.alloc((keys + 1) * 4, 'inverse index offsets')),
+      tileOffsets: this.keep(ctx.alloc((keys + 1) * 4, 'inverse index tile offsets')),
+      starts: this.keep(ctx.alloc(keys * this.chunks * 4, 'inverse index starts')),
+      entries: this.keep(ctx.alloc(Math.max(1, N * H * n) * 8, 'inverse index entries')),
+    };
+  }
+
+  /** Launches the whole backward (asynchronous); `grads` are overwritten. */
+  run(inputs: DeviceNsaInputs, fwd: DeviceNsaOutputs, dOut: DeviceBuffer, grads: DeviceNsaGradients): void {
+    for (const b of [grads.dq, grads.dk, grads.dv, grads.dg, grads.dkc, grads.dvc, grads.dkSlc, grads.dvSlc, grads.dkWin, grads.dvWin]) {
+      if (b !== undefined) this.ctx.memset(b, 0);
+    }
+    for (const [, launch] of this.stages(inputs, fwd, dOut, grads)) launch();
+  }
+
+  /** The backward's launches in order, by name (for profiling one at a time). */
+  stages(inputs: DeviceNsaInputs, fwd: DeviceNsaOutputs, dOut: DeviceBuffer, grads: DeviceNsaGradients): [BackwardStage, () => void][] {
+    const { programs, forward } = this;
+    const { plan } = forward;
+    const config = programs.config;
+    const { heads: Hq, kvHeads: H, groupSize: G } = config;
+    const N = plan.totalTokens;
+    const tables = forward.deviceTables;
+    const scaleLog2 = config.scale * Math.LOG2E;
+    const common = [{ i32: Hq }, { i32: H }] as const;
+    const { kc, vc } = forward.compressed(inputs);
+    const stages: [BackwardStage, () => void][] = [];
+
+    stages.push(['preprocess', () =>
+      programs.flashBackward(1, 'preprocess').launch({
+        grid: [Math.ceil((N * Hq) / 4), 1, 1],
+        block: [128, 1, 1],
+        args: [ptr(dOut), ptr(fwd.oCmp), ptr(fwd.oSlc), ptr(fwd.oWin), ptr(inputs.gate), ptr(grads.dg), ptr(this.delta), { i64: N * Hq }],
+      })]);
+
+    // cmp (branch 0) over the compressed keys, and win (branch 2) over the raw ones.
+    const branches = [
+      { name: 'cmp' as const, mode: 1 as const, branch: 0, k: kc, v: vc, lse: fwd.lseCmp, cuKeys: tables.cuCmp, keyTiles: this.cmpKeyTiles, nKeyTiles: this.counts.cmpKeyTiles, keyRows: plan.totalCompressed * H, dk: grads.dkc, dv: grads.dvc },
+      { name: 'win' as const, mode: 2 as const, branch: 2, k: inputs.kWin ?? inputs.k, v: inputs.vWin ?? inputs.v, lse: fwd.lseWin, cuKeys: tables.cuSeqlens, keyTiles: this.keyTiles, nKeyTiles: this.counts.keyTiles, keyRows: N * H, dk: grads.dkWin ?? grads.dk, dv: grads.dvWin ?? grads.dv },
+    ];
+    for (const b of branches) {
+      const tail = [...common, { i32: b.branch }, { f32: scaleLog2 }, { f32: config.scale }, { i32: 1 }];
+      stages.push([`${b.name} dq`, () =>
+        programs.flashBackward(b.mode, 'dq').launch({
+          grid: [this.counts.queryTiles, Hq, 1],
+          block: [128, 1, 1],
+          sharedBytes: programs.flashBackwardSharedBytes('dq'),
+          args: [ptr(inputs.q), ptr(b.k), ptr(b.v), ptr(dOut), ptr(b.lse), ptr(inputs.gate), ptr(this.delta), ptr(grads.dq), ptr(tables.cuSeqlens), ptr(b.cuKeys), ptr(this.queryTiles), ...tail],
+        })]);
+      if (b.nKeyTiles === 0) continue;
+      // Few key tiles (the compressed ones) would leave most SMs idle: split their query walk and sum in order.
+      const splits = b.mode === 1 ? this.cmpSplits : 1;
+      const pk = splits > 1 ? this.partial : undefined;
+      const pvOffset = splits * b.keyRows * config.headDim * 4;
+      stages.push([`${b.name} dkdv`, () => {
+        programs.flashBackward(b.mode, 'dkdv').launch({
+          grid: [b.nKeyTiles, H, splits],
+          block: [128, 1, 1],
+          sharedBytes: programs.flashBackwardSharedBytes('dkdv'),
+          args: [
+            ptr(inputs.q), ptr(b.k), ptr(b.v), ptr(dOut), ptr(b.lse), ptr(inputs.gate), ptr(this.delta), ptr(b.dk), ptr(b.dv),
+            ptr(tables.cuSeqlens), ptr(b.cuKeys), ptr(b.keyTiles), ...tail,
+            pk === undefined ? NULL : { ptr: pk.ptr }, pk === undefined ? NULL : { ptr: pk.ptr + BigInt(pvOffset) }, { i64: b.keyRows },
+          ],
+        });
+        if (pk === undefined) return;
+        for (const [dst, offset, dim] of [[b.dk, 0, config.headDim], [b.dv, pvOffset, config.valueDim]] as const) {
+          const n = b.keyRows * dim;
+          programs.flashBackward(b.mode, 'reduce_splits').launch({
+            grid: [Math.min(65535, Math.ceil(n / 256)), 1, 1],
+            block: [256, 1, 1],
+            args: [{ ptr: pk.ptr + BigInt(offset) }, ptr(dst), { i64: n }, { i32: splits }],
+          });
+        }
+      }]);
+    }
+
+    // slc (branch 1): dQ group-centric, then dK/dV through the inverse index.
+    const kSlc = inputs.kSlc ?? inputs.k;
+    const vSlc = inputs.vSlc ?? inputs.v;
+    stages.push(['slc dq', () =>
+      programs.selectedBackward('dq').launch({
+        grid: [N, H, Math.ceil(G / 16)],
+        block: [128, 1, 1],
+        sharedBytes: programs.selectedBackwardSharedBytes('dq'),
+        args: [ptr(inputs.q), ptr(kSlc), ptr(vSlc), ptr(dOut), ptr(fwd.lseSlc), ptr(inputs.gate), ptr(this.delta), ptr(fwd.blockIndices), ptr(tables.rowSeq), ptr(tables.cuSeqlens), ptr(grads.dq), ...common, { f32: scaleLog2 }, { f32: config.scale }],
+      })]);
+    stages.push(['slc index', () => this.buildInverseIndex(fwd.blockIndices)]);
+    // Work items of up to itemEntries (token, slot) pairs per block, partial sums reduced in item order.
+    const subs = Math.ceil(config.selectBlock / TILE);
+    const itemUpperBound = H * plan.totalBlocks + Math.ceil((N * H * config.selectCount) / this.itemEntries);
+    stages.push(['slc dkdv', () => {
+      const partial = this.partial;
+      const pv = partial.ptr + BigInt(itemUpperBound * subs * TILE * config.headDim * 4);
+      programs.selectedBackward('dkdv').launch({
+        grid: [itemUpperBound, subs, 1],
+        block: [128, 1, 1],
+        sharedBytes: programs.selectedBackwardSharedBytes('dkdv'),
+        args: [
+          ptr(inputs.q), ptr(kSlc), ptr(vSlc), ptr(dOut), ptr(fwd.lseSlc), ptr(inputs.gate), ptr(this.delta),
+          ptr(this.index.offsets), ptr(this.index.tileOffsets), ptr(this.index.entries), ptr(tables.blockSeq), ptr(tables.cuBlocks),
+          ptr(tables.cuSeqlens), { ptr: partial.ptr }, { ptr: pv }, ...common, { i32: plan.totalBlocks }, { i32: this.itemEntries },
+          { f32: scaleLog2 }, { f32: config.scale },
+        ],
+      });
+      programs.selectedBackward('reduce').launch({
+        grid: [N * H, 1, 1],
+        block: [128, 1, 1],
+        args: [
+          { ptr: partial.ptr }, { ptr: pv }, ptr(this.index.tileOffsets), ptr(tables.rowSeq), ptr(tables.cuSeqlens), ptr(tables.cuBlocks),
+          ptr(grads.dkSlc ?? grads.dk), ptr(grads.dvSlc ?? grads.dv), { i32: H }, { i32: plan.totalBlocks }, { i32: subs },
+        ],
+      });
+    }]);
+
+    // phi = mean: spread dKc, dVc back over the shared k, v (given compressed K/V keep their own gradients).
+    if (inputs.kCmp === undefined && plan.totalCompressed > 0) {
+      stages.push(['compress', () =>
+        programs.compressMeanBackward.launch({
+          grid: [N, H, 1],
+          block: [128, 1, 1],
+          args: [ptr(grads.dkc), ptr(grads.dvc), ptr(grads.dk), ptr(grads.dv), ptr(tables.rowSeq), ptr(tables.cuSeqlens), ptr(tables.cuCmp), { i32: H }],
+        })]);
+    }
+    return stages;
+  }
+
+  dispose(): void {
+    for (const b of this.buffers) b.dispose();
+    this.buffers.length = 0;
+  }
+
+  private buildInverseIndex(blockIndices: DeviceBuffer): void {
+    const { ctx, programs, forward, chunk, chunks, index } = this;
+    const { plan } = forward;
+    const tables = forward.deviceTables;
+    const H = programs.config.kvHeads;
+    const keys = H * plan.totalBlocks;
+    const N = plan.totalTokens;
+    const threads = chunks * H;
+    ctx.memset(index.counts, 0);
+    const scan = [ptr(blockIndices), ptr(tables.rowSeq), ptr(tables.cuBlocks)];
+    programs.inverseIndex('count').launch({
+      grid: [Math.ceil(threads / 128), 1, 1],
+      block: [128, 1, 1],
+      args: [...scan, ptr(index.counts), { i32: N }, { i32: H }, { i32: plan.totalBlocks }, { i32: chunk }, { i32: chunks }],
+    });
+    const perKey: [number, number, number] = [Math.ceil(keys / 128), 1, 1];
+    programs.inverseIndex('key_totals').launch({ grid: perKey, block: [128, 1, 1], args: [ptr(index.counts), ptr(index.totals), { i32: keys }, { i32: chunks }] });
+    programs.inverseIndex('scan').launch({
+      grid: [1, 1, 1],
+      block: [1024, 1, 1],
+      // tileOffsets: where each key's work items (itemEntries pairs each) start, for the dK/dV kernel.
+      args: [ptr(index.totals), ptr(index.offsets), ptr(index.tileOffsets), { i32: keys }, { i32: this.itemEntries }],
+    });
+    programs.inverseIndex('chunk_starts').launch({
+      grid: perKey,
+      block: [128, 1, 1],
+      args: [ptr(index.counts), ptr(index.offsets), ptr(index.starts), { i32: keys }, { i32: chunks }],
+    });
+    programs.inverseIndex('fill').launch({
+      grid: [Math.ceil(threads / 128), 1, 1],
+      block: [128, 1, 1],
+      args: [...scan, ptr(index.starts), ptr(index.entries), { i32: N }, { i32: H }, { i32: plan.totalBlocks }, { i32: chunk }, { i32: chunks }],
+    });
+  }
+
+  private keep(b: DeviceBuffer): DeviceBuffer {
+    this.buffers.push(b);
+    return b;
+  }
+}
+
+/** (sequence, start) pairs of tiles of `size` rows of each sequence under the offsets `cu`. */
+function tileList(cu: readonly number[], size: number, order: 'latest first' | 'earliest first'): Int32Array {
+  const list: [number, number][] = [];
+  for (let s = 0; s + 1 < cu.length; s++) {
+    for (let start = 0; start < cu[s + 1]! - cu[s]!; start += size) list.push([s, start]);
+  }
+  list.sort((a, b) => (order === 'latest first' ? b[1] - a[1] : a[1] - b[1]) || a[0] - b[0]);
+  return Int32Array.from(list.flat());
+}

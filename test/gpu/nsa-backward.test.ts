@@ -1,0 +1,120 @@
+// The cuda backend's NSA backward against the float64 reference backward (given the blocks the GPU chose), and
+// its determinism: two runs give bitwise-identical gradients. Skips, saying why, where no GPU is present.
+
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { NSAConfig, type NSAConfigOptions } from '../../src/config/nsa-config.js';
+import { cudaAvailability } from '../../src/backends/cuda/libraries.js';
+import { createCudaBackend, type CudaBackend } from '../../src/backends/cuda/cuda-backend.js';
+import { nsaReferenceBackward } from '../../src/reference/nsa-backward.js';
+import { nsaReferenceForward, type NsaReferenceInputs } from '../../src/reference/nsa-forward.js';
+import { nsaForward } from '../../src/nsa/operator.js';
+import { randomInputs } from '../../src/nsa/random-inputs.js';
+import type { NsaGradients, NsaInputs } from '../../src/nsa/types.js';
+import { Tensor } from '../../src/tensor/tensor.js';
+import { expectRelativeRms } from '../helpers/compare.js';
+
+const availability = cudaAvailability();
+const TOL = { rtol: 5e-3 };
+
+interface Case {
+  readonly name: string;
+  readonly options: NSAConfigOptions;
+  readonly seqlens: readonly number[];
+  readonly independent?: boolean;
+}
+
+const base = { compressBlock: 32, compressStride: 16, selectBlock: 64, selectCount: 6, window: 96 };
+const CASES: Case[] = [
+  { name: 'G = 16, T = 700, fla preset form', options: { compressBlock: 64, compressStride: 64, selectBlock: 64, selectCount: 4, window: 128, heads: 16, kvHeads: 1, headDim: 64, valueDim: 64 }, seqlens: [700] },
+  { name: 'G = 4, D = 128, odd T = 555, paper form', options: { ...base, heads: 8, kvHeads: 2, headDim: 128, valueDim: 128 }, seqlens: [555] },
+  { name: 'G = 1, T = 333', options: { ...base, heads: 2, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [333] },
+  { name: 'G = 2, packed [100, 1, 250, 64, 5]', options: { ...base, selectBlock: 32, selectCount: 5, heads: 4, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [100, 1, 250, 64, 5] },
+  { name: 'dk = 128 != dv = 64, G = 8', options: { ...base, heads: 8, kvHeads: 1, headDim: 128, valueDim: 64 }, seqlens: [400] },
+  { name: "l' = 128 (two key tiles per block), G = 4", options: { compressBlock: 64, compressStride: 32, selectBlock: 128, selectCount: 4, window: 200, heads: 4, kvHeads: 1, headDim: 64, valueDim: 64 }, seqlens: [650] },
+  { name: 'independent K/V per branch, compressed K/V given', options: { ...base, heads: 8, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [300, 211], independent: true },
+];
+
+function referenceInputs(inputs: NsaInputs, cuSeqlens: readonly number[]): NsaReferenceInputs {
+  const f64 = (t: Tensor | undefined): Float64Array | undefined => t?.toFloat64();
+  return {
+    q: inputs.q.toFloat64(),
+    k: inputs.k.toFloat64(),
+    v: inputs.v.toFloat64(),
+    g: inputs.g.toFloat64(),
+    cuSeqlens,
+    kCmp: f64(inputs.kCmp),
+    vCmp: f64(inputs.vCmp),
+    kSlc: f64(inputs.kSlc),
+    vSlc: f64(inputs.vSlc),
+    kWin: f64(inputs.kWin),
+    vWin: f64(inputs.vWin),
+  };
+}
+
+function withIndependentKv(inputs: NsaInputs, config: NSAConfig, cuSeqlens: readonly number[], seed: number): NsaInputs {
+  const N = cuSeqlens[cuSeqlens.length - 1]!;
+  let tc = 0;
+  for (let s = 0; s + 1 < cuSeqlens.length; s++) tc += config.compressedLength(cuSeqlens[s + 1]! - cuSeqlens[s]!);
+  const { kvHeads: H, headDim: dk, valueDim: dv } = config;
+  return {
+    ...inputs,
+    kCmp: Tensor.randn([1, tc, H, dk], 'bf16', seed + 10),
+    vCmp: Tensor.randn([1, tc, H, dv], 'bf16', seed + 11),
+    kSlc: Tensor.randn([1, N, H, dk], 'bf16', seed + 12),
+    vSlc: Tensor.randn([1, N, H, dv], 'bf16', seed + 13),
+    kWin: Tensor.randn([1, N, H, dk], 'bf16', seed + 14),
+    vWin: Tensor.randn([1, N, H, dv], 'bf16', seed + 15),
+  };
+}
+
+const GRADIENTS = ['dq', 'dk', 'dv', 'dg', 'dkCmp', 'dvCmp', 'dkSlc', 'dvSlc', 'dkWin', 'dvWin'] as const;
+
+function sameBits(a: NsaGradients, b: NsaGradients): boolean {
+  return GRADIENTS.every((name) => {
+    const x = a[name];
+    const y = b[name];
+    if (x === undefined || y === undefined) return x === y;
+    return Buffer.from(x.data.buffer, x.data.byteOffset, x.data.byteLength).equals(Buffer.from(y.data.buffer, y.data.byteOffset, y.data.byteLength));
+  });
+}
+
+if (!availability.available) {
+  describe('cuda NSA backward', () => {
+    it.skip(`skipped: no usable CUDA GPU here (${availability.reason.split('\n')[0]})`, () => {});
+  });
+} else {
+  describe(`cuda NSA backward on ${availability.device.name}`, () => {
+    let backend: CudaBackend;
+    beforeAll(async () => {
+      backend = (await createCudaBackend()) as CudaBackend;
+    });
+    afterAll(() => backend.dispose());
+
+    for (const [i, c] of CASES.entries()) {
+      it(c.name, async () => {
+        const config = new NSAConfig(c.options);
+        const cuSeqlens = [0];
+        for (const len of c.seqlens) cuSeqlens.push(cuSeqlens[cuSeqlens.length - 1]! + len);
+        let inputs = randomInputs({ config, cuSeqlens, dtype: 'bf16', seed: 500 + 31 * i });
+        if (c.independent) inputs = withIndependentKv(inputs, config, cuSeqlens, 500 + 31 * i);
+        const result = await nsaForward(inputs, config, { backend });
+        const dO = Tensor.randn(result.o.shape, 'bf16', 900 + i);
+        const grads = await result.backward(dO);
+        const again = await result.backward(dO);
+        expect(sameBits(grads, again), 'two backward runs give bitwise-identical gradients').toBe(true);
+        result.release();
+
+        const ref = referenceInputs(inputs, cuSeqlens);
+        const fwd = nsaReferenceForward(config, ref, result.blockIndices.data);
+        const want = nsaReferenceBackward(config, ref, fwd, dO.toFloat64());
+        for (const name of GRADIENTS) {
+          const expected = want[name];
+          const got = grads[name];
+          expect(got === undefined, `${name} present on both sides`).toBe(expected === undefined);
+          if (expected === undefined || got === undefined) continue;
+          expectRelativeRms(got.toFloat64(), expected, name, TOL);
+        }
+      });
+    }
+  });
+}
