@@ -95,9 +95,9 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   extern __shared__ __align__(128) unsigned char smem_raw[];
   elem_t *ksmem = reinterpret_cast<elem_t *>(smem_raw); // TILE x DK
   elem_t *vsmem = ksmem + TILE * DK;                    // TILE x DV
-  elem_t *qsmem = vsmem + TILE * DV;                    // TILE x DK
-  elem_t *dosmem = qsmem + TILE * DK;                   // TILE x DV
-  __shared__ float row_lse[TILE], row_gate[TILE], row_delta[TILE];
+  elem_t *qbuf = vsmem + TILE * DV;                     // 2 stages of TILE x DK
+  elem_t *dobuf = qbuf + 2 * TILE * DK;                 // 2 stages of TILE x DV
+  __shared__ float row_lse[2][TILE], row_gate[2][TILE], row_delta[2][TILE];
 
   const int2 tile = tiles[blockIdx.x];
   const int seq = tile.x;
@@ -134,27 +134,38 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   const int iters = G * nq;
   const int per_split = (iters + gridDim.z - 1) / gridDim.z;
   const int it_end = min(iters, (int)(blockIdx.z + 1) * per_split);
-  for (int it = blockIdx.z * per_split; it < it_end; it++) {
+  const int it_begin = blockIdx.z * per_split;
+  // Stage the query rows, dO rows and row terms of iteration `it` (head, query tile) into buffer `st`; the next
+  // iteration's copies run while this one computes.
+  auto issue = [&](int it, int st) {
     const int hq = h * G + it / nq;
     const int q0 = qstart + (it % nq) * TILE;
+    load_tile_async<DK, THREADS>(qbuf + st * TILE * DK, TILE, [&](int r) -> const elem_t * {
+      return q0 + r < seq_len ? q + ((i64)(seq_start + q0 + r) * Hq + hq) * DK : nullptr;
+    });
+    load_tile_async<DV, THREADS>(dobuf + st * TILE * DV, TILE, [&](int r) -> const elem_t * {
+      return q0 + r < seq_len ? dout + ((i64)(seq_start + q0 + r) * Hq + hq) * DV : nullptr;
+    });
+    cp_async_commit();
+    if (threadIdx.x < TILE) {
+      const int t = q0 + threadIdx.x;
+      const i64 row = (i64)(seq_start + t) * Hq + hq;
+      const bool in = t < seq_len;
+      row_lse[st][threadIdx.x] = in ? lse[row] * NSA_LOG2E : 0.f;
+      row_gate[st][threadIdx.x] = in ? (gate == nullptr ? 1.f : gate[row * 3 + branch]) : 0.f;
+      row_delta[st][threadIdx.x] = in ? delta[row * 3 + branch] : 0.f;
+    }
+  };
+  if (it_begin < it_end) issue(it_begin, 0);
+  for (int it = it_begin; it < it_end; it++) {
+    const int st = (it - it_begin) & 1;
+    const int q0 = qstart + (it % nq) * TILE;
+    const elem_t *qsmem = qbuf + st * TILE * DK;
+    const elem_t *dosmem = dobuf + st * TILE * DV;
     {
-      __syncthreads(); // the previous tile's Q/dO are no longer read
-      load_tile_async<DK, THREADS>(qsmem, TILE, [&](int r) -> const elem_t * {
-        return q0 + r < seq_len ? q + ((i64)(seq_start + q0 + r) * Hq + hq) * DK : nullptr;
-      });
-      load_tile_async<DV, THREADS>(dosmem, TILE, [&](int r) -> const elem_t * {
-        return q0 + r < seq_len ? dout + ((i64)(seq_start + q0 + r) * Hq + hq) * DV : nullptr;
-      });
-      cp_async_commit();
-      if (threadIdx.x < TILE) {
-        const int t = q0 + threadIdx.x;
-        const i64 row = (i64)(seq_start + t) * Hq + hq;
-        const bool in = t < seq_len;
-        row_lse[threadIdx.x] = in ? lse[row] * NSA_LOG2E : 0.f;
-        row_gate[threadIdx.x] = in ? (gate == nullptr ? 1.f : gate[row * 3 + branch]) : 0.f;
-        row_delta[threadIdx.x] = in ? delta[row * 3 + branch] : 0.f;
-      }
-      cp_async_wait<0>();
+      if (it + 1 < it_end) issue(it + 1, st ^ 1);
+      else cp_async_commit();
+      cp_async_wait<1>();
       __syncthreads();
       // S^T (this warp's 16 keys x 64 rows), then P^T.
       float pt[TILE / 8][4];
@@ -168,7 +179,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
           const int t = q0 + rl;
           const int key = e < 2 ? key_lo : key_hi;
           const bool ok = t < seq_len && key < nkeys && visible(t, key, nkeys);
-          pt[n][e] = ok ? exp2f(pt[n][e] * scale_log2 - row_lse[rl]) : 0.f;
+          pt[n][e] = ok ? exp2f(pt[n][e] * scale_log2 - row_lse[st][rl]) : 0.f;
         }
       }
       // dP^T = V dO^T (16 keys x 64 rows).
@@ -181,12 +192,13 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 #pragma unroll
         for (int e = 0; e < 4; e++) {
           const int rl = n * 8 + (lane % 4) * 2 + (e & 1);
-          dpt[n][e] = pt[n][e] * (row_gate[rl] * dpt[n][e] - row_delta[rl]);
-          pt[n][e] *= row_gate[rl];
+          dpt[n][e] = pt[n][e] * (row_gate[st][rl] * dpt[n][e] - row_delta[st][rl]);
+          pt[n][e] *= row_gate[st][rl];
         }
       }
       pv_mma<DV, TILE / 16>(dv_acc, pt, dosmem, 0, lane);
       pv_mma<DK, TILE / 16>(dk_acc, dpt, qsmem, 0, lane);
+      __syncthreads(); // stage st is refilled by the iteration after next
     }
   }
 

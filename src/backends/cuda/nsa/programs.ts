@@ -143,10 +143,11 @@ export class NsaPrograms {
     return this.kernel('compress_mean.cu', 'nsa_compress_mean_bwd', this.cmpDefines());
   }
 
-  /** Key tile + value tile + gathered query rows + their dO rows. */
+  /** Shared memory of the flash backward kernels. */
   flashBackwardSharedBytes(fn: 'dq' | 'dkdv'): number {
     const { headDim: dk, valueDim: dv } = this.config;
-    return fn === 'dkdv' ? 2 * 64 * (2 * dk + 2 * dv) : 2 * (64 * dk + 64 * dv + 2 * 64 * dk + 2 * 64 * dv);
+    // dkdv: the key/value tile and two stages of query/dO rows; dq: the query/dO rows and two key/value stages.
+    return 2 * 64 * 3 * (dk + dv);
   }
 
   selectedBackwardSharedBytes(fn: 'dq' | 'dkdv'): number {
