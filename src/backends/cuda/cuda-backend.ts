@@ -304,13 +304,13 @@ export class CudaBackend implements Backend {
       programs.flashBackward(0, 'dq').launch({
         grid: [queryTiles.length / 2, Hq, 1],
         block: [128, 1, 1],
-        sharedBytes: programs.flashBackwardSharedBytes('dq'),
+        sharedBytes: programs.flashBackwardSharedBytes(),
         args: [p(inputs.q), p(inputs.k), p(inputs.v), p(dO), p(dense.lse), none, p(delta), p(dq), p(cu), p(cu), p(qt), ...tail],
       });
       programs.flashBackward(0, 'dkdv').launch({
         grid: [keyTiles.length / 2, H, 1],
         block: [128, 1, 1],
-        sharedBytes: programs.flashBackwardSharedBytes('dkdv'),
+        sharedBytes: programs.flashBackwardSharedBytes(),
         args: [p(inputs.q), p(inputs.k), p(inputs.v), p(dO), p(dense.lse), none, p(delta), p(dkBuf), p(dvBuf), p(cu), p(cu), p(kt), ...tail, none, none, { i64: N * H }],
       });
     };

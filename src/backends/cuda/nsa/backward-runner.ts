@@ -142,7 +142,7 @@ export class BackwardRunner {
         programs.flashBackward(b.mode, 'dq').launch({
           grid: [this.counts.queryTiles, Hq, 1],
           block: [128, 1, 1],
-          sharedBytes: programs.flashBackwardSharedBytes('dq'),
+          sharedBytes: programs.flashBackwardSharedBytes(),
           args: [ptr(inputs.q), ptr(b.k), ptr(b.v), ptr(dOut), ptr(b.lse), ptr(inputs.gate), ptr(this.delta), ptr(grads.dq), ptr(tables.cuSeqlens), ptr(b.cuKeys), ptr(this.queryTiles), ...tail],
         })]);
       if (b.nKeyTiles === 0) continue;
@@ -154,7 +154,7 @@ export class BackwardRunner {
         programs.flashBackward(b.mode, 'dkdv').launch({
           grid: [b.nKeyTiles, H, splits],
           block: [128, 1, 1],
-          sharedBytes: programs.flashBackwardSharedBytes('dkdv'),
+          sharedBytes: programs.flashBackwardSharedBytes(),
           args: [
             ptr(inputs.q), ptr(b.k), ptr(b.v), ptr(dOut), ptr(b.lse), ptr(inputs.gate), ptr(this.delta), ptr(b.dk), ptr(b.dv),
             ptr(tables.cuSeqlens), ptr(b.cuKeys), ptr(b.keyTiles), ...tail,

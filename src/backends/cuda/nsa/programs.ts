@@ -143,10 +143,12 @@ export class NsaPrograms {
     return this.kernel('compress_mean.cu', 'nsa_compress_mean_bwd', this.cmpDefines());
   }
 
-  /** Shared memory of the flash backward kernels. */
-  flashBackwardSharedBytes(fn: 'dq' | 'dkdv'): number {
+  /**
+   * Shared memory of the flash backward kernels, the same for both: dK/dV holds its key/value tile and two stages
+   * of query/dO rows, dQ its query/dO rows and two stages of keys/values.
+   */
+  flashBackwardSharedBytes(): number {
     const { headDim: dk, valueDim: dv } = this.config;
-    // dkdv: the key/value tile and two stages of query/dO rows; dq: the query/dO rows and two key/value stages.
     return 2 * 64 * 3 * (dk + dv);
   }
 
