@@ -12,6 +12,7 @@ export type NsaErrorCode =
   | 'cuda'
   | 'kernel-compile'
   | 'out-of-memory'
+  | 'cache-full'
   | 'disposed';
 
 export class NsaError extends Error {
@@ -138,6 +139,13 @@ export class DeviceOutOfMemoryError extends NsaError {
     );
     this.requestedBytes = requestedBytes;
     this.freeBytes = freeBytes;
+  }
+}
+
+/** An append that would take a sequence of a KV cache past its capacity; the cache is left unchanged. */
+export class CacheFullError extends NsaError {
+  constructor(message: string) {
+    super('cache-full', message);
   }
 }
 

@@ -35,6 +35,8 @@ export {
 export { nsaForward, type NsaCallOptions, type NsaForwardResult } from './nsa/operator.js';
 export { validateNsaInputs, type NsaRequest } from './nsa/validate.js';
 export type { NsaInputs, NsaOutputs, NsaGradients, NsaRunOptions } from './nsa/types.js';
+export { createKvCache, type CreateKvCacheOptions } from './nsa/decode/create.js';
+export type { KvCache, KvCacheOptions, DecodeQuery, DecodeOutputs } from './nsa/decode/types.js';
 export {
   bestBackend,
   disposeBackends,

@@ -2,6 +2,7 @@
 // inputs once and hands backends an NsaRequest they can trust; backends return host tensors.
 
 import type { NSAConfig } from '../config/nsa-config.js';
+import type { KvCache, KvCacheOptions } from '../nsa/decode/types.js';
 import type { NsaRequest } from '../nsa/validate.js';
 import type { NsaGradients, NsaOutputs } from '../nsa/types.js';
 import type { FloatDType } from '../tensor/dtype.js';
@@ -58,6 +59,8 @@ export interface Backend {
   readonly description: string;
   forward(request: NsaRequest, outputDType: FloatDType): Promise<BackendForwardResult>;
   backward(request: NsaRequest, saved: SavedForBackward, dOut: Tensor, outputDType: FloatDType): Promise<NsaGradients>;
+  /** A KV cache for decoding on this backend, if it has one. */
+  createKvCache?(config: NSAConfig, options: KvCacheOptions): KvCache;
   /** Times the operator on random inputs made (and kept) where the backend computes. */
   time(problem: BenchmarkProblem, options: TimingOptions): Promise<TimingResult>;
   /** Times this backend's dense causal attention on inputs of the same shapes (the baseline), if it has one. */

@@ -94,13 +94,13 @@ export function validateDOut(request: NsaRequest, dOut: unknown, { checkFinite =
 // ---------------------------------------------------------------------------------------------------------------
 // Implementation
 
-function expectFloatTensor(t: unknown, name: string, rank: number): asserts t is Tensor {
+export function expectFloatTensor(t: unknown, name: string, rank: number): asserts t is Tensor {
   if (!(t instanceof Tensor)) throw new ShapeError(`${name}: expected a Tensor, got ${describe(t)}`);
   if (!isFloatDType(t.dtype)) throw new DTypeError(`${name}: expected a float dtype (f32, f16, bf16 or f64), got ${t.dtype}`);
   if (t.rank !== rank) throw new ShapeError(`${name}: expected rank ${rank}, got rank ${t.rank} with shape ${formatShape(t.shape)}`);
 }
 
-function expectShape(t: Tensor, name: string, expected: readonly number[], why: string): void {
+export function expectShape(t: Tensor, name: string, expected: readonly number[], why: string): void {
   if (t.shape.length !== expected.length || t.shape.some((n, i) => n !== expected[i])) {
     throw new ShapeError(`${name}: expected shape ${formatShape(expected)} (${why}), got ${formatShape(t.shape)}`);
   }
@@ -144,7 +144,7 @@ function validateCuSeqlens(raw: Tensor | readonly number[], B: number, T: number
 }
 
 /** Checks a learned phi's parameters by name and shape; returns M for mlp (0 otherwise). */
-function validatePhiParams(inputs: NsaInputs, config: NSAConfig): number {
+export function validatePhiParams(inputs: Pick<NsaInputs, 'phiK' | 'phiV' | 'kCmp'>, config: NSAConfig): number {
   const learned = config.phi !== 'mean' && inputs.kCmp === undefined;
   let hidden = 0;
   for (const [side, dim] of [
@@ -217,6 +217,14 @@ function expectAllFinite(inputs: NsaInputs): void {
       const value = t.toFloat64()[index];
       throw new InputValueError(`${name}: element ${index} ${formatIndex(t.shape, index)} is ${value}; inputs must be finite`);
     }
+  }
+}
+
+/** Throws InputValueError naming the tensor and the first NaN/Inf element, if any. */
+export function expectFinite(t: Tensor, name: string): void {
+  const index = firstNonFinite(t);
+  if (index >= 0) {
+    throw new InputValueError(`${name}: element ${index} ${formatIndex(t.shape, index)} is ${t.toFloat64()[index]}; inputs must be finite`);
   }
 }
 

@@ -47,17 +47,35 @@ export function compressForward(
 ): Float64Array {
   const H = layout.kvHeads;
   const out = new Float64Array(layout.totalCompressed * H * dim);
-  const block = new Float64Array(config.compressBlock * dim);
+  const compressor = new BlockCompressor(config, dim, phi);
   forEachBlock(config, layout, (row, cRow) => {
-    for (let h = 0; h < H; h++) {
-      gatherBlock(config, x, row, h, H, dim, block, phi);
-      const o = (cRow * H + h) * dim;
-      if (phi === undefined) meanBlock(block, config.compressBlock, dim, out, o);
-      else if (phi.kind === 'linear') linearBlock(phi, h, block, dim, out, o);
-      else mlpBlock(phi, h, block, dim, out, o, undefined);
-    }
+    for (let h = 0; h < H; h++) compressor.compress(x, row, h, H, out, (cRow * H + h) * dim);
   });
   return out;
+}
+
+/** phi of one block at a time (the decode cache compresses incrementally with it). */
+export class BlockCompressor {
+  private readonly block: Float64Array;
+  constructor(
+    private readonly config: NSAConfig,
+    private readonly dim: number,
+    private readonly phi: PhiParams | undefined,
+  ) {
+    this.block = new Float64Array(config.compressBlock * dim);
+  }
+
+  /** out[oo .. oo + D) = phi(x[row .. row + l), head h of H). */
+  compress(x: FloatArray, row: number, h: number, H: number, out: Float64Array | Float32Array, oo: number): void {
+    const { config, dim, phi, block } = this;
+    gatherBlock(config, x, row, h, H, dim, block, phi);
+    const target = out instanceof Float64Array ? out : new Float64Array(dim);
+    const to = out instanceof Float64Array ? oo : 0;
+    if (phi === undefined) meanBlock(block, config.compressBlock, dim, target, to);
+    else if (phi.kind === 'linear') linearBlock(phi, h, block, dim, target, to);
+    else mlpBlock(phi, h, block, dim, target, to, undefined);
+    if (target !== out) out.set(target, oo);
+  }
 }
 
 /**

@@ -72,7 +72,11 @@ export function prepareNsaProblem(
 }
 
 /** Zeroed outputs; on SharedArrayBuffers when worker threads will write them. */
-export function allocateOutputs(layout: PackedLayout, selectCount: number, shared = false): NsaReferenceOutputs {
+export function allocateOutputs(
+  layout: Pick<PackedLayout, 'totalTokens' | 'heads' | 'kvHeads' | 'dv'>,
+  selectCount: number,
+  shared = false,
+): NsaReferenceOutputs {
   const { totalTokens: N, heads: Hq, kvHeads: H, dv } = layout;
   const buffer = (bytes: number): ArrayBuffer | SharedArrayBuffer => (shared ? new SharedArrayBuffer(bytes) : new ArrayBuffer(bytes));
   const f64 = (n: number): Float64Array => new Float64Array(buffer(n * 8));
@@ -102,55 +106,88 @@ export function nsaReferenceForward(
 
 /** Computes the outputs of packed rows [rowStart, rowEnd) into `out` (other rows untouched). */
 export function forwardRows(problem: NsaProblem, rowStart: number, rowEnd: number, out: NsaReferenceOutputs): void {
-  const keys = new BranchKeys(problem.config);
   const { config, layout, inputs } = problem;
-  const { heads: Hq, kvHeads: H, group: G, dk, dv } = layout;
-  const n = config.selectCount;
-  const ops = branchOperands(problem);
-  const scratch = new ScoreScratch();
-  const probs = new Float64Array(Math.max(1, layout.totalCompressed));
-  const scores = new Float64Array(config.selectBlockCount(maxLength(layout)) + 1);
+  const query = new QueryEvaluator(config, branchOperands(problem), layout.totalCompressed, maxLength(layout));
   forEachRow(layout, rowStart, rowEnd, (seq, row, t) => {
+    query.evaluate(seq, t, inputs.q, inputs.g, row, out, row, problem.fixedBlockIndices);
+  });
+}
+
+/**
+ * The whole operator for one query position: cmp attention (+ its probabilities summed into block scores), top-n,
+ * selected and window attention, the gated sum. Shared by the forward (query row = output row = token) and the
+ * decode step (queries against a cache). Scratch buffers live here, so evaluating a row allocates nothing.
+ */
+export class QueryEvaluator {
+  private readonly keys: BranchKeys;
+  private readonly scratch = new ScoreScratch();
+  private readonly probs: Float64Array;
+  private readonly scores: Float64Array;
+
+  constructor(
+    private readonly config: NSAConfig,
+    private readonly ops: { cmp: AttentionOperands; slc: AttentionOperands; win: AttentionOperands },
+    maxCompressed: number,
+    maxLength: number,
+  ) {
+    this.keys = new BranchKeys(config);
+    this.probs = new Float64Array(Math.max(1, maxCompressed));
+    this.scores = new Float64Array(config.selectBlockCount(Math.max(1, maxLength)) + 1);
+  }
+
+  /**
+   * Outputs of the query at local position t of `seq` (rows of q and g: qRow) into out's row outRow; uses
+   * fixedBlocks' row (outRow) instead of top-n when given.
+   */
+  evaluate(
+    seq: SequenceSpan,
+    t: number,
+    q: FloatArray,
+    g: FloatArray,
+    qRow: number,
+    out: NsaReferenceOutputs,
+    outRow: number,
+    fixedBlocks?: Int32Array,
+  ): void {
+    const { config, keys, ops, scratch, probs, scores } = this;
+    const { heads: Hq, kvHeads: H, headDim: dk, valueDim: dv, selectCount: n } = config;
+    const G = config.groupSize;
     for (let h = 0; h < H; h++) {
       // cmp attention for the G heads of the group; keep their probabilities for the block scores.
       const visible = keys.fillCompressed(seq, t);
-      const candidates = candidateBlocks(config, t);
-      scores.fill(0, 0, candidates);
+      scores.fill(0, 0, candidateBlocks(config, t));
       for (let gi = 0; gi < G; gi++) {
         const hq = h * G + gi;
-        const qo = (row * Hq + hq) * dk;
-        const oo = (row * Hq + hq) * dv;
-        const lse = attendForward(ops.cmp, inputs.q, qo, h, keys.cmp, out.oCmp, oo, scratch);
-        out.lseCmp[row * Hq + hq] = lse;
+        const oo = (outRow * Hq + hq) * dv;
+        const lse = attendForward(ops.cmp, q, (qRow * Hq + hq) * dk, h, keys.cmp, out.oCmp, oo, scratch);
+        out.lseCmp[outRow * Hq + hq] = lse;
         for (let i = 0; i < visible; i++) probs[i] = Math.exp(scratch.buffer[i]! - lse);
         accumulateBlockScores(config, probs, visible, scores);
       }
-      const bo = (row * H + h) * n;
-      if (problem.fixedBlockIndices === undefined) selectTopBlocks(config, t, scores, out.blockIndices, bo);
-      else out.blockIndices.set(problem.fixedBlockIndices.subarray(bo, bo + n), bo);
+      const bo = (outRow * H + h) * n;
+      if (fixedBlocks === undefined) selectTopBlocks(config, t, scores, out.blockIndices, bo);
+      else out.blockIndices.set(fixedBlocks.subarray(bo, bo + n), bo);
       keys.fillSelected(seq, t, out.blockIndices, bo);
       for (let gi = 0; gi < G; gi++) {
         const hq = h * G + gi;
-        const qo = (row * Hq + hq) * dk;
-        const oo = (row * Hq + hq) * dv;
-        out.lseSlc[row * Hq + hq] = attendForward(ops.slc, inputs.q, qo, h, keys.slc, out.oSlc, oo, scratch);
+        const oo = (outRow * Hq + hq) * dv;
+        out.lseSlc[outRow * Hq + hq] = attendForward(ops.slc, q, (qRow * Hq + hq) * dk, h, keys.slc, out.oSlc, oo, scratch);
       }
       keys.fillWindow(seq, t);
       for (let gi = 0; gi < G; gi++) {
         const hq = h * G + gi;
-        const qo = (row * Hq + hq) * dk;
-        const oo = (row * Hq + hq) * dv;
-        out.lseWin[row * Hq + hq] = attendForward(ops.win, inputs.q, qo, h, keys.win, out.oWin, oo, scratch);
-        const go = (row * Hq + hq) * 3;
-        const gc = inputs.g[go]!;
-        const gs = inputs.g[go + 1]!;
-        const gw = inputs.g[go + 2]!;
+        const oo = (outRow * Hq + hq) * dv;
+        out.lseWin[outRow * Hq + hq] = attendForward(ops.win, q, (qRow * Hq + hq) * dk, h, keys.win, out.oWin, oo, scratch);
+        const go = (qRow * Hq + hq) * 3;
+        const gc = g[go]!;
+        const gs = g[go + 1]!;
+        const gw = g[go + 2]!;
         for (let c = 0; c < dv; c++) {
           out.o[oo + c] = gc * out.oCmp[oo + c]! + gs * out.oSlc[oo + c]! + gw * out.oWin[oo + c]!;
         }
       }
     }
-  });
+  }
 }
 
 /**

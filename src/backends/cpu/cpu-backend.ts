@@ -33,6 +33,9 @@ import {
   type ProblemArrays,
 } from './row-tasks.js';
 import { WorkerPool } from './worker-pool.js';
+import { CpuKvCache } from './cpu-kv-cache.js';
+import type { NSAConfig } from '../../config/nsa-config.js';
+import type { KvCache, KvCacheOptions } from '../../nsa/decode/types.js';
 
 export interface CpuBackendOptions {
   /** Worker threads; 0 or 1 runs on the calling thread. Default: the cores present, at most 8. */
@@ -106,6 +109,10 @@ export class CpuBackend implements Backend {
       options.onIteration?.(i + 1, total);
     }
     return { medianMs: median(samples), samplesMs: samples, clock: 'wall clock' };
+  }
+
+  createKvCache(config: NSAConfig, options: KvCacheOptions): KvCache {
+    return new CpuKvCache(config, options);
   }
 
   dispose(): void {
