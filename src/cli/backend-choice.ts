@@ -1,6 +1,7 @@
 // Which backend a command runs on: the one named by --backend (its unavailability is an error the user asked
 // for), or else the best one present, saying in one line on stderr why better ones were passed over.
 
+import { totalmem } from 'node:os';
 import { bestBackend, getBackend, type Backend, type BackendName } from '../backends/index.js';
 import type { CliIo } from './io.js';
 
@@ -21,4 +22,14 @@ export function isGpuBackend(backend: Backend): boolean {
 
 export function firstLine(text: string): string {
   return text.split('\n', 1)[0]!.trim();
+}
+
+/**
+ * Memory the backend computes in, in bytes: the GPU's (read from the cuda backend's device info when it exposes
+ * it), host memory for the cpu; undefined when unknown.
+ */
+export function backendMemoryBytes(backend: Backend): number | undefined {
+  if (!isGpuBackend(backend)) return totalmem();
+  const total = (backend as { ctx?: { device?: { totalBytes?: unknown } } }).ctx?.device?.totalBytes;
+  return typeof total === 'number' && total > 0 ? total : undefined;
 }

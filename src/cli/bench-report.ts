@@ -4,6 +4,9 @@
 import type { Backend } from '../backends/index.js';
 import type { TimingOptions, TimingResult } from '../backends/backend.js';
 import { PRESETS, type NSAConfig, type PresetName } from '../config/nsa-config.js';
+import { NsaError } from '../errors.js';
+import { errorMessage, exitCodeFor } from './exit.js';
+import { EXIT_USAGE } from './io.js';
 import type { InputDType } from './options.js';
 import type { SdpaTiming, TorchProbe } from './torch-sdpa.js';
 
@@ -90,8 +93,18 @@ export function benchReport(argv: readonly string[], backend: Backend, torch: To
   };
 }
 
+/** A run's timing, or its error message when the run failed for a reason other than bad input. */
+export async function attempt(run: () => Promise<TimingResult | SdpaTiming>): Promise<Timed> {
+  try {
+    return { timing: await run() };
+  } catch (e) {
+    if (e instanceof NsaError && exitCodeFor(e) === EXIT_USAGE) throw e;
+    return { error: errorMessage(e) };
+  }
+}
+
 /** A timing's numbers, or its error, as one JSON object. */
-function flatten(t: Timed): object {
+export function flatten(t: Timed): object {
   return t.error !== undefined ? { error: t.error } : { ...t.timing };
 }
 

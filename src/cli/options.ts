@@ -115,6 +115,19 @@ export function parsePositiveNumber(value: string): number {
   return n;
 }
 
+/** A comma-separated list of positive integers: 1,8,64. */
+export function parsePositiveIntList(value: string): number[] {
+  const parts = value.split(',').filter((s) => s.trim() !== '');
+  if (parts.length === 0) throw new InvalidArgumentError('expected a comma-separated list of positive integers such as 1,8,64.');
+  return parts.map((part) => {
+    try {
+      return parsePositiveInt(part);
+    } catch {
+      throw new InvalidArgumentError(`'${part}' is not a positive integer.`);
+    }
+  });
+}
+
 /** A comma-separated list of preset names. */
 export function parsePresetList(value: string): PresetName[] {
   const names = value.split(',').map((s) => s.trim()).filter((s) => s !== '');
@@ -186,7 +199,7 @@ export function configOverrides(flags: ConfigFlags, preset: PresetName | undefin
 }
 
 /** The head layout from flags, falling back to the defaults. */
-export function headOptions(flags: HeadFlags, defaults: ProblemDefaults): NSAConfigOptions {
+export function headOptions(flags: HeadFlags, defaults: Pick<ProblemDefaults, 'heads' | 'kvHeads' | 'headDim' | 'valueDim'>): NSAConfigOptions {
   return {
     heads: flags.heads ?? defaults.heads,
     kvHeads: flags.kvHeads ?? defaults.kvHeads,

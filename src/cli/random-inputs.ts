@@ -39,7 +39,7 @@ export function offsets(seqlens: readonly number[]): number[] {
  * Parameters of a learned phi for a side of width D (shapes in reference/compress.ts), scaled so the compressed
  * tokens have about unit variance: pe small, weights 1/sqrt(fan-in), biases small. The mlp's hidden width is D.
  */
-function randomPhiParams(config: NSAConfig, D: number, dtype: InputDType, seed: number): Record<string, Tensor> | undefined {
+export function randomPhiParams(config: NSAConfig, D: number, dtype: InputDType, seed: number): Record<string, Tensor> | undefined {
   if (config.phi === 'mean') return undefined;
   const { kvHeads: H, compressBlock: l } = config;
   const M = D;

@@ -9,7 +9,7 @@ afterAll(disposeBackends);
 const COMMAND_FLAGS: Record<string, string[]> = {
   demo: ['--backend', '--preset', '--compress-block', '--select-count', '--window', '--phi', '--seqlen', '--seqlens', '--dtype', '--seed', '--png'],
   check: ['--backend', '--preset', '--compress-stride', '--select-block', '--heads', '--kv-heads', '--head-dim', '--value-dim', '--backward'],
-  bench: ['--backend', '--lengths', '--presets', '--heads', '--kv-heads', '--backward', '--warmup', '--iters', '--json', '--no-torch'],
+  bench: ['--backend', '--lengths', '--presets', '--heads', '--kv-heads', '--backward', '--warmup', '--iters', '--json', '--no-torch', '--decode', '--batches', '--contexts'],
   run: ['--in', '--out', '--backend', '--preset', '--window', '--out-dtype'],
 };
 

@@ -154,6 +154,16 @@ export class CudaContext implements LaunchTarget {
     return buffer;
   }
 
+  /** Copies `data` into `buffer` at `byteOffset` (ordered after the work launched before). */
+  uploadAt(buffer: DeviceBuffer, byteOffset: number, data: ArrayBufferView): void {
+    this.assertLive();
+    this.activate();
+    if (byteOffset < 0 || byteOffset + data.byteLength > buffer.bytes) {
+      throw new InputValueError(`upload into ${buffer.what}: bytes [${byteOffset}, ${byteOffset + data.byteLength}) outside its ${buffer.bytes}`);
+    }
+    if (data.byteLength > 0) this.driver.memcpyHtoD(buffer.ptr + BigInt(byteOffset), data);
+  }
+
   /** Copies the first `into.byteLength` bytes of `buffer` into `into`, after the work launched before. */
   download(buffer: DeviceBuffer, into: ArrayBufferView): void {
     this.assertLive();

@@ -20,7 +20,9 @@ import {
   type SelectedKernelChoice,
 } from './nsa/forward-runner.js';
 import { BackwardRunner, type BackwardStage, type DeviceNsaGradients } from './nsa/backward-runner.js';
+import { CudaKvCache } from './nsa/cuda-kv-cache.js';
 import { DeviceRandom } from './nsa/device-random.js';
+import type { KvCache, KvCacheOptions } from '../../nsa/decode/types.js';
 import { buildLayoutPlan } from './nsa/layout-plan.js';
 import { NsaPrograms, type HalfDType } from './nsa/programs.js';
 
@@ -198,6 +200,10 @@ export class CudaBackend implements Backend {
     } finally {
       scope.dispose();
     }
+  }
+
+  createKvCache(config: NSAConfig, options: KvCacheOptions): KvCache {
+    return new CudaKvCache(this.ctx, this.programsFor(config, 'bf16'), config, options);
   }
 
   dispose(): void {

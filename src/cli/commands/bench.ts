@@ -1,17 +1,16 @@
 // `nsa bench`: NSA's median time per preset and length on a backend, against the backend's own dense causal
-// attention (when it has one) and torch SDPA (on a CUDA machine with torch), all measured in the same run.
+// attention (when it has one) and torch SDPA (on a CUDA machine with torch), all measured in the same run; with
+// --decode, the decode step on a KV cache per preset, batch size and context (bench-decode.ts).
 
 import { Option, type Command } from 'commander';
 import type { Backend } from '../../backends/index.js';
-import type { BenchmarkProblem, TimingOptions, TimingResult } from '../../backends/backend.js';
+import type { BenchmarkProblem, TimingOptions } from '../../backends/backend.js';
 import { NSAConfig, type PresetName } from '../../config/nsa-config.js';
-import { NsaError } from '../../errors.js';
 import { chooseBackend, isGpuBackend } from '../backend-choice.js';
 import { newCommand, type CommandContext } from '../command.js';
-import { errorMessage, exitCodeFor } from '../exit.js';
 import { formatLength, formatMs, formatRatio, renderTable } from '../format.js';
 import { writeFileAtomic } from '../files.js';
-import { EXIT_FAILED, EXIT_OK, EXIT_USAGE, println, withFile } from '../io.js';
+import { EXIT_FAILED, EXIT_OK, println, UsageError, withFile } from '../io.js';
 import {
   addBackendOption,
   addConfigOptions,
@@ -23,6 +22,7 @@ import {
   parseLengthList,
   parseNonNegativeInt,
   parsePositiveInt,
+  parsePositiveIntList,
   parsePresetList,
   type BackendFlags,
   type ConfigFlags,
@@ -33,8 +33,9 @@ import {
 } from '../options.js';
 import { createProgress } from '../progress.js';
 import { offsets } from '../random-inputs.js';
-import { detectTorch, timeSdpa, type SdpaTiming, type TorchProbe } from '../torch-sdpa.js';
-import { benchReport, ratio, type BenchRow, type Timed } from '../bench-report.js';
+import { detectTorch, timeSdpa, type TorchProbe } from '../torch-sdpa.js';
+import { CPU_DECODE_DEFAULTS, GPU_DECODE_DEFAULTS, runDecodeBench, type DecodeDefaults } from './bench-decode.js';
+import { attempt, benchReport, ratio, type BenchRow, type Timed } from '../bench-report.js';
 
 interface BenchFlags extends BackendFlags, ConfigFlags, HeadFlags, InputFlags {
   readonly lengths?: readonly number[];
@@ -45,6 +46,9 @@ interface BenchFlags extends BackendFlags, ConfigFlags, HeadFlags, InputFlags {
   readonly iters?: number;
   readonly json?: string;
   readonly torch: boolean;
+  readonly decode?: boolean;
+  readonly batches?: readonly number[];
+  readonly contexts?: readonly number[];
 }
 
 interface BenchDefaults extends ProblemDefaults {
@@ -83,7 +87,7 @@ const GPU_DEFAULTS: BenchDefaults = {
 const DEFAULT_PRESETS: readonly PresetName[] = ['fla', 'paper'];
 
 export function benchCommand(ctx: CommandContext): Command {
-  const cmd = newCommand('bench', 'time NSA per preset and length against dense causal attention and torch SDPA', ctx.io);
+  const cmd = newCommand('bench', 'time NSA per preset and length against dense causal attention and torch SDPA, or decode steps with --decode', ctx.io);
   addBackendOption(cmd, 'backend to time (default: the best present, cuda before cpu)');
   cmd
     .addOption(new Option('--lengths <list>', 'sequence lengths T, e.g. 8k,16k,32k,64k').argParser(parseLengthList))
@@ -97,7 +101,10 @@ export function benchCommand(ctx: CommandContext): Command {
     .addOption(new Option('--warmup <n>', 'untimed runs before timing').argParser(parseNonNegativeInt))
     .addOption(new Option('--iters <n>', 'timed runs (the median is reported)').argParser(parsePositiveInt))
     .option('--json <file>', 'also write every number, the device and the command line as JSON')
-    .option('--no-torch', 'do not time torch SDPA');
+    .option('--no-torch', 'do not time torch SDPA')
+    .option('--decode', 'time decode steps on a KV cache (one query per sequence) instead of the prefill')
+    .addOption(new Option('--batches <list>', 'with --decode: batch sizes B, e.g. 1,8,64').argParser(parsePositiveIntList))
+    .addOption(new Option('--contexts <list>', 'with --decode: tokens S in each cached sequence, e.g. 8k,64k,128k').argParser(parseLengthList));
   cmd.addHelpText(
     'after',
     `
@@ -108,13 +115,53 @@ torch SDPA (causal, GQA) runs through python3 bench/torch_sdpa.py when torch see
 is not cpu; set NSA_PYTHON to use another interpreter. Columns: NSA and dense median ms, NSA's speedup over each
 baseline, and the backend's dense attention throughput relative to SDPA (same FLOPs, so SDPA ms / dense ms).
 
+--decode times one decode step (one query per sequence, all B sequences) on a KV cache of S tokens a sequence
+filled with random keys and values, for NSA and for dense attention over the whole cache on the same backend.
+Columns: median step ms, effective bandwidth (the bytes the step must read / time: per sequence and KV head the
+visible compressed tokens, n selected blocks and the window for NSA, every token for dense; K and V), the measured
+dense/NSA step-time ratio and the memory model's dense/NSA byte ratio. Not with --backward, --lengths, --batch
+or --dtype (the cache stores f32 on cpu, bf16 on a GPU).
+Defaults on cpu: ${decodeDefaultsText(CPU_DECODE_DEFAULTS)}.
+Defaults on a GPU: ${decodeDefaultsText(GPU_DECODE_DEFAULTS)},
+plus S = 1m at B = 1; a (B, S) whose cache would take over 60% of the device's memory is skipped (one line says so).
+
 Examples:
   nsa bench
-  nsa bench --backend cuda --lengths 8k,64k --backward --json docs/bench.json`,
+  nsa bench --backend cuda --lengths 8k,64k --backward --json docs/bench.json
+  nsa bench --decode --backend cpu
+  nsa bench --decode --backend cuda --batches 1,8,64 --contexts 8k,64k,128k --json docs/decode.json`,
   );
   return cmd.action(async () => {
-    ctx.exitCode = await runBench(cmd.opts<BenchFlags>(), ctx);
+    const flags = cmd.opts<BenchFlags>();
+    checkModeFlags(flags);
+    ctx.exitCode = flags.decode ? await runDecodeBench(flags, ctx) : await runBench(flags, ctx);
   });
+}
+
+/** Flags of the prefill bench and of --decode do not mix (UsageError: exit 2). */
+function checkModeFlags(flags: BenchFlags): void {
+  if (flags.decode) {
+    const prefillOnly: [string, unknown, string][] = [
+      ['--backward', flags.backward, 'decoding has no backward'],
+      ['--lengths', flags.lengths, 'give the cached tokens per sequence with --contexts'],
+      ['--batch', flags.batch, 'give the batch sizes with --batches'],
+      ['--dtype', flags.dtype, 'the cache stores f32 on cpu and bf16 on a GPU'],
+    ];
+    for (const [flag, value, why] of prefillOnly) {
+      if (value !== undefined && value !== false) throw new UsageError(`--decode cannot be used with ${flag}: ${why}`);
+    }
+  } else {
+    for (const [flag, value] of [['--batches', flags.batches], ['--contexts', flags.contexts]] as const) {
+      if (value !== undefined) throw new UsageError(`${flag} applies to --decode only (the prefill takes --lengths and --batch)`);
+    }
+  }
+}
+
+function decodeDefaultsText(d: DecodeDefaults): string {
+  return (
+    `--batches ${d.batches.join(',')} --contexts ${d.contexts.map(formatLength).join(',')} --heads ${d.heads} --kv-heads ${d.kvHeads} ` +
+    `--head-dim ${d.headDim} --value-dim ${d.valueDim}, --warmup ${d.warmup} --iters ${d.iters}`
+  );
 }
 
 async function runBench(flags: BenchFlags, ctx: CommandContext): Promise<number> {
@@ -197,16 +244,6 @@ async function probeTorch(flags: BenchFlags, backend: Backend): Promise<TorchPro
   if (!flags.torch) return { available: false, reason: '--no-torch' };
   if (!isGpuBackend(backend)) return { available: false, reason: 'the backend is cpu (SDPA is timed only against a GPU backend)' };
   return detectTorch();
-}
-
-/** A run's timing, or its error message when the run failed for a reason other than bad input. */
-async function attempt(run: () => Promise<TimingResult | SdpaTiming>): Promise<Timed> {
-  try {
-    return { timing: await run() };
-  } catch (e) {
-    if (e instanceof NsaError && exitCodeFor(e) === EXIT_USAGE) throw e;
-    return { error: errorMessage(e) };
-  }
 }
 
 function shapeOf(config: NSAConfig): { heads: number; kvHeads: number; headDim: number; valueDim: number } {

@@ -18,7 +18,7 @@ export interface CreateKvCacheOptions extends KvCacheOptions {
 export async function createKvCache(config: NSAConfig | NSAConfigOptions, options: CreateKvCacheOptions = {}): Promise<KvCache> {
   const resolved = config instanceof NSAConfig ? config : new NSAConfig(config);
   let backend = await resolveBackend(options.backend);
-  // Unasked, take the best backend that has a cache (the cuda one has none yet).
+  // Unasked, take the best backend that has a cache.
   if (options.backend === undefined && backend.createKvCache === undefined) backend = await getBackend('cpu');
   if (backend.createKvCache === undefined) {
     throw new UnsupportedConfigError(`${backend.name} backend: no KV cache for decoding yet; create it with { backend: 'cpu' }`);

@@ -21,12 +21,13 @@ export class DeviceRandom {
     this.uniformKernel = ctx.kernel(module, 'nsa_fill_uniform');
   }
 
-  /** `elements` N(0, std^2) values of the half dtype. */
-  normal(buffer: DeviceBuffer, elements: number, seed: number, std = 1): void {
+  /** `elements` N(0, std^2) values of the half dtype, from element `offset` of the buffer on. */
+  normal(buffer: DeviceBuffer, elements: number, seed: number, std = 1, offset = 0): void {
+    if ((offset + elements) * 2 > buffer.bytes) throw new RangeError(`random fill past the end of ${buffer.what}`);
     this.normalKernel.launch({
       grid: [gridFor(elements), 1, 1],
       block: [256, 1, 1],
-      args: [{ ptr: buffer.ptr }, { i64: elements }, { u64: BigInt(seed >>> 0) }, { f32: std }],
+      args: [{ ptr: buffer.ptr + BigInt(offset * 2) }, { i64: elements }, { u64: BigInt(seed >>> 0) }, { f32: std }],
     });
   }
 

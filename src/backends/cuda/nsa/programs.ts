@@ -72,6 +72,7 @@ export function checkCudaSupport(config: NSAConfig): void {
 
 /** The compiled kernels of one (config, dtype), created lazily and memoised by the context. */
 export class NsaPrograms {
+  private readonly kernels = new Map<string, Kernel>();
   constructor(
     private readonly ctx: CudaContext,
     readonly config: NSAConfig,
@@ -118,6 +119,16 @@ export class NsaPrograms {
 
   fsa(fn: 'count' | 'scan' | 'fill' | 'attend' | 'reduce'): Kernel {
     return this.kernel('selected_attention_fsa.cu', `nsa_fsa_${fn}`, this.selDefines());
+  }
+
+  /** Decoding kernels (kernels/decode.cu). */
+  decode(fn: 'partial' | 'cmp_topk' | 'combine' | 'combine_dense'): Kernel {
+    return this.kernel('decode.cu', `nsa_decode_${fn}`, [...this.cmpDefines(), ...this.selDefines(), `-DWINDOW=${this.config.window}`]);
+  }
+
+  decodePartialSharedBytes(): number {
+    const { headDim: dk, valueDim: dv } = this.config;
+    return 2 * (16 * dk + 2 * 64 * (dk + dv));
   }
 
   // Backward ------------------------------------------------------------------------------------------------
@@ -209,7 +220,14 @@ export class NsaPrograms {
     return [`-DSEL_L=${this.config.selectBlock}`, `-DSEL_N=${this.config.selectCount}`];
   }
 
+  /**
+   * The kernel `fn` of `file` compiled with `defines`, memoised here: the context's module lookup hashes the
+   * source, which costs more than a launch, and decoding launches small kernels many times a step.
+   */
   private kernel(file: string, fn: string, defines: readonly string[]): Kernel {
+    const key = `${file}:${fn}:${defines.join(' ')}`;
+    const known = this.kernels.get(key);
+    if (known !== undefined) return known;
     const options = [
       `-DDK=${this.config.headDim}`,
       `-DDV=${this.config.valueDim}`,
@@ -217,6 +235,8 @@ export class NsaPrograms {
       ...defines,
     ];
     const module: CudaModule = this.ctx.module(file.replace('.cu', ''), kernelSource(file), { options });
-    return this.ctx.kernel(module, fn);
+    const kernel = this.ctx.kernel(module, fn);
+    this.kernels.set(key, kernel);
+    return kernel;
   }
 }

@@ -1,0 +1,131 @@
+// The cuda KV cache and decode step against the float64 reference: a decode step equals the matching rows of a
+// prefill over the same tokens (attention compared given the blocks the GPU chose, the choice by scores).
+// Skips, saying why, where no GPU is present.
+
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { NSAConfig, type NSAConfigOptions } from '../../src/config/nsa-config.js';
+import { cudaAvailability } from '../../src/backends/cuda/libraries.js';
+import { createCudaBackend, type CudaBackend } from '../../src/backends/cuda/cuda-backend.js';
+import { createKvCache } from '../../src/nsa/decode/create.js';
+import { blockScoresAt, nsaReferenceForward, prepareNsaProblem } from '../../src/reference/nsa-forward.js';
+import { Rng } from '../../src/tensor/random.js';
+import { Tensor } from '../../src/tensor/tensor.js';
+import { expectRelativeRms } from '../helpers/compare.js';
+
+const availability = cudaAvailability();
+
+function bf16Tokens(rng: Rng, T: number, heads: number, dim: number): Tensor {
+  const a = new Float64Array(T * heads * dim);
+  for (let i = 0; i < a.length; i++) a[i] = rng.normal();
+  return Tensor.fromValues(a, [T, heads, dim], 'bf16');
+}
+
+function rows(t: Tensor, from: number, to: number): Tensor {
+  const width = t.shape.slice(1).reduce((a, b) => a * b, 1);
+  return new Tensor(t.dtype, [to - from, ...t.shape.slice(1)], t.data.slice(from * width, to * width) as never);
+}
+
+interface Case {
+  readonly name: string;
+  readonly options: NSAConfigOptions;
+  readonly lengths: readonly number[];
+  readonly speculative: number;
+}
+
+const base = { compressBlock: 32, compressStride: 16, selectBlock: 64, selectCount: 6, window: 96 };
+const CASES: Case[] = [
+  { name: 'G = 16, ragged batch [700, 33, 1, 129]', options: { ...base, heads: 16, kvHeads: 1, headDim: 64, valueDim: 64 }, lengths: [700, 33, 1, 129], speculative: 1 },
+  { name: 'G = 4, D = 128, speculative 3 tokens', options: { ...base, heads: 8, kvHeads: 2, headDim: 128, valueDim: 128 }, lengths: [555, 300], speculative: 3 },
+  { name: 'G = 1, fla preset form', options: { compressBlock: 64, compressStride: 64, selectBlock: 64, selectCount: 4, window: 128, heads: 2, kvHeads: 2, headDim: 64, valueDim: 64 }, lengths: [1000], speculative: 2 },
+];
+
+if (!availability.available) {
+  describe('cuda decode', () => {
+    it.skip(`skipped: no usable CUDA GPU here (${availability.reason.split('\n')[0]})`, () => {});
+  });
+} else {
+  describe(`cuda decode on ${availability.device.name}`, () => {
+    let backend: CudaBackend;
+    beforeAll(async () => {
+      backend = (await createCudaBackend()) as CudaBackend;
+    });
+    afterAll(() => backend.dispose());
+
+    for (const [ci, c] of CASES.entries()) {
+      it(c.name, async () => {
+        const config = new NSAConfig(c.options);
+        const rng = new Rng(40 + ci);
+        const cache = await createKvCache(config, { backend, pageTokens: 128 });
+        const seqs = c.lengths.map((T) => ({
+          k: bf16Tokens(rng, T, config.kvHeads, config.headDim),
+          v: bf16Tokens(rng, T, config.kvHeads, config.valueDim),
+          q: bf16Tokens(rng, T, config.heads, config.headDim),
+          g: Tensor.uniform([T, config.heads, 3], 'f32', 90 + ci),
+        }));
+        for (const seq of seqs) {
+          const s = cache.addSequence();
+          const T = seq.k.shape[0]!;
+          for (let at = 0; at < T; ) {
+            const size = Math.min(T - at, rng.int(1, 200));
+            cache.append(s, rows(seq.k, at, at + size), rows(seq.v, at, at + size));
+            at += size;
+          }
+          expect(cache.compressedLength(s)).toBe(config.compressedLength(T));
+        }
+        const queries = seqs.map((seq, s) => {
+          const T = seq.k.shape[0]!;
+          const Tq = Math.min(c.speculative, T);
+          return { sequence: s, q: rows(seq.q, T - Tq, T), g: rows(seq.g, T - Tq, T) };
+        });
+        const out = await cache.decode(queries);
+        let row = 0;
+        let differing = 0;
+        for (const [s, seq] of seqs.entries()) {
+          const T = seq.k.shape[0]!;
+          const Tq = queries[s]!.q.shape[0]!;
+          const ref = { q: seq.q.toFloat64(), k: seq.k.toFloat64(), v: seq.v.toFloat64(), g: seq.g.toFloat64(), cuSeqlens: [0, T] };
+          const own = nsaReferenceForward(config, ref);
+          const { heads: Hq, kvHeads: H, valueDim: dv, selectCount: n } = config;
+          // The reference given the GPU's blocks on the decoded rows.
+          const fixed = Int32Array.from(own.blockIndices);
+          fixed.set(out.blockIndices.data.subarray(row * H * n, (row + Tq) * H * n), (T - Tq) * H * n);
+          const given = nsaReferenceForward(config, ref, fixed);
+          const pick = (a: ArrayLike<number>, width: number): number[] => Array.from(a).slice((T - Tq) * width, T * width);
+          const mine = (t: Tensor, width: number): number[] => Array.from(t.toFloat64()).slice(row * width, (row + Tq) * width);
+          expectRelativeRms(mine(out.o, Hq * dv), pick(given.o, Hq * dv), `sequence ${s}: o`, { rtol: 5e-3 });
+          expectRelativeRms(mine(out.lseCmp, Hq), pick(given.lseCmp, Hq), `sequence ${s}: lse_cmp`, { rtol: 5e-3 });
+          expectRelativeRms(mine(out.lseSlc, Hq), pick(given.lseSlc, Hq), `sequence ${s}: lse_slc`, { rtol: 5e-3 });
+          expectRelativeRms(mine(out.lseWin, Hq), pick(given.lseWin, Hq), `sequence ${s}: lse_win`, { rtol: 5e-3 });
+          const problem = prepareNsaProblem(config, ref);
+          for (let j = 0; j < Tq; j++) {
+            for (let h = 0; h < H; h++) {
+              const got = Array.from(out.blockIndices.data.subarray(((row + j) * H + h) * n, ((row + j) * H + h + 1) * n)).filter((x) => x >= 0);
+              const t = T - Tq + j;
+              const want = Array.from(own.blockIndices.subarray((t * H + h) * n, (t * H + h + 1) * n)).filter((x) => x >= 0);
+              if (got.join() === want.join()) continue;
+              differing++;
+              const scores = blockScoresAt(problem, t, h);
+              const sum = (js: number[]): number => js.reduce((a, jj) => a + scores[jj]!, 0);
+              expect(sum(want) - sum(got), `sequence ${s} t = ${t} head ${h}: got [${got}], reference [${want}]`).toBeLessThanOrEqual(1e-2 * sum(want));
+            }
+          }
+          row += Tq;
+        }
+        expect(differing).toBeLessThanOrEqual(2);
+        cache.dispose();
+      });
+    }
+
+    it('appendRandom and the timed step run (the benchmark path)', async () => {
+      const config = new NSAConfig({ ...base, heads: 16, kvHeads: 1, headDim: 128, valueDim: 128 });
+      const cache = await createKvCache(config, { backend });
+      for (let s = 0; s < 3; s++) cache.appendRandom(cache.addSequence(), 5000 + s, s);
+      expect(cache.compressedLength(2)).toBe(config.compressedLength(5002));
+      const nsa = await cache.timeDecodeStep({ warmup: 1, iterations: 3 });
+      const dense = await cache.timeDecodeStep({ warmup: 1, iterations: 3, dense: true });
+      expect(nsa.medianMs).toBeGreaterThan(0);
+      expect(dense.medianMs).toBeGreaterThan(0);
+      cache.dispose();
+    });
+  });
+}
