@@ -15,6 +15,7 @@ import type { FloatArray } from '../reference/layout.js';
 import { bf16ToF32, f16ToF32 } from '../tensor/dtype.js';
 import type { Tensor } from '../tensor/tensor.js';
 import type { NsaRequest } from '../nsa/validate.js';
+import { byInterchangeName } from '../nsa/interchange.js';
 
 /** The request's tensors as the reference reads them (no rounding: every input dtype widens exactly). */
 export function referenceInputsOf(request: NsaRequest): NsaReferenceInputs {
@@ -75,36 +76,7 @@ export function referenceRows(request: NsaRequest, rows: readonly number[], fixe
 
 /** The reference's outputs and gradients under the interchange names tensorsFromOutputs uses. */
 export function referenceTensorsByName(out: NsaReferenceOutputs, grads: NsaReferenceGradients | undefined): Map<string, Float64Array> {
-  const named = new Map<string, Float64Array>([
-    ['o', out.o],
-    ['o_cmp', out.oCmp],
-    ['o_slc', out.oSlc],
-    ['o_win', out.oWin],
-    ['lse_cmp', out.lseCmp],
-    ['lse_slc', out.lseSlc],
-    ['lse_win', out.lseWin],
-  ]);
-  if (grads === undefined) return named;
-  const optional: [string, Float64Array | undefined][] = [
-    ['dq', grads.dq],
-    ['dk', grads.dk],
-    ['dv', grads.dv],
-    ['dg', grads.dg],
-    ['dk_cmp', grads.dkCmp],
-    ['dv_cmp', grads.dvCmp],
-    ['dk_slc', grads.dkSlc],
-    ['dv_slc', grads.dvSlc],
-    ['dk_win', grads.dkWin],
-    ['dv_win', grads.dvWin],
-  ];
-  for (const [name, values] of optional) if (values !== undefined) named.set(name, values);
-  for (const [prefix, params] of [
-    ['dphi_k', grads.dPhiK],
-    ['dphi_v', grads.dPhiV],
-  ] as const) {
-    for (const [p, values] of Object.entries(params ?? {})) named.set(`${prefix}.${p}`, values);
-  }
-  return named;
+  return byInterchangeName<Float64Array>(out, grads);
 }
 
 /** f32/f64 storage as is; half storage widened to f32 (exact). */

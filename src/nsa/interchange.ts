@@ -105,37 +105,62 @@ export function inputsFromTensors(tensors: ReadonlyMap<string, Tensor>): { input
   return { inputs, dOut };
 }
 
-/** Output tensors under their interchange names. */
-export function tensorsFromOutputs(outputs: NsaOutputs, grads?: NsaGradients): Map<string, Tensor> {
-  const named = new Map<string, Tensor>([
-    ['o', outputs.o],
-    ['o_cmp', outputs.oCmp],
-    ['o_slc', outputs.oSlc],
-    ['o_win', outputs.oWin],
-    ['lse_cmp', outputs.lseCmp],
-    ['lse_slc', outputs.lseSlc],
-    ['lse_win', outputs.lseWin],
-    ['block_indices', outputs.blockIndices],
-  ]);
+/** Outputs (ungated branch outputs, lse) by interchange name: the field of NsaOutputs each name holds. */
+const OUTPUT_NAMES = [
+  ['o', 'o'],
+  ['o_cmp', 'oCmp'],
+  ['o_slc', 'oSlc'],
+  ['o_win', 'oWin'],
+  ['lse_cmp', 'lseCmp'],
+  ['lse_slc', 'lseSlc'],
+  ['lse_win', 'lseWin'],
+] as const;
+
+const GRADIENT_NAMES = [
+  ['dq', 'dq'],
+  ['dk', 'dk'],
+  ['dv', 'dv'],
+  ['dg', 'dg'],
+  ['dk_cmp', 'dkCmp'],
+  ['dv_cmp', 'dvCmp'],
+  ['dk_slc', 'dkSlc'],
+  ['dv_slc', 'dvSlc'],
+  ['dk_win', 'dkWin'],
+  ['dv_win', 'dvWin'],
+] as const;
+
+type OutputField = (typeof OUTPUT_NAMES)[number][1];
+type GradientField = (typeof GRADIENT_NAMES)[number][1];
+
+/**
+ * Outputs and gradients of any representation (host tensors, the reference's arrays) under their interchange
+ * names; block_indices is left to the caller (its type differs).
+ */
+export function byInterchangeName<T>(
+  outputs: { readonly [K in OutputField]: T },
+  grads?: { readonly [K in GradientField]?: T | undefined } & {
+    readonly dPhiK?: Readonly<Record<string, T>> | undefined;
+    readonly dPhiV?: Readonly<Record<string, T>> | undefined;
+  },
+): Map<string, T> {
+  const named = new Map<string, T>(OUTPUT_NAMES.map(([name, field]) => [name, outputs[field]]));
   if (grads === undefined) return named;
-  const gradNames = [
-    ['dq', grads.dq],
-    ['dk', grads.dk],
-    ['dv', grads.dv],
-    ['dg', grads.dg],
-    ['dk_cmp', grads.dkCmp],
-    ['dv_cmp', grads.dvCmp],
-    ['dk_slc', grads.dkSlc],
-    ['dv_slc', grads.dvSlc],
-    ['dk_win', grads.dkWin],
-    ['dv_win', grads.dvWin],
-  ] as const;
-  for (const [name, t] of gradNames) if (t !== undefined) named.set(name, t);
+  for (const [name, field] of GRADIENT_NAMES) {
+    const value = grads[field];
+    if (value !== undefined) named.set(name, value);
+  }
   for (const [prefix, params] of [
     ['dphi_k', grads.dPhiK],
     ['dphi_v', grads.dPhiV],
   ] as const) {
-    for (const [p, t] of Object.entries(params ?? {})) named.set(`${prefix}.${p}`, t);
+    for (const [p, value] of Object.entries(params ?? {})) named.set(`${prefix}.${p}`, value);
   }
+  return named;
+}
+
+/** Output tensors (and gradients) under their interchange names. */
+export function tensorsFromOutputs(outputs: NsaOutputs, grads?: NsaGradients): Map<string, Tensor> {
+  const named = byInterchangeName<Tensor>(outputs, grads);
+  named.set('block_indices', outputs.blockIndices);
   return named;
 }

@@ -6,12 +6,13 @@ import { NSAConfig, type NSAConfigOptions } from '../../src/config/nsa-config.js
 import { cudaAvailability } from '../../src/backends/cuda/libraries.js';
 import { createCudaBackend, type CudaBackend } from '../../src/backends/cuda/cuda-backend.js';
 import { nsaReferenceBackward } from '../../src/reference/nsa-backward.js';
-import { nsaReferenceForward, type NsaReferenceInputs } from '../../src/reference/nsa-forward.js';
+import { nsaReferenceForward } from '../../src/reference/nsa-forward.js';
 import { nsaForward } from '../../src/nsa/operator.js';
 import { randomInputs } from '../../src/nsa/random-inputs.js';
-import type { NsaGradients, NsaInputs } from '../../src/nsa/types.js';
+import type { NsaGradients } from '../../src/nsa/types.js';
 import { Tensor } from '../../src/tensor/tensor.js';
 import { expectRelativeRms } from '../helpers/compare.js';
+import { referenceInputs, withIndependentKv } from '../helpers/gpu-inputs.js';
 
 const availability = cudaAvailability();
 const TOL = { rtol: 5e-3 };
@@ -34,38 +35,6 @@ const CASES: Case[] = [
   { name: 'independent K/V per branch, compressed K/V given', options: { ...base, heads: 8, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [300, 211], independent: true },
 ];
 
-function referenceInputs(inputs: NsaInputs, cuSeqlens: readonly number[]): NsaReferenceInputs {
-  const f64 = (t: Tensor | undefined): Float64Array | undefined => t?.toFloat64();
-  return {
-    q: inputs.q.toFloat64(),
-    k: inputs.k.toFloat64(),
-    v: inputs.v.toFloat64(),
-    g: inputs.g.toFloat64(),
-    cuSeqlens,
-    kCmp: f64(inputs.kCmp),
-    vCmp: f64(inputs.vCmp),
-    kSlc: f64(inputs.kSlc),
-    vSlc: f64(inputs.vSlc),
-    kWin: f64(inputs.kWin),
-    vWin: f64(inputs.vWin),
-  };
-}
-
-function withIndependentKv(inputs: NsaInputs, config: NSAConfig, cuSeqlens: readonly number[], seed: number): NsaInputs {
-  const N = cuSeqlens[cuSeqlens.length - 1]!;
-  let tc = 0;
-  for (let s = 0; s + 1 < cuSeqlens.length; s++) tc += config.compressedLength(cuSeqlens[s + 1]! - cuSeqlens[s]!);
-  const { kvHeads: H, headDim: dk, valueDim: dv } = config;
-  return {
-    ...inputs,
-    kCmp: Tensor.randn([1, tc, H, dk], 'bf16', seed + 10),
-    vCmp: Tensor.randn([1, tc, H, dv], 'bf16', seed + 11),
-    kSlc: Tensor.randn([1, N, H, dk], 'bf16', seed + 12),
-    vSlc: Tensor.randn([1, N, H, dv], 'bf16', seed + 13),
-    kWin: Tensor.randn([1, N, H, dk], 'bf16', seed + 14),
-    vWin: Tensor.randn([1, N, H, dv], 'bf16', seed + 15),
-  };
-}
 
 const GRADIENTS = ['dq', 'dk', 'dv', 'dg', 'dkCmp', 'dvCmp', 'dkSlc', 'dvSlc', 'dkWin', 'dvWin'] as const;
 

@@ -16,6 +16,7 @@
 // their addresses (k, v, kc, vc per sequence), seq_len the tokens held. Query r attends at position q_pos[r]
 // of sequence q_seq[r]; its K/V are already in the cache.
 #include "nsa_common.cuh"
+#include "nsa_topk.cuh"
 
 #define THREADS 128
 #define ROWS 16
@@ -216,9 +217,6 @@ __device__ __forceinline__ float merge_slots(const float *pm, const float *pl, c
   return m + log2f(l);
 }
 
-/** (score, index) order of top-n: higher score first, lower index on ties. */
-__device__ __forceinline__ bool better(float s, int j, float bs, int bj) { return s > bs || (s == bs && j < bj); }
-
 /**
  * Per (query, KV head): the cmp branch's output and lse from its chunks, block scores from the raw scores, top-n.
  * Shared memory: Ns block scores (dynamic) and G lse values.
@@ -266,55 +264,7 @@ extern "C" __global__ void __launch_bounds__(256)
     sc[j] = acc * (1.f / CMP_D);
   }
   __syncthreads();
-  if (warp != 0) return;
-  int chosen = -1;
-  int count = 0;
-  int previous = -1;
-  const int forced[3] = {0, current - 1, current};
-  for (int f = 0; f < 3; f++) {
-    const int j = forced[f];
-    if (count == SEL_N || j <= previous) continue;
-    if (lane == count) chosen = j;
-    count++;
-    previous = j;
-  }
-  __syncwarp();
-  if (lane == 0)
-    for (int f = 0; f < 3; f++)
-      if (forced[f] >= 0) sc[forced[f]] = NSA_NEG_INF;
-  __syncwarp();
-  while (count < SEL_N) {
-    float bs = NSA_NEG_INF;
-    int bj = 0x7fffffff;
-    for (int j = lane; j <= current; j += 32) {
-      if (better(sc[j], j, bs, bj)) {
-        bs = sc[j];
-        bj = j;
-      }
-    }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      const float os = __shfl_xor_sync(0xffffffff, bs, off);
-      const int oj = __shfl_xor_sync(0xffffffff, bj, off);
-      if (better(os, oj, bs, bj)) {
-        bs = os;
-        bj = oj;
-      }
-    }
-    if (bs == NSA_NEG_INF) break;
-    if (lane == count) chosen = bj;
-    if (lane == 0) sc[bj] = NSA_NEG_INF;
-    __syncwarp();
-    count++;
-  }
-  int rank = 0;
-  for (int i = 0; i < count; i++) {
-    const int other = __shfl_sync(0xffffffff, chosen, i);
-    rank += (lane < count && other < chosen) ? 1 : 0;
-  }
-  int *dst = block_indices + ((i64)r * H + h) * SEL_N;
-  if (lane < count) dst[rank] = chosen;
-  for (int i = count + lane; i < SEL_N; i += 32) dst[i] = -1;
+  if (warp == 0) warp_top_n(sc, current, block_indices + ((i64)r * H + h) * SEL_N, lane);
 }
 
 /** Per (query, head), one warp: the slc and win outputs from their chunks, and the gated sum with o_cmp. */

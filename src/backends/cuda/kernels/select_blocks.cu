@@ -13,6 +13,7 @@
 // best others (score descending, lower index on ties), sorts them and writes block_indices [N, H, n].
 // The summation order is fixed, so the choice is the same run to run.
 #include "nsa_common.cuh"
+#include "nsa_topk.cuh"
 
 #define ROWS 128
 #define BLOCK_N 64
@@ -26,9 +27,6 @@
 __device__ __forceinline__ int cmp_visible(int t, int tc) {
   return t < CMP_L - 1 ? 0 : min(tc, (t - CMP_L + 1) / CMP_D + 1);
 }
-
-/** (score, index) ordering of top-n: higher score first, lower index on ties. */
-__device__ __forceinline__ bool better(float s, int j, float bs, int bj) { return s > bs || (s == bs && j < bj); }
 
 extern "C" __global__ void __launch_bounds__(THREADS)
     nsa_select_blocks(const elem_t *__restrict__ q, const elem_t *__restrict__ kc, const float *__restrict__ lse_cmp,
@@ -164,58 +162,6 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   for (int pos = warp; pos < npos; pos += THREADS / 32) {
     const int t = pos0 + pos;
     const int current = t / SEL_L;
-    float *sc = scores + pos * ns_stride;
-    int chosen = -1; // lane i keeps the i-th chosen block
-    int count = 0;
-    int previous = -1;
-    const int forced[3] = {0, current - 1, current};
-#pragma unroll
-    for (int f = 0; f < 3; f++) {
-      const int j = forced[f];
-      if (count == SEL_N || j <= previous) continue;
-      if (lane == count) chosen = j;
-      count++;
-      previous = j;
-    }
-    __syncwarp();
-    if (lane == 0) {
-      for (int f = 0; f < 3; f++)
-        if (forced[f] >= 0) sc[forced[f]] = NSA_NEG_INF; // taken: scores are >= 0 otherwise
-    }
-    __syncwarp();
-    while (count < SEL_N) {
-      float bs = NSA_NEG_INF;
-      int bj = 0x7fffffff;
-      for (int j = lane; j <= current; j += 32) {
-        const float s = sc[j];
-        if (better(s, j, bs, bj)) {
-          bs = s;
-          bj = j;
-        }
-      }
-#pragma unroll
-      for (int off = 16; off > 0; off >>= 1) {
-        const float os = __shfl_xor_sync(0xffffffff, bs, off);
-        const int oj = __shfl_xor_sync(0xffffffff, bj, off);
-        if (better(os, oj, bs, bj)) {
-          bs = os;
-          bj = oj;
-        }
-      }
-      if (bs == NSA_NEG_INF) break; // no candidates left
-      if (lane == count) chosen = bj;
-      if (lane == 0) sc[bj] = NSA_NEG_INF;
-      __syncwarp();
-      count++;
-    }
-    // Sort the chosen blocks ascending: each lane's rank is how many chosen blocks are smaller.
-    int rank = 0;
-    for (int i = 0; i < count; i++) {
-      const int other = __shfl_sync(0xffffffff, chosen, i);
-      rank += (lane < count && other < chosen) ? 1 : 0;
-    }
-    int *dst = block_indices + ((i64)(seq_start + t) * H + h) * SEL_N;
-    if (lane < count) dst[rank] = chosen;
-    for (int i = count + lane; i < SEL_N; i += 32) dst[i] = -1;
+    warp_top_n(scores + pos * ns_stride, current, block_indices + ((i64)(seq_start + t) * H + h) * SEL_N, lane);
   }
 }

@@ -6,83 +6,16 @@
 // instead of once per query. Each (query row, slot) gets a partial result (its output over that one block and the
 // block's lse); a reduction merges the n partials of a row with their lse, deterministically (no atomics on
 // outputs: a row's partials are computed independently of which other rows shared the tile).
-//   1. nsa_fsa_count:  how many (query, slot) pairs selected each (h, block)
-//   2. nsa_fsa_scan:   exclusive prefix sums of the counts and of the tiles they need (one CTA)
-//   3. nsa_fsa_fill:   the inverse index: for each (h, block), the (token, slot) pairs that chose it
-//   4. nsa_fsa_attend: per tile, attention of the gathered rows over one block -> partials
-//   5. nsa_fsa_reduce: merge the partials of each (token, head), gate, add into `out`
+//   nsa_fsa_attend: per tile, attention of the gathered rows over one block -> partials; the tiles come from
+//                   the inverse index (inverse_index.cu: for each (h, block), the (token, slot) pairs that chose
+//                   it, and where each key's tiles of per_tile pairs start)
+//   nsa_fsa_reduce: merge the partials of each (token, head), gate, add into `out`
 // Blocks are numbered globally: block j of sequence s is cu_blocks[s] + j; key = h * total_blocks + block.
 #include "nsa_common.cuh"
 
 #define THREADS 128
 #define ROWS 64
 #define BLOCK_N 64
-
-extern "C" __global__ void nsa_fsa_count(const int *__restrict__ block_indices, const int *__restrict__ row_seq,
-                                         const int *__restrict__ cu_blocks, int *__restrict__ counts, i64 pairs, int H,
-                                         int total_blocks) {
-  const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x; // over N * H * SEL_N
-  if (idx >= pairs) return;
-  const int j = block_indices[idx];
-  if (j < 0) return;
-  const i64 row = idx / ((i64)H * SEL_N);
-  const int h = (int)((idx / SEL_N) % H);
-  atomicAdd(counts + (i64)h * total_blocks + cu_blocks[row_seq[row]] + j, 1);
-}
-
-/** Exclusive scans of counts -> offsets and of ceil(count / per_tile) -> tile_offsets, each with n + 1 entries. */
-extern "C" __global__ void __launch_bounds__(1024)
-    nsa_fsa_scan(const int *__restrict__ counts, int *__restrict__ offsets, int *__restrict__ tile_offsets, int n,
-                 int per_tile) {
-  __shared__ int sums[2][1024];
-  const int chunk = (n + 1023) / 1024;
-  const int begin = min(n, threadIdx.x * chunk);
-  const int end = min(n, begin + chunk);
-  int c = 0;
-  int t = 0;
-  for (int i = begin; i < end; i++) {
-    c += counts[i];
-    t += (counts[i] + per_tile - 1) / per_tile;
-  }
-  sums[0][threadIdx.x] = c;
-  sums[1][threadIdx.x] = t;
-  __syncthreads();
-  for (int off = 1; off < 1024; off <<= 1) { // Hillis-Steele inclusive scan
-    const int a = threadIdx.x >= off ? sums[0][threadIdx.x - off] : 0;
-    const int b = threadIdx.x >= off ? sums[1][threadIdx.x - off] : 0;
-    __syncthreads();
-    sums[0][threadIdx.x] += a;
-    sums[1][threadIdx.x] += b;
-    __syncthreads();
-  }
-  c = threadIdx.x > 0 ? sums[0][threadIdx.x - 1] : 0;
-  t = threadIdx.x > 0 ? sums[1][threadIdx.x - 1] : 0;
-  for (int i = begin; i < end; i++) {
-    offsets[i] = c;
-    tile_offsets[i] = t;
-    c += counts[i];
-    t += (counts[i] + per_tile - 1) / per_tile;
-  }
-  if (threadIdx.x == 1023) {
-    offsets[n] = sums[0][1023];
-    tile_offsets[n] = sums[1][1023];
-  }
-}
-
-extern "C" __global__ void nsa_fsa_fill(const int *__restrict__ block_indices, const int *__restrict__ row_seq,
-                                        const int *__restrict__ cu_blocks, const int *__restrict__ offsets,
-                                        int *__restrict__ cursors, int2 *__restrict__ entries, i64 pairs, int H,
-                                        int total_blocks) {
-  const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
-  if (idx >= pairs) return;
-  const int j = block_indices[idx];
-  if (j < 0) return;
-  const i64 row = idx / ((i64)H * SEL_N);
-  const int h = (int)((idx / SEL_N) % H);
-  const i64 key = (i64)h * total_blocks + cu_blocks[row_seq[row]] + j;
-  const int at = offsets[key] + atomicAdd(cursors + key, 1);
-  entries[at] = make_int2((int)row, (int)(idx % SEL_N));
-}
 
 /**
  * One tile: up to `per_tile` (token, slot) entries of one (h, block), all G heads of each -> rows = entries * G.

@@ -11,6 +11,7 @@ import type { CudaContext } from '../context.js';
 import type { KernelArg } from '../kernel-args.js';
 import type { DeviceBuffer } from '../memory.js';
 import type { DeviceNsaInputs, DeviceNsaOutputs, ForwardRunner } from './forward-runner.js';
+import { InverseIndex } from './inverse-index.js';
 import type { NsaPrograms } from './programs.js';
 
 /** fp32 gradients on the device. */
@@ -53,9 +54,7 @@ export class BackwardRunner {
   private readonly cmpKeyTiles: DeviceBuffer;
   private readonly counts: { queryTiles: number; keyTiles: number; cmpKeyTiles: number };
   private readonly delta: DeviceBuffer;
-  private readonly index: Record<'counts' | 'totals' | 'offsets' | 'tileOffsets' | 'starts' | 'entries', DeviceBuffer>;
-  private readonly chunk: number;
-  private readonly chunks: number;
+  private readonly index: InverseIndex;
   /** (token, slot) pairs per work item of the selected dK/dV: 64 tiles of 64 / G positions, at least 256. */
   private readonly itemEntries: number;
   private readonly cmpSplits: number;
@@ -68,7 +67,7 @@ export class BackwardRunner {
     private readonly forward: ForwardRunner,
   ) {
     const { plan } = forward;
-    const { heads: Hq, kvHeads: H, selectCount: n } = programs.config;
+    const { heads: Hq, kvHeads: H } = programs.config;
     const up = (a: Int32Array, what: string): DeviceBuffer => this.keep(ctx.upload(a.length > 0 ? a : new Int32Array(2), what));
     const cu = Array.from(plan.cuSeqlens);
     const q = tileList(cu, TILE, 'latest first');
@@ -83,24 +82,13 @@ export class BackwardRunner {
     this.itemEntries = Math.max(256, 64 * Math.max(1, Math.floor(64 / programs.config.groupSize)));
     // Few compressed key tiles would leave most SMs idle in the cmp dK/dV: split their query walk.
     this.cmpSplits = Math.min(32, Math.max(1, Math.ceil((2 * ctx.device.smCount) / Math.max(1, this.counts.cmpKeyTiles * H))));
+    this.index = new InverseIndex(ctx, programs, plan, forward.deviceTables);
     const { headDim: dk, valueDim: dv, selectBlock } = programs.config;
-    const slcItems = H * plan.totalBlocks + Math.ceil((N * H * n) / this.itemEntries);
     const partialFloats = Math.max(
       this.cmpSplits > 1 ? this.cmpSplits * plan.totalCompressed * H * (dk + dv) : 0,
-      slcItems * Math.ceil(selectBlock / TILE) * TILE * (dk + dv),
+      this.index.itemUpperBound(this.itemEntries) * Math.ceil(selectBlock / TILE) * TILE * (dk + dv),
     );
     this.partial = this.keep(ctx.alloc(Math.max(1, partialFloats) * 4, 'backward partial sums'));
-    this.chunks = Math.max(1, Math.min(256, Math.ceil(N / 64)));
-    this.chunk = Math.ceil(N / this.chunks);
-    const keys = H * plan.totalBlocks;
-    this.index = {
-      counts: this.keep(ctx.alloc(keys * this.chunks * 4, 'inverse index counts')),
-      totals: this.keep(ctx.alloc(keys * 4, 'inverse index totals')),
-      offsets: this.keep(ctx.alloc((keys + 1) * 4, 'inverse index offsets')),
-      tileOffsets: this.keep(ctx.alloc((keys + 1) * 4, 'inverse index tile offsets')),
-      starts: this.keep(ctx.alloc(keys * this.chunks * 4, 'inverse index starts')),
-      entries: this.keep(ctx.alloc(Math.max(1, N * H * n) * 8, 'inverse index entries')),
-    };
   }
 
   /** Launches the whole backward (asynchronous); `grads` are overwritten. */
@@ -183,10 +171,10 @@ export class BackwardRunner {
         sharedBytes: programs.selectedBackwardSharedBytes('dq'),
         args: [ptr(inputs.q), ptr(kSlc), ptr(vSlc), ptr(dOut), ptr(fwd.lseSlc), ptr(inputs.gate), ptr(this.delta), ptr(fwd.blockIndices), ptr(tables.rowSeq), ptr(tables.cuSeqlens), ptr(grads.dq), ...common, { f32: scaleLog2 }, { f32: config.scale }],
       })]);
-    stages.push(['slc index', () => this.buildInverseIndex(fwd.blockIndices)]);
+    stages.push(['slc index', () => this.index.build(fwd.blockIndices, this.itemEntries)]);
     // Work items of up to itemEntries (token, slot) pairs per block, partial sums reduced in item order.
     const subs = Math.ceil(config.selectBlock / TILE);
-    const itemUpperBound = H * plan.totalBlocks + Math.ceil((N * H * config.selectCount) / this.itemEntries);
+    const itemUpperBound = this.index.itemUpperBound(this.itemEntries);
     stages.push(['slc dkdv', () => {
       const partial = this.partial;
       const pv = partial.ptr + BigInt(itemUpperBound * subs * TILE * config.headDim * 4);
@@ -196,7 +184,7 @@ export class BackwardRunner {
         sharedBytes: programs.selectedBackwardSharedBytes('dkdv'),
         args: [
           ptr(inputs.q), ptr(kSlc), ptr(vSlc), ptr(dOut), ptr(fwd.lseSlc), ptr(inputs.gate), ptr(this.delta),
-          ptr(this.index.offsets), ptr(this.index.tileOffsets), ptr(this.index.entries), ptr(tables.blockSeq), ptr(tables.cuBlocks),
+          ptr(this.index.offsets), ptr(this.index.itemOffsets), ptr(this.index.entries), ptr(tables.blockSeq), ptr(tables.cuBlocks),
           ptr(tables.cuSeqlens), { ptr: partial.ptr }, { ptr: pv }, ...common, { i32: plan.totalBlocks }, { i32: this.itemEntries },
           { f32: scaleLog2 }, { f32: config.scale },
         ],
@@ -205,7 +193,7 @@ export class BackwardRunner {
         grid: [N * H, 1, 1],
         block: [128, 1, 1],
         args: [
-          { ptr: partial.ptr }, { ptr: pv }, ptr(this.index.tileOffsets), ptr(tables.rowSeq), ptr(tables.cuSeqlens), ptr(tables.cuBlocks),
+          { ptr: partial.ptr }, { ptr: pv }, ptr(this.index.itemOffsets), ptr(tables.rowSeq), ptr(tables.cuSeqlens), ptr(tables.cuBlocks),
           ptr(grads.dkSlc ?? grads.dk), ptr(grads.dvSlc ?? grads.dv), { i32: H }, { i32: plan.totalBlocks }, { i32: subs },
         ],
       });
@@ -226,41 +214,7 @@ export class BackwardRunner {
   dispose(): void {
     for (const b of this.buffers) b.dispose();
     this.buffers.length = 0;
-  }
-
-  private buildInverseIndex(blockIndices: DeviceBuffer): void {
-    const { ctx, programs, forward, chunk, chunks, index } = this;
-    const { plan } = forward;
-    const tables = forward.deviceTables;
-    const H = programs.config.kvHeads;
-    const keys = H * plan.totalBlocks;
-    const N = plan.totalTokens;
-    const threads = chunks * H;
-    ctx.memset(index.counts, 0);
-    const scan = [ptr(blockIndices), ptr(tables.rowSeq), ptr(tables.cuBlocks)];
-    programs.inverseIndex('count').launch({
-      grid: [Math.ceil(threads / 128), 1, 1],
-      block: [128, 1, 1],
-      args: [...scan, ptr(index.counts), { i32: N }, { i32: H }, { i32: plan.totalBlocks }, { i32: chunk }, { i32: chunks }],
-    });
-    const perKey: [number, number, number] = [Math.ceil(keys / 128), 1, 1];
-    programs.inverseIndex('key_totals').launch({ grid: perKey, block: [128, 1, 1], args: [ptr(index.counts), ptr(index.totals), { i32: keys }, { i32: chunks }] });
-    programs.inverseIndex('scan').launch({
-      grid: [1, 1, 1],
-      block: [1024, 1, 1],
-      // tileOffsets: where each key's work items (itemEntries pairs each) start, for the dK/dV kernel.
-      args: [ptr(index.totals), ptr(index.offsets), ptr(index.tileOffsets), { i32: keys }, { i32: this.itemEntries }],
-    });
-    programs.inverseIndex('chunk_starts').launch({
-      grid: perKey,
-      block: [128, 1, 1],
-      args: [ptr(index.counts), ptr(index.offsets), ptr(index.starts), { i32: keys }, { i32: chunks }],
-    });
-    programs.inverseIndex('fill').launch({
-      grid: [Math.ceil(threads / 128), 1, 1],
-      block: [128, 1, 1],
-      args: [...scan, ptr(index.starts), ptr(index.entries), { i32: N }, { i32: H }, { i32: plan.totalBlocks }, { i32: chunk }, { i32: chunks }],
-    });
+    this.index.dispose();
   }
 
   private keep(b: DeviceBuffer): DeviceBuffer {

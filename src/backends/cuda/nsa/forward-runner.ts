@@ -9,6 +9,7 @@ import type { NSAConfig } from '../../../config/nsa-config.js';
 import type { CudaContext } from '../context.js';
 import type { KernelArg } from '../kernel-args.js';
 import type { DeviceBuffer } from '../memory.js';
+import { InverseIndex } from './inverse-index.js';
 import { buildLayoutPlan, type LayoutPlan } from './layout-plan.js';
 import type { HalfDType, NsaPrograms } from './programs.js';
 
@@ -63,7 +64,7 @@ export class ForwardRunner {
   private readonly scratch: DeviceBuffer[] = [];
   private readonly kc: DeviceBuffer;
   private readonly vc: DeviceBuffer;
-  private readonly fsaBuffers: Record<'counts' | 'cursors' | 'offsets' | 'tileOffsets' | 'entries' | 'partialO' | 'partialLse', DeviceBuffer> | undefined;
+  private readonly fsa: { index: InverseIndex; partialO: DeviceBuffer; partialLse: DeviceBuffer } | undefined;
 
   constructor(
     private readonly ctx: CudaContext,
@@ -93,18 +94,13 @@ export class ForwardRunner {
     this.vc = this.keep(ctx.alloc(Math.max(1, this.plan.totalCompressed) * H * dv * half, 'compressed values'));
     if (this.selectedKernel === 'fsa') {
       const N = this.plan.totalTokens;
-      const keys = H * this.plan.totalBlocks;
-      this.fsaBuffers = {
-        counts: this.keep(ctx.alloc(keys * 4, 'fsa counts')),
-        cursors: this.keep(ctx.alloc(keys * 4, 'fsa cursors')),
-        offsets: this.keep(ctx.alloc((keys + 1) * 4, 'fsa offsets')),
-        tileOffsets: this.keep(ctx.alloc((keys + 1) * 4, 'fsa tile offsets')),
-        entries: this.keep(ctx.alloc(N * H * n * 8, 'fsa inverse index')),
+      this.fsa = {
+        index: new InverseIndex(ctx, programs, this.plan, this.tables),
         partialO: this.keep(ctx.alloc(N * Hq * n * dv * 4, 'fsa partial outputs')),
         partialLse: this.keep(ctx.alloc(N * Hq * n * 4, 'fsa partial lse')),
       };
     } else {
-      this.fsaBuffers = undefined;
+      this.fsa = undefined;
     }
   }
 
@@ -227,60 +223,32 @@ export class ForwardRunner {
   dispose(): void {
     for (const b of this.scratch) b.dispose();
     this.scratch.length = 0;
+    this.fsa?.index.dispose();
   }
 
   private runFsa(q: DeviceBuffer, k: DeviceBuffer, v: DeviceBuffer, gate: DeviceBuffer, outputs: DeviceNsaOutputs, scaleLog2: number): void {
-    const { config, plan, programs, tables, ctx } = this;
-    const f = this.fsaBuffers!;
-    const { heads: Hq, kvHeads: H, selectCount: n, groupSize: G } = config;
+    const { config, plan, programs, tables } = this;
+    const { index, partialO, partialLse } = this.fsa!;
+    const { heads: Hq, kvHeads: H, groupSize: G } = config;
     const N = plan.totalTokens;
-    const pairs = N * H * n;
-    const keys = H * plan.totalBlocks;
-    const perTile = Math.max(1, Math.floor(64 / G));
-    ctx.memset(f.counts, 0);
-    ctx.memset(f.cursors, 0);
-    const pairGrid: [number, number, number] = [Math.ceil(pairs / 256), 1, 1];
-    programs.fsa('count').launch({
-      grid: pairGrid,
-      block: [256, 1, 1],
-      args: [ptr(outputs.blockIndices), ptr(tables.rowSeq), ptr(tables.cuBlocks), ptr(f.counts), { i64: pairs }, { i32: H }, { i32: plan.totalBlocks }],
-    });
-    programs.fsa('scan').launch({
-      grid: [1, 1, 1],
-      block: [1024, 1, 1],
-      args: [ptr(f.counts), ptr(f.offsets), ptr(f.tileOffsets), { i32: keys }, { i32: perTile }],
-    });
-    programs.fsa('fill').launch({
-      grid: pairGrid,
-      block: [256, 1, 1],
-      args: [
-        ptr(outputs.blockIndices),
-        ptr(tables.rowSeq),
-        ptr(tables.cuBlocks),
-        ptr(f.offsets),
-        ptr(f.cursors),
-        ptr(f.entries),
-        { i64: pairs },
-        { i32: H },
-        { i32: plan.totalBlocks },
-      ],
-    });
+    const perTile = Math.max(1, Math.floor(64 / G)); // positions per tile: their G heads fill 64 MMA rows
+    index.build(outputs.blockIndices, perTile);
     programs.fsa('attend').launch({
-      grid: [Math.ceil(pairs / perTile) + keys, 1, 1],
+      grid: [index.itemUpperBound(perTile), 1, 1],
       block: [128, 1, 1],
       sharedBytes: programs.fsaSharedBytes(),
       args: [
         ptr(q),
         ptr(k),
         ptr(v),
-        ptr(f.offsets),
-        ptr(f.tileOffsets),
-        ptr(f.entries),
+        ptr(index.offsets),
+        ptr(index.itemOffsets),
+        ptr(index.entries),
         ptr(tables.blockSeq),
         ptr(tables.cuBlocks),
         ptr(tables.cuSeqlens),
-        ptr(f.partialO),
-        ptr(f.partialLse),
+        ptr(partialO),
+        ptr(partialLse),
         { i32: Hq },
         { i32: H },
         { i32: plan.totalBlocks },
@@ -293,8 +261,8 @@ export class ForwardRunner {
       grid: [Math.ceil(rows / 4), 1, 1],
       block: [128, 1, 1],
       args: [
-        ptr(f.partialO),
-        ptr(f.partialLse),
+        ptr(partialO),
+        ptr(partialLse),
         ptr(outputs.blockIndices),
         ptr(gate),
         ptr(outputs.out),

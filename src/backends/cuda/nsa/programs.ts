@@ -117,7 +117,7 @@ export class NsaPrograms {
     ]);
   }
 
-  fsa(fn: 'count' | 'scan' | 'fill' | 'attend' | 'reduce'): Kernel {
+  fsa(fn: 'attend' | 'reduce'): Kernel {
     return this.kernel('selected_attention_fsa.cu', `nsa_fsa_${fn}`, this.selDefines());
   }
 

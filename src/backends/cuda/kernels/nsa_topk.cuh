@@ -1,0 +1,66 @@
+// Top-n selection by one warp, shared by the prefill scorer (select_blocks.cu) and the decode step (decode.cu).
+// The forced blocks (0, the block before t's, t's own: distinct ones, lowest index first) rank above all others;
+// the rest go by score, higher first, the lower index on ties. Needs SEL_N (n <= 32).
+#pragma once
+
+/** (score, index) order of top-n: higher score first, lower index on ties. */
+__device__ __forceinline__ bool topk_better(float s, int j, float bs, int bj) { return s > bs || (s == bs && j < bj); }
+
+/**
+ * Chooses the blocks of a query whose own block is `current` from the scores sc[0 .. current] (>= 0; the chosen
+ * ones are overwritten with -inf) and writes them to dst[0 .. SEL_N), ascending, -1 padded. Call with the whole
+ * warp; `sc` must be shared memory the warp owns.
+ */
+__device__ __forceinline__ void warp_top_n(float *sc, int current, int *dst, int lane) {
+  int chosen = -1; // lane i keeps the i-th chosen block
+  int count = 0;
+  int previous = -1;
+  const int forced[3] = {0, current - 1, current};
+#pragma unroll
+  for (int f = 0; f < 3; f++) {
+    const int j = forced[f];
+    if (count == SEL_N || j <= previous) continue;
+    if (lane == count) chosen = j;
+    count++;
+    previous = j;
+  }
+  __syncwarp();
+  if (lane == 0) {
+#pragma unroll
+    for (int f = 0; f < 3; f++)
+      if (forced[f] >= 0) sc[forced[f]] = NSA_NEG_INF; // taken: real scores are >= 0
+  }
+  __syncwarp();
+  while (count < SEL_N) {
+    float bs = NSA_NEG_INF;
+    int bj = 0x7fffffff;
+    for (int j = lane; j <= current; j += 32) {
+      if (topk_better(sc[j], j, bs, bj)) {
+        bs = sc[j];
+        bj = j;
+      }
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const float os = __shfl_xor_sync(0xffffffff, bs, off);
+      const int oj = __shfl_xor_sync(0xffffffff, bj, off);
+      if (topk_better(os, oj, bs, bj)) {
+        bs = os;
+        bj = oj;
+      }
+    }
+    if (bs == NSA_NEG_INF) break; // no candidates left
+    if (lane == count) chosen = bj;
+    if (lane == 0) sc[bj] = NSA_NEG_INF;
+    __syncwarp();
+    count++;
+  }
+  // Ascending order: each lane's rank is how many chosen blocks are smaller.
+  int rank = 0;
+  for (int i = 0; i < count; i++) {
+    const int other = __shfl_sync(0xffffffff, chosen, i);
+    rank += (lane < count && other < chosen) ? 1 : 0;
+  }
+  if (lane < count) dst[rank] = chosen;
+  for (int i = count + lane; i < SEL_N; i += 32) dst[i] = -1;
+}
