@@ -1,7 +1,8 @@
-// Copies the files tsc does not emit into dist/: the CUDA kernel sources (src/backends/cuda/kernels/*.cu and
-// *.cuh) that the cuda backend compiles at run time with NVRTC. Succeeds, copying nothing, when there are none.
+// Finishes the build after tsc: copies the files tsc does not emit into dist/ (the CUDA kernel sources,
+// src/backends/cuda/kernels/*.cu and *.cuh, that the cuda backend compiles at run time with NVRTC; none is fine),
+// and makes the `nsa` bin executable, since tsc writes it without the execute bit and `npx nsa` runs it directly.
 
-import { copyFile, mkdir, readdir } from 'node:fs/promises';
+import { chmod, copyFile, mkdir, readdir } from 'node:fs/promises';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
@@ -28,4 +29,8 @@ for (const { from, to, extensions } of ASSETS) {
     copied++;
   }
 }
-console.log(`copy-assets: ${copied} file(s) copied into dist/`);
+const bin = join(root, 'dist/cli/main.js');
+await chmod(bin, 0o755).catch((err) => {
+  if (err.code !== 'ENOENT') throw err;
+});
+console.log(`copy-assets: ${copied} file(s) copied into dist/, ${'dist/cli/main.js'} executable`);
