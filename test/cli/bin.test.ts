@@ -44,6 +44,13 @@ describe('the built nsa executable', () => {
     expect((await readFile(MAIN, 'utf8')).split('\n', 1)[0]).toBe('#!/usr/bin/env node');
   });
 
+  it('is executable itself (npx nsa runs the file directly)', async (ctx) => {
+    requireBuild(ctx);
+    const r = await run(MAIN, ['--help'], 30_000);
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout).toContain('demo');
+  });
+
   it('runs the demo end to end', async (ctx) => {
     requireBuild(ctx);
     const r = await run(process.execPath, [MAIN, 'demo', '--seqlen', '300', '--heads', '2', '--head-dim', '16', '--value-dim', '16'], 60_000);
