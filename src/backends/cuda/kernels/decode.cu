@@ -1,9 +1,9 @@
 // nvcc-check: -DDK=128 -DDV=128 -DCMP_L=32 -DCMP_D=16 -DSEL_L=64 -DSEL_N=16 -DWINDOW=512
 // nvcc-check: -DDK=64 -DDV=64 -DCMP_L=64 -DCMP_D=64 -DSEL_L=64 -DSEL_N=4 -DWINDOW=100 -DNSA_FP16
 //
-// Decoding against a KV cache, flash-decoding style: every branch's keys are cut into chunks, one CTA per
-// (query, KV head, 16 query heads, chunk), so a single sequence at long context still fills the GPU, and each
-// K/V tile is loaded once for the G heads of a group.
+// Decoding against a KV cache, flash-decoding style: every branch's keys are cut into chunks (a multiple of 64
+// keys, chosen by the host so the GPU fills), one CTA per (query, KV head, 16 query heads, chunk), so a single
+// sequence at long context still fills the GPU, and each K/V tile is loaded once for the G heads of a group.
 //   nsa_decode_partial (branch 0 cmp)   partial softmax over a chunk of visible compressed keys; keeps the raw
 //                                       scores (log2 units) for the block scores
 //   nsa_decode_cmp_topk                 merges the cmp chunks (o_cmp, lse_cmp), turns the raw scores into the
@@ -21,7 +21,6 @@
 #define THREADS 128
 #define ROWS 16
 #define TILE 64
-#define CHUNK 256 // keys per CTA
 
 __device__ __forceinline__ int cmp_visible(int t, int tc) {
   return t < CMP_L - 1 ? 0 : min(tc, (t - CMP_L + 1) / CMP_D + 1);
@@ -46,7 +45,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
                        const int *__restrict__ seq_len, const int *__restrict__ q_seq, const int *__restrict__ q_pos,
                        const int *__restrict__ block_indices, float *__restrict__ partial_m, float *__restrict__ partial_l,
                        float *__restrict__ partial_o, float *__restrict__ scores, int score_stride, int Hq, int H,
-                       int branch, int slot0, int slots, float scale_log2) {
+                       int branch, int slot0, int slots, float scale_log2, int chunk) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   elem_t *qsmem = reinterpret_cast<elem_t *>(smem_raw); // ROWS x DK
   elem_t *ksmem = qsmem + ROWS * DK;                    // 2 x TILE x DK
@@ -93,8 +92,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     }
     return first + i;
   };
-  const int c0 = blockIdx.z * CHUNK;
-  const int c1 = min(nkeys, c0 + CHUNK);
+  const int c0 = blockIdx.z * chunk;
+  const int c1 = min(nkeys, c0 + chunk);
   const i64 prow = (i64)r * Hq + h * G + head0; // first output row (query r, head head0)
   if (c0 >= c1) {
     for (int i = threadIdx.x; i < rows; i += THREADS) {

@@ -34,7 +34,18 @@ interface SequenceStore {
   tailStart: number;
 }
 
-const CHUNK = 256;
+/**
+ * Keys per decode CTA for a branch of `keys` keys: the largest of 256 .. 2048 that still gives `minCtas` CTAs over
+ * `rows` (query, KV head, head chunk) triples (fewer, longer chunks mean fewer partial results to write and merge),
+ * or NSA_DECODE_CHUNK when set.
+ */
+function chunkFor(keys: number, rows: number, minCtas: number): number {
+  const forced = Number(process.env['NSA_DECODE_CHUNK']);
+  if (Number.isInteger(forced) && forced >= 64 && forced % 64 === 0) return forced;
+  let chunk = 256;
+  while (chunk < 2048 && rows * Math.ceil(keys / (chunk * 2)) >= minCtas) chunk *= 2;
+  return chunk;
+}
 const ptr = (b: DeviceBuffer): KernelArg => ({ ptr: b.ptr });
 
 export class CudaKvCache implements KvCache {
@@ -288,8 +299,9 @@ class DecodeStep {
   private readonly tables: Record<'seqPtrs' | 'seqLen' | 'qSeq' | 'qPos', DeviceBuffer>;
   private readonly partial: Record<'m' | 'l' | 'o', DeviceBuffer>;
   private readonly scores: DeviceBuffer;
-  /** Chunks (partial slots) per row of each branch; NSA's are laid out cmp, slc, win. */
+  /** Chunks (partial slots) per row of each branch, and the keys per chunk; NSA's slots are laid out cmp, slc, win. */
   private readonly slots: { cmp: number; slc: number; win: number; nsa: number; dense: number };
+  private readonly chunks: { cmp: number; slc: number; win: number; dense: number };
   private readonly maxCandidates: number;
   private readonly scoreStride: number;
 
@@ -316,10 +328,18 @@ class DecodeStep {
     this.lseWin = f32(Q * Hq, 'decode lse_win');
     this.blockIndices = this.keep(ctx.alloc(Q * H * n * 4, 'decode block indices'));
     const maxCompressed = Math.max(1, config.compressedLength(maxLength));
-    const cmp = Math.ceil(maxCompressed / CHUNK);
-    const slc = Math.ceil((n * selectBlock) / CHUNK);
-    const win = Math.ceil(window / CHUNK);
-    const dense = Math.ceil(maxLength / CHUNK);
+    const ctaRows = Q * H * Math.ceil(config.groupSize / 16);
+    const minCtas = 4 * ctx.device.smCount;
+    this.chunks = {
+      cmp: chunkFor(maxCompressed, ctaRows, minCtas),
+      slc: chunkFor(n * selectBlock, ctaRows, minCtas),
+      win: chunkFor(window, ctaRows, minCtas),
+      dense: chunkFor(maxLength, ctaRows, minCtas),
+    };
+    const cmp = Math.ceil(maxCompressed / this.chunks.cmp);
+    const slc = Math.ceil((n * selectBlock) / this.chunks.slc);
+    const win = Math.ceil(window / this.chunks.win);
+    const dense = Math.ceil(maxLength / this.chunks.dense);
     this.slots = { cmp, slc, win, nsa: cmp + slc + win, dense };
     this.scoreStride = maxCompressed;
     this.maxCandidates = Math.ceil(maxLength / selectBlock) + 1;
@@ -343,7 +363,7 @@ class DecodeStep {
     const G = config.groupSize;
     const gchunks = Math.ceil(G / 16);
     const scaleLog2 = config.scale * Math.LOG2E;
-    const attend = (branch: number, slot0: number, chunks: number): void =>
+    const attend = (branch: number, slot0: number, chunks: number, chunk: number): void =>
       programs.decode('partial').launch({
         grid: [Q, H * gchunks, chunks],
         block: [128, 1, 1],
@@ -351,12 +371,12 @@ class DecodeStep {
         args: [
           ptr(this.q), ptr(tables.seqPtrs), ptr(tables.seqLen), ptr(tables.qSeq), ptr(tables.qPos), ptr(this.blockIndices),
           ptr(partial.m), ptr(partial.l), ptr(partial.o), ptr(this.scores), { i32: this.scoreStride }, { i32: Hq }, { i32: H },
-          { i32: branch }, { i32: slot0 }, { i32: dense ? slots.dense : slots.nsa }, { f32: scaleLog2 },
+          { i32: branch }, { i32: slot0 }, { i32: dense ? slots.dense : slots.nsa }, { f32: scaleLog2 }, { i32: chunk },
         ],
       });
     const rows = Q * Hq;
     if (dense) {
-      attend(3, 0, slots.dense);
+      attend(3, 0, slots.dense, this.chunks.dense);
       programs.decode('combine_dense').launch({
         grid: [Math.ceil(rows / 4), 1, 1],
         block: [128, 1, 1],
@@ -364,7 +384,7 @@ class DecodeStep {
       });
       return;
     }
-    attend(0, 0, slots.cmp);
+    attend(0, 0, slots.cmp, this.chunks.cmp);
     programs.decode('cmp_topk').launch({
       grid: [Q, H, 1],
       block: [256, 1, 1],
@@ -375,8 +395,8 @@ class DecodeStep {
         { i32: slots.nsa }, { i32: slots.cmp },
       ],
     });
-    attend(1, slots.cmp, slots.slc);
-    attend(2, slots.cmp + slots.slc, slots.win);
+    attend(1, slots.cmp, slots.slc, this.chunks.slc);
+    attend(2, slots.cmp + slots.slc, slots.win, this.chunks.win);
     programs.decode('combine').launch({
       grid: [Math.ceil(rows / 4), 1, 1],
       block: [128, 1, 1],
