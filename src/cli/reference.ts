@@ -1,7 +1,7 @@
 // The float64 reference on the exact values a backend received (half inputs widen exactly to f32): all rows
 // for `nsa check`, or a few rows for `nsa demo`, which stays cheap at long sequence lengths.
 
-import { PHI_PARAM_NAMES, type PhiParams } from '../reference/compress.js';
+import type { PhiParams } from '../reference/compress.js';
 import type { NsaReferenceGradients } from '../reference/nsa-backward.js';
 import {
   allocateOutputs,
@@ -16,17 +16,14 @@ import { bf16ToF32, f16ToF32 } from '../tensor/dtype.js';
 import type { Tensor } from '../tensor/tensor.js';
 import type { NsaRequest } from '../nsa/validate.js';
 import { byInterchangeName } from '../nsa/interchange.js';
+import { phiParamsOf } from '../nsa/phi-params.js';
 
 /** The request's tensors as the reference reads them (no rounding: every input dtype widens exactly). */
 export function referenceInputsOf(request: NsaRequest): NsaReferenceInputs {
   const { inputs, config } = request;
   const opt = (t: Tensor | undefined): FloatArray | undefined => (t === undefined ? undefined : exactFloats(t));
-  const phi = (params: Readonly<Record<string, Tensor>> | undefined): PhiParams | undefined => {
-    if (params === undefined || config.phi === 'mean') return undefined;
-    const p = Object.fromEntries(PHI_PARAM_NAMES[config.phi].map((name) => [name, exactFloats(params[name]!)]));
-    if (config.phi === 'linear') return { kind: 'linear', pe: p['pe']!, w: p['w']!, b: p['b']! };
-    return { kind: 'mlp', pe: p['pe']!, w1: p['w1']!, b1: p['b1']!, w2: p['w2']!, b2: p['b2']!, hidden: request.phiHidden };
-  };
+  const phi = (params: Readonly<Record<string, Tensor>> | undefined): PhiParams | undefined =>
+    phiParamsOf(config, params, request.phiHidden, exactFloats);
   return {
     q: exactFloats(inputs.q),
     k: exactFloats(inputs.k),

@@ -4,12 +4,11 @@
 // each tensor into its own aligned typed array; writing lays tensors out contiguously in insertion order and pads
 // the header with spaces to a multiple of 8 bytes, as the reference implementation does.
 
-import { randomBytes } from 'node:crypto';
-import { open, readFile, rename, unlink } from 'node:fs/promises';
-import { basename, dirname, join } from 'node:path';
+import { readFile } from 'node:fs/promises';
 import { DTypeError, SafetensorsError } from '../errors.js';
 import { allocateStorage, BYTES_PER_ELEMENT, DTYPES, type DType, type DTypeMap } from './dtype.js';
 import { formatShape, Tensor } from './tensor.js';
+import { writeFileAtomic } from './atomic-write.js';
 
 export interface SafetensorsFile {
   /** Tensors in the order of their data offsets in the file. */
@@ -337,33 +336,14 @@ export async function readSafetensorsFile(path: string): Promise<SafetensorsFile
   }
 }
 
-/**
- * Writes a safetensors file atomically: the bytes go to a temporary file in the same directory, which is synced
- * and renamed over `path`, so readers see the old file or the whole new one, never a partial one. On any error the
- * temporary file is removed and the error rethrown.
- */
+/** Writes a safetensors file atomically (writeFileAtomic): readers see the old file or the whole new one. */
 export async function writeSafetensorsFile(
   path: string,
   tensors: Record<string, Tensor> | Map<string, Tensor>,
   metadata?: Record<string, string>,
 ): Promise<void> {
   const bytes = serializeSafetensors(tensors, metadata); // before touching the disk: a bad input writes nothing
-  const temp = join(dirname(path), `.${basename(path)}.${process.pid}.${randomBytes(6).toString('hex')}.tmp`);
-  let created = false;
-  try {
-    const handle = await open(temp, 'wx');
-    created = true;
-    try {
-      await handle.writeFile(bytes);
-      await handle.sync();
-    } finally {
-      await handle.close();
-    }
-    await rename(temp, path);
-  } catch (err) {
-    if (created) await unlink(temp).catch(() => undefined); // best effort: the original error matters more
-    throw err;
-  }
+  await writeFileAtomic(path, bytes);
 }
 
 // ---------------------------------------------------------------------------------------------------------------

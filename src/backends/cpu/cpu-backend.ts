@@ -33,6 +33,7 @@ import {
   type ProblemArrays,
 } from './row-tasks.js';
 import { WorkerPool } from './worker-pool.js';
+import { phiParamsOf } from '../../nsa/phi-params.js';
 import { CpuKvCache } from './cpu-kv-cache.js';
 import type { NSAConfig } from '../../config/nsa-config.js';
 import type { KvCache, KvCacheOptions } from '../../nsa/decode/types.js';
@@ -167,12 +168,8 @@ function optionalF32(t: Tensor | undefined, shared: boolean): Float32Array | und
 function referenceInputs(request: NsaRequest, shared: boolean): Parameters<typeof prepareNsaProblem>[1] {
   const { inputs, config } = request;
   const f32 = (t: Tensor): Float32Array => (shared ? toShared(t.toFloat32()) : t.toFloat32());
-  const phi = (params: Readonly<Record<string, Tensor>> | undefined): PhiParams | undefined => {
-    if (params === undefined || config.phi === 'mean') return undefined;
-    const p = (name: string): Float32Array => params[name]!.toFloat32();
-    if (config.phi === 'linear') return { kind: 'linear', pe: p('pe'), w: p('w'), b: p('b') };
-    return { kind: 'mlp', pe: p('pe'), w1: p('w1'), b1: p('b1'), w2: p('w2'), b2: p('b2'), hidden: request.phiHidden };
-  };
+  const phi = (params: Readonly<Record<string, Tensor>> | undefined): PhiParams | undefined =>
+    phiParamsOf(config, params, request.phiHidden);
   return {
     q: f32(inputs.q),
     k: f32(inputs.k),

@@ -5,7 +5,7 @@
 
 import type { NSAConfig } from '../../config/nsa-config.js';
 import { DisposedError } from '../../errors.js';
-import { BlockCompressor, type PhiParams } from '../../reference/compress.js';
+import { BlockCompressor } from '../../reference/compress.js';
 import type { FloatArray, SequenceSpan } from '../../reference/layout.js';
 import { allocateOutputs, QueryEvaluator } from '../../reference/nsa-forward.js';
 import { attendForward, KeyRanges, ScoreScratch } from '../../reference/attention.js';
@@ -14,6 +14,7 @@ import { median } from '../timing.js';
 import { Tensor } from '../../tensor/tensor.js';
 import { checkAppend, checkDecode } from '../../nsa/decode/checks.js';
 import type { DecodeOutputs, DecodeQuery, KvCache, KvCacheOptions } from '../../nsa/decode/types.js';
+import { phiParamsOf } from '../../nsa/phi-params.js';
 import { validatePhiParams } from '../../nsa/validate.js';
 
 /** A growable array of rows of `width` values. */
@@ -61,8 +62,8 @@ export class CpuKvCache implements KvCache {
     this.maxTokens = options.maxTokens ?? 2 ** 22;
     this.pageTokens = options.pageTokens ?? 1024;
     const hidden = validatePhiParams({ phiK: options.phiK, phiV: options.phiV }, config);
-    this.compressK = new BlockCompressor(config, config.headDim, phiParams(config, options.phiK, hidden));
-    this.compressV = new BlockCompressor(config, config.valueDim, phiParams(config, options.phiV, hidden));
+    this.compressK = new BlockCompressor(config, config.headDim, phiParamsOf(config, options.phiK, hidden));
+    this.compressV = new BlockCompressor(config, config.valueDim, phiParamsOf(config, options.phiV, hidden));
   }
 
   get sequenceCount(): number {
@@ -207,9 +208,3 @@ export class CpuKvCache implements KvCache {
   }
 }
 
-function phiParams(config: NSAConfig, params: Readonly<Record<string, Tensor>> | undefined, hidden: number): PhiParams | undefined {
-  if (params === undefined || config.phi === 'mean') return undefined;
-  const p = (name: string): Float32Array => params[name]!.toFloat32();
-  if (config.phi === 'linear') return { kind: 'linear', pe: p('pe'), w: p('w'), b: p('b') };
-  return { kind: 'mlp', pe: p('pe'), w1: p('w1'), b1: p('b1'), w2: p('w2'), b2: p('b2'), hidden };
-}

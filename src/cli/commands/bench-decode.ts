@@ -14,7 +14,7 @@ import { backendMemoryBytes, chooseBackend, isGpuBackend } from '../backend-choi
 import { attempt, flatten, ratio, shellQuote, type Timed } from '../bench-report.js';
 import type { CommandContext } from '../command.js';
 import { errorMessage, exitCodeFor } from '../exit.js';
-import { writeFileAtomic } from '../files.js';
+import { writeFileAtomic } from '../../tensor/atomic-write.js';
 import { formatLength, formatMs, formatRatio, renderTable } from '../format.js';
 import { EXIT_FAILED, EXIT_OK, EXIT_USAGE, println, withFile } from '../io.js';
 import { configOverrides, DEFAULT_SEED, headOptions, type BackendFlags, type ConfigFlags, type HeadFlags } from '../options.js';

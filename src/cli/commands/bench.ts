@@ -9,7 +9,7 @@ import { NSAConfig, type PresetName } from '../../config/nsa-config.js';
 import { chooseBackend, isGpuBackend } from '../backend-choice.js';
 import { newCommand, type CommandContext } from '../command.js';
 import { formatLength, formatMs, formatRatio, renderTable } from '../format.js';
-import { writeFileAtomic } from '../files.js';
+import { writeFileAtomic } from '../../tensor/atomic-write.js';
 import { EXIT_FAILED, EXIT_OK, println, UsageError, withFile } from '../io.js';
 import {
   addBackendOption,

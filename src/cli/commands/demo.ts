@@ -8,7 +8,7 @@ import { chooseBackend, isGpuBackend } from '../backend-choice.js';
 import { newCommand, type CommandContext } from '../command.js';
 import { compareArrays } from '../compare.js';
 import { formatCount, formatError, formatMs, formatRatio, renderTable } from '../format.js';
-import { writeFileAtomic } from '../files.js';
+import { writeFileAtomic } from '../../tensor/atomic-write.js';
 import { EXIT_FAILED, EXIT_OK, println, withFile, type CliIo } from '../io.js';
 import { keysPerBranch } from '../keys.js';
 import {

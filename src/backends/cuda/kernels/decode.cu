@@ -152,36 +152,13 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 
   // Merge the four warps' states, then write this chunk's partial for each row.
   float *merge_o = reinterpret_cast<float *>(ksmem); // 4 x ROWS x DV floats
-#pragma unroll
-  for (int hh = 0; hh < 2; hh++) {
-    float l = st.l[hh];
-    l += __shfl_xor_sync(0xffffffff, l, 1);
-    l += __shfl_xor_sync(0xffffffff, l, 2);
-    const int row = lane / 4 + hh * 8;
-    if (lane % 4 == 0) {
-      merge_m[warp][row] = st.m[hh];
-      merge_l[warp][row] = l;
-    }
-#pragma unroll
-    for (int n = 0; n < DV / 8; n++) {
-      const int col = n * 8 + (lane % 4) * 2;
-      merge_o[(warp * ROWS + row) * DV + col] = o[n][2 * hh];
-      merge_o[(warp * ROWS + row) * DV + col + 1] = o[n][2 * hh + 1];
-    }
-  }
+  stage_warp_state<DV, 4>(st, o, merge_m, merge_l, merge_o, warp, lane);
   __syncthreads();
   for (int idx = threadIdx.x; idx < rows * DV; idx += THREADS) {
     const int row = idx / DV;
     const int col = idx % DV;
-    float m = NSA_NEG_INF;
-    for (int w = 0; w < 4; w++) m = fmaxf(m, merge_m[w][row]);
-    float l = 0.f;
-    float acc = 0.f;
-    for (int w = 0; w < 4; w++) {
-      const float f = merge_m[w][row] == NSA_NEG_INF ? 0.f : exp2f(merge_m[w][row] - m);
-      l += f * merge_l[w][row];
-      acc += f * merge_o[(w * ROWS + row) * DV + col];
-    }
+    float m, l;
+    const float acc = merge_warp_states<DV, 4>(merge_m, merge_l, merge_o, row, col, &m, &l);
     const i64 slot = (prow + row) * slots + slot0 + blockIdx.z;
     partial_o[slot * DV + col] = acc;
     if (col == 0) {

@@ -246,6 +246,51 @@ __device__ __forceinline__ float softmax_finish_row(const SoftmaxRows &st, int h
   return l;
 }
 
+// ---------------------------------------------------------------------------------------------------------------
+// Warps that each took part of the keys of the same 16 rows (flash-decoding inside a CTA) merge their states
+// through shared memory: merge_m/merge_l [NW][16], merge_o [NW][16][VDIM].
+
+/** Stages this warp's row states (l summed over the row's four lanes) and unnormalised outputs. */
+template <int VDIM, int NW>
+__device__ __forceinline__ void stage_warp_state(const SoftmaxRows &st, const float o[VDIM / 8][4], float (*merge_m)[16],
+                                                 float (*merge_l)[16], float *merge_o, int warp, int lane) {
+#pragma unroll
+  for (int hh = 0; hh < 2; hh++) {
+    float l = st.l[hh];
+    l += __shfl_xor_sync(0xffffffff, l, 1);
+    l += __shfl_xor_sync(0xffffffff, l, 2);
+    const int r = lane / 4 + hh * 8;
+    if (lane % 4 == 0) {
+      merge_m[warp][r] = st.m[hh];
+      merge_l[warp][r] = l;
+    }
+#pragma unroll
+    for (int n = 0; n < VDIM / 8; n++) {
+      const int col = n * 8 + (lane % 4) * 2;
+      merge_o[(warp * 16 + r) * VDIM + col] = o[n][2 * hh];
+      merge_o[(warp * 16 + r) * VDIM + col + 1] = o[n][2 * hh + 1];
+    }
+  }
+}
+
+/** Row r, column col merged over the NW warps, in warp order: sets m (log2 units) and l, returns the sum of o. */
+template <int VDIM, int NW>
+__device__ __forceinline__ float merge_warp_states(const float (*merge_m)[16], const float (*merge_l)[16], const float *merge_o,
+                                                   int r, int col, float *m_out, float *l_out) {
+  float m = NSA_NEG_INF;
+  for (int w = 0; w < NW; w++) m = fmaxf(m, merge_m[w][r]);
+  float l = 0.f;
+  float acc = 0.f;
+  for (int w = 0; w < NW; w++) {
+    const float f = merge_m[w][r] == NSA_NEG_INF ? 0.f : exp2f(merge_m[w][r] - m);
+    l += f * merge_l[w][r];
+    acc += f * merge_o[(w * 16 + r) * VDIM + col];
+  }
+  *m_out = m;
+  *l_out = l;
+  return acc;
+}
+
 template <int N> __device__ __forceinline__ void zero_frags(float f[N][4]) {
 #pragma unroll
   for (int i = 0; i < N; i++) f[i][0] = f[i][1] = f[i][2] = f[i][3] = 0.f;

@@ -117,36 +117,13 @@ extern "C" __global__ void __launch_bounds__(THREADS, SLC_MIN_BLOCKS)
   cp_async_wait<0>();
   __syncthreads();
   float *merge_o = reinterpret_cast<float *>(ksmem); // SLC_WARPS x ROWS x DV floats, reusing the key stages
-#pragma unroll
-  for (int hh = 0; hh < 2; hh++) {
-    float l = st.l[hh];
-    l += __shfl_xor_sync(0xffffffff, l, 1);
-    l += __shfl_xor_sync(0xffffffff, l, 2);
-    const int r = lane / 4 + hh * 8;
-    if (lane % 4 == 0) {
-      merge_m[warp][r] = st.m[hh];
-      merge_l[warp][r] = l;
-    }
-#pragma unroll
-    for (int n = 0; n < DV / 8; n++) {
-      const int col = n * 8 + (lane % 4) * 2;
-      merge_o[(warp * ROWS + r) * DV + col] = o[n][2 * hh];
-      merge_o[(warp * ROWS + r) * DV + col + 1] = o[n][2 * hh + 1];
-    }
-  }
+  stage_warp_state<DV, SLC_WARPS>(st, o, merge_m, merge_l, merge_o, warp, lane);
   __syncthreads();
   for (int idx = threadIdx.x; idx < rows * DV; idx += THREADS) {
     const int r = idx / DV;
     const int col = idx % DV;
-    float m = NSA_NEG_INF;
-    for (int w = 0; w < SLC_WARPS; w++) m = fmaxf(m, merge_m[w][r]);
-    float l = 0.f;
-    float acc = 0.f;
-    for (int w = 0; w < SLC_WARPS; w++) {
-      const float f = merge_m[w][r] == NSA_NEG_INF ? 0.f : exp2f(merge_m[w][r] - m);
-      l += f * merge_l[w][r];
-      acc += f * merge_o[(w * ROWS + r) * DV + col];
-    }
+    float m, l;
+    const float acc = merge_warp_states<DV, SLC_WARPS>(merge_m, merge_l, merge_o, r, col, &m, &l);
     const float x = l > 0.f ? acc / l : 0.f;
     const i64 orow = row * Hq + h * G + head0 + r;
     if (col == 0) lse_out[orow] = l > 0.f ? (m + log2f(l)) * NSA_LN2 : NSA_NEG_INF;

@@ -8,8 +8,9 @@ import type { NSAConfig } from '../../../config/nsa-config.js';
 import { DisposedError, UnsupportedConfigError } from '../../../errors.js';
 import { checkAppend, checkDecode } from '../../../nsa/decode/checks.js';
 import type { DecodeOutputs, DecodeQuery, KvCache, KvCacheOptions } from '../../../nsa/decode/types.js';
+import { phiParamsOf } from '../../../nsa/phi-params.js';
 import { validatePhiParams } from '../../../nsa/validate.js';
-import { BlockCompressor, type PhiParams } from '../../../reference/compress.js';
+import { BlockCompressor } from '../../../reference/compress.js';
 import { bf16ToF32, float64ToStorage } from '../../../tensor/dtype.js';
 import { Tensor } from '../../../tensor/tensor.js';
 import type { TimingOptions, TimingResult } from '../../backend.js';
@@ -68,8 +69,8 @@ export class CudaKvCache implements KvCache {
     this.pageTokens = options.pageTokens ?? 4096;
     const hidden = validatePhiParams({ phiK: options.phiK, phiV: options.phiV }, config);
     this.learned = config.phi !== 'mean';
-    this.compressK = new BlockCompressor(config, config.headDim, phiParams(config, options.phiK, hidden));
-    this.compressV = new BlockCompressor(config, config.valueDim, phiParams(config, options.phiV, hidden));
+    this.compressK = new BlockCompressor(config, config.headDim, phiParamsOf(config, options.phiK, hidden));
+    this.compressV = new BlockCompressor(config, config.valueDim, phiParamsOf(config, options.phiV, hidden));
   }
 
   get sequenceCount(): number {
@@ -418,12 +419,6 @@ class DecodeStep {
   }
 }
 
-function phiParams(config: NSAConfig, params: Readonly<Record<string, Tensor>> | undefined, hidden: number): PhiParams | undefined {
-  if (params === undefined || config.phi === 'mean') return undefined;
-  const p = (name: string): Float32Array => params[name]!.toFloat32();
-  if (config.phi === 'linear') return { kind: 'linear', pe: p('pe'), w: p('w'), b: p('b') };
-  return { kind: 'mlp', pe: p('pe'), w1: p('w1'), b1: p('b1'), w2: p('w2'), b2: p('b2'), hidden };
-}
 
 function concat(a: Float32Array, b: Float32Array): Float32Array {
   const out = new Float32Array(a.length + b.length);

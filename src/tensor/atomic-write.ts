@@ -1,5 +1,6 @@
-// Atomic file writes for the CLI's own outputs (PNG pictures, benchmark JSON): the bytes go to a temporary file
-// in the same directory, which is synced and renamed over the target, so a reader never sees a partial file.
+// Atomic file writes: the bytes go to a temporary file in the same directory, which is synced and renamed over
+// the target, so a reader sees the old file or the whole new one, never a partial one. On any error the temporary
+// file is removed and the error rethrown. Used for safetensors outputs and the CLI's own files.
 
 import { randomBytes } from 'node:crypto';
 import { open, rename, unlink } from 'node:fs/promises';
@@ -19,7 +20,7 @@ export async function writeFileAtomic(path: string, bytes: Uint8Array | string):
     }
     await rename(temp, path);
   } catch (err) {
-    if (created) await unlink(temp).catch(() => undefined);
+    if (created) await unlink(temp).catch(() => undefined); // best effort: the original error matters more
     throw err;
   }
 }
