@@ -11,7 +11,7 @@ import { nsaForward } from '../../src/nsa/operator.js';
 import { randomInputs } from '../../src/nsa/random-inputs.js';
 import type { NsaGradients } from '../../src/nsa/types.js';
 import { Tensor } from '../../src/tensor/tensor.js';
-import { expectRelativeRms } from '../helpers/compare.js';
+import { expectRelativeRms, rms } from '../helpers/compare.js';
 import { referenceInputs, withIndependentKv } from '../helpers/gpu-inputs.js';
 
 const availability = cudaAvailability();
@@ -33,18 +33,21 @@ const CASES: Case[] = [
   { name: 'dk = 128 != dv = 64, G = 8', options: { ...base, heads: 8, kvHeads: 1, headDim: 128, valueDim: 64 }, seqlens: [400] },
   { name: "l' = 128 (two key tiles per block), G = 4", options: { compressBlock: 64, compressStride: 32, selectBlock: 128, selectCount: 4, window: 200, heads: 4, kvHeads: 1, headDim: 64, valueDim: 64 }, seqlens: [650] },
   { name: 'independent K/V per branch, compressed K/V given', options: { ...base, heads: 8, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [300, 211], independent: true },
+  { name: 'learned phi = linear, G = 4, packed [257, 90, 1]', options: { ...base, phi: 'linear', heads: 8, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [257, 90, 1] },
+  { name: 'learned phi = mlp, dk = 128 != dv = 64, G = 16', options: { ...base, phi: 'mlp', heads: 16, kvHeads: 1, headDim: 128, valueDim: 64 }, seqlens: [301] },
 ];
 
 
 const GRADIENTS = ['dq', 'dk', 'dv', 'dg', 'dkCmp', 'dvCmp', 'dkSlc', 'dvSlc', 'dkWin', 'dvWin'] as const;
 
 function sameBits(a: NsaGradients, b: NsaGradients): boolean {
-  return GRADIENTS.every((name) => {
-    const x = a[name];
-    const y = b[name];
+  const same = (x: Tensor | undefined, y: Tensor | undefined): boolean => {
     if (x === undefined || y === undefined) return x === y;
     return Buffer.from(x.data.buffer, x.data.byteOffset, x.data.byteLength).equals(Buffer.from(y.data.buffer, y.data.byteOffset, y.data.byteLength));
-  });
+  };
+  const phiSame = (x: NsaGradients['dPhiK'], y: NsaGradients['dPhiK']): boolean =>
+    x === undefined || y === undefined ? x === y : Object.keys(x).every((name) => same(x[name], y[name]));
+  return GRADIENTS.every((name) => same(a[name], b[name])) && phiSame(a.dPhiK, b.dPhiK) && phiSame(a.dPhiV, b.dPhiV);
 }
 
 if (!availability.available) {
@@ -73,7 +76,7 @@ if (!availability.available) {
         expect(sameBits(grads, again), 'two backward runs give bitwise-identical gradients').toBe(true);
         result.release();
 
-        const ref = referenceInputs(inputs, cuSeqlens);
+        const ref = referenceInputs(inputs, cuSeqlens, config);
         const fwd = nsaReferenceForward(config, ref, result.blockIndices.data);
         const want = nsaReferenceBackward(config, ref, fwd, dO.toFloat64());
         for (const name of GRADIENTS) {
@@ -82,6 +85,21 @@ if (!availability.available) {
           expect(got === undefined, `${name} present on both sides`).toBe(expected === undefined);
           if (expected === undefined || got === undefined) continue;
           expectRelativeRms(got.toFloat64(), expected, name, TOL);
+        }
+        // A learned phi's parameter gradients, each by name. The keys' bias (and pe, for linear phi) shift every
+        // compressed key of a softmax alike, so their exact gradient is 0 and the GPU's is rounding noise: their
+        // error is measured against the side's largest parameter gradient, a sum over the same tokens that does not
+        // cancel.
+        for (const side of ['dPhiK', 'dPhiV'] as const) {
+          const expected = want[side];
+          const got = grads[side];
+          expect(got === undefined, `${side} present on both sides`).toBe(expected === undefined);
+          if (expected === undefined || got === undefined) continue;
+          expect(Object.keys(got).sort()).toEqual(Object.keys(expected).sort());
+          const scale = Math.max(...Object.values(expected).map(rms));
+          for (const [name, values] of Object.entries(expected)) {
+            expectRelativeRms(got[name]!.toFloat64(), values, `${side}.${name}`, { ...TOL, scale: side === 'dPhiK' ? scale : 0 });
+          }
         }
       });
     }

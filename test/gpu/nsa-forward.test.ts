@@ -39,6 +39,8 @@ const CASES: Case[] = [
   { name: "l' = 32 < 64-key tiles, n = 8, G = 8", options: { compressBlock: 16, compressStride: 8, selectBlock: 32, selectCount: 8, window: 40, heads: 8, kvHeads: 1, headDim: 64, valueDim: 64 }, seqlens: [611], dtype: 'bf16', kernels: ['group', 'fsa'] },
   { name: "l' = 128 > 64-key tiles, G = 4", options: { compressBlock: 64, compressStride: 32, selectBlock: 128, selectCount: 4, window: 200, heads: 4, kvHeads: 1, headDim: 64, valueDim: 64 }, seqlens: [900], dtype: 'bf16', kernels: ['group', 'fsa'] },
   { name: 'independent K/V per branch, compressed K/V given', options: { ...base, heads: 8, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [300, 211], dtype: 'bf16', kernels: ['group', 'fsa'], independent: true },
+  { name: 'learned phi = linear, G = 4, packed [333, 70]', options: { ...base, phi: 'linear', heads: 8, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [333, 70], dtype: 'bf16', kernels: ['fsa'] },
+  { name: 'learned phi = mlp, dk = 128 != dv = 64, G = 16', options: { ...base, phi: 'mlp', heads: 16, kvHeads: 1, headDim: 128, valueDim: 64 }, seqlens: [301], dtype: 'bf16', kernels: ['group'] },
 ];
 
 
@@ -110,7 +112,7 @@ if (!availability.available) {
         for (const len of c.seqlens) cuSeqlens.push(cuSeqlens[cuSeqlens.length - 1]! + len);
         let inputs = randomInputs({ config, cuSeqlens, dtype: c.dtype, seed: 1000 + 17 * i });
         if (c.independent) inputs = withIndependentKv(inputs, config, cuSeqlens, 1000 + 17 * i);
-        const ref = referenceInputs(inputs, cuSeqlens);
+        const ref = referenceInputs(inputs, cuSeqlens, config);
         const refOwn = nsaReferenceForward(config, ref);
         for (const kernel of c.kernels) {
           const result = await nsaForward(inputs, config, { backend: backends.get(kernel)! });

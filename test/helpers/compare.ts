@@ -30,16 +30,27 @@ export function expectSameNonFinite(actual: ArrayLike<number>, expected: ArrayLi
 
 export interface RmsOptions {
   readonly rtol: number;
+  /**
+   * An RMS the error is measured against when the expected values are smaller (a sum whose terms cancel, such as
+   * a gradient that is exactly 0, is checked against the size of comparable sums that do not cancel).
+   */
+  readonly scale?: number;
+}
+
+export function rms(values: ArrayLike<number>): number {
+  let sum = 0;
+  for (let i = 0; i < values.length; i++) sum += values[i]! ** 2;
+  return values.length === 0 ? 0 : Math.sqrt(sum / values.length);
 }
 
 export function expectRelativeRms(
   actual: ArrayLike<number>,
   expected: ArrayLike<number>,
   what: string,
-  { rtol }: RmsOptions,
+  { rtol, scale = 0 }: RmsOptions,
 ): void {
   expectSameNonFinite(actual, expected, what);
-  const err = relativeRmsError(actual, expected);
+  const err = scale > rms(expected) ? rms(Array.from(expected, (e, i) => actual[i]! - e)) / scale : relativeRmsError(actual, expected);
   if (!(err <= rtol)) throw new Error(`${what}: relative RMS error ${err.toExponential(3)} > ${rtol.toExponential(1)}`);
 }
 

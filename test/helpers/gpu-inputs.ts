@@ -1,14 +1,19 @@
-// Inputs of the GPU tests: the half-precision values the GPU sees as the reference's doubles, and independent
-// K/V per branch (with compressed K/V given directly).
+// Inputs of the GPU tests: the half-precision values the GPU sees as the reference's doubles (a learned phi's
+// parameters included), and independent K/V per branch (with compressed K/V given directly).
 
 import type { NSAConfig } from '../../src/config/nsa-config.js';
 import type { NsaReferenceInputs } from '../../src/reference/nsa-forward.js';
+import { phiParamsOf } from '../../src/nsa/phi-params.js';
 import type { NsaInputs } from '../../src/nsa/types.js';
 import { Tensor } from '../../src/tensor/tensor.js';
 
-export function referenceInputs(inputs: NsaInputs, cuSeqlens: readonly number[]): NsaReferenceInputs {
+export function referenceInputs(inputs: NsaInputs, cuSeqlens: readonly number[], config: NSAConfig): NsaReferenceInputs {
   const f64 = (t: Tensor | undefined): Float64Array | undefined => t?.toFloat64();
+  const hidden = inputs.phiK?.['w1']?.shape[2] ?? 0;
+  const phi = (params: NsaInputs['phiK']) => phiParamsOf(config, params, hidden, (t) => t.toFloat64());
   return {
+    phiK: phi(inputs.phiK),
+    phiV: phi(inputs.phiV),
     q: inputs.q.toFloat64(),
     k: inputs.k.toFloat64(),
     v: inputs.v.toFloat64(),
@@ -30,6 +35,8 @@ export function withIndependentKv(inputs: NsaInputs, config: NSAConfig, cuSeqlen
   const { kvHeads: H, headDim: dk, valueDim: dv } = config;
   return {
     ...inputs,
+    phiK: undefined,
+    phiV: undefined,
     kCmp: Tensor.randn([1, tc, H, dk], 'bf16', seed + 10),
     vCmp: Tensor.randn([1, tc, H, dv], 'bf16', seed + 11),
     kSlc: Tensor.randn([1, N, H, dk], 'bf16', seed + 12),

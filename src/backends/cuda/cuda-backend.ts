@@ -24,6 +24,9 @@ import { CudaKvCache } from './nsa/cuda-kv-cache.js';
 import { DeviceRandom } from './nsa/device-random.js';
 import type { KvCache, KvCacheOptions } from '../../nsa/decode/types.js';
 import { buildLayoutPlan } from './nsa/layout-plan.js';
+import type { DevicePhiParams } from './nsa/phi-runner.js';
+import { randomPhiParams } from '../../nsa/random-inputs.js';
+import { PHI_PARAM_NAMES } from '../../reference/compress.js';
 import { NsaPrograms, type HalfDType } from './nsa/programs.js';
 
 export interface CudaBackendOptions {
@@ -57,12 +60,6 @@ export class CudaBackend implements Backend {
 
   async forward(request: NsaRequest, outputDType: FloatDType): Promise<BackendForwardResult> {
     const { config, inputs } = request;
-    if (config.phi !== 'mean' && inputs.kCmp === undefined) {
-      throw new UnsupportedConfigError(
-        `cuda backend: phi = ${config.phi} runs on the GPU only with its compressed K/V given (kCmp, vCmp); ` +
-          'compute them with the learned phi, or use the cpu backend',
-      );
-    }
     const dtype: HalfDType = inputs.q.dtype === 'f16' ? 'f16' : 'bf16';
     const scope = new BufferScope();
     try {
@@ -329,6 +326,10 @@ export class CudaBackend implements Backend {
     const { totalTokens: N, totalCompressed: Nc } = runner.plan;
     const { heads: Hq, kvHeads: H, headDim: dk, valueDim: dv } = config;
     const f32 = (n: number, what: string): DeviceBuffer => scope.alloc(this.ctx, Math.max(1, n) * 4, what);
+    const phiGradients = (params: DevicePhiParams | undefined, what: string): Record<string, DeviceBuffer> | undefined =>
+      params === undefined || inputs.kCmp !== undefined
+        ? undefined
+        : Object.fromEntries(Object.entries(params.buffers).map(([name, b]) => [name, scope.alloc(this.ctx, b.bytes, `${what}.${name}`)]));
     return {
       dq: f32(N * Hq * dk, 'dq'),
       dk: f32(N * H * dk, 'dk'),
@@ -340,6 +341,8 @@ export class CudaBackend implements Backend {
       dvSlc: inputs.vSlc === undefined ? undefined : f32(N * H * dv, 'dvSlc'),
       dkWin: inputs.kWin === undefined ? undefined : f32(N * H * dk, 'dkWin'),
       dvWin: inputs.vWin === undefined ? undefined : f32(N * H * dv, 'dvWin'),
+      dPhiK: phiGradients(inputs.phiK, 'dPhiK'),
+      dPhiV: phiGradients(inputs.phiV, 'dPhiV'),
     };
   }
 
@@ -362,6 +365,12 @@ export class CudaBackend implements Backend {
     if (inputs.vSlc !== undefined && g.dvSlc !== undefined) grads.dvSlc = like(g.dvSlc, inputs.vSlc);
     if (inputs.kWin !== undefined && g.dkWin !== undefined) grads.dkWin = like(g.dkWin, inputs.kWin);
     if (inputs.vWin !== undefined && g.dvWin !== undefined) grads.dvWin = like(g.dvWin, inputs.vWin);
+    const phi = (d: Readonly<Record<string, DeviceBuffer>> | undefined, params: Readonly<Record<string, Tensor>> | undefined) =>
+      d === undefined || params === undefined ? undefined : Object.fromEntries(Object.entries(d).map(([name, b]) => [name, like(b, params[name]!)]));
+    const dPhiK = phi(g.dPhiK, inputs.phiK);
+    const dPhiV = phi(g.dPhiV, inputs.phiV);
+    if (dPhiK !== undefined) grads.dPhiK = dPhiK;
+    if (dPhiV !== undefined) grads.dPhiV = dPhiV;
     return grads;
   }
 
@@ -380,7 +389,24 @@ export class CudaBackend implements Backend {
       vSlc: half(inputs.vSlc, 'vSlc'),
       kWin: half(inputs.kWin, 'kWin'),
       vWin: half(inputs.vWin, 'vWin'),
+      phiK: this.uploadPhi(request, inputs.phiK, 'phiK', scope),
+      phiV: this.uploadPhi(request, inputs.phiV, 'phiV', scope),
     };
+  }
+
+  /** A learned phi's parameters as fp32 device buffers (undefined for mean, or when compressed K/V are given). */
+  private uploadPhi(
+    request: Pick<NsaRequest, 'config' | 'phiHidden'> & { readonly inputs: Pick<NsaRequest['inputs'], 'kCmp'> },
+    params: Readonly<Record<string, Tensor>> | undefined,
+    what: string,
+    scope: BufferScope,
+  ): DevicePhiParams | undefined {
+    const { config } = request;
+    if (config.phi === 'mean' || params === undefined || request.inputs.kCmp !== undefined) return undefined;
+    const buffers = Object.fromEntries(
+      PHI_PARAM_NAMES[config.phi].map((name) => [name, scope.add(this.ctx.upload(params[name]!.toFloat32(), `${what}.${name}`))]),
+    );
+    return { kind: config.phi, hidden: request.phiHidden, buffers };
   }
 
   private randomInputs(problem: BenchmarkProblem, dtype: HalfDType, scope: BufferScope): DeviceNsaInputs {
@@ -394,11 +420,16 @@ export class CudaBackend implements Backend {
     };
     const gate = scope.alloc(this.ctx, N * config.heads * 3 * 4, 'gates');
     random.uniform(gate, N * config.heads * 3, seed + 3);
+    // A learned phi's parameters are small: made on the host by the library's recipe and uploaded.
+    const phi = (D: number, s: number, what: string): DevicePhiParams | undefined =>
+      this.uploadPhi({ config, phiHidden: config.headDim, inputs: {} }, randomPhiParams(config, D, 'f32', s), what, scope);
     return {
       q: normal(N * config.heads * config.headDim, seed, 'q'),
       k: normal(N * config.kvHeads * config.headDim, seed + 1, 'k'),
       v: normal(N * config.kvHeads * config.valueDim, seed + 2, 'v'),
       gate,
+      phiK: phi(config.headDim, seed + 10, 'phiK'),
+      phiV: phi(config.valueDim, seed + 20, 'phiV'),
     };
   }
 

@@ -5,7 +5,8 @@
 //   2. cmp: dQ (query-centric) and dKc, dVc (key-centric) over the compressed keys  flash backward, mode 1
 //   3. win: dQ and dK, dV of the window                                             flash backward, mode 2
 //   4. slc: dQ group-centric; dK, dV key-centric through a deterministic inverse index of the selection
-//   5. phi = mean: dK, dV += the compressed gradients spread back over their blocks (or handed out as dkCmp, dvCmp)
+//   5. phi: dK, dV += the compressed gradients through phi (mean: spread over their blocks; learned: the
+//      products of phi-runner.ts, which also give phi's parameter gradients); given compressed K/V keep theirs
 
 import type { CudaContext } from '../context.js';
 import type { KernelArg } from '../kernel-args.js';
@@ -30,6 +31,9 @@ export interface DeviceNsaGradients {
   readonly dvSlc?: DeviceBuffer | undefined;
   readonly dkWin?: DeviceBuffer | undefined;
   readonly dvWin?: DeviceBuffer | undefined;
+  /** A learned phi's parameter gradients, by name (shaped as the parameters). */
+  readonly dPhiK?: Readonly<Record<string, DeviceBuffer>> | undefined;
+  readonly dPhiV?: Readonly<Record<string, DeviceBuffer>> | undefined;
 }
 
 export type BackwardStage =
@@ -93,7 +97,8 @@ export class BackwardRunner {
 
   /** Launches the whole backward (asynchronous); `grads` are overwritten. */
   run(inputs: DeviceNsaInputs, fwd: DeviceNsaOutputs, dOut: DeviceBuffer, grads: DeviceNsaGradients): void {
-    for (const b of [grads.dq, grads.dk, grads.dv, grads.dg, grads.dkc, grads.dvc, grads.dkSlc, grads.dvSlc, grads.dkWin, grads.dvWin]) {
+    const phiGrads = [...Object.values(grads.dPhiK ?? {}), ...Object.values(grads.dPhiV ?? {})];
+    for (const b of [grads.dq, grads.dk, grads.dv, grads.dg, grads.dkc, grads.dvc, grads.dkSlc, grads.dvSlc, grads.dkWin, grads.dvWin, ...phiGrads]) {
       if (b !== undefined) this.ctx.memset(b, 0);
     }
     for (const [, launch] of this.stages(inputs, fwd, dOut, grads)) launch();
@@ -199,8 +204,19 @@ export class BackwardRunner {
       });
     }]);
 
-    // phi = mean: spread dKc, dVc back over the shared k, v (given compressed K/V keep their own gradients).
-    if (inputs.kCmp === undefined && plan.totalCompressed > 0) {
+    // phi: dKc, dVc back onto the shared k, v (given compressed K/V keep their own gradients).
+    const phi = forward.phi;
+    if (inputs.kCmp === undefined && plan.totalCompressed > 0 && phi !== undefined) {
+      const { phiK, phiV } = inputs;
+      const { dPhiK, dPhiV } = grads;
+      if (phiK === undefined || phiV === undefined || dPhiK === undefined || dPhiV === undefined) {
+        throw new TypeError(`phi = ${config.phi}: the backward needs phi's parameters and their gradient buffers`);
+      }
+      stages.push(['compress', () => {
+        phi.backward('k', inputs.k, phiK, grads.dkc, grads.dk, dPhiK);
+        phi.backward('v', inputs.v, phiV, grads.dvc, grads.dv, dPhiV);
+      }]);
+    } else if (inputs.kCmp === undefined && plan.totalCompressed > 0) {
       stages.push(['compress', () =>
         programs.compressMeanBackward.launch({
           grid: [N, H, 1],

@@ -1,5 +1,6 @@
 // The NSA forward on the GPU, on device-resident tensors:
-//   1. compress (phi = mean) K and V into Kc, Vc                    nsa_compress_mean
+//   1. compress K and V into Kc, Vc: phi = mean                      nsa_compress_mean
+//                                    learned phi (linear, mlp)        nsa_phi_gemm (phi-runner.ts)
 //   2. cmp then win attention per 64-row query tile; out = g_cmp*o_cmp + g_win*o_win, lse of both
 //   3. block scores from the cmp probabilities (kept on chip) and top-n   nsa_select_blocks
 //   4. selected attention; out += g_slc*o_slc (final dtype if asked)     group-centric, or FSA for small G
@@ -11,6 +12,7 @@ import type { KernelArg } from '../kernel-args.js';
 import type { DeviceBuffer } from '../memory.js';
 import { InverseIndex } from './inverse-index.js';
 import { buildLayoutPlan, type LayoutPlan } from './layout-plan.js';
+import { PhiRunner, type DevicePhiParams } from './phi-runner.js';
 import type { HalfDType, NsaPrograms } from './programs.js';
 
 export type SelectedKernelChoice = 'auto' | 'group' | 'fsa';
@@ -33,6 +35,9 @@ export interface DeviceNsaInputs {
   readonly vSlc?: DeviceBuffer | undefined;
   readonly kWin?: DeviceBuffer | undefined;
   readonly vWin?: DeviceBuffer | undefined;
+  /** A learned phi's parameters (fp32) for keys and values; config.phi = linear or mlp without kCmp/vCmp. */
+  readonly phiK?: DevicePhiParams | undefined;
+  readonly phiV?: DevicePhiParams | undefined;
 }
 
 /** Outputs on the device; the ungated per-branch outputs and the final half-precision output are optional. */
@@ -65,6 +70,8 @@ export class ForwardRunner {
   private readonly kc: DeviceBuffer;
   private readonly vc: DeviceBuffer;
   private readonly fsa: { index: InverseIndex; partialO: DeviceBuffer; partialLse: DeviceBuffer } | undefined;
+  /** Learned phi's products (and the mlp's hidden state, which its backward reads). */
+  readonly phi: PhiRunner | undefined;
 
   constructor(
     private readonly ctx: CudaContext,
@@ -102,6 +109,7 @@ export class ForwardRunner {
     } else {
       this.fsa = undefined;
     }
+    this.phi = config.phi === 'mean' ? undefined : new PhiRunner(ctx, programs, this.plan, this.tables);
   }
 
   get config(): NSAConfig {
@@ -134,7 +142,13 @@ export class ForwardRunner {
     const scaleLog2 = config.scale * Math.LOG2E;
     const N = plan.totalTokens;
     const { kc, vc } = this.compressed(inputs);
-    if (stage === 'compress' && inputs.kCmp === undefined && plan.totalCompressed > 0) {
+    if (stage === 'compress' && inputs.kCmp === undefined && plan.totalCompressed > 0 && this.phi !== undefined) {
+      if (inputs.phiK === undefined || inputs.phiV === undefined) {
+        throw new TypeError(`phi = ${config.phi} needs its parameters (phiK, phiV) or the compressed K/V`);
+      }
+      this.phi.forward('k', inputs.k, inputs.phiK, kc);
+      this.phi.forward('v', inputs.v, inputs.phiV, vc);
+    } else if (stage === 'compress' && inputs.kCmp === undefined && plan.totalCompressed > 0) {
       programs.compressMean.launch({
         grid: [plan.totalCompressed, H, 1],
         block: [(config.headDim + config.valueDim) / 8, 1, 1],
@@ -217,13 +231,14 @@ export class ForwardRunner {
 
   /** Device bytes this runner holds (index tables, compressed K/V, FSA buffers). */
   get bytes(): number {
-    return this.scratch.reduce((sum, b) => sum + b.bytes, 0);
+    return this.scratch.reduce((sum, b) => sum + b.bytes, 0) + (this.phi?.bytes ?? 0);
   }
 
   dispose(): void {
     for (const b of this.scratch) b.dispose();
     this.scratch.length = 0;
     this.fsa?.index.dispose();
+    this.phi?.dispose();
   }
 
   private runFsa(q: DeviceBuffer, k: DeviceBuffer, v: DeviceBuffer, gate: DeviceBuffer, outputs: DeviceNsaOutputs, scaleLog2: number): void {

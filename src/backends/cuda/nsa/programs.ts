@@ -91,6 +91,11 @@ export class NsaPrograms {
     return this.kernel('compress_mean.cu', 'nsa_compress_mean', this.cmpDefines());
   }
 
+  /** Learned phi's matrix products, column sums and the scatter of dU onto the raw rows (compress_phi.cu). */
+  phi(fn: 'gemm' | 'column_sums' | 'scatter_rows'): Kernel {
+    return this.kernel('compress_phi.cu', `nsa_phi_${fn}`, this.cmpDefines());
+  }
+
   /** mode 0 dense causal, 1 cmp, 2 win, 3 cmp then win. */
   flash(mode: 0 | 1 | 2 | 3): Kernel {
     return this.kernel('flash_attention.cu', 'nsa_flash_attention', [
