@@ -1,6 +1,7 @@
 // Decode-step benchmark of the cuda KV cache: per-step latency and effective bandwidth (bytes NSA must read /
-// time) beside dense attention over the same cache, in one run. Run after `npm run build`:
-//   node bench/cuda-decode.mjs [--batches 1,8,64] [--contexts 8192,65536,131072] [--presets paper,fla]
+// time) beside dense attention over the same cache, in one run; with --launches, each launch of the step timed
+// alone as well. Run after `npm run build`:
+//   node bench/cuda-decode.mjs [--batches 1,8,64] [--contexts 8192,65536,131072] [--presets paper,fla] [--launches]
 import { NSAConfig, createKvCache } from '../dist/index.js';
 import { createCudaBackend } from '../dist/backends/cuda/cuda-backend.js';
 import { decodeBytesPerHead } from '../dist/nsa/decode/types.js';
@@ -13,6 +14,7 @@ const flag = (name, fallback) => {
 const batches = flag('batches', '1,8,64').split(',').map(Number);
 const contexts = flag('contexts', '8192,65536,131072').split(',').map(Number);
 const presets = flag('presets', 'paper,fla').split(',');
+const launches = args.includes('--launches');
 const timing = { warmup: 5, iterations: 20 };
 const backend = await createCudaBackend();
 console.log(backend.description);
@@ -30,6 +32,11 @@ for (const preset of presets) {
         `${preset.padEnd(5)} B=${String(B).padStart(2)} S=${String(S).padStart(7)}: nsa ${nsa.toFixed(4)} ms (${tb(bytes.nsa, nsa)} TB/s) | ` +
           `dense ${dense.toFixed(4)} ms (${tb(bytes.dense, dense)} TB/s) | dense/nsa ${(dense / nsa).toFixed(2)}x (model ${(bytes.dense / bytes.nsa).toFixed(1)}x)`,
       );
+      if (launches && typeof cache.timeDecodeLaunches === 'function') {
+        const split = await cache.timeDecodeLaunches(timing);
+        const sum = split.reduce((a, l) => a + l.medianMs, 0);
+        console.log(`      launches alone: ${split.map((l) => `${l.name} ${l.medianMs.toFixed(4)}`).join(', ')} ms (sum ${sum.toFixed(4)})`);
+      }
       cache.dispose();
     }
   }

@@ -37,6 +37,8 @@ const CASES: Case[] = [
   { name: 'G = 16, ragged batch [700, 33, 1, 129]', options: { ...base, heads: 16, kvHeads: 1, headDim: 64, valueDim: 64 }, lengths: [700, 33, 1, 129], speculative: 1 },
   { name: 'G = 4, D = 128, speculative 3 tokens', options: { ...base, heads: 8, kvHeads: 2, headDim: 128, valueDim: 128 }, lengths: [555, 300], speculative: 3 },
   { name: 'G = 1, fla preset form', options: { compressBlock: 64, compressStride: 64, selectBlock: 64, selectCount: 4, window: 128, heads: 2, kvHeads: 2, headDim: 64, valueDim: 64 }, lengths: [1000], speculative: 2 },
+  // Over 256 candidate blocks for one top-n CTA (several per thread) and two chunks of compressed keys.
+  { name: 'G = 1, l = d = l\' = 16, 263 candidate blocks', options: { compressBlock: 16, compressStride: 16, selectBlock: 16, selectCount: 8, window: 64, heads: 2, kvHeads: 2, headDim: 64, valueDim: 64 }, lengths: [4200, 3001], speculative: 2 },
 ];
 
 if (!availability.available) {

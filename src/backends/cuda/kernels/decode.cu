@@ -1,57 +1,76 @@
 // nvcc-check: -DDK=128 -DDV=128 -DCMP_L=32 -DCMP_D=16 -DSEL_L=64 -DSEL_N=16 -DWINDOW=512
 // nvcc-check: -DDK=64 -DDV=64 -DCMP_L=64 -DCMP_D=64 -DSEL_L=64 -DSEL_N=4 -DWINDOW=100 -DNSA_FP16
+// nvcc-check: -DDK=192 -DDV=128 -DCMP_L=32 -DCMP_D=16 -DSEL_L=48 -DSEL_N=32 -DWINDOW=64
 //
 // Decoding against a KV cache, flash-decoding style: every branch's keys are cut into chunks (a multiple of 64
 // keys, chosen by the host so the GPU fills), one CTA per (query, KV head, 16 query heads, chunk), so a single
 // sequence at long context still fills the GPU, and each K/V tile is loaded once for the G heads of a group.
-//   nsa_decode_partial (branch 0 cmp)   partial softmax over a chunk of visible compressed keys; keeps the raw
-//                                       scores (log2 units) for the block scores
-//   nsa_decode_cmp_topk                 merges the cmp chunks (o_cmp, lse_cmp), turns the raw scores into the
-//                                       probabilities, sums them into selection-block scores (GQA sum, overlap
-//                                       weights) and takes top-n with the forced blocks
-//   nsa_decode_partial (1 slc, 2 win)   partial softmax over chunks of the selected blocks' keys / the window
-//   nsa_decode_combine                  merges the slc and win chunks and writes the gated sum
-//   nsa_decode_partial (3 dense) + nsa_decode_combine_dense: dense attention over the whole cache (the baseline)
+// A step is three launches:
+//   nsa_decode_cmp_win   partial softmax over a chunk of the visible compressed keys (branch 0) or of the window
+//                        (branch 2, CTAs from blockIdx.z = split on). Branch 0 also folds its probabilities,
+//                        relative to the warp's running max, into per-selection-block sums for each slice of 16
+//                        compressed keys (SLICE_W floats per slice and head: the sums, then the max they are
+//                        relative to), a few times smaller than the raw scores
+//   nsa_decode_select    per (query, KV head, range of candidate blocks): the cmp lse of every head, the block
+//                        scores (GQA sum, overlap weights) from the slices, a local top-n; the last CTA of a
+//                        (query, KV head) merges the local lists with the forced blocks. Each CTA also merges the
+//                        cmp output of some heads (o_cmp, lse_cmp)
+//   nsa_decode_slc       partial softmax over a chunk of the selected blocks' keys; the last CTA of a (query, KV
+//                        head, 16 heads) merges the slc and win chunks and writes the gated sum
+//   nsa_decode_dense + nsa_decode_combine_dense: dense attention over the whole cache (the baseline)
 // The cache is one buffer per sequence: k [cap, H, DK], v [cap, H, DV], kc/vc [capc, H, D]; seq_ptrs holds
 // their addresses (k, v, kc, vc per sequence), seq_len the tokens held. Query r attends at position q_pos[r]
-// of sequence q_seq[r]; its K/V are already in the cache.
+// of sequence q_seq[r]; its K/V are already in the cache. Partial results partial_m/l/o are [Q, Hq, slots]
+// (+ DV for o), m in log2 units, o unnormalised; the slots of a row are laid out cmp, slc, win.
 #include "nsa_common.cuh"
 #include "nsa_topk.cuh"
 
 #define THREADS 128
 #define ROWS 16
 #define TILE 64
+#define SLICE 16 // compressed keys per slice: one warp's share of a tile
+// Selection blocks a slice touches (slice starts are multiples of SLICE * CMP_D tokens) and its record per head.
+#define SLICE_BLOCKS (((SLICE - 1) * CMP_D + CMP_L - 1) / SEL_L + ((SLICE * CMP_D) % SEL_L == 0 ? 1 : 2))
+#define SLICE_W (SLICE_BLOCKS + 1)
+#define SEL_THREADS 256
+#define SEL_PER_THREAD 4 // candidate blocks per thread of nsa_decode_select: at most 1024 per CTA
+#define MAX_G 128
+#define SEL_STAGE 8192 // floats of nsa_decode_select's staging area (dynamic shared memory)
+#define NO_BLOCK 0x7fffffff
 
 __device__ __forceinline__ int cmp_visible(int t, int tc) {
   return t < CMP_L - 1 ? 0 : min(tc, (t - CMP_L + 1) / CMP_D + 1);
 }
 
-struct DecodeArgs {
-  const elem_t *q;                     // [Q, Hq, DK]
-  const unsigned long long *seq_ptrs;  // [S][4]: k, v, kc, vc
-  const int *seq_len;                  // [S]
-  const int *q_seq;                    // [Q]
-  const int *q_pos;                    // [Q]
-  const int *block_indices;            // [Q, H, SEL_N]
+/** Shared memory of the attention kernels besides the dynamic Q/K/V tiles. */
+struct AttendShared {
+  int sel[SEL_N];
+  float merge_m[4][ROWS];
+  float merge_l[4][ROWS];
+  int last;
+};
+
+struct Cache {
+  const elem_t *q; // [Q, Hq, DK]
+  const unsigned long long *seq_ptrs;
+  const int *seq_len;
+  const int *q_seq;
+  const int *q_pos;
 };
 
 /**
- * Partial attention of query r's G heads (16 at a time) over chunk blockIdx.z of a branch's keys. partial_m/l/o
- * [Q, Hq, slots] (+ DV for o): m in log2 units, o unnormalised; slot = slot0 + chunk. Branch 0 also stores the
- * raw scores (log2 units) in scores [Q, Hq, score_stride].
+ * Partial attention of query r's G heads (16 at a time) over chunk zc of a branch's keys (BRANCH 0 cmp, 1 slc,
+ * 2 win, 3 dense), written to slot `slot` of its rows. Branch 0 also writes its slices.
  */
-extern "C" __global__ void __launch_bounds__(THREADS)
-    nsa_decode_partial(const elem_t *__restrict__ q, const unsigned long long *__restrict__ seq_ptrs,
-                       const int *__restrict__ seq_len, const int *__restrict__ q_seq, const int *__restrict__ q_pos,
-                       const int *__restrict__ block_indices, float *__restrict__ partial_m, float *__restrict__ partial_l,
-                       float *__restrict__ partial_o, float *__restrict__ scores, int score_stride, int Hq, int H,
-                       int branch, int slot0, int slots, float scale_log2, int chunk) {
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+template <int BRANCH>
+__device__ __forceinline__ void attend_chunk(const Cache &c, const int *__restrict__ block_indices, float *__restrict__ partial_m,
+                                             float *__restrict__ partial_l, float *__restrict__ partial_o, int slots, int slot,
+                                             int zc, int chunk, float scale_log2, int Hq, int H, float *__restrict__ slices,
+                                             i64 slice_stride, unsigned char *smem_raw, AttendShared &sh,
+                                             float (*pbuf)[ROWS][SLICE + 1]) {
   elem_t *qsmem = reinterpret_cast<elem_t *>(smem_raw); // ROWS x DK
   elem_t *ksmem = qsmem + ROWS * DK;                    // 2 x TILE x DK
   elem_t *vsmem = ksmem + 2 * TILE * DK;                // 2 x TILE x DV
-  __shared__ int sel[SEL_N];
-  __shared__ float merge_m[4][ROWS], merge_l[4][ROWS];
 
   const int r = blockIdx.x;
   const int G = Hq / H;
@@ -59,51 +78,52 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   const int h = blockIdx.y / gchunks;
   const int head0 = (blockIdx.y % gchunks) * ROWS;
   const int rows = min(ROWS, G - head0);
-  const int seq = q_seq[r];
-  const int t = q_pos[r];
-  const int len = seq_len[seq];
+  const int seq = c.q_seq[r];
+  const int t = c.q_pos[r];
+  const int len = c.seq_len[seq];
   const int tc = len < CMP_L ? 0 : (len - CMP_L) / CMP_D + 1;
-  const elem_t *kbase = reinterpret_cast<const elem_t *>(seq_ptrs[seq * 4 + (branch == 0 ? 2 : 0)]);
-  const elem_t *vbase = reinterpret_cast<const elem_t *>(seq_ptrs[seq * 4 + (branch == 0 ? 3 : 1)]);
+  const elem_t *kbase = reinterpret_cast<const elem_t *>(c.seq_ptrs[seq * 4 + (BRANCH == 0 ? 2 : 0)]);
+  const elem_t *vbase = reinterpret_cast<const elem_t *>(c.seq_ptrs[seq * 4 + (BRANCH == 0 ? 3 : 1)]);
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
 
   // The branch's keys as indices 0 .. nkeys and where index i lives (a cache row; -1 when hidden from t).
+  const i64 prow = (i64)r * Hq + h * G + head0; // first output row (query r, head head0)
+  load_tile_async<DK, THREADS>(qsmem, ROWS, [&](int i) -> const elem_t * { return i < rows ? c.q + (prow + i) * DK : nullptr; });
   int nkeys;
   int first = 0;
-  if (branch == 1) {
-    if (threadIdx.x < SEL_N) sel[threadIdx.x] = block_indices[((i64)r * H + h) * SEL_N + threadIdx.x];
+  if (BRANCH == 1) {
+    if (threadIdx.x < SEL_N) sh.sel[threadIdx.x] = block_indices[((i64)r * H + h) * SEL_N + threadIdx.x];
     __syncthreads();
     int nsel = 0;
-    while (nsel < SEL_N && sel[nsel] >= 0) nsel++;
+    while (nsel < SEL_N && sh.sel[nsel] >= 0) nsel++;
     nkeys = nsel * SEL_L;
-  } else if (branch == 0) {
+  } else if (BRANCH == 0) {
     nkeys = cmp_visible(t, tc);
-  } else if (branch == 2) {
+  } else if (BRANCH == 2) {
     first = max(0, t - WINDOW + 1);
     nkeys = t - first + 1;
   } else {
     nkeys = t + 1;
   }
   auto key_row = [&](int i) -> int {
-    if (branch == 1) {
-      const int pos = sel[i / SEL_L] * SEL_L + i % SEL_L;
+    if (BRANCH == 1) {
+      const int pos = sh.sel[i / SEL_L] * SEL_L + i % SEL_L;
       return pos <= t ? pos : -1;
     }
     return first + i;
   };
-  const int c0 = blockIdx.z * chunk;
+  const int c0 = zc * chunk;
   const int c1 = min(nkeys, c0 + chunk);
-  const i64 prow = (i64)r * Hq + h * G + head0; // first output row (query r, head head0)
   if (c0 >= c1) {
+    cp_async_commit();
+    cp_async_wait<0>();
     for (int i = threadIdx.x; i < rows; i += THREADS) {
-      partial_m[(prow + i) * slots + slot0 + blockIdx.z] = NSA_NEG_INF;
-      partial_l[(prow + i) * slots + slot0 + blockIdx.z] = 0.f;
+      partial_m[(prow + i) * slots + slot] = NSA_NEG_INF;
+      partial_l[(prow + i) * slots + slot] = 0.f;
     }
     return;
   }
-
-  load_tile_async<DK, THREADS>(qsmem, ROWS, [&](int i) -> const elem_t * { return i < rows ? q + (prow + i) * DK : nullptr; });
   const int ntiles = (c1 - c0 + TILE - 1) / TILE;
   auto issue = [&](int it) {
     const int k0 = c0 + it * TILE;
@@ -124,6 +144,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   SoftmaxRows st;
   st.init();
   u32 qfrag[DK / 16][4];
+  float *slice_base = BRANCH == 0 ? slices + ((i64)r * H + h) * slice_stride : nullptr;
   for (int it = 0; it < ntiles; it++) {
     if (it + 1 < ntiles) issue(it + 1);
     else cp_async_commit();
@@ -139,74 +160,298 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 #pragma unroll
       for (int e = 0; e < 4; e++) {
         const int i = k0 + n * 8 + (lane % 4) * 2 + (e & 1);
-        const int row = lane / 4 + (e >= 2 ? 8 : 0);
         const bool ok = i < c1 && key_row(i) >= 0;
         s[n][e] = ok ? s[n][e] * scale_log2 : NSA_NEG_INF;
-        if (branch == 0 && ok && row < rows) scores[(prow + row) * score_stride + i] = s[n][e];
       }
     }
     softmax_update<2, DV>(st, s, o);
+    if (BRANCH == 0 && k0 < c1) {
+      // This warp's slice (compressed keys k0 .. k0 + 16): its probabilities exp2(s - st.m), summed per selection
+      // block with the overlap weights (in units of tokens), and st.m itself.
+#pragma unroll
+      for (int n = 0; n < 2; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) pbuf[warp][lane / 4 + (e >= 2 ? 8 : 0)][n * 8 + (lane % 4) * 2 + (e & 1)] = s[n][e];
+      __syncwarp();
+      const int jmin = k0 * CMP_D / SEL_L;
+      float *dst = slice_base + ((i64)(k0 / SLICE) * G + head0) * SLICE_W;
+      for (int idx = lane; idx < rows * SLICE_BLOCKS; idx += 32) {
+        const int row = idx / SLICE_BLOCKS;
+        const int j = jmin + idx % SLICE_BLOCKS;
+        // Compressed keys i overlapping block j: (j l' - l) / d < i <= ((j + 1) l' - 1) / d (exact divisions).
+        const int klo = max(0, (j * SEL_L - CMP_L + CMP_D) / CMP_D - k0);
+        const int khi = min(SLICE, ((j + 1) * SEL_L - 1) / CMP_D + 1 - k0);
+        float acc = 0.f;
+        for (int k = klo; k < khi; k++) {
+          const int start = (k0 + k) * CMP_D;
+          const int overlap = min(start + CMP_L, (j + 1) * SEL_L) - max(start, j * SEL_L);
+          acc += pbuf[warp][row][k] * (float)overlap;
+        }
+        dst[row * SLICE_W + idx % SLICE_BLOCKS] = acc;
+      }
+      if (lane % 4 == 0) {
+        if (lane / 4 < rows) dst[(lane / 4) * SLICE_W + SLICE_BLOCKS] = st.m[0];
+        if (lane / 4 + 8 < rows) dst[(lane / 4 + 8) * SLICE_W + SLICE_BLOCKS] = st.m[1];
+      }
+      __syncwarp();
+    }
     pv_mma<DV, 1>(o, s, vsmem + (it & 1) * TILE * DV, warp * 16, lane);
     __syncthreads();
   }
 
   // Merge the four warps' states, then write this chunk's partial for each row.
   float *merge_o = reinterpret_cast<float *>(ksmem); // 4 x ROWS x DV floats
-  stage_warp_state<DV, 4>(st, o, merge_m, merge_l, merge_o, warp, lane);
+  stage_warp_state<DV, 4>(st, o, sh.merge_m, sh.merge_l, merge_o, warp, lane);
   __syncthreads();
   for (int idx = threadIdx.x; idx < rows * DV; idx += THREADS) {
     const int row = idx / DV;
     const int col = idx % DV;
     float m, l;
-    const float acc = merge_warp_states<DV, 4>(merge_m, merge_l, merge_o, row, col, &m, &l);
-    const i64 slot = (prow + row) * slots + slot0 + blockIdx.z;
-    partial_o[slot * DV + col] = acc;
+    const float acc = merge_warp_states<DV, 4>(sh.merge_m, sh.merge_l, merge_o, row, col, &m, &l);
+    const i64 at = (prow + row) * slots + slot;
+    partial_o[at * DV + col] = acc;
     if (col == 0) {
-      partial_m[slot] = m;
-      partial_l[slot] = l;
+      partial_m[at] = m;
+      partial_l[at] = l;
     }
   }
 }
 
-/** Merges slots [s0, s1) of one row: returns lse (log2 units, -inf if empty) and writes o (normalised) if asked. */
-__device__ __forceinline__ float merge_slots(const float *pm, const float *pl, const float *po, i64 row, int slots, int s0,
-                                             int s1, float *o_out, int lane) {
-  float m = NSA_NEG_INF;
-  for (int s = s0; s < s1; s++) m = fmaxf(m, pm[row * slots + s]);
-  if (m == NSA_NEG_INF) {
-    if (o_out != nullptr)
-      for (int c = lane; c < DV; c += 32) o_out[c] = 0.f;
-    return NSA_NEG_INF;
+/** Launch 1: chunks of the compressed keys (blockIdx.z < split, slots cmp0 + z) and of the window (the rest). */
+extern "C" __global__ void __launch_bounds__(THREADS)
+    nsa_decode_cmp_win(const elem_t *__restrict__ q, const unsigned long long *__restrict__ seq_ptrs,
+                       const int *__restrict__ seq_len, const int *__restrict__ q_seq, const int *__restrict__ q_pos,
+                       float *__restrict__ partial_m, float *__restrict__ partial_l, float *__restrict__ partial_o, int slots,
+                       int split, int cmp_chunk, int win_slot0, int win_chunk, float *__restrict__ slices, i64 slice_stride,
+                       int Hq, int H, float scale_log2) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  __shared__ AttendShared sh;
+  __shared__ float pbuf[4][ROWS][SLICE + 1]; // each warp's probabilities of its slice
+  const Cache c{q, seq_ptrs, seq_len, q_seq, q_pos};
+  const int z = blockIdx.z;
+  if (z < split)
+    attend_chunk<0>(c, nullptr, partial_m, partial_l, partial_o, slots, z, z, cmp_chunk, scale_log2, Hq, H, slices, slice_stride,
+                    smem_raw, sh, pbuf);
+  else
+    attend_chunk<2>(c, nullptr, partial_m, partial_l, partial_o, slots, win_slot0 + z - split, z - split, win_chunk, scale_log2, Hq,
+                    H, nullptr, 0, smem_raw, sh, nullptr);
+}
+
+/** The dense baseline's chunks. */
+extern "C" __global__ void __launch_bounds__(THREADS)
+    nsa_decode_dense(const elem_t *__restrict__ q, const unsigned long long *__restrict__ seq_ptrs, const int *__restrict__ seq_len,
+                     const int *__restrict__ q_seq, const int *__restrict__ q_pos, float *__restrict__ partial_m,
+                     float *__restrict__ partial_l, float *__restrict__ partial_o, int slots, int chunk, int Hq, int H,
+                     float scale_log2) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  __shared__ AttendShared sh;
+  const Cache c{q, seq_ptrs, seq_len, q_seq, q_pos};
+  attend_chunk<3>(c, nullptr, partial_m, partial_l, partial_o, slots, blockIdx.z, blockIdx.z, chunk, scale_log2, Hq, H, nullptr, 0,
+                  smem_raw, sh, nullptr);
+}
+
+/** Marks this CTA done with its share of `counter`'s work; true in the last of `total` (which resets the counter). */
+__device__ __forceinline__ bool last_to_finish(int *counter, int total, int *flag) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    const bool last = atomicAdd(counter, 1) == total - 1;
+    if (last) *counter = 0;
+    *flag = last;
   }
-  float l = 0.f;
-  for (int s = s0; s < s1; s++) l += pm[row * slots + s] == NSA_NEG_INF ? 0.f : exp2f(pm[row * slots + s] - m) * pl[row * slots + s];
-  if (o_out != nullptr) {
-    for (int c = lane; c < DV; c += 32) {
-      float acc = 0.f;
-      for (int s = s0; s < s1; s++) {
-        const float ms = pm[row * slots + s];
-        if (ms != NSA_NEG_INF) acc += exp2f(ms - m) * po[(row * slots + s) * DV + c];
-      }
-      o_out[c] = acc / l;
-    }
-  }
-  return m + log2f(l);
+  __syncthreads();
+  const bool last = *flag != 0;
+  if (last) __threadfence();
+  return last;
 }
 
 /**
- * Per (query, KV head): the cmp branch's output and lse from its chunks, block scores from the raw scores, top-n.
- * Shared memory: Ns block scores (dynamic) and G lse values.
+ * Launch 3: chunk blockIdx.z of the selected blocks' keys (slots slc_slot0 + z); the last CTA of its rows then
+ * merges the slc chunks and the win chunks (slots win_slot0 .. slots) and writes the outputs and the gated sum.
  */
-extern "C" __global__ void __launch_bounds__(256)
-    nsa_decode_cmp_topk(const float *__restrict__ partial_m, const float *__restrict__ partial_l,
-                        const float *__restrict__ partial_o, const float *__restrict__ scores, int score_stride,
-                        const int *__restrict__ seq_len, const int *__restrict__ q_seq, const int *__restrict__ q_pos,
-                        float *__restrict__ o_cmp, float *__restrict__ lse_cmp, int *__restrict__ block_indices, int Hq,
-                        int H, int slots, int cmp_slots) {
-  extern __shared__ __align__(16) float sc[]; // block scores of candidates 0 .. t / SEL_L
-  __shared__ float lse2[64];
+extern "C" __global__ void __launch_bounds__(THREADS)
+    nsa_decode_slc(const elem_t *__restrict__ q, const unsigned long long *__restrict__ seq_ptrs, const int *__restrict__ seq_len,
+                   const int *__restrict__ q_seq, const int *__restrict__ q_pos, const int *__restrict__ block_indices,
+                   float *__restrict__ partial_m, float *__restrict__ partial_l, float *__restrict__ partial_o, int slots,
+                   int slc_slot0, int chunk, int win_slot0, int Hq, int H, float scale_log2, const float *__restrict__ gate,
+                   const float *__restrict__ o_cmp, float *__restrict__ o_slc, float *__restrict__ o_win, float *__restrict__ out,
+                   float *__restrict__ lse_slc, float *__restrict__ lse_win, int *__restrict__ counters) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  __shared__ AttendShared sh;
+  const Cache c{q, seq_ptrs, seq_len, q_seq, q_pos};
+  attend_chunk<1>(c, block_indices, partial_m, partial_l, partial_o, slots, slc_slot0 + blockIdx.z, blockIdx.z, chunk, scale_log2, Hq,
+                  H, nullptr, 0, smem_raw, sh, nullptr);
+  if (!last_to_finish(counters + (i64)blockIdx.x * gridDim.y + blockIdx.y, gridDim.z, &sh.last)) return;
+
+  const int G = Hq / H;
+  const int gchunks = (G + ROWS - 1) / ROWS;
+  const int h = blockIdx.y / gchunks;
+  const int head0 = (blockIdx.y % gchunks) * ROWS;
+  const int rows = min(ROWS, G - head0);
+  const i64 prow = (i64)blockIdx.x * Hq + h * G + head0;
+  const int ns = slots - slc_slot0; // the slc slots, then the win slots
+  const int nslc = win_slot0 - slc_slot0;
+  // Each (row, slot)'s m and l into shared memory, then per (row, branch) the branch's m and l, and each slot's
+  // weight exp2(m_s - m) / l in place of its m.
+  float *wm = reinterpret_cast<float *>(smem_raw); // [ROWS][ns]
+  float *wl = wm + ROWS * ns;
+  for (int i = threadIdx.x; i < rows * ns; i += THREADS) {
+    const i64 at = (prow + i / ns) * slots + slc_slot0 + i % ns;
+    wm[i] = __ldcg(partial_m + at);
+    wl[i] = __ldcg(partial_l + at);
+  }
+  __syncthreads();
+  float bm = NSA_NEG_INF, bl = 0.f;
+  const int row = threadIdx.x >> 1;
+  const int b = threadIdx.x & 1;
+  const int s0 = b == 0 ? 0 : nslc;
+  const int s1 = b == 0 ? nslc : ns;
+  if (row < rows) {
+    for (int s = s0; s < s1; s++) bm = fmaxf(bm, wm[row * ns + s]);
+    for (int s = s0; s < s1; s++) {
+      const float ms = wm[row * ns + s];
+      bl += ms == NSA_NEG_INF ? 0.f : exp2f(ms - bm) * wl[row * ns + s];
+    }
+    const float lse = bm == NSA_NEG_INF ? NSA_NEG_INF : (bm + log2f(bl)) * NSA_LN2;
+    (b == 0 ? lse_slc : lse_win)[prow + row] = lse;
+  }
+  __syncthreads();
+  if (row < rows) {
+    for (int s = s0; s < s1; s++) {
+      const float ms = wm[row * ns + s];
+      wm[row * ns + s] = ms == NSA_NEG_INF ? 0.f : exp2f(ms - bm) / bl;
+    }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < rows * (DV / 4); idx += THREADS) {
+    const int rr = idx / (DV / 4);
+    const int col = (idx % (DV / 4)) * 4;
+    const i64 orow = prow + rr;
+    const float *w = wm + rr * ns;
+    const float4 *po = reinterpret_cast<const float4 *>(partial_o + (orow * slots + slc_slot0) * DV + col);
+    float4 as = make_float4(0.f, 0.f, 0.f, 0.f), aw = as;
+#pragma unroll 4
+    for (int s = 0; s < nslc; s++) {
+      const float4 v = __ldcg(po + (i64)s * (DV / 4));
+      as.x += w[s] * v.x, as.y += w[s] * v.y, as.z += w[s] * v.z, as.w += w[s] * v.w;
+    }
+#pragma unroll 4
+    for (int s = nslc; s < ns; s++) {
+      const float4 v = __ldcg(po + (i64)s * (DV / 4));
+      aw.x += w[s] * v.x, aw.y += w[s] * v.y, aw.z += w[s] * v.z, aw.w += w[s] * v.w;
+    }
+    const float4 oc = *reinterpret_cast<const float4 *>(o_cmp + orow * DV + col);
+    const float g0 = gate[orow * 3], g1 = gate[orow * 3 + 1], g2 = gate[orow * 3 + 2];
+    *reinterpret_cast<float4 *>(o_slc + orow * DV + col) = as;
+    *reinterpret_cast<float4 *>(o_win + orow * DV + col) = aw;
+    *reinterpret_cast<float4 *>(out + orow * DV + col) =
+        make_float4(g0 * oc.x + g1 * as.x + g2 * aw.x, g0 * oc.y + g1 * as.y + g2 * aw.y, g0 * oc.z + g1 * as.z + g2 * aw.z,
+                    g0 * oc.w + g1 * as.w + g2 * aw.w);
+  }
+}
+
+/**
+ * The warp's best `need` (score, index) pairs (higher score, then lower index) of those in its registers, E per
+ * lane, into out_s/out_j[0 .. need), padded with (-inf, NO_BLOCK). Taken entries are overwritten with -inf.
+ */
+template <int E>
+__device__ __forceinline__ void warp_best_regs(float (&sc)[E], const int (&jx)[E], int need, float *out_s, int *out_j, int lane) {
+  int k = 0;
+  for (; k < need; k++) {
+    float bs = NSA_NEG_INF;
+    int bj = NO_BLOCK;
+#pragma unroll
+    for (int e = 0; e < E; e++)
+      if (topk_better(sc[e], jx[e], bs, bj)) {
+        bs = sc[e];
+        bj = jx[e];
+      }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const float os = __shfl_xor_sync(0xffffffff, bs, off);
+      const int oj = __shfl_xor_sync(0xffffffff, bj, off);
+      if (topk_better(os, oj, bs, bj)) {
+        bs = os;
+        bj = oj;
+      }
+    }
+    if (bs == NSA_NEG_INF) break;
+    if (lane == 0) {
+      out_s[k] = bs;
+      out_j[k] = bj;
+    }
+#pragma unroll
+    for (int e = 0; e < E; e++)
+      if (jx[e] == bj) sc[e] = NSA_NEG_INF;
+  }
+  for (int i = k + lane; i < need; i += 32) {
+    out_s[i] = NSA_NEG_INF;
+    out_j[i] = NO_BLOCK;
+  }
+}
+
+/** Same over count (score, index) pairs in shared memory (taken ones overwritten with -inf); returns how many. */
+__device__ __forceinline__ int warp_best_smem(float *s, const int *jx, int count, int need, float *out_s, int *out_j, int lane) {
+  int k = 0;
+  for (; k < need; k++) {
+    float bs = NSA_NEG_INF;
+    int bj = NO_BLOCK;
+    int bat = -1;
+    for (int i = lane; i < count; i += 32)
+      if (topk_better(s[i], jx[i], bs, bj)) {
+        bs = s[i];
+        bj = jx[i];
+        bat = i;
+      }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const float os = __shfl_xor_sync(0xffffffff, bs, off);
+      const int oj = __shfl_xor_sync(0xffffffff, bj, off);
+      const int oat = __shfl_xor_sync(0xffffffff, bat, off);
+      if (topk_better(os, oj, bs, bj)) {
+        bs = os;
+        bj = oj;
+        bat = oat;
+      }
+    }
+    if (bs == NSA_NEG_INF) break;
+    if (lane == 0) {
+      out_s[k] = bs;
+      out_j[k] = bj;
+      s[bat] = NSA_NEG_INF;
+    }
+    __syncwarp();
+  }
+  for (int i = k + lane; i < need; i += 32) {
+    out_s[i] = NSA_NEG_INF;
+    out_j[i] = NO_BLOCK;
+  }
+  __syncwarp();
+  return k;
+}
+
+/**
+ * Launch 2, per (query r, KV head h, z < gridDim.z): the cmp lse of the G heads; o_cmp / lse_cmp of the heads
+ * g = z mod gridDim.z; the block scores of the candidates in this CTA's range (the forced ones excluded) and their
+ * top SEL_N, to cand_s/cand_j [Q, H, gridDim.z, SEL_N]. The last CTA of (r, h) merges those lists after the forced
+ * blocks into block_indices [Q, H, SEL_N] (ascending, -1 padded). Dynamic shared memory: SEL_STAGE floats and
+ * gridDim.z * SEL_N (score, index) pairs, whichever is larger.
+ */
+extern "C" __global__ void __launch_bounds__(SEL_THREADS)
+    nsa_decode_select(const float *__restrict__ partial_m, const float *__restrict__ partial_l, const float *__restrict__ partial_o,
+                      const float *__restrict__ slices, i64 slice_stride, const int *__restrict__ seq_len,
+                      const int *__restrict__ q_seq, const int *__restrict__ q_pos, float *__restrict__ o_cmp,
+                      float *__restrict__ lse_cmp, int *__restrict__ block_indices, float *__restrict__ cand_s,
+                      int *__restrict__ cand_j, int *__restrict__ counters, int Hq, int H, int slots, int cmp_slots) {
+  extern __shared__ __align__(16) unsigned char sel_smem[];
+  __shared__ float lse2[MAX_G], head_m[MAX_G], head_l[MAX_G];
+  __shared__ float warp_s[SEL_THREADS / 32][SEL_N];
+  __shared__ int warp_j[SEL_THREADS / 32][SEL_N];
+  __shared__ int last_flag;
   const int r = blockIdx.x;
   const int h = blockIdx.y;
+  const int z = blockIdx.z;
+  const int nz = gridDim.z;
   const int G = Hq / H;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -214,53 +459,152 @@ extern "C" __global__ void __launch_bounds__(256)
   const int len = seq_len[q_seq[r]];
   const int tc = len < CMP_L ? 0 : (len - CMP_L) / CMP_D + 1;
   const int visible = cmp_visible(t, tc);
-  for (int g = warp; g < G; g += 8) {
+
+  // The cmp lse of every head (a warp per head): m and l over the cmp chunks.
+  for (int g = warp; g < G; g += SEL_THREADS / 32) {
     const i64 row = (i64)r * Hq + h * G + g;
-    const float l2 = merge_slots(partial_m, partial_l, partial_o, row, slots, 0, cmp_slots, o_cmp + row * DV, lane);
+    const float *pm = partial_m + row * slots;
+    const float *pl = partial_l + row * slots;
+    float m = NSA_NEG_INF;
+    for (int s = lane; s < cmp_slots; s += 32) m = fmaxf(m, pm[s]);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, off));
+    float l = 0.f;
+    for (int s = lane; s < cmp_slots; s += 32) l += pm[s] == NSA_NEG_INF ? 0.f : exp2f(pm[s] - m) * pl[s];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(0xffffffff, l, off);
     if (lane == 0) {
-      lse2[g] = l2;
-      lse_cmp[row] = l2 == NSA_NEG_INF ? NSA_NEG_INF : l2 * NSA_LN2;
+      head_m[g] = m;
+      head_l[g] = l;
+      lse2[g] = m == NSA_NEG_INF ? NSA_NEG_INF : m + log2f(l);
+      if (g % nz == z) lse_cmp[row] = m == NSA_NEG_INF ? NSA_NEG_INF : (m + log2f(l)) * NSA_LN2;
     }
   }
   __syncthreads();
+  // o_cmp of the heads g = z, z + nz, ...: a thread per (head, 4 columns).
+  const int my_heads = z < G ? (G - z + nz - 1) / nz : 0;
+  for (int idx = threadIdx.x; idx < my_heads * (DV / 4); idx += SEL_THREADS) {
+    const int g = z + (idx / (DV / 4)) * nz;
+    const int col = (idx % (DV / 4)) * 4;
+    const i64 row = (i64)r * Hq + h * G + g;
+    const float m = head_m[g];
+    const float *pm = partial_m + row * slots;
+    const float4 *po = reinterpret_cast<const float4 *>(partial_o + row * slots * DV + col);
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+    for (int s = 0; s < cmp_slots; s++) {
+      const float w = pm[s] == NSA_NEG_INF ? 0.f : exp2f(pm[s] - m);
+      const float4 v = po[(i64)s * (DV / 4)];
+      acc.x += w * v.x, acc.y += w * v.y, acc.z += w * v.z, acc.w += w * v.w;
+    }
+    const float inv = m == NSA_NEG_INF ? 0.f : 1.f / head_l[g];
+    *reinterpret_cast<float4 *>(o_cmp + row * DV + col) = make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
+  }
+
+  // Block scores of this CTA's candidates, SEL_THREADS at a time (the forced blocks 0, current - 1 and current
+  // are left out here): the slices they need are staged in shared memory, heads gcnt at a time, with each
+  // slice's reference max replaced by its factor exp2(max - lse).
   const int current = t / SEL_L;
-  // Block scores: one thread per candidate block, summing its overlapping compressed blocks and the G heads in order.
-  for (int j = threadIdx.x; j <= current; j += blockDim.x) {
+  const int per = (current + nz) / nz; // ceil((current + 1) / nz) <= SEL_THREADS * SEL_PER_THREAD (the host's nz)
+  const int jb0 = z * per;
+  const int jb1 = min(current + 1, jb0 + per);
+  const float *base = slices + ((i64)r * H + h) * slice_stride;
+  float *stage = reinterpret_cast<float *>(sel_smem);
+  float sc[SEL_PER_THREAD];
+  int jx[SEL_PER_THREAD];
+#pragma unroll
+  for (int e = 0; e < SEL_PER_THREAD; e++) {
+    const int r0 = jb0 + e * SEL_THREADS; // this round's blocks r0 .. r1
+    const int r1 = min(jb1, r0 + SEL_THREADS);
+    const int j = r0 + threadIdx.x;
+    sc[e] = NSA_NEG_INF;
+    jx[e] = NO_BLOCK;
+    if (r0 >= r1) continue; // uniform across the CTA
+    const int i_first = max(0, (r0 * SEL_L - CMP_L + CMP_D) / CMP_D);
+    const int i_last = min(visible, (r1 * SEL_L - 1) / CMP_D + 1); // exclusive
     const int i_lo = max(0, (j * SEL_L - CMP_L + CMP_D) / CMP_D);
     const int i_hi = min(visible, ((j + 1) * SEL_L - 1) / CMP_D + 1);
+    const bool mine = j < r1 && j != 0 && j < current - 1;
     float acc = 0.f;
-    for (int i = i_lo; i < i_hi; i++) {
-      const int start = i * CMP_D;
-      const int overlap = min(start + CMP_L, (j + 1) * SEL_L) - max(start, j * SEL_L);
-      if (overlap <= 0) continue;
-      float p = 0.f;
-      for (int g = 0; g < G; g++) p += exp2f(scores[((i64)r * Hq + h * G + g) * score_stride + i] - lse2[g]);
-      acc += p * (float)overlap;
+    if (i_first < i_last) {
+      const int sg0 = i_first / SLICE;
+      const int nsl = (i_last - 1) / SLICE - sg0 + 1;
+      const int gcnt = min(G, SEL_STAGE / (nsl * SLICE_W)); // >= 1: the host checks it
+      for (int g0 = 0; g0 < G; g0 += gcnt) {
+        const int gn = min(gcnt, G - g0);
+        __syncthreads();
+        const int width = gn * SLICE_W;
+#pragma unroll 8
+        for (int i = threadIdx.x; i < nsl * width; i += SEL_THREADS) {
+          const int sl = i / width;
+          const int rem = i - sl * width;
+          float v = base[((i64)(sg0 + sl) * G + g0) * SLICE_W + rem];
+          if (rem % SLICE_W == SLICE_BLOCKS) v = exp2f(v - lse2[g0 + rem / SLICE_W]);
+          stage[i] = v;
+        }
+        __syncthreads();
+        if (mine && i_lo < i_hi) {
+          const int s_lo = i_lo / SLICE - sg0;
+          const int s_hi = (i_hi - 1) / SLICE - sg0;
+          for (int g = 0; g < gn; g++)
+            for (int sl = s_lo; sl <= s_hi; sl++) {
+              const float *rec = stage + sl * width + g * SLICE_W;
+              acc += rec[SLICE_BLOCKS] * rec[j - (sg0 + sl) * SLICE * CMP_D / SEL_L];
+            }
+        }
+      }
     }
-    sc[j] = acc * (1.f / CMP_D);
+    if (mine) {
+      sc[e] = acc * (1.f / CMP_D);
+      jx[e] = j;
+    }
   }
+  __syncthreads(); // the staging area becomes the last CTA's candidate lists
+  warp_best_regs<SEL_PER_THREAD>(sc, jx, SEL_N, warp_s[warp], warp_j[warp], lane);
   __syncthreads();
-  if (warp == 0) warp_top_n(sc, current, block_indices + ((i64)r * H + h) * SEL_N, lane);
-}
+  const i64 list = ((i64)r * H + h) * nz;
+  if (warp == 0) {
+    float *ls = cand_s + (list + z) * SEL_N;
+    int *lj = cand_j + (list + z) * SEL_N;
+    warp_best_smem(&warp_s[0][0], &warp_j[0][0], (SEL_THREADS / 32) * SEL_N, SEL_N, ls, lj, lane);
+  }
+  if (!last_to_finish(counters + (i64)r * H + h, nz, &last_flag)) return;
+  if (warp != 0) return;
 
-/** Per (query, head), one warp: the slc and win outputs from their chunks, and the gated sum with o_cmp. */
-extern "C" __global__ void nsa_decode_combine(const float *__restrict__ partial_m, const float *__restrict__ partial_l,
-                                              const float *__restrict__ partial_o, const float *__restrict__ gate,
-                                              const float *__restrict__ o_cmp, float *__restrict__ o_slc,
-                                              float *__restrict__ o_win, float *__restrict__ out, float *__restrict__ lse_slc,
-                                              float *__restrict__ lse_win, i64 rows, int slots, int slc_slot0, int win_slot0) {
-  const i64 row = (i64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  if (row >= rows) return;
-  const float ls = merge_slots(partial_m, partial_l, partial_o, row, slots, slc_slot0, win_slot0, o_slc + row * DV, lane);
-  const float lw = merge_slots(partial_m, partial_l, partial_o, row, slots, win_slot0, slots, o_win + row * DV, lane);
-  if (lane == 0) {
-    lse_slc[row] = ls == NSA_NEG_INF ? NSA_NEG_INF : ls * NSA_LN2;
-    lse_win[row] = lw == NSA_NEG_INF ? NSA_NEG_INF : lw * NSA_LN2;
+  // The last CTA: the forced blocks (distinct, lowest index first), then the best of the nz lists.
+  float *all_s = reinterpret_cast<float *>(sel_smem);
+  int *all_j = reinterpret_cast<int *>(all_s + nz * SEL_N);
+  for (int i = lane; i < nz * SEL_N; i += 32) {
+    all_s[i] = __ldcg(cand_s + list * SEL_N + i);
+    all_j[i] = __ldcg(cand_j + list * SEL_N + i);
   }
   __syncwarp();
-  const float g0 = gate[row * 3], g1 = gate[row * 3 + 1], g2 = gate[row * 3 + 2];
-  for (int c = lane; c < DV; c += 32) out[row * DV + c] = g0 * o_cmp[row * DV + c] + g1 * o_slc[row * DV + c] + g2 * o_win[row * DV + c];
+  int chosen = -1; // lane i keeps the i-th chosen block
+  int count = 0;
+  int previous = -1;
+  const int forced[3] = {0, current - 1, current};
+#pragma unroll
+  for (int f = 0; f < 3; f++) {
+    const int j = forced[f];
+    if (count == SEL_N || j <= previous) continue;
+    if (lane == count) chosen = j;
+    count++;
+    previous = j;
+  }
+  // The rest by score: reuse warp_s[0] / warp_j[0] for the picks.
+  const int need = SEL_N - count;
+  const int got = warp_best_smem(all_s, all_j, nz * SEL_N, need, &warp_s[0][0], &warp_j[0][0], lane);
+  for (int k = 0; k < got; k++)
+    if (lane == count + k) chosen = warp_j[0][k];
+  count += got;
+  int rank = 0;
+  for (int i = 0; i < count; i++) {
+    const int other = __shfl_sync(0xffffffff, chosen, i);
+    rank += (lane < count && other < chosen) ? 1 : 0;
+  }
+  int *dst = block_indices + ((i64)r * H + h) * SEL_N;
+  if (lane < count) dst[rank] = chosen;
+  for (int i = count + lane; i < SEL_N; i += 32) dst[i] = -1;
 }
 
 /** Dense baseline: merges each (query, head)'s chunks into its output. */
@@ -270,5 +614,20 @@ extern "C" __global__ void nsa_decode_combine_dense(const float *__restrict__ pa
   const i64 row = (i64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
-  merge_slots(partial_m, partial_l, partial_o, row, slots, 0, slots, out + row * DV, lane);
+  const float *pm = partial_m + row * slots;
+  const float *pl = partial_l + row * slots;
+  float m = NSA_NEG_INF;
+  for (int s = 0; s < slots; s++) m = fmaxf(m, pm[s]);
+  if (m == NSA_NEG_INF) {
+    for (int c = lane; c < DV; c += 32) out[row * DV + c] = 0.f;
+    return;
+  }
+  float l = 0.f;
+  for (int s = 0; s < slots; s++) l += pm[s] == NSA_NEG_INF ? 0.f : exp2f(pm[s] - m) * pl[s];
+  for (int c = lane; c < DV; c += 32) {
+    float acc = 0.f;
+    for (int s = 0; s < slots; s++)
+      if (pm[s] != NSA_NEG_INF) acc += exp2f(pm[s] - m) * partial_o[(row * slots + s) * DV + c];
+    out[row * DV + c] = acc / l;
+  }
 }

@@ -1,6 +1,7 @@
 // The cuda KV cache: per sequence, device buffers of raw K/V and compressed K/V in bf16, grown by doubling (a
-// copy on the device), and a decode step of four launches (kernels/decode.cu): cmp chunks, cmp merge + block
-// scores + top-n, slc and win chunks, merge + gated sum. Appends from the host compress on the host with the
+// copy on the device), and a decode step of three launches (kernels/decode.cu): cmp and win chunks (the cmp
+// chunks also fold their probabilities into per-slice block sums), cmp merge + block scores + top-n spread over
+// several CTAs per (query, KV head), slc chunks whose last CTA merges and writes the gated sum. Appends from the host compress on the host with the
 // same phi as the reference (the last l - 1 tokens are kept on the host for the next block) and upload the rows;
 // appendRandom (benchmarks) fills and compresses on the device.
 
@@ -36,14 +37,14 @@ interface SequenceStore {
 }
 
 /**
- * Keys per decode CTA for a branch of `keys` keys: the largest of 256 .. 2048 that still gives `minCtas` CTAs over
+ * Keys per decode CTA for a branch of `keys` keys: the largest of `smallest` .. 2048 that still gives `minCtas` CTAs over
  * `rows` (query, KV head, head chunk) triples (fewer, longer chunks mean fewer partial results to write and merge),
- * or NSA_DECODE_CHUNK when set.
+ * or NSA_DECODE_CHUNK (or the branch's own variable, `override`) when set.
  */
-function chunkFor(keys: number, rows: number, minCtas: number): number {
-  const forced = Number(process.env['NSA_DECODE_CHUNK']);
+function chunkFor(keys: number, rows: number, minCtas: number, smallest: number, override?: string): number {
+  const forced = Number(process.env[override ?? ''] ?? process.env['NSA_DECODE_CHUNK']);
   if (Number.isInteger(forced) && forced >= 64 && forced % 64 === 0) return forced;
-  let chunk = 256;
+  let chunk = smallest;
   while (chunk < 2048 && rows * Math.ceil(keys / (chunk * 2)) >= minCtas) chunk *= 2;
   return chunk;
 }
@@ -242,6 +243,31 @@ export class CudaKvCache implements KvCache {
     }
   }
 
+  /**
+   * Per launch of the step (NSA, or dense with `dense`), the median of CUDA-event timings of that launch alone,
+   * run after one whole step (each launch reads what the earlier ones wrote, so repeating one alone is valid).
+   */
+  async timeDecodeLaunches(options: TimingOptions & { readonly dense?: boolean }): Promise<{ name: string; medianMs: number }[]> {
+    this.assertLive();
+    const S = this.sequences.length;
+    const qSeq = Array.from({ length: S }, (_, s) => s);
+    const qPos = this.sequences.map((s) => s.length - 1);
+    const step = new DecodeStep(this.ctx, this.programs, this.config, S, this.maxLength(), this.sequences, qSeq, qPos);
+    try {
+      const random = new DeviceRandom(this.ctx, this.programs.dtype);
+      random.normal(step.q, S * this.config.heads * this.config.headDim, 7);
+      random.uniform(step.gate, S * this.config.heads * 3, 8);
+      const dense = options.dense ?? false;
+      step.run(dense);
+      return step.launches(dense).map(({ name, launch }) => ({
+        name,
+        medianMs: this.ctx.time(launch, { warmup: options.warmup, iterations: options.iterations }).medianMs,
+      }));
+    } finally {
+      step.dispose();
+    }
+  }
+
   dispose(): void {
     for (const s of this.sequences) for (const b of [s.k, s.v, s.kc, s.vc]) b.dispose();
     this.sequences.length = 0;
@@ -284,6 +310,17 @@ export class CudaKvCache implements KvCache {
   }
 }
 
+/** Selection blocks a slice of 16 compressed keys touches, plus one: the floats per (slice, head) (decode.cu). */
+function sliceWidth(config: NSAConfig): number {
+  const { compressBlock: l, compressStride: d, selectBlock: ls } = config;
+  return Math.floor((15 * d + l - 1) / ls) + ((16 * d) % ls === 0 ? 1 : 2) + 1;
+}
+
+/** nsa_decode_select's threads, the candidate blocks one of its CTAs scores at most, its staging floats (decode.cu). */
+const SELECT_THREADS = 256;
+const SELECT_CANDIDATES = 4 * SELECT_THREADS;
+const SELECT_STAGE = 8192;
+
 /** The device buffers and launches of one decode step for Q queries. */
 class DecodeStep {
   readonly q: DeviceBuffer;
@@ -299,12 +336,16 @@ class DecodeStep {
   private readonly buffers: DeviceBuffer[] = [];
   private readonly tables: Record<'seqPtrs' | 'seqLen' | 'qSeq' | 'qPos', DeviceBuffer>;
   private readonly partial: Record<'m' | 'l' | 'o', DeviceBuffer>;
-  private readonly scores: DeviceBuffer;
+  /** Branch 0's per-slice block sums [Q, H, sliceStride]; the select step's candidate lists; last-CTA counters. */
+  private readonly slices: DeviceBuffer;
+  private readonly candidates: Record<'s' | 'j', DeviceBuffer>;
+  private readonly counters: Record<'select' | 'slc', DeviceBuffer>;
   /** Chunks (partial slots) per row of each branch, and the keys per chunk; NSA's slots are laid out cmp, slc, win. */
   private readonly slots: { cmp: number; slc: number; win: number; nsa: number; dense: number };
   private readonly chunks: { cmp: number; slc: number; win: number; dense: number };
-  private readonly maxCandidates: number;
-  private readonly scoreStride: number;
+  private readonly sliceStride: number;
+  /** nsa_decode_select CTAs per (query, KV head). */
+  private readonly selectCtas: number;
 
   constructor(
     private readonly ctx: CudaContext,
@@ -317,6 +358,7 @@ class DecodeStep {
     qPos: readonly number[],
   ) {
     const { heads: Hq, kvHeads: H, headDim: dk, valueDim: dv, selectCount: n, selectBlock, window } = config;
+    const G = config.groupSize;
     const f32 = (count: number, what: string): DeviceBuffer => this.keep(ctx.alloc(Math.max(1, count) * 4, what));
     this.q = this.keep(ctx.alloc(Q * Hq * dk * 2, 'decode q'));
     this.gate = f32(Q * Hq * 3, 'decode gates');
@@ -329,24 +371,49 @@ class DecodeStep {
     this.lseWin = f32(Q * Hq, 'decode lse_win');
     this.blockIndices = this.keep(ctx.alloc(Q * H * n * 4, 'decode block indices'));
     const maxCompressed = Math.max(1, config.compressedLength(maxLength));
-    const ctaRows = Q * H * Math.ceil(config.groupSize / 16);
+    const gchunks = Math.ceil(G / 16);
+    const ctaRows = Q * H * gchunks;
     const minCtas = 4 * ctx.device.smCount;
+    // The compressed keys in chunks of >= 256 (each chunk writes a partial output); the selected blocks and the
+    // window, short, in chunks down to one tile when the batch is small, so that their launches spread.
     this.chunks = {
-      cmp: chunkFor(maxCompressed, ctaRows, minCtas),
-      slc: chunkFor(n * selectBlock, ctaRows, minCtas),
-      win: chunkFor(window, ctaRows, minCtas),
-      dense: chunkFor(maxLength, ctaRows, minCtas),
+      cmp: chunkFor(maxCompressed, ctaRows, minCtas, 256, 'NSA_DECODE_CMP_CHUNK'),
+      slc: chunkFor(n * selectBlock, ctaRows, minCtas, 64, 'NSA_DECODE_SLC_CHUNK'),
+      // The window shares its launch with the compressed keys: it needs only the CTAs those leave short.
+      win: chunkFor(window, ctaRows, minCtas - ctaRows * Math.ceil(maxCompressed / chunkFor(maxCompressed, ctaRows, minCtas, 256, 'NSA_DECODE_CMP_CHUNK')), 64),
+      dense: chunkFor(maxLength, ctaRows, minCtas, 256),
     };
     const cmp = Math.ceil(maxCompressed / this.chunks.cmp);
     const slc = Math.ceil((n * selectBlock) / this.chunks.slc);
     const win = Math.ceil(window / this.chunks.win);
     const dense = Math.ceil(maxLength / this.chunks.dense);
     this.slots = { cmp, slc, win, nsa: cmp + slc + win, dense };
-    this.scoreStride = maxCompressed;
-    this.maxCandidates = Math.ceil(maxLength / selectBlock) + 1;
+    // nsa_decode_slc's last CTA keeps a weight per (row, slc or win slot) in its dynamic shared memory.
+    if (2 * 16 * (slc + win) * 4 > programs.decodePartialSharedBytes()) {
+      throw new UnsupportedConfigError(`cuda decode: ${slc + win} slc and win chunks per row are more than the merge holds`);
+    }
     const rows = Q * Hq * Math.max(this.slots.nsa, dense);
     this.partial = { m: f32(rows, 'decode partial m'), l: f32(rows, 'decode partial l'), o: f32(rows * dv, 'decode partial o') };
-    this.scores = f32(Q * Hq * this.scoreStride, 'decode cmp scores');
+    this.sliceStride = Math.ceil(maxCompressed / 64) * 4 * G * sliceWidth(config);
+    // nsa_decode_select stages the slices of SELECT_THREADS candidate blocks, one head at least, in SELECT_STAGE floats.
+    const { compressBlock: l, compressStride: d } = config;
+    const stagedSlices = Math.floor(((SELECT_THREADS * selectBlock + l - d) / d + 1) / 16) + 2;
+    if (stagedSlices * sliceWidth(config) > SELECT_STAGE) {
+      throw new UnsupportedConfigError(`cuda decode: selection blocks of ${selectBlock} over compressed tokens every ${d} are too many to score`);
+    }
+    this.slices = f32(Q * H * this.sliceStride, 'decode cmp slices');
+    const maxCandidates = Math.ceil(maxLength / selectBlock) + 1;
+    // At least what SELECT_CANDIDATES a CTA allows; with few (query, KV head) pairs, up to one per head (each
+    // merges o_cmp of G / selectCtas heads) for about 2 CTAs per SM. More CTAs than that measured slower at B = 64
+    // (5 per pair: 0.10 against 0.073 ms for this launch alone, H100): its fixed per-CTA work is a latency chain.
+    this.selectCtas = Math.max(Math.ceil(maxCandidates / SELECT_CANDIDATES), Math.min(G, Math.ceil((2 * ctx.device.smCount) / (Q * H))));
+    this.candidates = {
+      s: f32(Q * H * this.selectCtas * n, 'decode candidate scores'),
+      j: f32(Q * H * this.selectCtas * n, 'decode candidate blocks'),
+    };
+    this.counters = { select: f32(Q * H, 'decode select counters'), slc: f32(ctaRows, 'decode slc counters') };
+    ctx.memset(this.counters.select, 0);
+    ctx.memset(this.counters.slc, 0);
     const ptrs = new BigUint64Array(sequences.length * 4);
     sequences.forEach((s, i) => ptrs.set([s.k.ptr, s.v.ptr, s.kc.ptr, s.vc.ptr], i * 4));
     this.tables = {
@@ -357,55 +424,88 @@ class DecodeStep {
     };
   }
 
-  /** The NSA step (or dense attention over the whole cache). */
-  run(dense: boolean): void {
-    const { programs, config, Q, tables, partial, slots } = this;
+  /** The launches of the NSA step (or of dense attention over the whole cache), in order, by name. */
+  launches(dense: boolean): { readonly name: string; readonly launch: () => void }[] {
+    const { programs, config, Q, tables, partial, slots, chunks } = this;
     const { heads: Hq, kvHeads: H } = config;
-    const G = config.groupSize;
-    const gchunks = Math.ceil(G / 16);
-    const scaleLog2 = config.scale * Math.LOG2E;
-    const attend = (branch: number, slot0: number, chunks: number, chunk: number): void =>
-      programs.decode('partial').launch({
-        grid: [Q, H * gchunks, chunks],
-        block: [128, 1, 1],
-        sharedBytes: programs.decodePartialSharedBytes(),
-        args: [
-          ptr(this.q), ptr(tables.seqPtrs), ptr(tables.seqLen), ptr(tables.qSeq), ptr(tables.qPos), ptr(this.blockIndices),
-          ptr(partial.m), ptr(partial.l), ptr(partial.o), ptr(this.scores), { i32: this.scoreStride }, { i32: Hq }, { i32: H },
-          { i32: branch }, { i32: slot0 }, { i32: dense ? slots.dense : slots.nsa }, { f32: scaleLog2 }, { i32: chunk },
-        ],
-      });
+    const gchunks = Math.ceil(config.groupSize / 16);
+    const scaleLog2 = { f32: config.scale * Math.LOG2E };
+    const cache = [ptr(this.q), ptr(tables.seqPtrs), ptr(tables.seqLen), ptr(tables.qSeq), ptr(tables.qPos)];
+    const parts = [ptr(partial.m), ptr(partial.l), ptr(partial.o)];
+    const sharedBytes = programs.decodePartialSharedBytes();
     const rows = Q * Hq;
     if (dense) {
-      attend(3, 0, slots.dense, this.chunks.dense);
-      programs.decode('combine_dense').launch({
-        grid: [Math.ceil(rows / 4), 1, 1],
-        block: [128, 1, 1],
-        args: [ptr(partial.m), ptr(partial.l), ptr(partial.o), ptr(this.out), { i64: rows }, { i32: slots.dense }],
-      });
-      return;
+      return [
+        {
+          name: 'dense',
+          launch: () =>
+            programs.decode('dense').launch({
+              grid: [Q, H * gchunks, slots.dense],
+              block: [128, 1, 1],
+              sharedBytes,
+              args: [...cache, ...parts, { i32: slots.dense }, { i32: chunks.dense }, { i32: Hq }, { i32: H }, scaleLog2],
+            }),
+        },
+        {
+          name: 'combine_dense',
+          launch: () =>
+            programs.decode('combine_dense').launch({
+              grid: [Math.ceil(rows / 4), 1, 1],
+              block: [128, 1, 1],
+              args: [...parts, ptr(this.out), { i64: rows }, { i32: slots.dense }],
+            }),
+        },
+      ];
     }
-    attend(0, 0, slots.cmp, this.chunks.cmp);
-    programs.decode('cmp_topk').launch({
-      grid: [Q, H, 1],
-      block: [256, 1, 1],
-      sharedBytes: 4 * this.maxCandidates,
-      args: [
-        ptr(partial.m), ptr(partial.l), ptr(partial.o), ptr(this.scores), { i32: this.scoreStride }, ptr(tables.seqLen),
-        ptr(tables.qSeq), ptr(tables.qPos), ptr(this.oCmp), ptr(this.lseCmp), ptr(this.blockIndices), { i32: Hq }, { i32: H },
-        { i32: slots.nsa }, { i32: slots.cmp },
-      ],
-    });
-    attend(1, slots.cmp, slots.slc, this.chunks.slc);
-    attend(2, slots.cmp + slots.slc, slots.win, this.chunks.win);
-    programs.decode('combine').launch({
-      grid: [Math.ceil(rows / 4), 1, 1],
-      block: [128, 1, 1],
-      args: [
-        ptr(partial.m), ptr(partial.l), ptr(partial.o), ptr(this.gate), ptr(this.oCmp), ptr(this.oSlc), ptr(this.oWin), ptr(this.out),
-        ptr(this.lseSlc), ptr(this.lseWin), { i64: rows }, { i32: slots.nsa }, { i32: slots.cmp }, { i32: slots.cmp + slots.slc },
-      ],
-    });
+    const winSlot0 = slots.cmp + slots.slc;
+    return [
+      {
+        name: 'cmp_win',
+        launch: () =>
+          programs.decode('cmp_win').launch({
+            grid: [Q, H * gchunks, slots.cmp + slots.win],
+            block: [128, 1, 1],
+            sharedBytes,
+            args: [
+              ...cache, ...parts, { i32: slots.nsa }, { i32: slots.cmp }, { i32: chunks.cmp }, { i32: winSlot0 }, { i32: chunks.win },
+              ptr(this.slices), { i64: this.sliceStride }, { i32: Hq }, { i32: H }, scaleLog2,
+            ],
+          }),
+      },
+      {
+        name: 'select',
+        launch: () =>
+          programs.decode('select').launch({
+            grid: [Q, H, this.selectCtas],
+            block: [256, 1, 1],
+            sharedBytes: Math.max(SELECT_STAGE * 4, this.selectCtas * config.selectCount * 8),
+            args: [
+              ...parts, ptr(this.slices), { i64: this.sliceStride }, ptr(tables.seqLen), ptr(tables.qSeq), ptr(tables.qPos),
+              ptr(this.oCmp), ptr(this.lseCmp), ptr(this.blockIndices), ptr(this.candidates.s), ptr(this.candidates.j),
+              ptr(this.counters.select), { i32: Hq }, { i32: H }, { i32: slots.nsa }, { i32: slots.cmp },
+            ],
+          }),
+      },
+      {
+        name: 'slc',
+        launch: () =>
+          programs.decode('slc').launch({
+            grid: [Q, H * gchunks, slots.slc],
+            block: [128, 1, 1],
+            sharedBytes,
+            args: [
+              ...cache, ptr(this.blockIndices), ...parts, { i32: slots.nsa }, { i32: slots.cmp }, { i32: chunks.slc }, { i32: winSlot0 },
+              { i32: Hq }, { i32: H }, scaleLog2, ptr(this.gate), ptr(this.oCmp), ptr(this.oSlc), ptr(this.oWin), ptr(this.out),
+              ptr(this.lseSlc), ptr(this.lseWin), ptr(this.counters.slc),
+            ],
+          }),
+      },
+    ];
+  }
+
+  /** The NSA step (or dense attention over the whole cache). */
+  run(dense: boolean): void {
+    for (const l of this.launches(dense)) l.launch();
   }
 
   dispose(): void {
@@ -418,7 +518,6 @@ class DecodeStep {
     return b;
   }
 }
-
 
 function concat(a: Float32Array, b: Float32Array): Float32Array {
   const out = new Float32Array(a.length + b.length);

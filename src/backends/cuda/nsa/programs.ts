@@ -127,7 +127,7 @@ export class NsaPrograms {
   }
 
   /** Decoding kernels (kernels/decode.cu). */
-  decode(fn: 'partial' | 'cmp_topk' | 'combine' | 'combine_dense'): Kernel {
+  decode(fn: 'cmp_win' | 'select' | 'slc' | 'dense' | 'combine_dense'): Kernel {
     return this.kernel('decode.cu', `nsa_decode_${fn}`, [...this.cmpDefines(), ...this.selDefines(), `-DWINDOW=${this.config.window}`]);
   }
 
