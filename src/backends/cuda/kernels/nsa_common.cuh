@@ -90,6 +90,53 @@ template <int COLS> struct SwizzledTile {
 };
 
 /**
+ * Rows of COLS elements padded by 16 bytes: a row lands in shared memory as one contiguous copy (the bulk copy
+ * engine writes rows whole, it cannot swizzle), and the 16-byte shift per row keeps ldmatrix over 8 rows of one
+ * column chunk on 8 different bank groups.
+ */
+template <int COLS> struct PaddedTile {
+  static constexpr int STRIDE = COLS + 8;
+  __device__ static __forceinline__ int offset(int row, int col) { return row * STRIDE + col; }
+};
+
+// ---------------------------------------------------------------------------------------------------------------
+// Bulk copies (sm_90): one instruction moves a whole row global -> shared and completes on an mbarrier, so a tile
+// of gathered rows costs one instruction per row instead of address arithmetic per 16 bytes.
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define NSA_HAS_BULK_COPY 1
+__device__ __forceinline__ void mbarrier_init(unsigned long long *bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_addr(bar)), "r"(count));
+}
+/** Orders the mbarrier inits before their use by the copy engine (then a __syncthreads). */
+__device__ __forceinline__ void mbarrier_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::); }
+/** Orders this thread's ordinary shared-memory writes before later bulk copies into the same memory. */
+__device__ __forceinline__ void fence_proxy_async_shared() { asm volatile("fence.proxy.async.shared::cta;\n" ::); }
+/** Arrives on the barrier, announcing `bytes` more bytes the current phase must receive before it completes. */
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(unsigned long long *bar, u32 bytes) {
+  asm volatile("{\n\t.reg .b64 state;\n\tmbarrier.arrive.expect_tx.shared::cta.b64 state, [%0], %1;\n\t}\n" ::"r"(smem_addr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+/** Waits until the phase of the given parity has completed. */
+__device__ __forceinline__ void mbarrier_wait(unsigned long long *bar, u32 parity) {
+  asm volatile(
+      "{\n\t.reg .pred done;\n"
+      "WAIT_%=:\n\t"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n\t"
+      "@!done bra WAIT_%=;\n\t}\n" ::"r"(smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+}
+/** Copies `bytes` (a multiple of 16, both addresses 16-byte aligned) global -> shared, completing on `bar`. */
+__device__ __forceinline__ void bulk_copy_g2s(void *smem, const void *gmem, u32 bytes, unsigned long long *bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(smem_addr(smem)),
+               "l"(gmem), "r"(bytes), "r"(smem_addr(bar))
+               : "memory");
+}
+#endif
+
+/**
  * Asynchronously copies `rows` rows of COLS elements into a swizzled tile. Row r comes from src(r) (a pointer to
  * COLS contiguous elements) or is zero-filled when src(r) is null. All threads of the block take part.
  */
@@ -130,7 +177,7 @@ template <int KDIM> __device__ __forceinline__ void load_a_fragments(u32 a[KDIM 
  * S[16 x 16*NP] += Q (A fragments, 16 x KDIM) * K^T for keys k0 .. k0 + 16*NP of a swizzled [*, KDIM] key tile.
  * s[2*p + h] is the C fragment of keys k0 + 16p + 8h .. +8.
  */
-template <int KDIM, int NP>
+template <int KDIM, int NP, class Layout = SwizzledTile<KDIM>>
 __device__ __forceinline__ void qk_mma(float s[2 * NP][4], const u32 a[KDIM / 16][4], const elem_t *ktile, int k0, int lane) {
 #pragma unroll
   for (int p = 0; p < NP; p++) {
@@ -138,7 +185,7 @@ __device__ __forceinline__ void qk_mma(float s[2 * NP][4], const u32 a[KDIM / 16
 #pragma unroll
     for (int ks = 0; ks < KDIM / 16; ks++) {
       u32 b[4];
-      ldmatrix_x4(b, ktile + SwizzledTile<KDIM>::offset(key, ks * 16 + ((lane >> 3) & 1) * 8));
+      ldmatrix_x4(b, ktile + Layout::offset(key, ks * 16 + ((lane >> 3) & 1) * 8));
       mma_16816(s[2 * p], a[ks], b);
       mma_16816(s[2 * p + 1], a[ks], b + 2);
     }
@@ -149,7 +196,7 @@ __device__ __forceinline__ void qk_mma(float s[2 * NP][4], const u32 a[KDIM / 16
  * O[16 x VDIM] += P (16 x 16*NP, fp32 C fragments packed to elem pairs) * V[keys k0 .. k0 + 16*NP] from a swizzled
  * [*, VDIM] value tile. o[n] is the C fragment of value columns 8n .. 8n+7.
  */
-template <int VDIM, int NP>
+template <int VDIM, int NP, class Layout = SwizzledTile<VDIM>>
 __device__ __forceinline__ void pv_mma(float o[VDIM / 8][4], const float s[2 * NP][4], const elem_t *vtile, int k0, int lane) {
 #pragma unroll
   for (int p = 0; p < NP; p++) {
@@ -162,7 +209,7 @@ __device__ __forceinline__ void pv_mma(float o[VDIM / 8][4], const float s[2 * N
 #pragma unroll
     for (int n = 0; n < VDIM / 16; n++) {
       u32 b[4];
-      ldmatrix_x4_trans(b, vtile + SwizzledTile<VDIM>::offset(key, n * 16 + (lane >> 4) * 8));
+      ldmatrix_x4_trans(b, vtile + Layout::offset(key, n * 16 + (lane >> 4) * 8));
       mma_16816(o[2 * n], a, b);
       mma_16816(o[2 * n + 1], a, b + 2);
     }
@@ -173,18 +220,18 @@ __device__ __forceinline__ void pv_mma(float o[VDIM / 8][4], const float s[2 * N
  * Like qk_mma, with the A operand (16 rows x KDIM) read from a swizzled shared tile one k-step at a time instead of
  * held in registers (the backward kernels keep more accumulators and cannot afford both).
  */
-template <int KDIM, int NP>
+template <int KDIM, int NP, class ALayout = SwizzledTile<KDIM>, class BLayout = SwizzledTile<KDIM>>
 __device__ __forceinline__ void qk_mma_smem(float s[2 * NP][4], const elem_t *atile, int r0, const elem_t *ktile, int k0, int lane) {
   const int arow = r0 + (lane & 7) + ((lane >> 3) & 1) * 8;
 #pragma unroll
   for (int ks = 0; ks < KDIM / 16; ks++) {
     u32 a[4];
-    ldmatrix_x4(a, atile + SwizzledTile<KDIM>::offset(arow, ks * 16 + (lane >> 4) * 8));
+    ldmatrix_x4(a, atile + ALayout::offset(arow, ks * 16 + (lane >> 4) * 8));
 #pragma unroll
     for (int p = 0; p < NP; p++) {
       const int key = k0 + p * 16 + (lane & 7) + (lane >> 4) * 8;
       u32 b[4];
-      ldmatrix_x4(b, ktile + SwizzledTile<KDIM>::offset(key, ks * 16 + ((lane >> 3) & 1) * 8));
+      ldmatrix_x4(b, ktile + BLayout::offset(key, ks * 16 + ((lane >> 3) & 1) * 8));
       mma_16816(s[2 * p], a, b);
       mma_16816(s[2 * p + 1], a, b + 2);
     }

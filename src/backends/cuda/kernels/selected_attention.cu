@@ -1,6 +1,8 @@
 // nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16
 // nvcc-check: -DDK=192 -DDV=128 -DSEL_L=32 -DSEL_N=16 -DNSA_FP16
 // nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DSLC_WARPS=2 -DSLC_STAGES=4
+// nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DSLC_BULK
+// nvcc-check: -DDK=192 -DDV=128 -DSEL_L=32 -DSEL_N=16 -DSLC_BULK -DNSA_FP16
 //
 // Selected attention, group-centric (the NSA paper's kernel, for large G): a CTA takes one query position t and
 // up to 16 query heads of one KV head (the G heads of a group share one selection), so each selected K/V block
@@ -9,6 +11,11 @@
 // flight); each warp takes 16 keys of a tile with its own online softmax, and the warps' partial results are
 // merged at the end (flash-decoding style). The epilogue adds g_slc * o_slc to the
 // fp32 accumulator `out` holding the other branches, and optionally writes the final output in the input dtype.
+//
+// With SLC_BULK (sm_90) each key/value row of a tile is one bulk copy issued by one thread and completing on the
+// stage's mbarrier, into padded (unswizzled) rows: the 16-byte cp.async path spends more of the SM on address
+// arithmetic than on the attention (Nsight Compute, H100, 64k: ALU the busiest pipe, 64% issue slots busy,
+// L2 at a third of its throughput).
 #include "nsa_common.cuh"
 
 #ifndef SLC_WARPS
@@ -24,6 +31,18 @@
 #define THREADS (32 * SLC_WARPS)
 #define ROWS 16
 
+#if defined(SLC_BULK) && defined(NSA_HAS_BULK_COPY)
+#define SLC_USE_BULK 1
+typedef PaddedTile<DK> KTile;
+typedef PaddedTile<DV> VTile;
+#else
+#define SLC_USE_BULK 0
+typedef SwizzledTile<DK> KTile;
+typedef SwizzledTile<DV> VTile;
+#endif
+#define K_ROW (SLC_USE_BULK ? DK + 8 : DK) // elements per key row in shared memory
+#define V_ROW (SLC_USE_BULK ? DV + 8 : DV)
+
 extern "C" __global__ void __launch_bounds__(THREADS, SLC_MIN_BLOCKS)
     nsa_selected_attention(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
                            const float *__restrict__ gate, const int *__restrict__ block_indices,
@@ -32,9 +51,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, SLC_MIN_BLOCKS)
                            int Hq, int H, float scale_log2) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   elem_t *qsmem = reinterpret_cast<elem_t *>(smem_raw);           // ROWS x DK
-  elem_t *ksmem = qsmem + ROWS * DK;                               // SLC_STAGES x BLOCK_N x DK
-  elem_t *vsmem = ksmem + SLC_STAGES * BLOCK_N * DK;               // SLC_STAGES x BLOCK_N x DV
+  elem_t *ksmem = qsmem + ROWS * DK;                               // SLC_STAGES x BLOCK_N x K_ROW
+  elem_t *vsmem = ksmem + SLC_STAGES * BLOCK_N * K_ROW;            // SLC_STAGES x BLOCK_N x V_ROW
   __shared__ int sel[SEL_N];
+#if SLC_USE_BULK
+  __shared__ __align__(8) unsigned long long stage_bar[SLC_STAGES];
+#endif
   __shared__ float merge_m[SLC_WARPS][ROWS];
   __shared__ float merge_l[SLC_WARPS][ROWS];
 
@@ -51,6 +73,16 @@ extern "C" __global__ void __launch_bounds__(THREADS, SLC_MIN_BLOCKS)
 
   int nsel = 0;
   if (threadIdx.x < SEL_N) sel[threadIdx.x] = block_indices[(row * H + h) * SEL_N + threadIdx.x];
+#if SLC_USE_BULK
+  // Rows a tile does not fill keep what they held; values must be finite there (p = 0 multiplies them), so the
+  // value stages start zeroed. The zeros are ordinary stores that later bulk copies overwrite: fence the proxies.
+  for (int i = threadIdx.x; i < SLC_STAGES * BLOCK_N * V_ROW / 8; i += THREADS) {
+    reinterpret_cast<uint4 *>(vsmem)[i] = make_uint4(0, 0, 0, 0);
+  }
+  if (threadIdx.x < SLC_STAGES) mbarrier_init(&stage_bar[threadIdx.x], THREADS);
+  mbarrier_init_fence();
+  fence_proxy_async_shared();
+#endif
   __syncthreads();
   while (nsel < SEL_N && sel[nsel] >= 0) nsel++;
   const int total = nsel * SEL_L;
@@ -61,6 +93,25 @@ extern "C" __global__ void __launch_bounds__(THREADS, SLC_MIN_BLOCKS)
   });
   // Key i of the concatenated selection is token sel[i / l'] * l' + i % l' of the sequence (if <= t).
   auto key_pos = [&](int i) { return sel[i / SEL_L] * SEL_L + i % SEL_L; };
+#if SLC_USE_BULK
+  // Thread r < BLOCK_N copies key row r of the tile, thread BLOCK_N + r value row r (THREADS = 2 * BLOCK_N).
+  auto issue = [&](int it) {
+    const int stage = it % SLC_STAGES;
+    const bool is_value = threadIdx.x >= BLOCK_N;
+    const int r = threadIdx.x - (is_value ? BLOCK_N : 0);
+    const int i = it * BLOCK_N + r;
+    const bool valid = i < total && key_pos(i) <= t;
+    const u32 bytes = valid ? (is_value ? DV : DK) * 2 : 0;
+    mbarrier_arrive_expect_tx(&stage_bar[stage], bytes);
+    if (valid) {
+      const i64 token = seq_start + key_pos(i);
+      if (is_value) bulk_copy_g2s(vsmem + (stage * BLOCK_N + r) * V_ROW, v + (token * H + h) * DV, bytes, &stage_bar[stage]);
+      else bulk_copy_g2s(ksmem + (stage * BLOCK_N + r) * K_ROW, k + (token * H + h) * DK, bytes, &stage_bar[stage]);
+    }
+  };
+  for (int st = 0; st < SLC_STAGES - 1 && st < ntiles; st++) issue(st);
+  cp_async_commit();
+#else
   auto issue = [&](int it) {
     const int k0 = it * BLOCK_N;
     load_tile_async<DK, THREADS>(ksmem + (it % SLC_STAGES) * BLOCK_N * DK, BLOCK_N, [&](int r) -> const elem_t * {
@@ -80,6 +131,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, SLC_MIN_BLOCKS)
     if (st < ntiles) issue(st);
     else cp_async_commit();
   }
+#endif
 
   float o[DV / 8][4];
   zero_frags<DV / 8>(o);
@@ -87,15 +139,24 @@ extern "C" __global__ void __launch_bounds__(THREADS, SLC_MIN_BLOCKS)
   st.init();
   u32 qfrag[DK / 16][4];
   for (int it = 0; it < ntiles; it++) {
+#if SLC_USE_BULK
+    if (it + SLC_STAGES - 1 < ntiles) issue(it + SLC_STAGES - 1);
+    if (it == 0) {
+      cp_async_wait<0>(); // the query rows
+      __syncthreads();
+    }
+    mbarrier_wait(&stage_bar[it % SLC_STAGES], (it / SLC_STAGES) & 1);
+#else
     if (it + SLC_STAGES - 1 < ntiles) issue(it + SLC_STAGES - 1);
     else cp_async_commit();
     cp_async_wait<SLC_STAGES - 1>();
     __syncthreads();
+#endif
     if (it == 0) load_a_fragments<DK>(qfrag, qsmem, 0, lane);
     const int k0 = it * BLOCK_N + warp * 16; // this warp's 16 keys
     float s[2][4];
     zero_frags<2>(s);
-    qk_mma<DK, 1>(s, qfrag, ksmem + (it % SLC_STAGES) * BLOCK_N * DK, warp * 16, lane);
+    qk_mma<DK, 1, KTile>(s, qfrag, ksmem + (it % SLC_STAGES) * BLOCK_N * K_ROW, warp * 16, lane);
     // Blocks are ascending, so only the warp's keys reaching past t (the tail of t's own block) need a mask.
     // Padding rows (G < 16) are never written, so they need none.
     const bool all_visible = k0 + 15 < total && key_pos(k0 + 15) <= t;
@@ -109,7 +170,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, SLC_MIN_BLOCKS)
       }
     }
     softmax_update<2, DV>(st, s, o);
-    pv_mma<DV, 1>(o, s, vsmem + (it % SLC_STAGES) * BLOCK_N * DV, warp * 16, lane);
+    pv_mma<DV, 1, VTile>(o, s, vsmem + (it % SLC_STAGES) * BLOCK_N * V_ROW, warp * 16, lane);
     __syncthreads();
   }
 

@@ -31,11 +31,14 @@ export interface KernelTuning {
   readonly slcStages: number;
   /** CTAs per SM the selected-attention kernel's registers must allow (its __launch_bounds__). */
   readonly slcMinBlocks: number;
+  /** Gather the selected blocks' rows with bulk copies (sm_90 and later; NSA_SLC_BULK=0 turns it off). */
+  readonly slcBulk: boolean;
 }
 
 export function kernelTuning(
   config: NSAConfig,
   env: Readonly<Record<string, string | undefined>> = process.env,
+  computeCapability: readonly number[] = [9, 0],
 ): KernelTuning {
   const fa = env['NSA_FA_WARPS'] === '4' ? 4 : 8;
   // NSA_SLC_PIPELINE=WxS or WxSxB: W warps, S pipeline stages, B CTAs per SM.
@@ -48,6 +51,7 @@ export function kernelTuning(
     slcStages: match ? Number(match[2]) : 1,
     // 8 CTAs per SM caps registers at 128 per thread: enough for dk <= 128, spills at dk = 192.
     slcMinBlocks: match?.[3] !== undefined ? Number(match[3]) : config.headDim <= 128 ? 8 : 4,
+    slcBulk: (computeCapability[0] ?? 0) >= 9 && env['NSA_SLC_BULK'] !== '0',
   };
 }
 
@@ -77,7 +81,7 @@ export class NsaPrograms {
     private readonly ctx: CudaContext,
     readonly config: NSAConfig,
     readonly dtype: HalfDType,
-    readonly tuning: KernelTuning = kernelTuning(config),
+    readonly tuning: KernelTuning = kernelTuning(config, process.env, ctx.device.computeCapability),
   ) {
     checkCudaSupport(config);
   }
@@ -119,6 +123,7 @@ export class NsaPrograms {
       `-DSLC_WARPS=${this.tuning.slcWarps}`,
       `-DSLC_STAGES=${this.tuning.slcStages}`,
       `-DSLC_MIN_BLOCKS=${this.tuning.slcMinBlocks}`,
+      ...(this.tuning.slcBulk ? ['-DSLC_BULK'] : []),
     ]);
   }
 
@@ -188,10 +193,14 @@ export class NsaPrograms {
     return 2 * (128 * this.config.headDim + 2 * 64 * this.config.headDim) + 4 * headSums + 4 * positionsPerTile * scoreStride;
   }
 
+  /** Q rows and the key/value stages (rows padded by 8 elements for bulk copies), which the warps' merge reuses. */
   selectedSharedBytes(): number {
     const { headDim: dk, valueDim: dv } = this.config;
-    const { slcWarps, slcStages } = this.tuning;
-    return 2 * (16 * dk + slcStages * 16 * slcWarps * (dk + dv));
+    const { slcWarps, slcStages, slcBulk } = this.tuning;
+    const pad = slcBulk ? 8 : 0;
+    const stages = 2 * slcStages * 16 * slcWarps * (dk + dv + 2 * pad);
+    const merge = 4 * slcWarps * 16 * dv;
+    return 2 * 16 * dk + Math.max(stages, merge);
   }
 
   get selectedThreads(): number {
