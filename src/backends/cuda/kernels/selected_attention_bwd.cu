@@ -1,6 +1,8 @@
 // nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16
 // nvcc-check: -DDK=192 -DDV=128 -DSEL_L=32 -DSEL_N=16 -DNSA_FP16
 // nvcc-check: -DDK=64 -DDV=64 -DSEL_L=128 -DSEL_N=4
+// nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DSLC_BULK
+// nvcc-check: -DDK=192 -DDV=128 -DSEL_L=32 -DSEL_N=16 -DSLC_BULK -DNSA_FP16
 //
 // Backward of the selected branch, with no atomics:
 //   nsa_slc_bwd_dq    group-centric like the forward: a CTA per (query position, KV head, 16 heads) streams the
@@ -17,6 +19,21 @@
 #define ROWS 16
 #define TILE 64
 
+// SLC_BULK (sm_90): the gathered rows (dQ: the selected keys/values; dK/dV: the choosing queries and their dO)
+// come with one bulk copy per row (as the forward does), into rows padded by 16 bytes; otherwise 16-byte cp.async
+// into swizzled tiles.
+#if defined(SLC_BULK) && defined(NSA_HAS_BULK_COPY)
+#define SLC_USE_BULK 1
+typedef PaddedTile<DK> KTile;
+typedef PaddedTile<DV> VTile;
+#else
+#define SLC_USE_BULK 0
+typedef SwizzledTile<DK> KTile;
+typedef SwizzledTile<DV> VTile;
+#endif
+#define K_ROW (SLC_USE_BULK ? DK + 8 : DK)
+#define V_ROW (SLC_USE_BULK ? DV + 8 : DV)
+
 extern "C" __global__ void __launch_bounds__(THREADS)
     nsa_slc_bwd_dq(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
                    const elem_t *__restrict__ dout, const float *__restrict__ lse, const float *__restrict__ gate,
@@ -25,9 +42,12 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   extern __shared__ __align__(128) unsigned char smem_raw[];
   elem_t *qsmem = reinterpret_cast<elem_t *>(smem_raw); // ROWS x DK
   elem_t *dosmem = qsmem + ROWS * DK;                   // ROWS x DV
-  elem_t *ksmem = dosmem + ROWS * DV;                   // TILE x DK
-  elem_t *vsmem = ksmem + TILE * DK;                    // TILE x DV
+  elem_t *ksmem = dosmem + ROWS * DV;                   // TILE x K_ROW
+  elem_t *vsmem = ksmem + TILE * K_ROW;                 // TILE x V_ROW
   __shared__ int sel[SEL_N];
+#if SLC_USE_BULK
+  __shared__ __align__(8) unsigned long long tile_bar;
+#endif
 
   const i64 row = blockIdx.x;
   const int h = blockIdx.y;
@@ -47,6 +67,14 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     return r < rows ? dout + (row * Hq + h * G + head0 + r) * DV : nullptr;
   });
   cp_async_commit();
+#if SLC_USE_BULK
+  // Rows a tile leaves unfilled keep what they held, and both sides are multiplied by zeros there (values by
+  // p = 0, keys by dS = 0 in dQ += dS K): they must be finite, so the tile starts zeroed, before any copy.
+  for (int i = threadIdx.x; i < TILE * (K_ROW + V_ROW) / 8; i += THREADS) reinterpret_cast<uint4 *>(ksmem)[i] = make_uint4(0, 0, 0, 0);
+  if (threadIdx.x == 0) mbarrier_init(&tile_bar, THREADS);
+  mbarrier_init_fence();
+  fence_proxy_async_shared();
+#endif
   __syncthreads();
   int nsel = 0;
   while (nsel < SEL_N && sel[nsel] >= 0) nsel++;
@@ -70,6 +98,27 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   u32 qfrag[DK / 16][4];
   for (int k0 = 0; k0 < total; k0 += TILE) {
     __syncthreads();
+#if SLC_USE_BULK
+    {
+      // Thread r < TILE copies key row r, thread TILE + r value row r (THREADS = 2 * TILE).
+      const bool is_value = threadIdx.x >= TILE;
+      const int r = threadIdx.x - (is_value ? TILE : 0);
+      const int i = k0 + r;
+      const bool valid = i < total && key_pos(i) <= t;
+      const u32 bytes = valid ? (is_value ? DV : DK) * 2 : 0;
+      mbarrier_arrive_expect_tx(&tile_bar, bytes);
+      if (valid) {
+        const i64 token = seq_start + key_pos(i);
+        if (is_value) bulk_copy_g2s(vsmem + r * V_ROW, v + (token * H + h) * DV, bytes, &tile_bar);
+        else bulk_copy_g2s(ksmem + r * K_ROW, k + (token * H + h) * DK, bytes, &tile_bar);
+      }
+      if (k0 == 0) {
+        cp_async_wait<0>(); // the query and dO rows
+        __syncthreads();
+      }
+      mbarrier_wait(&tile_bar, (k0 / TILE) & 1);
+    }
+#else
     load_tile_async<DK, THREADS>(ksmem, TILE, [&](int r) -> const elem_t * {
       const int i = k0 + r;
       return i < total && key_pos(i) <= t ? k + ((i64)(seq_start + key_pos(i)) * H + h) * DK : nullptr;
@@ -81,13 +130,14 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     cp_async_commit();
     cp_async_wait<0>();
     __syncthreads();
+#endif
     if (k0 == 0) load_a_fragments<DK>(qfrag, qsmem, 0, lane);
     float s[2][4];
     zero_frags<2>(s);
-    qk_mma<DK, 1>(s, qfrag, ksmem, warp * 16, lane);
+    qk_mma<DK, 1, KTile>(s, qfrag, ksmem, warp * 16, lane);
     float dp[2][4];
     zero_frags<2>(dp);
-    qk_mma_smem<DV, 1>(dp, dosmem, 0, vsmem, warp * 16, lane);
+    qk_mma_smem<DV, 1, SwizzledTile<DV>, VTile>(dp, dosmem, 0, vsmem, warp * 16, lane);
 #pragma unroll
     for (int n = 0; n < 2; n++) {
 #pragma unroll
@@ -99,8 +149,9 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         s[n][e] = p * (g[hh] * dp[n][e] - d[hh]);
       }
     }
-    pv_mma<DK, 1>(dq_acc, s, ksmem, warp * 16, lane);
+    pv_mma<DK, 1, KTile>(dq_acc, s, ksmem, warp * 16, lane);
   }
+  cp_async_wait<0>(); // no tile at all: the query rows are still to land before the tile memory is reused
 
   // Sum the warps' dQ parts in warp order through shared memory (reusing the key tile).
   __syncthreads();
@@ -142,10 +193,20 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   extern __shared__ __align__(128) unsigned char smem_raw[];
   elem_t *ksmem = reinterpret_cast<elem_t *>(smem_raw); // TILE x DK
   elem_t *vsmem = ksmem + TILE * DK;                    // TILE x DV
-  elem_t *qsmem = vsmem + TILE * DV;                    // TILE x DK (gathered rows)
-  elem_t *dosmem = qsmem + TILE * DK;                   // TILE x DV
+  elem_t *qsmem = vsmem + TILE * DV;                    // TILE x K_ROW (gathered rows)
+  elem_t *dosmem = qsmem + TILE * K_ROW;                // TILE x V_ROW
   __shared__ float row_lse[TILE], row_gate[TILE], row_delta[TILE];
   __shared__ int row_t[TILE];
+#if SLC_USE_BULK
+  __shared__ __align__(8) unsigned long long rows_bar;
+  // Rows a tile leaves unfilled keep what they held and are multiplied by zeros (p, dS): they must be finite, so
+  // the row tiles start zeroed, before any copy.
+  for (int i = threadIdx.x; i < TILE * (K_ROW + V_ROW) / 8; i += THREADS) reinterpret_cast<uint4 *>(qsmem)[i] = make_uint4(0, 0, 0, 0);
+  if (threadIdx.x == 0) mbarrier_init(&rows_bar, THREADS);
+  mbarrier_init_fence();
+  fence_proxy_async_shared();
+  __syncthreads();
+#endif
 
   const int nkeys_total = H * total_blocks;
   const int b = blockIdx.x;
@@ -193,12 +254,27 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     const int nent = min(per_tile, e_end - e0);
     const int rows = nent * G;
     __syncthreads();
+#if SLC_USE_BULK
+    {
+      // Thread r < TILE copies query row r, thread TILE + r dO row r (THREADS = 2 * TILE).
+      const bool is_do = threadIdx.x >= TILE;
+      const int r = threadIdx.x - (is_do ? TILE : 0);
+      const u32 bytes = r < rows ? (is_do ? DV : DK) * 2 : 0;
+      mbarrier_arrive_expect_tx(&rows_bar, bytes);
+      if (r < rows) {
+        const i64 qrow = (i64)entries[e0 + r / G].x * Hq + h * G + r % G;
+        if (is_do) bulk_copy_g2s(dosmem + r * V_ROW, dout + qrow * DV, bytes, &rows_bar);
+        else bulk_copy_g2s(qsmem + r * K_ROW, q + qrow * DK, bytes, &rows_bar);
+      }
+    }
+#else
     load_tile_async<DK, THREADS>(qsmem, TILE, [&](int r) -> const elem_t * {
       return r < rows ? q + ((i64)entries[e0 + r / G].x * Hq + h * G + r % G) * DK : nullptr;
     });
     load_tile_async<DV, THREADS>(dosmem, TILE, [&](int r) -> const elem_t * {
       return r < rows ? dout + ((i64)entries[e0 + r / G].x * Hq + h * G + r % G) * DV : nullptr;
     });
+#endif
     cp_async_commit();
     if (threadIdx.x < TILE) {
       const int r = threadIdx.x;
@@ -215,13 +291,16 @@ extern "C" __global__ void __launch_bounds__(THREADS)
       }
     }
     cp_async_wait<0>();
+#if SLC_USE_BULK
+    mbarrier_wait(&rows_bar, ((e0 - e_begin) / per_tile) & 1);
+#endif
     __syncthreads();
     float pt[TILE / 8][4];
     zero_frags<TILE / 8>(pt);
-    qk_mma_smem<DK, TILE / 16>(pt, ksmem, warp * 16, qsmem, 0, lane);
+    qk_mma_smem<DK, TILE / 16, SwizzledTile<DK>, KTile>(pt, ksmem, warp * 16, qsmem, 0, lane);
     float dpt[TILE / 8][4];
     zero_frags<TILE / 8>(dpt);
-    qk_mma_smem<DV, TILE / 16>(dpt, vsmem, warp * 16, dosmem, 0, lane);
+    qk_mma_smem<DV, TILE / 16, SwizzledTile<DV>, VTile>(dpt, vsmem, warp * 16, dosmem, 0, lane);
 #pragma unroll
     for (int n = 0; n < TILE / 8; n++) {
 #pragma unroll
@@ -234,8 +313,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         pt[n][e] = p * row_gate[rl];
       }
     }
-    pv_mma<DV, TILE / 16>(dv_acc, pt, dosmem, 0, lane);
-    pv_mma<DK, TILE / 16>(dk_acc, dpt, qsmem, 0, lane);
+    pv_mma<DV, TILE / 16, VTile>(dv_acc, pt, dosmem, 0, lane);
+    pv_mma<DK, TILE / 16, KTile>(dk_acc, dpt, qsmem, 0, lane);
   }
   cp_async_wait<0>();
 

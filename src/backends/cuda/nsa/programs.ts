@@ -153,7 +153,10 @@ export class NsaPrograms {
   }
 
   selectedBackward(fn: 'dq' | 'dkdv' | 'reduce'): Kernel {
-    return this.kernel('selected_attention_bwd.cu', `nsa_slc_bwd_${fn}`, this.selDefines());
+    return this.kernel('selected_attention_bwd.cu', `nsa_slc_bwd_${fn}`, [
+      ...this.selDefines(),
+      ...(this.tuning.slcBulk ? ['-DSLC_BULK'] : []),
+    ]);
   }
 
   inverseIndex(fn: 'count' | 'key_totals' | 'scan' | 'chunk_starts' | 'fill'): Kernel {
@@ -175,9 +178,11 @@ export class NsaPrograms {
 
   selectedBackwardSharedBytes(fn: 'dq' | 'dkdv'): number {
     const { headDim: dk, valueDim: dv } = this.config;
-    if (fn === 'dkdv') return 2 * 64 * (2 * dk + 2 * dv);
+    // Gathered rows are padded by 8 elements for bulk copies.
+    const pad = this.tuning.slcBulk ? 8 : 0;
+    if (fn === 'dkdv') return 2 * 64 * (2 * dk + 2 * dv + 2 * pad);
     // Q and dO rows, then the key/value tile, which the warps' dQ parts (fp32) reuse at the end.
-    return 2 * 16 * (dk + dv) + Math.max(2 * 64 * (dk + dv), 4 * 4 * 16 * dk);
+    return 2 * 16 * (dk + dv) + Math.max(2 * 64 * (dk + dv + 2 * pad), 4 * 4 * 16 * dk);
   }
 
   /** Dynamic shared memory of each kernel (bytes). */
