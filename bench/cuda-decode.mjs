@@ -2,6 +2,9 @@
 // time) beside dense attention over the same cache, in one run; with --launches, each launch of the step timed
 // alone as well. Run after `npm run build`:
 //   node bench/cuda-decode.mjs [--batches 1,8,64] [--contexts 8192,65536,131072] [--presets paper,fla] [--launches]
+// The step (and each launch with --launches) is replayed as a CUDA graph; NSA_DECODE_GRAPH=0 times direct launches,
+// NSA_DECODE_BULK=0 gathers the selected rows with cp.async instead of bulk copies, NSA_DECODE_{CMP,SLC}_CHUNK=n
+// force the keys per CTA of a branch.
 import { NSAConfig, createKvCache } from '../dist/index.js';
 import { createCudaBackend } from '../dist/backends/cuda/cuda-backend.js';
 import { decodeBytesPerHead } from '../dist/nsa/decode/types.js';

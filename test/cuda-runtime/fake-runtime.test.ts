@@ -183,6 +183,13 @@ describe.skipIf(fake === undefined)('CUDA runtime over a fake libcuda + libnvrtc
     y.dispose();
   });
 
+  it('reports a libcuda without the graph calls, and refuses a capture naming the call', () => {
+    expect(ctx.canCaptureGraphs).toBe(false);
+    const run = vi.fn();
+    expect(() => ctx.captureGraph(run, 'step')).toThrow(/cuStreamBeginCapture_v2: .* does not export the CUDA graph calls/);
+    expect(run).not.toHaveBeenCalled();
+  });
+
   it('frees everything on dispose, then refuses work', () => {
     const other = CudaContext.create();
     expect(fake?.ctxRefs()).toBe(2);

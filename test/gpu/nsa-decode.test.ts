@@ -6,6 +6,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { NSAConfig, type NSAConfigOptions } from '../../src/config/nsa-config.js';
 import { cudaAvailability } from '../../src/backends/cuda/libraries.js';
 import { createCudaBackend, type CudaBackend } from '../../src/backends/cuda/cuda-backend.js';
+import { CudaKvCache } from '../../src/backends/cuda/nsa/cuda-kv-cache.js';
 import { createKvCache } from '../../src/nsa/decode/create.js';
 import { blockScoresAt, nsaReferenceForward, prepareNsaProblem } from '../../src/reference/nsa-forward.js';
 import { Rng } from '../../src/tensor/random.js';
@@ -127,6 +128,11 @@ if (!availability.available) {
       const dense = await cache.timeDecodeStep({ warmup: 1, iterations: 3, dense: true });
       expect(nsa.medianMs).toBeGreaterThan(0);
       expect(dense.medianMs).toBeGreaterThan(0);
+      // Each launch alone (replayed as a one-launch graph where the driver has graphs).
+      expect(cache).toBeInstanceOf(CudaKvCache);
+      const launches = await (cache as CudaKvCache).timeDecodeLaunches({ warmup: 1, iterations: 3 });
+      expect(launches.map((l) => l.name)).toEqual(['cmp_win', 'select', 'slc']);
+      for (const l of launches) expect(l.medianMs).toBeGreaterThan(0);
       cache.dispose();
     });
   });

@@ -7,7 +7,16 @@
 import { homedir } from 'node:os';
 import { BackendUnavailableError, DisposedError, InputValueError } from '../../errors.js';
 import { CubinCache, cubinCacheDir } from './cubin-cache.js';
-import { CU_STREAM_DEFAULT, type CUcontext, type CudaDriver, type CUmodule, type CUstream } from './driver.js';
+import {
+  CU_STREAM_CAPTURE_MODE_RELAXED,
+  CU_STREAM_DEFAULT,
+  type CUcontext,
+  type CudaDriver,
+  type CUgraph,
+  type CUgraphExec,
+  type CUmodule,
+  type CUstream,
+} from './driver.js';
 import { Kernel, timeOnStream, type LaunchTarget, type TimingOptions, type TimingResult } from './launch.js';
 import {
   deviceArch,
@@ -208,6 +217,39 @@ export class CudaContext implements LaunchTarget {
     return timeOnStream(this.driver, this.stream, run, options);
   }
 
+  /** Whether launches can be captured into a graph (captureGraph): the driver exports the graph calls. */
+  get canCaptureGraphs(): boolean {
+    return this.driver.hasGraphs;
+  }
+
+  /**
+   * Captures the launches `run` queues on this context's stream (it must queue nothing else: no copies, no
+   * synchronisation) into a graph that replays them with one driver call. Nothing runs until the graph is launched.
+   */
+  captureGraph(run: () => void, name: string): CudaGraph {
+    this.assertLive();
+    this.activate();
+    const driver = this.driver;
+    driver.streamBeginCapture(this.stream, CU_STREAM_CAPTURE_MODE_RELAXED);
+    try {
+      run();
+    } catch (e) {
+      try {
+        driver.graphDestroy(driver.streamEndCapture(this.stream));
+      } catch {
+        // the capture was already invalidated: the first error is the one to report
+      }
+      throw e;
+    }
+    const graph = driver.streamEndCapture(this.stream);
+    try {
+      return new CudaGraph(this, graph, driver.graphInstantiate(graph), name);
+    } catch (e) {
+      driver.graphDestroy(graph);
+      throw e;
+    }
+  }
+
   memoryStats(): PoolStats {
     return this.pool.stats();
   }
@@ -272,5 +314,30 @@ export class CudaContext implements LaunchTarget {
 
   private assertLive(): void {
     if (this.disposed) throw new DisposedError(`CUDA context on device ${this.device.index}`);
+  }
+}
+
+/** Launches captured by CudaContext.captureGraph, replayed on the context's stream with one driver call. */
+export class CudaGraph {
+  private disposed = false;
+
+  constructor(
+    private readonly ctx: CudaContext,
+    private readonly graph: CUgraph,
+    private readonly exec: CUgraphExec,
+    readonly name: string,
+  ) {}
+
+  launch(): void {
+    if (this.disposed) throw new DisposedError(`CUDA graph ${this.name}`);
+    this.ctx.beforeLaunch(this.name);
+    this.ctx.driver.graphLaunch(this.exec, this.ctx.stream, this.name);
+  }
+
+  dispose(): void {
+    if (this.disposed) return;
+    this.disposed = true;
+    this.ctx.driver.graphExecDestroy(this.exec);
+    this.ctx.driver.graphDestroy(this.graph);
   }
 }

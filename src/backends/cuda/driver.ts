@@ -3,7 +3,7 @@
 // cuda.h of CUDA 13.0; the `_v2` names are the ones cuda.h's macros select. How Koffi passes each kind of
 // argument is summed up at the top of ffi.ts.
 import type { LibraryHandle } from 'koffi';
-import { CudaError, DeviceOutOfMemoryError } from '../../errors.js';
+import { BackendUnavailableError, CudaError, DeviceOutOfMemoryError } from '../../errors.js';
 import { alias, bytesOf, opaqueHandle, outBigInt, outNumber } from './ffi.js';
 
 /** A device address (CUdeviceptr, 64-bit). */
@@ -16,6 +16,8 @@ export type CUmodule = Handle<'CUmodule'>;
 export type CUfunction = Handle<'CUfunction'>;
 export type CUstream = Handle<'CUstream'>;
 export type CUevent = Handle<'CUevent'>;
+export type CUgraph = Handle<'CUgraph'>;
+export type CUgraphExec = Handle<'CUgraphExec'>;
 export type Dim3 = readonly [number, number, number];
 
 export const CUDA_ERROR_OUT_OF_MEMORY = 2;
@@ -31,6 +33,8 @@ export const CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8;
 /** Stream flag 0: a blocking stream, ordered with the legacy default stream that the synchronous copies use. */
 export const CU_STREAM_DEFAULT = 0;
 export const CU_EVENT_DEFAULT = 0;
+/** Stream capture mode: calls that are unsafe during a capture are not checked (the caller makes none). */
+export const CU_STREAM_CAPTURE_MODE_RELAXED = 2;
 
 type Out = unknown[];
 type Dim6 = [gx: number, gy: number, gz: number, bx: number, by: number, bz: number];
@@ -72,6 +76,29 @@ interface RawDriver {
   cuEventSynchronize: Fn<[event: CUevent]>;
   cuEventElapsedTime: Fn<[ms: Out, start: CUevent, end: CUevent]>;
   cuEventDestroy_v2: Fn<[event: CUevent]>;
+}
+
+/** CUDA graphs (stream capture and replay): bound on first use, so a library without them still loads. */
+interface RawGraphs {
+  cuStreamBeginCapture_v2: Fn<[stream: CUstream, mode: number]>;
+  cuStreamEndCapture: Fn<[stream: CUstream, graph: Out]>;
+  cuGraphInstantiateWithFlags: Fn<[exec: Out, graph: CUgraph, flags: number]>;
+  cuGraphLaunch: Fn<[exec: CUgraphExec, stream: CUstream]>;
+  cuGraphExecDestroy: Fn<[exec: CUgraphExec]>;
+  cuGraphDestroy: Fn<[graph: CUgraph]>;
+}
+
+function bindGraphs(lib: LibraryHandle): RawGraphs {
+  for (const handle of ['CUgraph', 'CUgraphExec']) opaqueHandle(handle);
+  const f = (prototype: string) => lib.func(prototype);
+  return {
+    cuStreamBeginCapture_v2: f('CUresult cuStreamBeginCapture_v2(CUstream hStream, int mode)'),
+    cuStreamEndCapture: f('CUresult cuStreamEndCapture(CUstream hStream, _Out_ CUgraph *phGraph)'),
+    cuGraphInstantiateWithFlags: f('CUresult cuGraphInstantiateWithFlags(_Out_ CUgraphExec *phGraphExec, CUgraph hGraph, unsigned long long flags)'),
+    cuGraphLaunch: f('CUresult cuGraphLaunch(CUgraphExec hGraphExec, CUstream hStream)'),
+    cuGraphExecDestroy: f('CUresult cuGraphExecDestroy(CUgraphExec hGraphExec)'),
+    cuGraphDestroy: f('CUresult cuGraphDestroy(CUgraph hGraph)'),
+  };
 }
 
 function bind(lib: LibraryHandle): RawDriver {
@@ -141,15 +168,30 @@ function firstFunc(lib: LibraryHandle, prototypes: readonly string[]): ReturnTyp
 
 /** The typed driver: one method per call, each throwing CudaError (or DeviceOutOfMemoryError) on failure. */
 export class CudaDriver {
+  private graphFns: RawGraphs | null | undefined;
+
   private constructor(
     private readonly c: RawDriver,
     /** The libcuda that was loaded: a path, or the bare name the dynamic loader resolved. */
     readonly path: string,
+    private readonly lib: LibraryHandle,
   ) {}
 
-  /** Binds every prototype; throws (Koffi's error) when the library lacks one of them. */
+  /** Binds every prototype (the graph calls on first use); throws (Koffi's error) when the library lacks one. */
   static bind(lib: LibraryHandle, path: string): CudaDriver {
-    return new CudaDriver(bind(lib), path);
+    return new CudaDriver(bind(lib), path, lib);
+  }
+
+  /** Whether this libcuda exports the graph calls (stream capture, instantiate, launch). */
+  get hasGraphs(): boolean {
+    if (this.graphFns === undefined) {
+      try {
+        this.graphFns = bindGraphs(this.lib);
+      } catch {
+        this.graphFns = null;
+      }
+    }
+    return this.graphFns !== null;
   }
 
   check(call: string, result: number, kernel?: string): void {
@@ -309,6 +351,42 @@ export class CudaDriver {
 
   eventDestroy(event: CUevent): void {
     this.check('cuEventDestroy_v2', this.c.cuEventDestroy_v2(event));
+  }
+
+  /** Starts capturing the work queued on `stream` into a graph instead of running it. */
+  streamBeginCapture(stream: CUstream, mode: number): void {
+    this.check('cuStreamBeginCapture_v2', this.graphs('cuStreamBeginCapture_v2').cuStreamBeginCapture_v2(stream, mode));
+  }
+
+  /** Ends the capture; returns the graph of the work queued since streamBeginCapture. */
+  streamEndCapture(stream: CUstream): CUgraph {
+    const g = this.graphs('cuStreamEndCapture');
+    return this.outHandle<CUgraph>('cuStreamEndCapture', (o) => g.cuStreamEndCapture(stream, o));
+  }
+
+  graphInstantiate(graph: CUgraph): CUgraphExec {
+    const g = this.graphs('cuGraphInstantiateWithFlags');
+    return this.outHandle<CUgraphExec>('cuGraphInstantiateWithFlags', (o) => g.cuGraphInstantiateWithFlags(o, graph, 0));
+  }
+
+  /** `kernel` names the graph's work in an error. */
+  graphLaunch(exec: CUgraphExec, stream: CUstream, kernel?: string): void {
+    this.check('cuGraphLaunch', this.graphs('cuGraphLaunch').cuGraphLaunch(exec, stream), kernel);
+  }
+
+  graphExecDestroy(exec: CUgraphExec): void {
+    this.check('cuGraphExecDestroy', this.graphs('cuGraphExecDestroy').cuGraphExecDestroy(exec));
+  }
+
+  graphDestroy(graph: CUgraph): void {
+    this.check('cuGraphDestroy', this.graphs('cuGraphDestroy').cuGraphDestroy(graph));
+  }
+
+  private graphs(call: string): RawGraphs {
+    if (!this.hasGraphs || this.graphFns === null || this.graphFns === undefined) {
+      throw new BackendUnavailableError('cuda', `${call}: ${this.path} does not export the CUDA graph calls`);
+    }
+    return this.graphFns;
   }
 
   private outInt(call: string, run: (out: Out) => number): number {

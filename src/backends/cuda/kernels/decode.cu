@@ -1,6 +1,8 @@
 // nvcc-check: -DDK=128 -DDV=128 -DCMP_L=32 -DCMP_D=16 -DSEL_L=64 -DSEL_N=16 -DWINDOW=512
 // nvcc-check: -DDK=64 -DDV=64 -DCMP_L=64 -DCMP_D=64 -DSEL_L=64 -DSEL_N=4 -DWINDOW=100 -DNSA_FP16
 // nvcc-check: -DDK=192 -DDV=128 -DCMP_L=32 -DCMP_D=16 -DSEL_L=48 -DSEL_N=32 -DWINDOW=64
+// nvcc-check: -DDK=128 -DDV=128 -DCMP_L=32 -DCMP_D=16 -DSEL_L=64 -DSEL_N=16 -DWINDOW=512 -DDECODE_BULK
+// nvcc-check: -DDK=192 -DDV=128 -DCMP_L=32 -DCMP_D=16 -DSEL_L=48 -DSEL_N=32 -DWINDOW=64 -DDECODE_BULK -DNSA_FP16
 //
 // Decoding against a KV cache, flash-decoding style: every branch's keys are cut into chunks (a multiple of 64
 // keys, chosen by the host so the GPU fills), one CTA per (query, KV head, 16 query heads, chunk), so a single
@@ -22,6 +24,11 @@
 // their addresses (k, v, kc, vc per sequence), seq_len the tokens held. Query r attends at position q_pos[r]
 // of sequence q_seq[r]; its K/V are already in the cache. Partial results partial_m/l/o are [Q, Hq, slots]
 // (+ DV for o), m in log2 units, o unnormalised; the slots of a row are laid out cmp, slc, win.
+//
+// With DECODE_BULK (sm_90) nsa_decode_slc gathers each selected key/value row of a tile with one bulk copy (thread
+// i < TILE the key row i, thread TILE + i the value row i) completing on the stage's mbarrier, into padded rows,
+// instead of 16 cp.async of 16 bytes per row (as the prefill's selected attention, SLC_BULK). The contiguous
+// branches keep cp.async into swizzled rows.
 #include "nsa_common.cuh"
 #include "nsa_topk.cuh"
 
@@ -38,6 +45,15 @@
 #define SEL_STAGE 8192 // floats of nsa_decode_select's staging area (dynamic shared memory)
 #define NO_BLOCK 0x7fffffff
 
+#if defined(DECODE_BULK) && defined(NSA_HAS_BULK_COPY)
+#define DECODE_USE_BULK 1
+#else
+#define DECODE_USE_BULK 0
+#endif
+/** A branch's key/value stages: bulk-copied padded rows (the selected blocks' gathers), else swizzled rows. */
+template <bool BULK, int COLS> struct StageTile { typedef SwizzledTile<COLS> Layout; static constexpr int ROW = COLS; };
+template <int COLS> struct StageTile<true, COLS> { typedef PaddedTile<COLS> Layout; static constexpr int ROW = COLS + 8; };
+
 __device__ __forceinline__ int cmp_visible(int t, int tc) {
   return t < CMP_L - 1 ? 0 : min(tc, (t - CMP_L + 1) / CMP_D + 1);
 }
@@ -48,6 +64,9 @@ struct AttendShared {
   float merge_m[4][ROWS];
   float merge_l[4][ROWS];
   int last;
+#if DECODE_USE_BULK
+  __align__(8) unsigned long long stage_bar[2];
+#endif
 };
 
 struct Cache {
@@ -68,9 +87,16 @@ __device__ __forceinline__ void attend_chunk(const Cache &c, const int *__restri
                                              int zc, int chunk, float scale_log2, int Hq, int H, float *__restrict__ slices,
                                              i64 slice_stride, unsigned char *smem_raw, AttendShared &sh,
                                              float (*pbuf)[ROWS][SLICE + 1]) {
+  // Only the selected blocks' rows (gathered from anywhere in the cache) come by bulk copies: on the contiguous
+  // branches they measured no faster, and the padding costs the cmp + win launch a CTA per SM (H100).
+  constexpr bool BULK = DECODE_USE_BULK && BRANCH == 1;
+  typedef typename StageTile<BULK, DK>::Layout KTile;
+  typedef typename StageTile<BULK, DV>::Layout VTile;
+  constexpr int K_ROW = StageTile<BULK, DK>::ROW;
+  constexpr int V_ROW = StageTile<BULK, DV>::ROW;
   elem_t *qsmem = reinterpret_cast<elem_t *>(smem_raw); // ROWS x DK
-  elem_t *ksmem = qsmem + ROWS * DK;                    // 2 x TILE x DK
-  elem_t *vsmem = ksmem + 2 * TILE * DK;                // 2 x TILE x DV
+  elem_t *ksmem = qsmem + ROWS * DK;                    // 2 x TILE x K_ROW
+  elem_t *vsmem = ksmem + 2 * TILE * K_ROW;             // 2 x TILE x V_ROW
 
   const int r = blockIdx.x;
   const int G = Hq / H;
@@ -125,7 +151,37 @@ __device__ __forceinline__ void attend_chunk(const Cache &c, const int *__restri
     return;
   }
   const int ntiles = (c1 - c0 + TILE - 1) / TILE;
+#if DECODE_USE_BULK
+  if constexpr (BULK) {
+    // Rows a tile does not fill keep what they held; values must be finite there (p = 0 multiplies them), so the
+    // value stages start zeroed. The zeros are ordinary stores that later bulk copies overwrite: fence the proxies.
+    for (int i = threadIdx.x; i < 2 * TILE * V_ROW / 8; i += THREADS) reinterpret_cast<uint4 *>(vsmem)[i] = make_uint4(0, 0, 0, 0);
+    if (threadIdx.x < 2) mbarrier_init(&sh.stage_bar[threadIdx.x], THREADS);
+    mbarrier_init_fence();
+    fence_proxy_async_shared();
+    __syncthreads();
+    cp_async_commit(); // the query rows
+  }
+#endif
+  // With BULK every thread arrives once per issue (with the bytes of its row, maybe none: thread i < TILE copies
+  // key row i, thread TILE + i value row i); the phase of stage it & 1 that tile it completes has parity (it / 2) & 1.
   auto issue = [&](int it) {
+#if DECODE_USE_BULK
+    if constexpr (BULK) {
+      const int stage = it & 1;
+      const bool is_value = threadIdx.x >= TILE;
+      const int i = threadIdx.x - (is_value ? TILE : 0);
+      const int key = c0 + it * TILE + i;
+      const int row = key < c1 ? key_row(key) : -1;
+      const u32 bytes = row >= 0 ? (is_value ? DV : DK) * 2 : 0;
+      mbarrier_arrive_expect_tx(&sh.stage_bar[stage], bytes);
+      if (row >= 0) {
+        if (is_value) bulk_copy_g2s(vsmem + (stage * TILE + i) * V_ROW, vbase + ((i64)row * H + h) * DV, bytes, &sh.stage_bar[stage]);
+        else bulk_copy_g2s(ksmem + (stage * TILE + i) * K_ROW, kbase + ((i64)row * H + h) * DK, bytes, &sh.stage_bar[stage]);
+      }
+      return;
+    }
+#endif
     const int k0 = c0 + it * TILE;
     load_tile_async<DK, THREADS>(ksmem + (it & 1) * TILE * DK, TILE, [&](int i) -> const elem_t * {
       const int row = k0 + i < c1 ? key_row(k0 + i) : -1;
@@ -146,15 +202,26 @@ __device__ __forceinline__ void attend_chunk(const Cache &c, const int *__restri
   u32 qfrag[DK / 16][4];
   float *slice_base = BRANCH == 0 ? slices + ((i64)r * H + h) * slice_stride : nullptr;
   for (int it = 0; it < ntiles; it++) {
-    if (it + 1 < ntiles) issue(it + 1);
-    else cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
+    if (BULK) {
+      if (it + 1 < ntiles) issue(it + 1);
+      if (it == 0) {
+        cp_async_wait<0>();
+        __syncthreads();
+      }
+#if DECODE_USE_BULK
+      mbarrier_wait(&sh.stage_bar[it & 1], (it >> 1) & 1);
+#endif
+    } else {
+      if (it + 1 < ntiles) issue(it + 1);
+      else cp_async_commit();
+      cp_async_wait<1>();
+      __syncthreads();
+    }
     if (it == 0) load_a_fragments<DK>(qfrag, qsmem, 0, lane);
     const int k0 = c0 + it * TILE + warp * 16;
     float s[2][4];
     zero_frags<2>(s);
-    qk_mma<DK, 1>(s, qfrag, ksmem + (it & 1) * TILE * DK, warp * 16, lane);
+    qk_mma<DK, 1, KTile>(s, qfrag, ksmem + (it & 1) * TILE * K_ROW, warp * 16, lane);
 #pragma unroll
     for (int n = 0; n < 2; n++) {
 #pragma unroll
@@ -195,7 +262,7 @@ __device__ __forceinline__ void attend_chunk(const Cache &c, const int *__restri
       }
       __syncwarp();
     }
-    pv_mma<DV, 1>(o, s, vsmem + (it & 1) * TILE * DV, warp * 16, lane);
+    pv_mma<DV, 1, VTile>(o, s, vsmem + (it & 1) * TILE * V_ROW, warp * 16, lane);
     __syncthreads();
   }
 

@@ -131,14 +131,28 @@ export class NsaPrograms {
     return this.kernel('selected_attention_fsa.cu', `nsa_fsa_${fn}`, this.selDefines());
   }
 
-  /** Decoding kernels (kernels/decode.cu). */
+  /**
+   * Decoding kernels (kernels/decode.cu). nsa_decode_slc gathers its key/value rows with bulk copies where the
+   * selected attention does (sm_90 and later), unless NSA_DECODE_BULK=0.
+   */
   decode(fn: 'cmp_win' | 'select' | 'slc' | 'dense' | 'combine_dense'): Kernel {
-    return this.kernel('decode.cu', `nsa_decode_${fn}`, [...this.cmpDefines(), ...this.selDefines(), `-DWINDOW=${this.config.window}`]);
+    return this.kernel('decode.cu', `nsa_decode_${fn}`, [
+      ...this.cmpDefines(),
+      ...this.selDefines(),
+      `-DWINDOW=${this.config.window}`,
+      ...(this.decodeBulk ? ['-DDECODE_BULK'] : []),
+    ]);
   }
 
-  decodePartialSharedBytes(): number {
+  private get decodeBulk(): boolean {
+    return this.tuning.slcBulk && process.env['NSA_DECODE_BULK'] !== '0';
+  }
+
+  /** Q rows and two stages of 64 key and value rows (nsa_decode_slc's padded by 8 elements for bulk copies). */
+  decodePartialSharedBytes(fn: 'cmp_win' | 'slc' | 'dense'): number {
     const { headDim: dk, valueDim: dv } = this.config;
-    return 2 * (16 * dk + 2 * 64 * (dk + dv));
+    const pad = fn === 'slc' && this.decodeBulk ? 8 : 0;
+    return 2 * (16 * dk + 2 * 64 * (dk + dv + 2 * pad));
   }
 
   // Backward ------------------------------------------------------------------------------------------------
