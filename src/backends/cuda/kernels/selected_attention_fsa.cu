@@ -10,6 +10,8 @@
 //                   the inverse index (inverse_index.cu: for each (h, block), the (token, slot) pairs that chose
 //                   it, and where each key's tiles of per_tile pairs start)
 //   nsa_fsa_reduce: merge the partials of each (token, head), gate, add into `out`
+// The partial outputs are stored in the element type (bf16/f16): they are the largest traffic of this order
+// (n rows of Dv per query row, written once and read once), and each is a normalised average, rounded once.
 // Blocks are numbered globally: block j of sequence s is cu_blocks[s] + j; key = h * total_blocks + block.
 #include "nsa_common.cuh"
 
@@ -19,13 +21,13 @@
 
 /**
  * One tile: up to `per_tile` (token, slot) entries of one (h, block), all G heads of each -> rows = entries * G.
- * Writes partial_o [N, Hq, SEL_N, DV] (normalised over the block) and partial_lse [N, Hq, SEL_N].
+ * Writes partial_o [N, Hq, SEL_N, DV] (normalised over the block, element type) and partial_lse [N, Hq, SEL_N].
  */
 extern "C" __global__ void __launch_bounds__(THREADS)
     nsa_fsa_attend(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
                    const int *__restrict__ offsets, const int *__restrict__ tile_offsets, const int2 *__restrict__ entries,
                    const int *__restrict__ block_seq, const int *__restrict__ cu_blocks, const int *__restrict__ cu_seqlens,
-                   float *__restrict__ partial_o, float *__restrict__ partial_lse, int Hq, int H, int total_blocks,
+                   elem_t *__restrict__ partial_o, float *__restrict__ partial_lse, int Hq, int H, int total_blocks,
                    int per_tile, float scale_log2) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   elem_t *qsmem = reinterpret_cast<elem_t *>(smem_raw); // ROWS x DK
@@ -117,13 +119,13 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 #pragma unroll
     for (int n = 0; n < DV / 8; n++) {
       const int col = n * 8 + (lane % 4) * 2;
-      *reinterpret_cast<float2 *>(partial_o + prow * DV + col) = make_float2(o[n][2 * hh] * inv, o[n][2 * hh + 1] * inv);
+      *reinterpret_cast<u32 *>(partial_o + prow * DV + col) = pack_elem2(o[n][2 * hh] * inv, o[n][2 * hh + 1] * inv);
     }
   }
 }
 
 /** Merges the n partials of each (token, query head); one warp per (token, head). */
-extern "C" __global__ void nsa_fsa_reduce(const float *__restrict__ partial_o, const float *__restrict__ partial_lse,
+extern "C" __global__ void nsa_fsa_reduce(const elem_t *__restrict__ partial_o, const float *__restrict__ partial_lse,
                                           const int *__restrict__ block_indices, const float *__restrict__ gate,
                                           float *__restrict__ out, elem_t *__restrict__ out_final,
                                           float *__restrict__ branch_out, float *__restrict__ lse_out, i64 rows, int Hq,
@@ -144,17 +146,27 @@ extern "C" __global__ void nsa_fsa_reduce(const float *__restrict__ partial_o, c
   const float lse = wsum > 0.f ? m + __logf(wsum) : NSA_NEG_INF;
   if (lane == 0) lse_out[r] = lse;
   const float g = gate[r * 3 + 1];
-  for (int col = lane; col < DV; col += 32) {
-    float acc = 0.f;
+  // Each lane takes pairs of columns (one 4-byte load of two elements per partial).
+  for (int col = 2 * lane; col < DV; col += 64) {
+    float acc0 = 0.f;
+    float acc1 = 0.f;
     for (int s = 0; s < SEL_N; s++) {
       if (sel[s] < 0) continue;
       const float pl = partial_lse[r * SEL_N + s];
       if (pl == NSA_NEG_INF) continue;
-      acc += __expf(pl - lse) * partial_o[(r * SEL_N + s) * DV + col];
+      const float w = __expf(pl - lse);
+      const elem_t *x = partial_o + (r * SEL_N + s) * DV + col;
+      acc0 += w * elem_to_float(x[0]);
+      acc1 += w * elem_to_float(x[1]);
     }
-    if (branch_out != nullptr) branch_out[r * DV + col] = acc;
-    const float y = out[r * DV + col] + g * acc;
-    if (out_final != nullptr) out_final[r * DV + col] = float_to_elem(y);
-    else out[r * DV + col] = y;
+#pragma unroll
+    for (int e = 0; e < 2; e++) {
+      const float acc = e == 0 ? acc0 : acc1;
+      const i64 at = r * DV + col + e;
+      if (branch_out != nullptr) branch_out[at] = acc;
+      const float y = out[at] + g * acc;
+      if (out_final != nullptr) out_final[at] = float_to_elem(y);
+      else out[at] = y;
+    }
   }
 }

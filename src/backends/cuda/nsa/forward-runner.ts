@@ -103,7 +103,7 @@ export class ForwardRunner {
       const N = this.plan.totalTokens;
       this.fsa = {
         index: new InverseIndex(ctx, programs, this.plan, this.tables),
-        partialO: this.keep(ctx.alloc(N * Hq * n * dv * 4, 'fsa partial outputs')),
+        partialO: this.keep(ctx.alloc(N * Hq * n * dv * 2, 'fsa partial outputs (half)')),
         partialLse: this.keep(ctx.alloc(N * Hq * n * 4, 'fsa partial lse')),
       };
     } else {
