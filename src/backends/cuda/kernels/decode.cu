@@ -647,31 +647,14 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
   }
   __syncwarp();
   int chosen = -1; // lane i keeps the i-th chosen block
-  int count = 0;
-  int previous = -1;
-  const int forced[3] = {0, current - 1, current};
-#pragma unroll
-  for (int f = 0; f < 3; f++) {
-    const int j = forced[f];
-    if (count == SEL_N || j <= previous) continue;
-    if (lane == count) chosen = j;
-    count++;
-    previous = j;
-  }
+  int count = warp_forced_blocks(current, chosen, lane);
   // The rest by score: reuse warp_s[0] / warp_j[0] for the picks.
   const int need = SEL_N - count;
   const int got = warp_best_smem(all_s, all_j, nz * SEL_N, need, &warp_s[0][0], &warp_j[0][0], lane);
   for (int k = 0; k < got; k++)
     if (lane == count + k) chosen = warp_j[0][k];
   count += got;
-  int rank = 0;
-  for (int i = 0; i < count; i++) {
-    const int other = __shfl_sync(0xffffffff, chosen, i);
-    rank += (lane < count && other < chosen) ? 1 : 0;
-  }
-  int *dst = block_indices + ((i64)r * H + h) * SEL_N;
-  if (lane < count) dst[rank] = chosen;
-  for (int i = count + lane; i < SEL_N; i += 32) dst[i] = -1;
+  warp_write_ascending(chosen, count, block_indices + ((i64)r * H + h) * SEL_N, lane);
 }
 
 /** Dense baseline: merges each (query, head)'s chunks into its output. */

@@ -7,12 +7,10 @@
 __device__ __forceinline__ bool topk_better(float s, int j, float bs, int bj) { return s > bs || (s == bs && j < bj); }
 
 /**
- * Chooses the blocks of a query whose own block is `current` from the scores sc[0 .. current] (>= 0; the chosen
- * ones are overwritten with -inf) and writes them to dst[0 .. SEL_N), ascending, -1 padded. Call with the whole
- * warp; `sc` must be shared memory the warp owns.
+ * The forced blocks of a query whose own block is `current`: 0, current - 1, current, distinct ones only, lowest
+ * first, at most SEL_N. Lane i's `chosen` becomes the i-th of them (lanes past them keep theirs); returns how many.
  */
-__device__ __forceinline__ void warp_top_n(float *sc, int current, int *dst, int lane) {
-  int chosen = -1; // lane i keeps the i-th chosen block
+__device__ __forceinline__ int warp_forced_blocks(int current, int &chosen, int lane) {
   int count = 0;
   int previous = -1;
   const int forced[3] = {0, current - 1, current};
@@ -24,6 +22,29 @@ __device__ __forceinline__ void warp_top_n(float *sc, int current, int *dst, int
     count++;
     previous = j;
   }
+  return count;
+}
+
+/** Writes the `count` blocks the lanes hold (lane i the i-th) to dst[0 .. SEL_N), ascending, -1 padded. */
+__device__ __forceinline__ void warp_write_ascending(int chosen, int count, int *dst, int lane) {
+  int rank = 0; // how many chosen blocks are smaller than this lane's
+  for (int i = 0; i < count; i++) {
+    const int other = __shfl_sync(0xffffffff, chosen, i);
+    rank += (lane < count && other < chosen) ? 1 : 0;
+  }
+  if (lane < count) dst[rank] = chosen;
+  for (int i = count + lane; i < SEL_N; i += 32) dst[i] = -1;
+}
+
+/**
+ * Chooses the blocks of a query whose own block is `current` from the scores sc[0 .. current] (>= 0; the chosen
+ * ones are overwritten with -inf) and writes them to dst[0 .. SEL_N), ascending, -1 padded. Call with the whole
+ * warp; `sc` must be shared memory the warp owns.
+ */
+__device__ __forceinline__ void warp_top_n(float *sc, int current, int *dst, int lane) {
+  int chosen = -1; // lane i keeps the i-th chosen block
+  int count = warp_forced_blocks(current, chosen, lane);
+  const int forced[3] = {0, current - 1, current};
   __syncwarp();
   if (lane == 0) {
 #pragma unroll
@@ -55,12 +76,5 @@ __device__ __forceinline__ void warp_top_n(float *sc, int current, int *dst, int
     __syncwarp();
     count++;
   }
-  // Ascending order: each lane's rank is how many chosen blocks are smaller.
-  int rank = 0;
-  for (int i = 0; i < count; i++) {
-    const int other = __shfl_sync(0xffffffff, chosen, i);
-    rank += (lane < count && other < chosen) ? 1 : 0;
-  }
-  if (lane < count) dst[rank] = chosen;
-  for (int i = count + lane; i < SEL_N; i += 32) dst[i] = -1;
+  warp_write_ascending(chosen, count, dst, lane);
 }
