@@ -227,15 +227,8 @@ export class CudaKvCache implements KvCache {
   }
 
   async timeDecodeStep(options: TimingOptions & { readonly dense?: boolean }): Promise<TimingResult> {
-    this.assertLive();
-    const S = this.sequences.length;
-    const qSeq = Array.from({ length: S }, (_, s) => s);
-    const qPos = this.sequences.map((s) => s.length - 1);
-    const step = new DecodeStep(this.ctx, this.programs, this.config, S, this.maxLength(), this.sequences, qSeq, qPos);
+    const step = this.randomStep();
     try {
-      const random = new DeviceRandom(this.ctx, this.programs.dtype);
-      random.normal(step.q, S * this.config.heads * this.config.headDim, 7);
-      random.uniform(step.gate, S * this.config.heads * 3, 8);
       const dense = options.dense ?? false;
       const result = this.timeReplayed(() => step.run(dense), dense ? 'dense decode step' : 'nsa decode step', options);
       options.onIteration?.(options.warmup + options.iterations, options.warmup + options.iterations);
@@ -250,6 +243,18 @@ export class CudaKvCache implements KvCache {
    * run after one whole step (each launch reads what the earlier ones wrote, so repeating one alone is valid).
    */
   async timeDecodeLaunches(options: TimingOptions & { readonly dense?: boolean }): Promise<{ name: string; medianMs: number }[]> {
+    const step = this.randomStep();
+    try {
+      const dense = options.dense ?? false;
+      step.run(dense);
+      return step.launches(dense).map(({ name, launch }) => ({ name, medianMs: this.timeReplayed(launch, `decode ${name}`, options).medianMs }));
+    } finally {
+      step.dispose();
+    }
+  }
+
+  /** A step of one random query (N(0, 1)) and random gates (U(0, 1)) per sequence, at its last position. */
+  private randomStep(): DecodeStep {
     this.assertLive();
     const S = this.sequences.length;
     const qSeq = Array.from({ length: S }, (_, s) => s);
@@ -259,11 +264,10 @@ export class CudaKvCache implements KvCache {
       const random = new DeviceRandom(this.ctx, this.programs.dtype);
       random.normal(step.q, S * this.config.heads * this.config.headDim, 7);
       random.uniform(step.gate, S * this.config.heads * 3, 8);
-      const dense = options.dense ?? false;
-      step.run(dense);
-      return step.launches(dense).map(({ name, launch }) => ({ name, medianMs: this.timeReplayed(launch, `decode ${name}`, options).medianMs }));
-    } finally {
+      return step;
+    } catch (e) {
       step.dispose();
+      throw e;
     }
   }
 
