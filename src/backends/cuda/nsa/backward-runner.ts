@@ -231,6 +231,7 @@ export class BackwardRunner {
     for (const b of this.buffers) b.dispose();
     this.buffers.length = 0;
     this.index.dispose();
+    this.forward.phi?.freeBackwardScratch();
   }
 
   private keep(b: DeviceBuffer): DeviceBuffer {

@@ -52,6 +52,7 @@ export class PhiRunner {
   /** The mlp's pre-activations A and activations Z [Nc, H, M] per side, from the last forward. */
   private readonly hiddenState = new Map<PhiSide, { a: DeviceBuffer; z: DeviceBuffer }>();
   private readonly scratch: DeviceBuffer[] = [];
+  /** The backward's scratch (dU, the mlp's d(hidden)): held from a backward until freeBackwardScratch. */
   private du: DeviceBuffer | undefined;
   private dHidden: DeviceBuffer | undefined;
 
@@ -125,16 +126,24 @@ export class PhiRunner {
     });
   }
 
+  /** Device bytes held: the mlp's hidden state kept for the backward (and the backward's scratch, until freed). */
   get bytes(): number {
-    return this.scratch.reduce((sum, b) => sum + b.bytes, 0);
+    return this.scratch.reduce((sum, b) => sum + b.bytes, 0) + (this.du?.bytes ?? 0) + (this.dHidden?.bytes ?? 0);
+  }
+
+  /** Frees the backward's scratch (the next backward allocates it again); the forward's hidden state stays. */
+  freeBackwardScratch(): void {
+    this.du?.dispose();
+    this.dHidden?.dispose();
+    this.du = undefined;
+    this.dHidden = undefined;
   }
 
   dispose(): void {
+    this.freeBackwardScratch();
     for (const b of this.scratch) b.dispose();
     this.scratch.length = 0;
     this.hiddenState.clear();
-    this.du = undefined;
-    this.dHidden = undefined;
   }
 
   // -------------------------------------------------------------------------------------------------------------
@@ -206,12 +215,12 @@ export class PhiRunner {
   /** dU [Nc, H, l * max(Dk, Dv)] fp32, shared by both sides (they run one after the other on the stream). */
   private duBuffer(): DeviceBuffer {
     const { kvHeads: H, headDim, valueDim, compressBlock: l } = this.programs.config;
-    this.du ??= this.keep(this.ctx.alloc(this.plan.totalCompressed * H * l * Math.max(headDim, valueDim) * 4, 'phi dU'));
+    this.du ??= this.ctx.alloc(this.plan.totalCompressed * H * l * Math.max(headDim, valueDim) * 4, 'phi dU');
     return this.du;
   }
 
   private dHiddenBuffer(M: number): DeviceBuffer {
-    this.dHidden ??= this.keep(this.ctx.alloc(this.plan.totalCompressed * this.programs.config.kvHeads * M * 4, 'phi d(hidden)'));
+    this.dHidden ??= this.ctx.alloc(this.plan.totalCompressed * this.programs.config.kvHeads * M * 4, 'phi d(hidden)');
     return this.dHidden;
   }
 
