@@ -3,7 +3,6 @@
 // sequence offsets, plus the parameters of a learned phi when the config asks for one.
 
 import { randomInputs } from '../nsa/random-inputs.js';
-export { randomPhiParams } from '../nsa/random-inputs.js';
 import type { NsaInputs } from '../nsa/types.js';
 import { Tensor } from '../tensor/tensor.js';
 import type { ProblemSpec } from './options.js';

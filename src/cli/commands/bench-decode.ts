@@ -19,7 +19,7 @@ import { formatLength, formatMs, formatRatio, renderTable } from '../format.js';
 import { EXIT_FAILED, EXIT_OK, EXIT_USAGE, println, withFile } from '../io.js';
 import { configOverrides, DEFAULT_SEED, headOptions, type BackendFlags, type ConfigFlags, type HeadFlags } from '../options.js';
 import { createProgress } from '../progress.js';
-import { randomPhiParams } from '../random-inputs.js';
+import { randomPhiParams } from '../../nsa/random-inputs.js';
 
 export interface DecodeBenchFlags extends BackendFlags, ConfigFlags, HeadFlags {
   readonly presets?: readonly PresetName[];
