@@ -49,8 +49,8 @@ extern "C" __global__ void nsa_compress_mean_bwd(const float *__restrict__ dkc, 
   const int tau = (int)(row - cu_seqlens[seq]);
   const int c_start = cu_cmp[seq];
   const int tc = cu_cmp[seq + 1] - c_start;
-  const int i_lo = tau < CMP_L ? 0 : (tau - CMP_L) / CMP_D + 1; // first block with i*d + l > tau
-  const int i_hi = min(tc - 1, tau / CMP_D);                    // last block with i*d <= tau
+  int i_lo, i_hi;
+  blocks_covering(tau, tc, &i_lo, &i_hi);
   for (int c = threadIdx.x; c < DK + DV; c += blockDim.x) {
     const bool is_key = c < DK;
     const int col = is_key ? c : c - DK;

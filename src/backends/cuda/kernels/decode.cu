@@ -50,9 +50,6 @@
 #else
 #define DECODE_USE_BULK 0
 #endif
-/** A branch's key/value stages: bulk-copied padded rows (the selected blocks' gathers), else swizzled rows. */
-template <bool BULK, int COLS> struct StageTile { typedef SwizzledTile<COLS> Layout; static constexpr int ROW = COLS; };
-template <int COLS> struct StageTile<true, COLS> { typedef PaddedTile<COLS> Layout; static constexpr int ROW = COLS + 8; };
 
 __device__ __forceinline__ int cmp_visible(int t, int tc) {
   return t < CMP_L - 1 ? 0 : min(tc, (t - CMP_L + 1) / CMP_D + 1);

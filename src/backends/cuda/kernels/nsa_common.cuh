@@ -137,6 +137,19 @@ __device__ __forceinline__ void bulk_copy_g2s(void *smem, const void *gmem, u32 
 #endif
 
 /**
+ * Key/value stages of COLS-element rows: bulk-copied padded rows (gathered rows on sm_90), else swizzled rows
+ * filled by cp.async. ROW is the elements a row takes in shared memory.
+ */
+template <bool BULK, int COLS> struct StageTile {
+  typedef SwizzledTile<COLS> Layout;
+  static constexpr int ROW = COLS;
+};
+template <int COLS> struct StageTile<true, COLS> {
+  typedef PaddedTile<COLS> Layout;
+  static constexpr int ROW = COLS + 8;
+};
+
+/**
  * Asynchronously copies `rows` rows of COLS elements into a swizzled tile. Row r comes from src(r) (a pointer to
  * COLS contiguous elements) or is zero-filled when src(r) is null. All threads of the block take part.
  */
@@ -337,6 +350,26 @@ __device__ __forceinline__ float merge_warp_states(const float (*merge_m)[16], c
   *l_out = l;
   return acc;
 }
+
+/** The last i in [0, n) with offsets[i] <= b (offsets ascending, offsets[0] <= b): whose range of items holds b. */
+__device__ __forceinline__ int range_holding(const int *offsets, int n, int b) {
+  int lo = 0;
+  int hi = n - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (offsets[mid] <= b) lo = mid;
+    else hi = mid - 1;
+  }
+  return lo;
+}
+
+#if defined(CMP_L) && defined(CMP_D)
+/** The compressed blocks [*first, *last] of a sequence of tc that cover local token tau (i*d <= tau < i*d + l). */
+__device__ __forceinline__ void blocks_covering(int tau, int tc, int *first, int *last) {
+  *first = tau < CMP_L ? 0 : (tau - CMP_L) / CMP_D + 1; // first block with i*d + l > tau
+  *last = min(tc - 1, tau / CMP_D);                     // last block with i*d <= tau
+}
+#endif
 
 template <int N> __device__ __forceinline__ void zero_frags(float f[N][4]) {
 #pragma unroll

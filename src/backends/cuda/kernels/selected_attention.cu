@@ -33,15 +33,13 @@
 
 #if defined(SLC_BULK) && defined(NSA_HAS_BULK_COPY)
 #define SLC_USE_BULK 1
-typedef PaddedTile<DK> KTile;
-typedef PaddedTile<DV> VTile;
 #else
 #define SLC_USE_BULK 0
-typedef SwizzledTile<DK> KTile;
-typedef SwizzledTile<DV> VTile;
 #endif
-#define K_ROW (SLC_USE_BULK ? DK + 8 : DK) // elements per key row in shared memory
-#define V_ROW (SLC_USE_BULK ? DV + 8 : DV)
+typedef StageTile<SLC_USE_BULK, DK>::Layout KTile;
+typedef StageTile<SLC_USE_BULK, DV>::Layout VTile;
+#define K_ROW (StageTile<SLC_USE_BULK, DK>::ROW) // elements per key row in shared memory
+#define V_ROW (StageTile<SLC_USE_BULK, DV>::ROW)
 
 extern "C" __global__ void __launch_bounds__(THREADS, SLC_MIN_BLOCKS)
     nsa_selected_attention(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,

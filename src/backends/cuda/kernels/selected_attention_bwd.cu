@@ -24,15 +24,13 @@
 // into swizzled tiles.
 #if defined(SLC_BULK) && defined(NSA_HAS_BULK_COPY)
 #define SLC_USE_BULK 1
-typedef PaddedTile<DK> KTile;
-typedef PaddedTile<DV> VTile;
 #else
 #define SLC_USE_BULK 0
-typedef SwizzledTile<DK> KTile;
-typedef SwizzledTile<DV> VTile;
 #endif
-#define K_ROW (SLC_USE_BULK ? DK + 8 : DK)
-#define V_ROW (SLC_USE_BULK ? DV + 8 : DV)
+typedef StageTile<SLC_USE_BULK, DK>::Layout KTile;
+typedef StageTile<SLC_USE_BULK, DV>::Layout VTile;
+#define K_ROW (StageTile<SLC_USE_BULK, DK>::ROW) // elements per key row in shared memory
+#define V_ROW (StageTile<SLC_USE_BULK, DV>::ROW)
 
 extern "C" __global__ void __launch_bounds__(THREADS)
     nsa_slc_bwd_dq(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
@@ -211,14 +209,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   const int nkeys_total = H * total_blocks;
   const int b = blockIdx.x;
   if (b >= item_offsets[nkeys_total]) return;
-  int lo = 0;
-  int hi = nkeys_total - 1;
-  while (lo < hi) { // the key whose item range holds b
-    const int mid = (lo + hi + 1) / 2;
-    if (item_offsets[mid] <= b) lo = mid;
-    else hi = mid - 1;
-  }
-  const int key = lo;
+  const int key = range_holding(item_offsets, nkeys_total, b); // the key whose item range holds b
   const int h = key / total_blocks;
   const int gblock = key % total_blocks;
   const int seq = block_seq[gblock];

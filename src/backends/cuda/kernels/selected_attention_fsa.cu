@@ -36,15 +36,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   const int nkeys_total = H * total_blocks;
   const int b = blockIdx.x;
   if (b >= tile_offsets[nkeys_total]) return; // the grid is an upper bound on the tiles
-  // Binary search: the key whose tile range holds b.
-  int lo = 0;
-  int hi = nkeys_total - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (tile_offsets[mid] <= b) lo = mid;
-    else hi = mid - 1;
-  }
-  const int key = lo;
+  const int key = range_holding(tile_offsets, nkeys_total, b); // the key whose tile range holds b
   const int h = key / total_blocks;
   const int gblock = key % total_blocks;
   const int seq = block_seq[gblock];
