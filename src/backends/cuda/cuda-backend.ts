@@ -106,12 +106,7 @@ export class CudaBackend implements Backend {
         const outputs = this.allocateOutputs(config, N, scope, { branches: false, final: true });
         return this.timed(() => runner.run(inputs, outputs), options);
       }
-      // Forward + backward: the forward keeps each branch's output for the backward's row terms.
-      const outputs = this.allocateOutputs(config, N, scope, { branches: true, final: true });
-      const dO = scope.alloc(this.ctx, N * config.heads * config.valueDim * 2, 'dO');
-      new DeviceRandom(this.ctx, dtype).normal(dO, N * config.heads * config.valueDim, problem.seed + 9);
-      const grads = this.allocateGradients(config, runner, inputs, scope);
-      const backward = scope.keep(new BackwardRunner(this.ctx, programs, runner));
+      const { outputs, dO, grads, backward } = this.backwardProblem(problem, runner, inputs, scope, true);
       return this.timed(() => {
         runner.run(inputs, outputs);
         backward.run(inputs, outputs, dO, grads);
@@ -144,15 +139,9 @@ export class CudaBackend implements Backend {
     const { config } = problem;
     const scope = new BufferScope();
     try {
-      const programs = this.programsFor(config, dtype);
-      const runner = scope.keep(new ForwardRunner(this.ctx, programs, problem.cuSeqlens, this.selectedKernel));
+      const runner = scope.keep(new ForwardRunner(this.ctx, this.programsFor(config, dtype), problem.cuSeqlens, this.selectedKernel));
       const inputs = this.randomInputs(problem, dtype, scope);
-      const N = runner.plan.totalTokens;
-      const outputs = this.allocateOutputs(config, N, scope, { branches: true, final: false });
-      const dO = scope.alloc(this.ctx, N * config.heads * config.valueDim * 2, 'dO');
-      new DeviceRandom(this.ctx, dtype).normal(dO, N * config.heads * config.valueDim, problem.seed + 9);
-      const grads = this.allocateGradients(config, runner, inputs, scope);
-      const backward = scope.keep(new BackwardRunner(this.ctx, programs, runner));
+      const { outputs, dO, grads, backward } = this.backwardProblem(problem, runner, inputs, scope, false);
       runner.run(inputs, outputs);
       backward.run(inputs, outputs, dO, grads);
       const result: Partial<Record<BackwardStage, TimingResult>> = {};
@@ -224,6 +213,21 @@ export class CudaBackend implements Backend {
       this.programs.set(key, programs);
     }
     return programs;
+  }
+
+  /**
+   * What a timed backward needs beside the forward's runner and inputs: the outputs (every branch's, which the
+   * backward's row terms read, and the final half output when asked), a random dO, the gradients, the runner.
+   */
+  private backwardProblem(problem: BenchmarkProblem, runner: ForwardRunner, inputs: DeviceNsaInputs, scope: BufferScope, final: boolean) {
+    const { config } = problem;
+    const N = runner.plan.totalTokens;
+    const outputs = this.allocateOutputs(config, N, scope, { branches: true, final });
+    const dO = scope.alloc(this.ctx, N * config.heads * config.valueDim * 2, 'dO');
+    new DeviceRandom(this.ctx, runner.dtype).normal(dO, N * config.heads * config.valueDim, problem.seed + 9);
+    const grads = this.allocateGradients(config, runner, inputs, scope);
+    const backward = scope.keep(new BackwardRunner(this.ctx, this.programsFor(config, runner.dtype), runner));
+    return { outputs, dO, grads, backward };
   }
 
   /** A launch of the dense causal kernel over `inputs`, with its output (fp32) and lse buffers. */
