@@ -1,6 +1,6 @@
 // Tries the kernels' launch-shape variants (NSA_FA_WARPS, NSA_SLC_PIPELINE) on the issue's shapes and prints
 // per-stage medians (CUDA events), to choose the defaults. Run from the repo root after `npm run build`:
-//   node bench/cuda-tuning.mjs [--lengths 65536] [--out tuning.json]
+//   node bench/cuda-tuning.mjs [--lengths 65536] [--variants 8:2x1x8,NSA_FA_WGMMA=0] [--shapes group,fsa] [--out tuning.json]
 import { writeFileSync } from 'node:fs';
 import { NSAConfig } from '../dist/index.js';
 import { createCudaBackend } from '../dist/backends/cuda/cuda-backend.js';
@@ -12,14 +12,17 @@ const flag = (name, fallback) => {
 };
 const lengths = flag('lengths', '65536').split(',').map(Number);
 const timing = { warmup: 2, iterations: 5 };
+// A variant is `faWarps:slcPipeline` (e.g. 8:2x1x8) or environment settings joined by `+` (e.g. NSA_FA_WGMMA=0+NSA_FA_WARPS=4).
 const variants = (flag('variants', '8:4x2x3,8:4x1x4,8:4x1x6,8:2x2x6,8:2x1x8')).split(',').map((v) => {
+  if (v.includes('=')) return Object.fromEntries(v.split('+').map((kv) => kv.split('=')));
   const [fa, slc] = v.split(':');
   return { NSA_FA_WARPS: fa, NSA_SLC_PIPELINE: slc };
 });
+const label = (variant) => Object.entries(variant).map(([k, v]) => `${k.replace(/^NSA_/, '')}=${v}`).join(' ');
 const shapes = [
   { G: 16, preset: 'fla', kernel: 'group' },
   { G: 16, preset: 'fla', kernel: 'fsa' },
-];
+].filter((shape) => flag('shapes', 'group,fsa').split(',').includes(shape.kernel));
 const rows = [];
 for (const variant of variants) {
   Object.assign(process.env, variant);
@@ -35,7 +38,7 @@ for (const variant of variants) {
       const row = { ...variant, ...shape, T, total, dense, stages: Object.fromEntries(Object.entries(stages).map(([k, v]) => [k, v.medianMs])) };
       rows.push(row);
       console.log(
-        `fa${variant.NSA_FA_WARPS} slc${variant.NSA_SLC_PIPELINE.padEnd(6)} G=${shape.G} ${shape.preset.padEnd(5)} ${shape.kernel.padEnd(5)} T=${T}: total ${total.toFixed(2)} ms` +
+        `${label(variant)} G=${shape.G} ${shape.preset.padEnd(5)} ${shape.kernel.padEnd(5)} T=${T}: total ${total.toFixed(2)} ms` +
           (dense === undefined ? '' : ` dense ${dense.toFixed(2)}`) +
           ' | ' + Object.entries(row.stages).map(([k, v]) => `${k} ${v.toFixed(2)}`).join(' '),
       );

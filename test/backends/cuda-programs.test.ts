@@ -15,8 +15,15 @@ function config(dk: number, dv: number): NSAConfig {
 }
 
 describe('kernelTuning', () => {
-  it('defaults to 8 flash warps and 2 x 1 selected-attention warps x stages at 8 CTAs per SM, bulk copies on sm_90', () => {
-    expect(kernelTuning(config(128, 128), {}, [9, 0])).toEqual({ faWarps: 8, slcWarps: 2, slcStages: 1, slcMinBlocks: 8, slcBulk: true });
+  it('defaults to 8 flash warps with wgmma and 2 x 1 selected-attention warps x stages at 8 CTAs per SM, bulk copies on sm_90', () => {
+    expect(kernelTuning(config(128, 128), {}, [9, 0])).toEqual({
+      faWarps: 8,
+      faWgmma: true,
+      slcWarps: 2,
+      slcStages: 1,
+      slcMinBlocks: 8,
+      slcBulk: true,
+    });
   });
 
   it('keeps bulk copies off before sm_90 and when NSA_SLC_BULK=0', () => {
@@ -32,11 +39,31 @@ describe('kernelTuning', () => {
   });
 });
 
+describe('the wgmma flash-attention switch', () => {
+  it('is on for Hopper (sm_90) alone: Ampere and Blackwell have no wgmma; NSA_FA_WGMMA=0 turns it off', () => {
+    expect(kernelTuning(config(128, 128), {}, [9, 0]).faWgmma).toBe(true);
+    expect(kernelTuning(config(128, 128), { NSA_FA_WGMMA: '0' }, [9, 0]).faWgmma).toBe(false);
+    expect(kernelTuning(config(128, 128), {}, [8, 0]).faWgmma).toBe(false);
+    expect(kernelTuning(config(128, 128), {}, [10, 0]).faWgmma).toBe(false);
+  });
+
+  for (const [dk, dv] of SUPPORTED_HEAD_DIMS) {
+    it(`sizes the flash tiles at dk = ${dk}, dv = ${dv} (query tile, two stages of 128 keys, 1 KB alignment) within 227 KB`, () => {
+      for (const faWarps of [4, 8] as const) {
+        const tuning: KernelTuning = { ...kernelTuning(config(dk, dv), {}, [9, 0]), faWarps, faWgmma: true };
+        const bytes = new NsaPrograms(fakeContext, config(dk, dv), 'bf16', tuning).flashSharedBytes();
+        expect(bytes).toBe(2 * (16 * faWarps * dk + 2 * 128 * (dk + dv)) + 1024);
+        expect(bytes).toBeLessThanOrEqual(227 * 1024);
+      }
+    });
+  }
+});
+
 describe('shared memory of the selected-attention kernels', () => {
   const tunings: KernelTuning[] = [];
   for (const slcWarps of [2, 4] as const) {
     for (const slcStages of [1, 2, 4]) {
-      for (const slcBulk of [false, true]) tunings.push({ faWarps: 8, slcWarps, slcStages, slcMinBlocks: 4, slcBulk });
+      for (const slcBulk of [false, true]) tunings.push({ faWarps: 8, faWgmma: false, slcWarps, slcStages, slcMinBlocks: 4, slcBulk });
     }
   }
 
@@ -62,7 +89,7 @@ describe('shared memory of the selected-attention kernels', () => {
   }
 
   it('the merge, not the stages, sets the size when dv > dk at one stage (the case that overflowed)', () => {
-    const tuning: KernelTuning = { faWarps: 8, slcWarps: 2, slcStages: 1, slcMinBlocks: 8, slcBulk: false };
+    const tuning: KernelTuning = { faWarps: 8, faWgmma: false, slcWarps: 2, slcStages: 1, slcMinBlocks: 8, slcBulk: false };
     const programs = new NsaPrograms(fakeContext, config(64, 128), 'bf16', tuning);
     expect(programs.selectedSharedBytes()).toBe(2 * 16 * 64 + 4 * 2 * 16 * 128);
   });

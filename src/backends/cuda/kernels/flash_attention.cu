@@ -1,6 +1,9 @@
 // nvcc-check: -DDK=128 -DDV=128 -DNSA_MODE=0
 // nvcc-check: -DDK=64 -DDV=64 -DNSA_MODE=3 -DCMP_L=32 -DCMP_D=16 -DWINDOW=512 -DNSA_FP16
 // nvcc-check: -DDK=192 -DDV=128 -DNSA_MODE=3 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512
+// nvcc-check: -DDK=128 -DDV=128 -DNSA_MODE=0 -DFA_WGMMA
+// nvcc-check: -DDK=64 -DDV=64 -DNSA_MODE=3 -DCMP_L=32 -DCMP_D=16 -DWINDOW=512 -DNSA_FP16 -DFA_WGMMA
+// nvcc-check: -DDK=192 -DDV=128 -DNSA_MODE=3 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512 -DFA_WGMMA -DFA_WARPS=4
 //
 // FlashAttention-2 style tiles: a CTA takes 16 * FA_WARPS query rows of one query head (a warp per 16 rows; 128
 // rows by default, so each key tile fetched into shared memory serves twice the rows of 64) and streams key
@@ -14,7 +17,18 @@
 // (fp32, [N, Hq, DV]); phase 0 of a launch overwrites `out` unless `accumulate` is set.
 // Sequences are packed: cu_seqlens gives token offsets, cu_cmp the compressed-token offsets; `tiles` lists
 // (sequence, first local row) per CTA, heaviest first.
+//
+// FA_WGMMA (set by the host on sm_90a): each warpgroup of 4 warps takes 64 query rows and multiplies with Hopper's
+// wgmma straight from shared memory (Q and K K-major, V transposed, all in 128-byte-swizzled column blocks), over key
+// tiles of 128; P stays in registers as the A operand of P V. The softmax, masks and epilogue are the same code as
+// the mma.sync path, because wgmma's accumulator layout per warp is mma.sync's C fragment layout (nsa_wgmma.cuh).
 #include "nsa_common.cuh"
+#include "nsa_wgmma.cuh"
+#if defined(FA_WGMMA) && defined(NSA_HAS_WGMMA)
+#define FA_USE_WGMMA 1
+#else
+#define FA_USE_WGMMA 0
+#endif
 
 #ifndef NSA_MODE
 #define NSA_MODE 0
@@ -31,7 +45,17 @@
 #define FA_WARPS 8
 #endif
 #define BLOCK_M (16 * FA_WARPS) // query rows per CTA: one warp per 16 rows
+#if FA_USE_WGMMA
+#define BLOCK_N 128
+typedef WgmmaTile<BLOCK_M, DK> QTile;
+typedef WgmmaTile<BLOCK_N, DK> KTile;
+typedef WgmmaTile<BLOCK_N, DV> VTile;
+#else
 #define BLOCK_N 64
+typedef SwizzledTile<DK> QTile;
+typedef SwizzledTile<DK> KTile;
+typedef SwizzledTile<DV> VTile;
+#endif
 #define THREADS (32 * FA_WARPS)
 
 enum Phase { PHASE_DENSE = 0, PHASE_CMP = 1, PHASE_WIN = 2 };
@@ -66,6 +90,15 @@ template <int PHASE> __device__ __forceinline__ bool tile_unmasked(int q0, int q
   return k0 + BLOCK_N - 1 <= q0;
 }
 
+/** The query tile as the MMAs read it: per-warp A fragments (mma.sync), or the shared tile itself (wgmma). */
+struct QOperand {
+#if FA_USE_WGMMA
+  const elem_t *tile;
+#else
+  u32 frag[DK / 16][4];
+#endif
+};
+
 struct Pointers {
   const elem_t *q;
   const elem_t *k;
@@ -76,87 +109,98 @@ struct Pointers {
   float *lse;          // [N, Hq]
 };
 
-/**
- * One phase for this CTA's query tile: attention of the tile's 64 rows over the phase's keys, then the epilogue.
- * `qfrag` holds this warp's 16 query rows as A fragments.
- */
-template <int PHASE>
-__device__ __forceinline__ void run_phase(const Pointers p, int gate_index, bool overwrite, const u32 qfrag[DK / 16][4],
-                                          elem_t *ksmem, elem_t *vsmem, int seq_start, int key_base, int seq_len, int tc,
-                                          int q0, int hq, int Hq, int H, int G, float scale_log2) {
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
-  const int kvh = hq / G;
+/** What one phase of one CTA works on: its query rows, its keys, and where they live. */
+struct PhaseTile {
+  int q0;        // first local query row of the tile
+  int seq_start; // the sequence's first token (rows of q and out)
+  int key_base;  // the sequence's first key row in k/v (tokens, or compressed tokens)
+  int seq_len;
+  int tc;        // compressed tokens of the sequence
+  int kvh;
+  int row_lo;    // local positions of the two rows this thread holds (row_lo + 8 is the other)
+  KeyRange keys;
+  int ntiles;    // key tiles of BLOCK_N
+};
+
+template <int PHASE> __device__ __forceinline__ PhaseTile phase_tile(int q0, int seq_start, int key_base, int seq_len, int tc, int kvh) {
   const int q1 = min(q0 + BLOCK_M, seq_len);
   const KeyRange keys = phase_keys<PHASE>(q0, q1, tc);
   const int ntiles = keys.end > keys.first ? (keys.end - keys.first + BLOCK_N - 1) / BLOCK_N : 0;
+  return {q0, seq_start, key_base, seq_len, tc, kvh, q0 + (int)(threadIdx.x / 32) * 16 + (int)(threadIdx.x % 32) / 4, keys, ntiles};
+}
 
-  float o[DV / 8][4];
-  zero_frags<DV / 8>(o);
-  SoftmaxRows st;
-  st.init();
-  const int row_lo = q0 + warp * 16 + lane / 4; // local positions of the two rows this thread holds
-  const int row_hi = row_lo + 8;
+/** Row width and shared layout of key tiles (IS_V false) and value tiles (NVRTC has no <type_traits>). */
+template <bool IS_V> struct KeyTileOf {
+  typedef KTile Layout;
+  static constexpr int D = DK;
+};
+template <> struct KeyTileOf<true> {
+  typedef VTile Layout;
+  static constexpr int D = DV;
+};
 
-  auto issue = [&](int it) {
-    const int k0 = keys.first + it * BLOCK_N;
-    elem_t *ks = ksmem + (it & 1) * BLOCK_N * DK;
-    elem_t *vs = vsmem + (it & 1) * BLOCK_N * DV;
-    load_tile_async<DK, THREADS>(ks, BLOCK_N, [&](int r) -> const elem_t * {
-      const int key = k0 + r;
-      return key < keys.end ? p.k + ((i64)(key_base + key) * H + kvh) * DK : nullptr;
-    });
-    load_tile_async<DV, THREADS>(vs, BLOCK_N, [&](int r) -> const elem_t * {
-      const int key = k0 + r;
-      return key < keys.end ? p.v + ((i64)(key_base + key) * H + kvh) * DV : nullptr;
-    });
-    cp_async_commit();
-  };
-
-  if (ntiles > 0) issue(0);
-  for (int it = 0; it < ntiles; it++) {
-    if (it + 1 < ntiles) issue(it + 1);
-    else cp_async_commit();
-    cp_async_wait<1>();
-    __syncthreads();
-    const int k0 = keys.first + it * BLOCK_N;
-    const elem_t *ks = ksmem + (it & 1) * BLOCK_N * DK;
-    const elem_t *vs = vsmem + (it & 1) * BLOCK_N * DV;
-    float s[BLOCK_N / 8][4];
-    zero_frags<BLOCK_N / 8>(s);
-    qk_mma<DK, BLOCK_N / 16>(s, qfrag, ks, 0, lane);
-    if (k0 + BLOCK_N <= keys.end && tile_unmasked<PHASE>(q0, q0 + BLOCK_M, k0, tc)) {
-      // Interior tile (rows past the sequence end compute garbage that is never written).
+/**
+ * Starts the asynchronous copy of `rows` rows (ROWS at most; the rest are zero-filled) of D elements, `stride`
+ * elements apart from `first`, into a tile. When the 16-byte chunks of a row divide the threads evenly, each thread
+ * always copies the same chunk of every (THREADS / chunks)-th row, so the addresses are a fixed stride apart
+ * (a few instructions a copy instead of the division and swizzle of the general loop).
+ */
+template <int ROWS, int D, class Layout>
+__device__ __forceinline__ void copy_rows(elem_t *tile, const elem_t *first, i64 stride, int rows) {
+  constexpr int CHUNKS = D / 8;
+  if constexpr (THREADS % CHUNKS == 0 && ROWS % (THREADS / CHUNKS) == 0) {
+    constexpr int STEP = THREADS / CHUNKS; // rows apart
+    const int c = threadIdx.x % CHUNKS;
+    const int r0 = threadIdx.x / CHUNKS;
+    const elem_t *src = first + r0 * stride + c * 8;
 #pragma unroll
-      for (int n = 0; n < BLOCK_N / 8; n++) {
-#pragma unroll
-        for (int e = 0; e < 4; e++) s[n][e] *= scale_log2;
-      }
-    } else {
-#pragma unroll
-      for (int n = 0; n < BLOCK_N / 8; n++) {
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-          const int key = k0 + n * 8 + (lane % 4) * 2 + (e & 1);
-          const int t = e < 2 ? row_lo : row_hi;
-          const bool ok = key < keys.end && t < seq_len && key_visible<PHASE>(t, key, tc);
-          s[n][e] = ok ? s[n][e] * scale_log2 : NSA_NEG_INF;
-        }
-      }
+    for (int i = 0; i < ROWS / STEP; i++) {
+      const int r = r0 + i * STEP;
+      elem_t *dst = tile + Layout::offset(r, c * 8);
+      cp_async_16(dst, r < rows ? src + i * STEP * stride : dst, r < rows);
     }
-    softmax_update<BLOCK_N / 8, DV>(st, s, o);
-    pv_mma<DV, BLOCK_N / 16>(o, s, vs, 0, lane);
-    __syncthreads();
+  } else {
+    load_tile_async<D, THREADS, Layout>(tile, ROWS, [&](int r) -> const elem_t * { return r < rows ? first + r * stride : nullptr; });
   }
+}
 
-  // Epilogue: normalise, write lse and the (gated) output rows.
+/** Starts the asynchronous copy of key tile `it` (K, or V with IS_V) of the phase into `tile`; rows past the end are zeros. */
+template <bool IS_V> __device__ __forceinline__ void load_key_tile(const Pointers &p, const PhaseTile &t, int it, elem_t *tile, int H) {
+  const int k0 = t.keys.first + it * BLOCK_N;
+  constexpr int D = KeyTileOf<IS_V>::D;
+  const elem_t *first = (IS_V ? p.v : p.k) + ((i64)(t.key_base + k0) * H + t.kvh) * D;
+  copy_rows<BLOCK_N, D, typename KeyTileOf<IS_V>::Layout>(tile, first, (i64)H * D, min(BLOCK_N, t.keys.end - k0));
+}
+
+/** Sets the scores of key tile `it` that a row may not see (or past the end) to -inf; the scale comes in the softmax. */
+template <int PHASE> __device__ __forceinline__ void mask_scores(float s[BLOCK_N / 8][4], const PhaseTile &t, int it) {
+  const int k0 = t.keys.first + it * BLOCK_N;
+  const int lane = threadIdx.x % 32;
+  // Interior tiles need nothing (rows past the sequence end compute garbage that is never written).
+  if (k0 + BLOCK_N <= t.keys.end && tile_unmasked<PHASE>(t.q0, t.q0 + BLOCK_M, k0, t.tc)) return;
+#pragma unroll
+  for (int n = 0; n < BLOCK_N / 8; n++) {
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const int key = k0 + n * 8 + (lane % 4) * 2 + (e & 1);
+      const int row = e < 2 ? t.row_lo : t.row_lo + 8;
+      const bool ok = key < t.keys.end && row < t.seq_len && key_visible<PHASE>(row, key, t.tc);
+      if (!ok) s[n][e] = NSA_NEG_INF;
+    }
+  }
+}
+
+/** Epilogue: normalises this thread's two rows, writes their lse and (ungated) branch output, adds gate * o to out. */
+__device__ __forceinline__ void write_phase_output(const Pointers &p, const PhaseTile &t, const SoftmaxRows &st,
+                                                   const float o[DV / 8][4], int gate_index, bool overwrite, int hq, int Hq) {
+  const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int h = 0; h < 2; h++) {
     float lse;
     const float l = softmax_finish_row(st, h, &lse);
-    const int t = h == 0 ? row_lo : row_hi;
-    if (t >= seq_len) continue;
-    const i64 row = (i64)(seq_start + t) * Hq + hq;
+    const int row_local = t.row_lo + 8 * h;
+    if (row_local >= t.seq_len) continue;
+    const i64 row = (i64)(t.seq_start + row_local) * Hq + hq;
     const float inv = l > 0.f ? 1.f / l : 0.f;
     if (lane % 4 == 0) p.lse[row] = lse;
     const float gate = gate_index < 0 ? 1.f : p.gate[row * 3 + gate_index];
@@ -175,6 +219,140 @@ __device__ __forceinline__ void run_phase(const Pointers p, int gate_index, bool
   }
 }
 
+#if FA_USE_WGMMA
+/**
+ * One phase for this CTA's query tile (wgmma): each warpgroup's 64 rows over the phase's keys, then the epilogue.
+ * Software pipelined like FlashAttention-3 within a warpgroup: while P_j V_j runs on the tensor cores, the softmax
+ * of the next tile's scores (Q K_{j+1}^T, issued just before) runs on the ALUs; the output's rescale for tile j+1 is
+ * applied once P_j V_j has landed. K and V have two stages each: K_{j+2} and V_{j+1} load during iteration j.
+ */
+template <int PHASE>
+__device__ __forceinline__ void run_phase(const Pointers p, int gate_index, bool overwrite, const QOperand &qop, elem_t *ksmem,
+                                          elem_t *vsmem, const PhaseTile t, int hq, int Hq, int H, float scale_log2) {
+  const elem_t *qrows = qop.tile;
+  const int wg_row0 = (threadIdx.x / 128) * 64;
+  float o[DV / 8][4];
+  zero_frags<DV / 8>(o);
+  SoftmaxRows st;
+  st.init();
+  auto ktile = [&](int it) { return ksmem + (it & 1) * BLOCK_N * DK; };
+  auto vtile = [&](int it) { return vsmem + (it & 1) * BLOCK_N * DV; };
+  auto issue_qk = [&](float s[BLOCK_N / 8][4], int it) {
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < DK / 16; ks++) {
+      wgmma_ss<BLOCK_N>(s, wgmma_desc_kmajor<BLOCK_M>(qrows, wg_row0, ks), wgmma_desc_kmajor<BLOCK_N>(ktile(it), 0, ks), ks > 0);
+    }
+    wgmma_commit();
+  };
+
+  if (t.ntiles > 0) {
+    float s[BLOCK_N / 8][4];
+    float rescale[2];
+    load_key_tile<false>(p, t, 0, ktile(0), H);
+    cp_async_commit();
+    load_key_tile<true>(p, t, 0, vtile(0), H);
+    if (t.ntiles > 1) load_key_tile<false>(p, t, 1, ktile(1), H);
+    cp_async_commit();
+    cp_async_wait<1>();
+    fence_proxy_async_shared(); // cp.async writes, before wgmma reads them through the async proxy
+    __syncthreads();
+    issue_qk(s, 0);
+    wgmma_wait<0>();
+    wgmma_fence_operands<BLOCK_N / 8>(s);
+    mask_scores<PHASE>(s, t, 0);
+    softmax_scores<BLOCK_N / 8>(st, s, rescale, scale_log2); // o is still zero: nothing to rescale
+
+    // Iteration it: V_it and K_{it+1} have landed, and every warpgroup is done with K_it and V_{it-1}, whose
+    // stages now refill. The last tile is peeled off so that every wgmma of the loop is unconditional (with a
+    // conditional one ptxas serialises them all).
+    u32 pa[BLOCK_N / 16][4]; // P_it as the A operand of P V; s is free for the next scores once it is packed
+    auto pack_p = [&]() {
+#pragma unroll
+      for (int kk = 0; kk < BLOCK_N / 16; kk++) {
+        pa[kk][0] = pack_elem2(s[2 * kk][0], s[2 * kk][1]);
+        pa[kk][1] = pack_elem2(s[2 * kk][2], s[2 * kk][3]);
+        pa[kk][2] = pack_elem2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        pa[kk][3] = pack_elem2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      }
+    };
+    auto issue_pv = [&](int it) {
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < BLOCK_N / 16; kk++) wgmma_rs<DV, 1>(o, pa[kk], wgmma_desc_mnmajor<BLOCK_N>(vtile(it), kk), 1);
+      wgmma_commit();
+    };
+    auto stage_landed = [&]() {
+      cp_async_wait<0>();
+      fence_proxy_async_shared();
+      __syncthreads();
+    };
+    for (int it = 0; it + 1 < t.ntiles; it++) {
+      stage_landed();
+      if (it + 2 < t.ntiles) load_key_tile<false>(p, t, it + 2, ktile(it), H);
+      load_key_tile<true>(p, t, it + 1, vtile(it + 1), H);
+      cp_async_commit();
+      pack_p();
+      issue_qk(s, it + 1);
+      issue_pv(it);
+      wgmma_wait<1>(); // the scores of tile it + 1; P V may still run
+      wgmma_fence_operands<BLOCK_N / 8>(s);
+      mask_scores<PHASE>(s, t, it + 1);
+      softmax_scores<BLOCK_N / 8>(st, s, rescale, scale_log2);
+      wgmma_wait<0>();
+      wgmma_fence_operands<DV / 8>(o);
+      rescale_rows<DV>(o, rescale);
+    }
+    stage_landed();
+    pack_p();
+    issue_pv(t.ntiles - 1);
+    wgmma_wait<0>();
+    wgmma_fence_operands<DV / 8>(o);
+    __syncthreads(); // the last stages are read; the next phase may refill them
+  }
+  write_phase_output(p, t, st, o, gate_index, overwrite, hq, Hq);
+}
+#else
+/**
+ * One phase for this CTA's query tile (mma.sync): each warp's 16 rows over the phase's keys, then the epilogue. Key
+ * tiles are double buffered: tile it + 1 loads while tile it is multiplied.
+ */
+template <int PHASE>
+__device__ __forceinline__ void run_phase(const Pointers p, int gate_index, bool overwrite, const QOperand &qop, elem_t *ksmem,
+                                          elem_t *vsmem, const PhaseTile t, int hq, int Hq, int H, float scale_log2) {
+  const int lane = threadIdx.x % 32;
+  float o[DV / 8][4];
+  zero_frags<DV / 8>(o);
+  SoftmaxRows st;
+  st.init();
+  auto issue = [&](int it) {
+    load_key_tile<false>(p, t, it, ksmem + (it & 1) * BLOCK_N * DK, H);
+    load_key_tile<true>(p, t, it, vsmem + (it & 1) * BLOCK_N * DV, H);
+    cp_async_commit();
+  };
+
+  if (t.ntiles > 0) issue(0);
+  for (int it = 0; it < t.ntiles; it++) {
+    if (it + 1 < t.ntiles) issue(it + 1);
+    else cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    const elem_t *ks = ksmem + (it & 1) * BLOCK_N * DK;
+    const elem_t *vs = vsmem + (it & 1) * BLOCK_N * DV;
+    float s[BLOCK_N / 8][4];
+    zero_frags<BLOCK_N / 8>(s);
+    qk_mma<DK, BLOCK_N / 16>(s, qop.frag, ks, 0, lane);
+    mask_scores<PHASE>(s, t, it);
+    float rescale[2];
+    softmax_scores<BLOCK_N / 8>(st, s, rescale, scale_log2);
+    rescale_rows<DV>(o, rescale);
+    pv_mma<DV, BLOCK_N / 16>(o, s, vs, 0, lane);
+    __syncthreads();
+  }
+  write_phase_output(p, t, st, o, gate_index, overwrite, hq, Hq);
+}
+#endif
+
 extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
     nsa_flash_attention(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
                         const elem_t *__restrict__ kc, const elem_t *__restrict__ vc, const float *__restrict__ gate,
@@ -183,7 +361,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
                         const int *__restrict__ cu_cmp, const int2 *__restrict__ tiles, int Hq, int H, float scale_log2,
                         int accumulate) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
+#if FA_USE_WGMMA
+  // wgmma's 128-byte swizzle is a function of address bits 4-9: tiles start 1024-byte aligned (the host adds the slack).
+  elem_t *qsmem = reinterpret_cast<elem_t *>(smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023));
+#else
   elem_t *qsmem = reinterpret_cast<elem_t *>(smem_raw);
+#endif
   elem_t *ksmem = qsmem + BLOCK_M * DK;
   elem_t *vsmem = ksmem + 2 * BLOCK_N * DK;
 
@@ -191,37 +374,37 @@ extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
   const int seq = tile.x;
   const int q0 = tile.y;
   const int hq = blockIdx.y;
-  const int G = Hq / H;
   const int seq_start = cu_seqlens[seq];
   const int seq_len = cu_seqlens[seq + 1] - seq_start;
-  const int warp = threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
 
-  load_tile_async<DK, THREADS>(qsmem, BLOCK_M, [&](int r) -> const elem_t * {
-    return q0 + r < seq_len ? q + ((i64)(seq_start + q0 + r) * Hq + hq) * DK : nullptr;
-  });
+  copy_rows<BLOCK_M, DK, QTile>(qsmem, q + ((i64)(seq_start + q0) * Hq + hq) * DK, (i64)Hq * DK, min(BLOCK_M, seq_len - q0));
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();
-  u32 qfrag[DK / 16][4];
-  load_a_fragments<DK>(qfrag, qsmem, warp * 16, lane);
+  QOperand qfrag;
+#if FA_USE_WGMMA
+  qfrag.tile = qsmem; // read by wgmma after each key tile's fence and barrier
+#else
+  load_a_fragments<DK>(qfrag.frag, qsmem, (threadIdx.x / 32) * 16, threadIdx.x % 32);
+#endif
 
+  const int kvh = hq / (Hq / H);
 #if NSA_MODE == 0
   Pointers p{q, k, v, nullptr, out, nullptr, lse_cmp};
-  run_phase<PHASE_DENSE>(p, -1, !accumulate, qfrag, ksmem, vsmem, seq_start, seq_start, seq_len, 0, q0, hq, Hq, H, G,
-                         scale_log2);
+  run_phase<PHASE_DENSE>(p, -1, !accumulate, qfrag, ksmem, vsmem, phase_tile<PHASE_DENSE>(q0, seq_start, seq_start, seq_len, 0, kvh),
+                         hq, Hq, H, scale_log2);
 #else
   const int c_start = cu_cmp[seq];
   const int tc = cu_cmp[seq + 1] - c_start;
 #if NSA_MODE == 1 || NSA_MODE == 3
   Pointers pc{q, kc, vc, gate, out, out_cmp, lse_cmp};
-  run_phase<PHASE_CMP>(pc, 0, !accumulate, qfrag, ksmem, vsmem, seq_start, c_start, seq_len, tc, q0, hq, Hq, H, G,
-                       scale_log2);
+  run_phase<PHASE_CMP>(pc, 0, !accumulate, qfrag, ksmem, vsmem, phase_tile<PHASE_CMP>(q0, seq_start, c_start, seq_len, tc, kvh), hq,
+                       Hq, H, scale_log2);
 #endif
 #if NSA_MODE == 2 || NSA_MODE == 3
   Pointers pw{q, k, v, gate, out, out_win, lse_win};
-  run_phase<PHASE_WIN>(pw, 2, NSA_MODE == 2 && !accumulate, qfrag, ksmem, vsmem, seq_start, seq_start, seq_len, tc, q0,
-                       hq, Hq, H, G, scale_log2);
+  run_phase<PHASE_WIN>(pw, 2, NSA_MODE == 2 && !accumulate, qfrag, ksmem, vsmem,
+                       phase_tile<PHASE_WIN>(q0, seq_start, seq_start, seq_len, tc, kvh), hq, Hq, H, scale_log2);
 #endif
 #endif
 }

@@ -150,17 +150,17 @@ template <int COLS> struct StageTile<true, COLS> {
 };
 
 /**
- * Asynchronously copies `rows` rows of COLS elements into a swizzled tile. Row r comes from src(r) (a pointer to
+ * Asynchronously copies `rows` rows of COLS elements into a tile (swizzled unless another Layout is given). Row r comes from src(r) (a pointer to
  * COLS contiguous elements) or is zero-filled when src(r) is null. All threads of the block take part.
  */
-template <int COLS, int THREADS, typename RowPtr>
+template <int COLS, int THREADS, class Layout = SwizzledTile<COLS>, typename RowPtr>
 __device__ __forceinline__ void load_tile_async(elem_t *tile, int rows, RowPtr src) {
   constexpr int CHUNKS = COLS / 8;
   for (int i = threadIdx.x; i < rows * CHUNKS; i += THREADS) {
     const int r = i / CHUNKS;
     const int c = i % CHUNKS;
     const elem_t *row = src(r);
-    cp_async_16(tile + SwizzledTile<COLS>::offset(r, c * 8), row == nullptr ? tile : row + c * 8, row != nullptr);
+    cp_async_16(tile + Layout::offset(r, c * 8), row == nullptr ? tile : row + c * 8, row != nullptr);
   }
 }
 
@@ -264,37 +264,60 @@ struct SoftmaxRows {
   }
 };
 
+/** 2^x by the SFU alone (results below 2^-126 flush to 0, which a softmax weight may); exp2f adds denormal fix-ups. */
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
 /**
- * Folds one tile of scores s (masked entries already -inf) into the running max/sum, rescales the output
- * accumulators, and turns s into the unnormalised probabilities exp2(s - m).
+ * Folds one tile of scores s (masked entries already -inf) into the running max/sum and turns s into the
+ * unnormalised probabilities 2^(scale_log2 * s - m); rescale[h] is what the output accumulated so far must be
+ * multiplied by. Scores already in log2 units take scale_log2 = 1; raw ones get the scale folded into the exponent's FMA.
  */
-template <int NS, int VDIM>
-__device__ __forceinline__ void softmax_update(SoftmaxRows &st, float s[NS][4], float o[VDIM / 8][4]) {
+template <int NS>
+__device__ __forceinline__ void softmax_scores(SoftmaxRows &st, float s[NS][4], float rescale[2], float scale_log2 = 1.f) {
 #pragma unroll
   for (int h = 0; h < 2; h++) {
-    float mx = st.m[h];
+    float mx = NSA_NEG_INF;
 #pragma unroll
     for (int n = 0; n < NS; n++) mx = fmaxf(mx, fmaxf(s[n][2 * h], s[n][2 * h + 1]));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 1));
     mx = fmaxf(mx, __shfl_xor_sync(0xffffffff, mx, 2));
+    mx = fmaxf(st.m[h], mx * scale_log2);
     // A row with nothing visible so far keeps m = -inf; use 0 as the exponent base so exp2 gives 0, not NaN.
     const float base = mx == NSA_NEG_INF ? 0.f : mx;
-    const float rescale = exp2f(st.m[h] - base);
+    rescale[h] = fast_exp2(st.m[h] - base);
     st.m[h] = mx;
     float sum = 0.f;
 #pragma unroll
     for (int n = 0; n < NS; n++) {
-      s[n][2 * h] = exp2f(s[n][2 * h] - base);
-      s[n][2 * h + 1] = exp2f(s[n][2 * h + 1] - base);
+      s[n][2 * h] = fast_exp2(fmaf(s[n][2 * h], scale_log2, -base));
+      s[n][2 * h + 1] = fast_exp2(fmaf(s[n][2 * h + 1], scale_log2, -base));
       sum += s[n][2 * h] + s[n][2 * h + 1];
     }
-    st.l[h] = st.l[h] * rescale + sum;
-#pragma unroll
-    for (int n = 0; n < VDIM / 8; n++) {
-      o[n][2 * h] *= rescale;
-      o[n][2 * h + 1] *= rescale;
-    }
+    st.l[h] = st.l[h] * rescale[h] + sum;
   }
+}
+
+/** Multiplies the output rows a thread holds (row g by rescale[0], g + 8 by rescale[1]). */
+template <int VDIM> __device__ __forceinline__ void rescale_rows(float o[VDIM / 8][4], const float rescale[2]) {
+#pragma unroll
+  for (int n = 0; n < VDIM / 8; n++) {
+    o[n][0] *= rescale[0];
+    o[n][1] *= rescale[0];
+    o[n][2] *= rescale[1];
+    o[n][3] *= rescale[1];
+  }
+}
+
+/** softmax_scores, then the rescale of the output accumulators at once. */
+template <int NS, int VDIM>
+__device__ __forceinline__ void softmax_update(SoftmaxRows &st, float s[NS][4], float o[VDIM / 8][4]) {
+  float rescale[2];
+  softmax_scores<NS>(st, s, rescale);
+  rescale_rows<VDIM>(o, rescale);
 }
 
 /** Row sums across the 4 lanes that share a row; returns the row's total l and its natural-log lse. */

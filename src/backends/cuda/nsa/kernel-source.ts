@@ -18,8 +18,13 @@ export function kernelSource(file: string): string {
   const known = cache.get(file);
   if (known !== undefined) return known;
   let source = read(file);
+  // Headers include one another; each is inlined once, where it is first included (#pragma once has no file to go by).
+  const inlined = new Set<string>();
   for (let match = INCLUDE.exec(source); match !== null; match = INCLUDE.exec(source)) {
-    source = source.replace(match[0], `// ---- ${match[1]} ----\n${read(match[1]!)}\n// ---- end ${match[1]} ----`);
+    const header = match[1]!;
+    const text = inlined.has(header) ? `// ${header}: inlined above` : `// ---- ${header} ----\n${read(header)}\n// ---- end ${header} ----`;
+    inlined.add(header);
+    source = source.replace(match[0], () => text); // a function: `$` in the text is not a pattern
   }
   cache.set(file, source);
   return source;

@@ -26,6 +26,8 @@ export const MAX_GROUP_FOR_SCORING = 128;
 export interface KernelTuning {
   /** Warps (of 16 query rows each) per flash-attention CTA: 4 or 8. */
   readonly faWarps: 4 | 8;
+  /** Flash attention with Hopper's wgmma (sm_90 only, compiled for sm_90a; NSA_FA_WGMMA=0 turns it off); else mma.sync. */
+  readonly faWgmma: boolean;
   /** Warps (16 keys of a tile each) per group-centric selected-attention CTA, and its pipeline depth. */
   readonly slcWarps: 2 | 4;
   readonly slcStages: number;
@@ -43,8 +45,10 @@ export function kernelTuning(
   const fa = env['NSA_FA_WARPS'] === '4' ? 4 : 8;
   // NSA_SLC_PIPELINE=WxS or WxSxB: W warps, S pipeline stages, B CTAs per SM.
   const match = /^([24])x([1-6])(?:x([1-8]))?$/.exec(env['NSA_SLC_PIPELINE'] ?? '');
+  const hopper = computeCapability[0] === 9; // wgmma is sm_90a's alone: neither Ampere nor Blackwell has it
   return {
     faWarps: fa,
+    faWgmma: hopper && env['NSA_FA_WGMMA'] !== '0',
     // Default 2x1x8: measured fastest at 64k, G = 16 on an H200 (docs/performance.md): the kernel is bound by
     // latency, so many small CTAs beat deep pipelines.
     slcWarps: match ? (Number(match[1]) as 2 | 4) : 2,
@@ -102,11 +106,17 @@ export class NsaPrograms {
 
   /** mode 0 dense causal, 1 cmp, 2 win, 3 cmp then win. */
   flash(mode: 0 | 1 | 2 | 3): Kernel {
-    return this.kernel('flash_attention.cu', 'nsa_flash_attention', [
-      `-DNSA_MODE=${mode}`,
-      `-DFA_WARPS=${this.tuning.faWarps}`,
-      ...(mode === 0 ? [] : [...this.cmpDefines(), `-DWINDOW=${this.config.window}`]),
-    ]);
+    return this.kernel(
+      'flash_attention.cu',
+      'nsa_flash_attention',
+      [
+        `-DNSA_MODE=${mode}`,
+        `-DFA_WARPS=${this.tuning.faWarps}`,
+        ...(this.tuning.faWgmma ? ['-DFA_WGMMA'] : []),
+        ...(mode === 0 ? [] : [...this.cmpDefines(), `-DWINDOW=${this.config.window}`]),
+      ],
+      this.tuning.faWgmma,
+    );
   }
 
   get selectBlocks(): Kernel {
@@ -202,7 +212,9 @@ export class NsaPrograms {
   /** Dynamic shared memory of each kernel (bytes). */
   flashSharedBytes(): number {
     const { headDim: dk, valueDim: dv } = this.config;
-    return 2 * (this.queryTile * dk + 2 * 64 * dk + 2 * 64 * dv);
+    // wgmma: key tiles of 128, and 1 KB of slack to align the tiles for the 128-byte swizzle.
+    const [keyTile, slack] = this.tuning.faWgmma ? [128, 1024] : [64, 0];
+    return 2 * (this.queryTile * dk + 2 * keyTile * dk + 2 * keyTile * dv) + slack;
   }
 
   /** Q (128 rows), two key stages, the per-tile head sums, and P positions' block scores. */
@@ -257,8 +269,8 @@ export class NsaPrograms {
    * The kernel `fn` of `file` compiled with `defines`, memoised here: the context's module lookup hashes the
    * source, which costs more than a launch, and decoding launches small kernels many times a step.
    */
-  private kernel(file: string, fn: string, defines: readonly string[]): Kernel {
-    const key = `${file}:${fn}:${defines.join(' ')}`;
+  private kernel(file: string, fn: string, defines: readonly string[], archSpecific = false): Kernel {
+    const key = `${file}:${fn}:${defines.join(' ')}${archSpecific ? ':a' : ''}`;
     const known = this.kernels.get(key);
     if (known !== undefined) return known;
     const options = [
@@ -267,7 +279,7 @@ export class NsaPrograms {
       ...(this.dtype === 'f16' ? ['-DNSA_FP16'] : []),
       ...defines,
     ];
-    const module: CudaModule = this.ctx.module(file.replace('.cu', ''), kernelSource(file), { options });
+    const module: CudaModule = this.ctx.module(file.replace('.cu', ''), kernelSource(file), { options, archSpecific });
     const kernel = this.ctx.kernel(module, fn);
     this.kernels.set(key, kernel);
     return kernel;
