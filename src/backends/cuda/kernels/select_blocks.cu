@@ -2,6 +2,8 @@
 // nvcc-check: -DDK=192 -DCMP_L=32 -DCMP_D=16 -DSEL_L=64 -DSEL_N=16 -DGROUP=4 -DNSA_FP16
 // nvcc-check: -DDK=64 -DCMP_L=32 -DCMP_D=16 -DSEL_L=64 -DSEL_N=16 -DGROUP=3
 // nvcc-check: -DDK=64 -DCMP_L=32 -DCMP_D=16 -DSEL_L=64 -DSEL_N=16 -DGROUP=32
+// nvcc-check: -DDK=128 -DCMP_L=64 -DCMP_D=64 -DSEL_L=64 -DSEL_N=16 -DGROUP=16 -DFA_WGMMA
+// nvcc-check: -DDK=192 -DCMP_L=32 -DCMP_D=16 -DSEL_L=64 -DSEL_N=16 -DGROUP=3 -DNSA_FP16 -DFA_WGMMA
 //
 // Block scores and top-n, without the [T, Hq, Tc] probability matrix ever reaching global memory.
 // A CTA takes P consecutive query positions of one sequence and all G query heads of one KV head (rows = P*G
@@ -12,8 +14,16 @@
 // scores[P][Ns] live in shared memory. G (GROUP) is compiled in. Then one warp per position takes the forced blocks (0, the block before t's, t's own), then the
 // best others (score descending, lower index on ties), sorts them and writes block_indices [N, H, n].
 // The summation order is fixed, so the choice is the same run to run.
+// FA_WGMMA (sm_90a): the scores come from wgmma (two warpgroups of 64 rows, Q and K in 128-byte-swizzled shared
+// tiles, see nsa_wgmma.cuh); the accumulators have the mma.sync fragment layout, so everything after is shared.
 #include "nsa_common.cuh"
 #include "nsa_topk.cuh"
+#include "nsa_wgmma.cuh"
+#if defined(FA_WGMMA) && defined(NSA_HAS_WGMMA)
+#define SEL_USE_WGMMA 1
+#else
+#define SEL_USE_WGMMA 0
+#endif
 
 #define ROWS 128
 #define BLOCK_N 64
@@ -23,6 +33,13 @@
 // Power-of-two G: a warp's 16 rows hold SEGS whole positions (G <= 16) or a sixteenth-multiple of one (G > 16).
 #define SEGS (GROUP >= 16 ? 1 : 16 / GROUP)
 #define PSTRIDE (BLOCK_N + 1) // padded rows of the generic path's probability tile (fewer bank conflicts)
+#if SEL_USE_WGMMA
+typedef WgmmaTile<ROWS, DK> QTile;
+typedef WgmmaTile<BLOCK_N, DK> KTile;
+#else
+typedef SwizzledTile<DK> QTile;
+typedef SwizzledTile<DK> KTile;
+#endif
 
 __device__ __forceinline__ int cmp_visible(int t, int tc) {
   return t < CMP_L - 1 ? 0 : min(tc, (t - CMP_L + 1) / CMP_D + 1);
@@ -33,7 +50,12 @@ extern "C" __global__ void __launch_bounds__(THREADS)
                       const int *__restrict__ cu_seqlens, const int *__restrict__ cu_cmp, const int2 *__restrict__ tiles,
                       int *__restrict__ block_indices, int Hq, int H, int P, int ns_stride, float scale_log2) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
+#if SEL_USE_WGMMA
+  // The 128-byte swizzle is a function of address bits 4-9: tiles start 1024-byte aligned (the host adds the slack).
+  elem_t *qsmem = reinterpret_cast<elem_t *>(smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023));
+#else
   elem_t *qsmem = reinterpret_cast<elem_t *>(smem_raw);
+#endif
   elem_t *ksmem = qsmem + ROWS * DK;                                      // 2 stages of BLOCK_N x DK
   // Per-tile head sums: [WARPS][SEGS][BLOCK_N] (power-of-two G) or the probabilities [ROWS][PSTRIDE].
   float *psmem = reinterpret_cast<float *>(ksmem + 2 * BLOCK_N * DK);
@@ -54,7 +76,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   const int lane = threadIdx.x % 32;
 
   for (int i = threadIdx.x; i < P * ns_stride; i += THREADS) scores[i] = 0.f;
-  load_tile_async<DK, THREADS>(qsmem, ROWS, [&](int r) -> const elem_t * {
+  load_tile_async<DK, THREADS, QTile>(qsmem, ROWS, [&](int r) -> const elem_t * {
     if (r >= rows) return nullptr;
     return q + ((i64)(seq_start + pos0 + r / G) * Hq + h * G + r % G) * DK;
   });
@@ -65,7 +87,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   const int ntiles = (nkeys + BLOCK_N - 1) / BLOCK_N;
   auto issue = [&](int it) {
     const int k0 = it * BLOCK_N;
-    load_tile_async<DK, THREADS>(ksmem + (it & 1) * BLOCK_N * DK, BLOCK_N, [&](int r) -> const elem_t * {
+    load_tile_async<DK, THREADS, KTile>(ksmem + (it & 1) * BLOCK_N * DK, BLOCK_N, [&](int r) -> const elem_t * {
       return k0 + r < nkeys ? kc + ((i64)(c_start + k0 + r) * H + h) * DK : nullptr;
     });
     cp_async_commit();
@@ -82,17 +104,34 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   const int vis_lo = t_lo >= 0 ? cmp_visible(t_lo, tc) : 0;
   const int vis_hi = t_hi >= 0 ? cmp_visible(t_hi, tc) : 0;
 
+#if !SEL_USE_WGMMA
   u32 qfrag[DK / 16][4];
+#endif
   for (int it = 0; it < ntiles; it++) {
     if (it + 1 < ntiles) issue(it + 1);
     else cp_async_commit();
     cp_async_wait<1>();
+#if SEL_USE_WGMMA
+    fence_proxy_async_shared(); // the cp.async writes, before wgmma reads them through the async proxy
+#endif
     __syncthreads();
-    if (it == 0) load_a_fragments<DK>(qfrag, qsmem, warp * 16, lane);
     const int k0 = it * BLOCK_N;
+    const elem_t *ktile = ksmem + (it & 1) * BLOCK_N * DK;
     float s[BLOCK_N / 8][4];
+#if SEL_USE_WGMMA
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < DK / 16; ks++) {
+      wgmma_ss<BLOCK_N>(s, wgmma_desc_kmajor<ROWS>(qsmem, (warp / 4) * 64, ks), wgmma_desc_kmajor<BLOCK_N>(ktile, 0, ks), ks > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operands<BLOCK_N / 8>(s);
+#else
+    if (it == 0) load_a_fragments<DK>(qfrag, qsmem, warp * 16, lane);
     zero_frags<BLOCK_N / 8>(s);
-    qk_mma<DK, BLOCK_N / 16>(s, qfrag, ksmem + (it & 1) * BLOCK_N * DK, 0, lane);
+    qk_mma<DK, BLOCK_N / 16>(s, qfrag, ktile, 0, lane);
+#endif
 #pragma unroll
     for (int n = 0; n < BLOCK_N / 8; n++) {
 #pragma unroll
@@ -100,7 +139,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         const int key = k0 + n * 8 + (lane % 4) * 2 + (e & 1);
         const bool hi = e >= 2;
         const bool ok = key < (hi ? vis_hi : vis_lo);
-        s[n][e] = ok ? exp2f(s[n][e] * scale_log2 - (hi ? lse_hi : lse_lo)) : 0.f;
+        s[n][e] = ok ? fast_exp2(s[n][e] * scale_log2 - (hi ? lse_hi : lse_lo)) : 0.f;
       }
     }
 #if POW2_GROUP

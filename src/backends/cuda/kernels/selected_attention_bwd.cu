@@ -143,7 +143,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         const int i = k0 + warp * 16 + n * 8 + (lane % 4) * 2 + (e & 1);
         const int hh = e >> 1;
         const bool ok = i < total && key_pos(i) <= t;
-        const float p = ok ? exp2f(s[n][e] * scale_log2 - lse2[hh]) : 0.f;
+        const float p = ok ? fast_exp2(s[n][e] * scale_log2 - lse2[hh]) : 0.f;
         s[n][e] = p * (g[hh] * dp[n][e] - d[hh]);
       }
     }
@@ -299,7 +299,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         const int rl = n * 8 + (lane % 4) * 2 + (e & 1);
         const int kk = e < 2 ? key_lo : key_hi;
         const bool ok = row_t[rl] >= 0 && kk - key0 < nk && kk <= row_t[rl];
-        const float p = ok ? exp2f(pt[n][e] * scale_log2 - row_lse[rl]) : 0.f;
+        const float p = ok ? fast_exp2(pt[n][e] * scale_log2 - row_lse[rl]) : 0.f;
         dpt[n][e] = p * (row_gate[rl] * dpt[n][e] - row_delta[rl]);
         pt[n][e] = p * row_gate[rl];
       }

@@ -26,7 +26,7 @@ export const MAX_GROUP_FOR_SCORING = 128;
 export interface KernelTuning {
   /** Warps (of 16 query rows each) per flash-attention CTA: 4 or 8. */
   readonly faWarps: 4 | 8;
-  /** Flash attention with Hopper's wgmma (sm_90 only, compiled for sm_90a; NSA_FA_WGMMA=0 turns it off); else mma.sync. */
+  /** Flash attention and block scoring with Hopper's wgmma (sm_90 only, compiled for sm_90a; NSA_FA_WGMMA=0 turns it off); else mma.sync. */
   readonly faWgmma: boolean;
   /** Warps (16 keys of a tile each) per group-centric selected-attention CTA, and its pipeline depth. */
   readonly slcWarps: 2 | 4;
@@ -120,11 +120,12 @@ export class NsaPrograms {
   }
 
   get selectBlocks(): Kernel {
-    return this.kernel('select_blocks.cu', 'nsa_select_blocks', [
-      ...this.cmpDefines(),
-      ...this.selDefines(),
-      `-DGROUP=${this.config.groupSize}`,
-    ]);
+    return this.kernel(
+      'select_blocks.cu',
+      'nsa_select_blocks',
+      [...this.cmpDefines(), ...this.selDefines(), `-DGROUP=${this.config.groupSize}`, ...(this.tuning.faWgmma ? ['-DFA_WGMMA'] : [])],
+      this.tuning.faWgmma,
+    );
   }
 
   get selectedAttention(): Kernel {
@@ -221,7 +222,8 @@ export class NsaPrograms {
   selectSharedBytes(positionsPerTile: number, scoreStride: number): number {
     const G = this.config.groupSize;
     const headSums = (G & (G - 1)) === 0 ? 8 * Math.max(1, 16 / G) * 64 : 128 * 65;
-    return 2 * (128 * this.config.headDim + 2 * 64 * this.config.headDim) + 4 * headSums + 4 * positionsPerTile * scoreStride;
+    const slack = this.tuning.faWgmma ? 1024 : 0; // to align the wgmma tiles for the 128-byte swizzle
+    return 2 * (128 * this.config.headDim + 2 * 64 * this.config.headDim) + 4 * headSums + 4 * positionsPerTile * scoreStride + slack;
   }
 
   /** Q rows and the key/value stages (rows padded by 8 elements for bulk copies), which the warps' merge reuses. */
