@@ -2,7 +2,7 @@
 // and each kernel's dynamic shared memory holds everything its source puts there (the selected attention's warps
 // merge their fp32 outputs in the memory of the key/value stages, which is smaller than that merge when dv > dk).
 
-import { describe, expect, it } from 'vitest';
+import { afterEach, describe, expect, it, vi } from 'vitest';
 import { NSAConfig } from '../../src/config/nsa-config.js';
 import type { CudaContext } from '../../src/backends/cuda/context.js';
 import { kernelTuning, NsaPrograms, SUPPORTED_HEAD_DIMS, type KernelTuning } from '../../src/backends/cuda/nsa/programs.js';
@@ -93,4 +93,47 @@ describe('shared memory of the selected-attention kernels', () => {
     const programs = new NsaPrograms(fakeContext, config(64, 128), 'bf16', tuning);
     expect(programs.selectedSharedBytes()).toBe(2 * 16 * 64 + 4 * 2 * 16 * 128);
   });
+});
+
+describe('the flash backward kernels', () => {
+  afterEach(() => {
+    vi.unstubAllEnvs();
+  });
+
+  it('take wgmma where the forward does (2 dK/dV warpgroups; 2 dQ warpgroups dense, 1 for cmp/win), NSA_FA_BWD_WGS=AxB, NSA_FA_BWD_WGMMA=0', () => {
+    const hopper = new NsaPrograms(fakeContext, config(128, 128), 'bf16', kernelTuning(config(128, 128), {}, [9, 0]));
+    expect(hopper.flashBackwardWarpgroups(0, {})).toEqual({ dq: 2, dkdv: 2 });
+    expect(hopper.flashBackwardWarpgroups(1, {})).toEqual({ dq: 1, dkdv: 2 });
+    expect(hopper.flashBackwardWarpgroups(2, {})).toEqual({ dq: 1, dkdv: 2 });
+    expect(hopper.flashBackwardWarpgroups(0, { NSA_FA_BWD_WGS: '1x1' })).toEqual({ dq: 1, dkdv: 1 });
+    expect(hopper.flashBackwardWarpgroups(2, { NSA_FA_BWD_WGS: '2x1' })).toEqual({ dq: 2, dkdv: 1 });
+    expect(hopper.flashBackwardWarpgroups(2, { NSA_FA_BWD_WGS: '3x1' })).toEqual({ dq: 1, dkdv: 2 });
+    expect(hopper.flashBackwardWarpgroups(0, { NSA_FA_BWD_WGMMA: '0', NSA_FA_BWD_WGS: '2x2' })).toBeUndefined();
+    const ampere = new NsaPrograms(fakeContext, config(128, 128), 'bf16', kernelTuning(config(128, 128), {}, [8, 0]));
+    expect(ampere.flashBackwardWarpgroups(0, { NSA_FA_BWD_WGS: '2x2' })).toBeUndefined();
+  });
+
+  for (const [dk, dv] of SUPPORTED_HEAD_DIMS) {
+    it(`size their tiles at dk = ${dk}, dv = ${dv}: owned rows or keys, two stages of 64, 1 KB alignment with wgmma, within 227 KB`, () => {
+      const mma = new NsaPrograms(fakeContext, config(dk, dv), 'bf16', { ...kernelTuning(config(dk, dv), {}, [9, 0]), faWgmma: false });
+      for (const mode of [0, 1, 2] as const) {
+        for (const fn of ['dq', 'dkdv'] as const) {
+          expect([mma.flashBackwardTile(fn, mode), mma.flashBackwardThreads(fn, mode)]).toEqual([64, 128]);
+          expect(mma.flashBackwardSharedBytes(fn, mode)).toBe(2 * 64 * 3 * (dk + dv));
+        }
+      }
+      const wgmma = new NsaPrograms(fakeContext, config(dk, dv), 'bf16', kernelTuning(config(dk, dv), {}, [9, 0]));
+      for (const [dqWg, dkdvWg] of [[1, 1], [2, 2], [2, 1], [1, 2]] as const) {
+        vi.stubEnv('NSA_FA_BWD_WGS', `${dqWg}x${dkdvWg}`);
+        for (const mode of [0, 1, 2] as const) {
+          for (const [fn, wg] of [['dq', dqWg], ['dkdv', dkdvWg]] as const) {
+            expect([wgmma.flashBackwardTile(fn, mode), wgmma.flashBackwardThreads(fn, mode)]).toEqual([64 * wg, 128 * wg]);
+            const bytes = wgmma.flashBackwardSharedBytes(fn, mode);
+            expect(bytes).toBe(2 * (64 * wg + 2 * 64) * (dk + dv) + 1024);
+            expect(bytes).toBeLessThanOrEqual(227 * 1024);
+          }
+        }
+      }
+    });
+  }
 });

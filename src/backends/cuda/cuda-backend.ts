@@ -294,8 +294,8 @@ export class CudaBackend implements Backend {
     const dq = scope.alloc(this.ctx, N * Hq * dk * 4, 'dense dq');
     const dkBuf = scope.alloc(this.ctx, N * H * dk * 4, 'dense dk');
     const dvBuf = scope.alloc(this.ctx, N * H * dv * 4, 'dense dv');
-    const queryTiles = denseTiles(cuSeqlens, 'latest first');
-    const keyTiles = denseTiles(cuSeqlens, 'earliest first');
+    const queryTiles = denseTiles(cuSeqlens, programs.flashBackwardTile('dq', 0), 'latest first');
+    const keyTiles = denseTiles(cuSeqlens, programs.flashBackwardTile('dkdv', 0), 'earliest first');
     const qt = scope.add(this.ctx.upload(queryTiles, 'dense query tiles'));
     const kt = scope.add(this.ctx.upload(keyTiles, 'dense key tiles'));
     const cu = scope.add(this.ctx.upload(Int32Array.from(cuSeqlens), 'cu_seqlens'));
@@ -310,14 +310,14 @@ export class CudaBackend implements Backend {
       });
       programs.flashBackward(0, 'dq').launch({
         grid: [queryTiles.length / 2, Hq, 1],
-        block: [128, 1, 1],
-        sharedBytes: programs.flashBackwardSharedBytes(),
+        block: [programs.flashBackwardThreads('dq', 0), 1, 1],
+        sharedBytes: programs.flashBackwardSharedBytes('dq', 0),
         args: [p(inputs.q), p(inputs.k), p(inputs.v), p(dO), p(dense.lse), none, p(delta), p(dq), p(cu), p(cu), p(qt), ...tail],
       });
       programs.flashBackward(0, 'dkdv').launch({
         grid: [keyTiles.length / 2, H, 1],
-        block: [128, 1, 1],
-        sharedBytes: programs.flashBackwardSharedBytes(),
+        block: [programs.flashBackwardThreads('dkdv', 0), 1, 1],
+        sharedBytes: programs.flashBackwardSharedBytes('dkdv', 0),
         args: [p(inputs.q), p(inputs.k), p(inputs.v), p(dO), p(dense.lse), none, p(delta), p(dkBuf), p(dvBuf), p(cu), p(cu), p(kt), ...tail, none, none, { i64: N * H }],
       });
     };
@@ -508,10 +508,10 @@ class CudaSaved implements SavedForBackward {
   }
 }
 
-/** Tiles of 64 rows of each sequence: (sequence, start) pairs. */
-function denseTiles(cu: readonly number[], order: 'latest first' | 'earliest first'): Int32Array {
+/** Tiles of `size` rows of each sequence: (sequence, start) pairs. */
+function denseTiles(cu: readonly number[], size: number, order: 'latest first' | 'earliest first'): Int32Array {
   const list: [number, number][] = [];
-  for (let s = 0; s + 1 < cu.length; s++) for (let start = 0; start < cu[s + 1]! - cu[s]!; start += 64) list.push([s, start]);
+  for (let s = 0; s + 1 < cu.length; s++) for (let start = 0; start < cu[s + 1]! - cu[s]!; start += size) list.push([s, start]);
   list.sort((a, b) => (order === 'latest first' ? b[1] - a[1] : a[1] - b[1]) || a[0] - b[0]);
   return Int32Array.from(list.flat());
 }

@@ -1,19 +1,41 @@
 // nvcc-check: -DDK=128 -DDV=128 -DNSA_MODE=0
 // nvcc-check: -DDK=64 -DDV=64 -DNSA_MODE=1 -DCMP_L=32 -DCMP_D=16 -DWINDOW=512 -DNSA_FP16
 // nvcc-check: -DDK=192 -DDV=128 -DNSA_MODE=2 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512
+// nvcc-check: -DDK=128 -DDV=128 -DNSA_MODE=0 -DFA_WGMMA
+// nvcc-check: -DDK=128 -DDV=128 -DNSA_MODE=0 -DFA_WGMMA -DFB_DQ_WG=2 -DFB_DKDV_WG=2
+// nvcc-check: -DDK=64 -DDV=64 -DNSA_MODE=1 -DCMP_L=32 -DCMP_D=16 -DWINDOW=512 -DNSA_FP16 -DFA_WGMMA -DFB_DQ_WG=2
+// nvcc-check: -DDK=128 -DDV=64 -DNSA_MODE=2 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512 -DFA_WGMMA -DFB_DKDV_WG=2
+// nvcc-check: -DDK=192 -DDV=128 -DNSA_MODE=2 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512 -DFA_WGMMA -DFB_DKDV_WG=2
 //
 // Backward of the flash-attention branches (FlashAttention-2's algorithm, split in two kernels so that no
 // gradient is summed with atomics and every run gives the same bits):
 //   nsa_bwd_preprocess     per (row, query head): dot_b = dO . o_b for each branch b; dg_b = dot_b and
 //                          delta_b = g_b * dot_b (the softmax backward's row term of dO_b = g_b * dO)
-//   nsa_flash_bwd_dkdv     a CTA owns 64 keys of one KV head and walks every query tile (all G heads) that sees
-//                          them: dV += P^T dO_b, dK += dS^T Q * scale, kept in registers, written once
-//   nsa_flash_bwd_dq       a CTA owns 64 query rows of one head and walks their keys: dQ += dS K * scale
+//   nsa_flash_bwd_dkdv     a CTA owns 64 keys of one KV head (64 per warpgroup with wgmma) and walks every query
+//                          tile of 64 rows (all G heads) that sees them: dV += P^T dO_b, dK += dS^T Q * scale, kept
+//                          in registers, written once
+//   nsa_flash_bwd_dq       a CTA owns 64 query rows of one head (64 per warpgroup with wgmma) and walks their key
+//                          tiles of 64: dQ += dS K * scale
 // with P = exp(s - lse) from the forward's lse and dS = P * (g_b * dO V^T - delta_b). NSA_MODE picks the key
 // set as in flash_attention.cu: 0 dense causal (the baseline, gate 1), 1 compressed (cmp), 2 sliding window (win).
 // Outputs are fp32 and added (+=) into the gradient buffers when `accumulate` is set; each row is owned by one
 // CTA, so the sums are race-free and ordered.
+//
+// FA_WGMMA (set by the host on sm_90a): Hopper's wgmma from 128-byte-swizzled shared tiles (nsa_wgmma.cuh).
+// dK/dV: S^T = K Q^T and dP^T = V dO^T with K, V as A and Q, dO as B (all K-major), then dV += (P^T g) dO and
+// dK += dS^T Q with P^T, dS^T as register A operands and dO, Q read MN-major. dQ: S = Q K^T, dP = dO V^T, then
+// dQ += dS K with K read MN-major. FB_DKDV_WG / FB_DQ_WG warpgroups (1 or 2) per CTA share the walked tiles, so a
+// CTA owns 64 or 128 keys (rows) and the host's tile lists follow (programs.ts flashBackwardWarpgroups: 2 for dK/dV,
+// 2 for the dense dQ, 1 for the cmp/win dQ). Each iteration waits for its wgmma before the next tile's barrier, so
+// the other stage refills while this one is multiplied. dK = 192 takes dK += dS^T Q as 128 + 64 columns. The
+// elementwise code is the mma.sync path's: wgmma's accumulator layout per warp is mma.sync's C fragment layout.
 #include "nsa_common.cuh"
+#include "nsa_wgmma.cuh"
+#if defined(FA_WGMMA) && defined(NSA_HAS_WGMMA)
+#define FB_USE_WGMMA 1
+#else
+#define FB_USE_WGMMA 0
+#endif
 
 #ifndef NSA_MODE
 #define NSA_MODE 0
@@ -26,8 +48,34 @@
 #define WINDOW 1
 #endif
 
-#define TILE 64
-#define THREADS 128
+#define TILE 64 // the tiles a CTA walks: query rows (dK/dV) or keys (dQ)
+#if FB_USE_WGMMA
+#ifndef FB_DQ_WG
+#define FB_DQ_WG 1
+#endif
+#ifndef FB_DKDV_WG
+#define FB_DKDV_WG 1
+#endif
+#define DQ_ROWS (64 * FB_DQ_WG)     // query rows a dQ CTA owns
+#define DKDV_KEYS (64 * FB_DKDV_WG) // keys a dK/dV CTA owns
+typedef WgmmaTile<DKDV_KEYS, DK> DkdvKTile;
+typedef WgmmaTile<DKDV_KEYS, DV> DkdvVTile;
+typedef WgmmaTile<DQ_ROWS, DK> DqQTile;
+typedef WgmmaTile<DQ_ROWS, DV> DqDoTile;
+typedef WgmmaTile<TILE, DK> WalkKTile; // walked query (dK/dV) or key (dQ) tiles of DK columns
+typedef WgmmaTile<TILE, DV> WalkVTile; // walked dO (dK/dV) or value (dQ) tiles of DV columns
+#else
+#define DQ_ROWS 64
+#define DKDV_KEYS 64
+typedef SwizzledTile<DK> DkdvKTile;
+typedef SwizzledTile<DV> DkdvVTile;
+typedef SwizzledTile<DK> DqQTile;
+typedef SwizzledTile<DV> DqDoTile;
+typedef SwizzledTile<DK> WalkKTile;
+typedef SwizzledTile<DV> WalkVTile;
+#endif
+#define DQ_THREADS (2 * DQ_ROWS)     // a warp per 16 rows
+#define DKDV_THREADS (2 * DKDV_KEYS) // a warp per 16 keys
 
 __device__ __forceinline__ int cmp_visible(int t, int tc) {
   return t < CMP_L - 1 ? 0 : min(tc, (t - CMP_L + 1) / CMP_D + 1);
@@ -44,6 +92,17 @@ __device__ __forceinline__ bool visible(int t, int key, int tc) {
 #endif
 }
 
+/** Whether every row of [t_first, t_last] sees every key of [key_first, key_last] (the tile needs no mask). */
+__device__ __forceinline__ bool all_visible(int t_first, int t_last, int key_first, int key_last, int tc) {
+#if NSA_MODE == 1
+  return key_last < cmp_visible(t_first, tc);
+#elif NSA_MODE == 2
+  return key_last <= t_first && key_first > t_last - WINDOW;
+#else
+  return key_last <= t_first;
+#endif
+}
+
 /** The first local query row that can see key `key`, and one past the last. */
 __device__ __forceinline__ void rows_seeing(int key, int seq_len, int *first, int *end) {
 #if NSA_MODE == 1
@@ -56,6 +115,65 @@ __device__ __forceinline__ void rows_seeing(int key, int seq_len, int *first, in
   *first = key;
   *end = seq_len;
 #endif
+}
+
+/** Dynamic shared memory, 1024-byte aligned for wgmma's 128-byte swizzle (the host adds the slack). */
+__device__ __forceinline__ elem_t *smem_tiles(unsigned char *raw) {
+#if FB_USE_WGMMA
+  return reinterpret_cast<elem_t *>(raw + ((1024 - (smem_addr(raw) & 1023)) & 1023));
+#else
+  return reinterpret_cast<elem_t *>(raw);
+#endif
+}
+
+/**
+ * Starts the asynchronous copy of `rows` rows (ROWS at most; the rest are zero-filled) of D elements, `stride`
+ * elements apart from `first`, into a tile, with all NT threads of the CTA. When the 16-byte chunks of a row divide
+ * the threads evenly, each thread always copies the same chunk of every (NT / chunks)-th row, so the addresses are a
+ * fixed stride apart (a few instructions a copy instead of the division and swizzle of the general loop).
+ */
+template <int ROWS, int D, class Layout, int NT>
+__device__ __forceinline__ void copy_rows(elem_t *tile, const elem_t *first, i64 stride, int rows) {
+  constexpr int CHUNKS = D / 8;
+  if constexpr (NT % CHUNKS == 0 && ROWS % (NT / CHUNKS) == 0) {
+    constexpr int STEP = NT / CHUNKS; // rows apart
+    const int c = threadIdx.x % CHUNKS;
+    const int r0 = threadIdx.x / CHUNKS;
+    const elem_t *src = first + r0 * stride + c * 8;
+#pragma unroll
+    for (int i = 0; i < ROWS / STEP; i++) {
+      const int r = r0 + i * STEP;
+      elem_t *dst = tile + Layout::offset(r, c * 8);
+      cp_async_16(dst, r < rows ? src + i * STEP * stride : dst, r < rows);
+    }
+  } else {
+    load_tile_async<D, NT, Layout>(tile, ROWS, [&](int r) -> const elem_t * { return r < rows ? first + r * stride : nullptr; });
+  }
+}
+
+#if FB_USE_WGMMA
+/**
+ * d += A * B with B (the reduction dim by N columns) read MN-major from a WgmmaTile<ROWS, N> at `tile`, rows
+ * [16 kk, 16 kk + 16): N = 64 or 128 in one wgmma, N = 192 or 256 as 128 + the rest (the column blocks past the
+ * second start 2 * ROWS * 64 elements on).
+ */
+template <int N, int ROWS>
+__device__ __forceinline__ void wgmma_rs_mn(float d[N / 8][4], const u32 a[4], const elem_t *tile, int kk) {
+  if constexpr (N <= 128) {
+    wgmma_rs<N, 1>(d, a, wgmma_desc_mnmajor<ROWS>(tile, kk), 1);
+  } else {
+    wgmma_rs<128, 1>(d, a, wgmma_desc_mnmajor<ROWS>(tile, kk), 1);
+    wgmma_rs<N - 128, 1>(d + 16, a, wgmma_desc_mnmajor<ROWS>(tile + 2 * ROWS * 64, kk), 1);
+  }
+}
+#endif
+
+/** Packs fp32 C fragments of 16 columns (two n-blocks) into the A fragment of a 16-deep k-step. */
+__device__ __forceinline__ void pack_a(u32 a[4], const float lo[4], const float hi[4]) {
+  a[0] = pack_elem2(lo[0], lo[1]);
+  a[1] = pack_elem2(lo[2], lo[3]);
+  a[2] = pack_elem2(hi[0], hi[1]);
+  a[3] = pack_elem2(hi[2], hi[3]);
 }
 
 extern "C" __global__ void nsa_bwd_preprocess(const elem_t *__restrict__ dout, const float *__restrict__ o0,
@@ -80,10 +198,10 @@ extern "C" __global__ void nsa_bwd_preprocess(const elem_t *__restrict__ dout, c
 }
 
 /**
- * dK, dV of 64 keys (4 warps x 16) of KV head blockIdx.y. q [N, Hq, DK], dout [N, Hq, DV], lse/gate/delta per
- * (row, head); keys k/v are [rows, H, D] with local key i at row key_base + i (compressed rows in mode 1).
+ * dK, dV of DKDV_KEYS keys (a warp per 16) of KV head blockIdx.y. q [N, Hq, DK], dout [N, Hq, DV], lse/gate/delta
+ * per (row, head); keys k/v are [rows, H, D] with local key i at row key_base + i (compressed rows in mode 1).
  */
-extern "C" __global__ void __launch_bounds__(THREADS)
+extern "C" __global__ void __launch_bounds__(DKDV_THREADS)
     nsa_flash_bwd_dkdv(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
                        const elem_t *__restrict__ dout, const float *__restrict__ lse, const float *__restrict__ gate,
                        const float *__restrict__ delta, float *__restrict__ dk, float *__restrict__ dv,
@@ -93,11 +211,11 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   // Split over gridDim.z: split z walks its share of the (head, query tile) iterations and, when there are
   // several splits, writes its partial dK, dV to partial_*[z] for nsa_bwd_reduce_splits to sum in split order.
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  elem_t *ksmem = reinterpret_cast<elem_t *>(smem_raw); // TILE x DK
-  elem_t *vsmem = ksmem + TILE * DK;                    // TILE x DV
-  elem_t *qbuf = vsmem + TILE * DV;                     // 2 stages of TILE x DK
-  elem_t *dobuf = qbuf + 2 * TILE * DK;                 // 2 stages of TILE x DV
-  __shared__ float row_lse[2][TILE], row_gate[2][TILE], row_delta[2][TILE];
+  elem_t *ksmem = smem_tiles(smem_raw);      // DKDV_KEYS x DK
+  elem_t *vsmem = ksmem + DKDV_KEYS * DK;    // DKDV_KEYS x DV
+  elem_t *qbuf = vsmem + DKDV_KEYS * DV;     // 2 stages of TILE x DK
+  elem_t *dobuf = qbuf + 2 * TILE * DK;      // 2 stages of TILE x DV
+  __shared__ __align__(16) float row_lse[2][TILE], row_gate[2][TILE], row_delta[2][TILE];
 
   const int2 tile = tiles[blockIdx.x];
   const int seq = tile.x;
@@ -111,12 +229,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
 
-  load_tile_async<DK, THREADS>(ksmem, TILE, [&](int r) -> const elem_t * {
-    return k0 + r < nkeys ? k + ((i64)(key_base + k0 + r) * H + h) * DK : nullptr;
-  });
-  load_tile_async<DV, THREADS>(vsmem, TILE, [&](int r) -> const elem_t * {
-    return k0 + r < nkeys ? v + ((i64)(key_base + k0 + r) * H + h) * DV : nullptr;
-  });
+  copy_rows<DKDV_KEYS, DK, DkdvKTile, DKDV_THREADS>(ksmem, k + ((i64)(key_base + k0) * H + h) * DK, (i64)H * DK, nkeys - k0);
+  copy_rows<DKDV_KEYS, DV, DkdvVTile, DKDV_THREADS>(vsmem, v + ((i64)(key_base + k0) * H + h) * DV, (i64)H * DV, nkeys - k0);
   cp_async_commit();
 
   float dk_acc[DK / 8][4];
@@ -125,8 +239,9 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   zero_frags<DV / 8>(dv_acc);
   int first, unused, last_end;
   rows_seeing(k0, seq_len, &first, &unused);
-  rows_seeing(min(k0 + TILE, nkeys) - 1, seq_len, &unused, &last_end);
-  const int key_lo = k0 + warp * 16 + lane / 4; // the two keys this thread's C fragments hold
+  rows_seeing(min(k0 + DKDV_KEYS, nkeys) - 1, seq_len, &unused, &last_end);
+  const int key_w = k0 + warp * 16;   // this warp's 16 keys
+  const int key_lo = key_w + lane / 4; // the two keys this thread's C fragments hold
   const int key_hi = key_lo + 8;
 
   const int qstart = (first / TILE) * TILE;
@@ -140,67 +255,130 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   auto issue = [&](int it, int st) {
     const int hq = h * G + it / nq;
     const int q0 = qstart + (it % nq) * TILE;
-    load_tile_async<DK, THREADS>(qbuf + st * TILE * DK, TILE, [&](int r) -> const elem_t * {
-      return q0 + r < seq_len ? q + ((i64)(seq_start + q0 + r) * Hq + hq) * DK : nullptr;
-    });
-    load_tile_async<DV, THREADS>(dobuf + st * TILE * DV, TILE, [&](int r) -> const elem_t * {
-      return q0 + r < seq_len ? dout + ((i64)(seq_start + q0 + r) * Hq + hq) * DV : nullptr;
-    });
+    const i64 row0 = (i64)(seq_start + q0) * Hq + hq;
+    copy_rows<TILE, DK, WalkKTile, DKDV_THREADS>(qbuf + st * TILE * DK, q + row0 * DK, (i64)Hq * DK, seq_len - q0);
+    copy_rows<TILE, DV, WalkVTile, DKDV_THREADS>(dobuf + st * TILE * DV, dout + row0 * DV, (i64)Hq * DV, seq_len - q0);
     cp_async_commit();
     if (threadIdx.x < TILE) {
       const int t = q0 + threadIdx.x;
-      const i64 row = (i64)(seq_start + t) * Hq + hq;
+      const i64 row = row0 + (i64)threadIdx.x * Hq;
       const bool in = t < seq_len;
       row_lse[st][threadIdx.x] = in ? lse[row] * NSA_LOG2E : 0.f;
       row_gate[st][threadIdx.x] = in ? (gate == nullptr ? 1.f : gate[row * 3 + branch]) : 0.f;
       row_delta[st][threadIdx.x] = in ? delta[row * 3 + branch] : 0.f;
     }
   };
+  // P^T = 2^(S^T scale_log2 - lse) in place, for this warp's 16 keys x the 64 rows of query tile q0 (zero where a
+  // row does not see a key, or past the end).
+  auto probabilities = [&](float pt[TILE / 8][4], int q0, int st) {
+    const bool full = q0 + TILE <= seq_len && key_w + 15 < nkeys && all_visible(q0, q0 + TILE - 1, key_w, key_w + 15, nkeys);
+#pragma unroll
+    for (int n = 0; n < TILE / 8; n++) {
+      const int rl = n * 8 + (lane % 4) * 2; // local query row of elements 0 and 2 (1 and 3: rl + 1)
+      const float2 l2 = *reinterpret_cast<const float2 *>(&row_lse[st][rl]);
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const bool odd = e & 1;
+        float p = fast_exp2(fmaf(pt[n][e], scale_log2, -(odd ? l2.y : l2.x)));
+        if (!full) {
+          const int t = q0 + rl + odd;
+          const int key = e < 2 ? key_lo : key_hi;
+          if (!(t < seq_len && key < nkeys && visible(t, key, nkeys))) p = 0.f;
+        }
+        pt[n][e] = p;
+      }
+    }
+  };
+  // dS^T = P^T (g dP^T - delta) into dpt, and P^T g in place (for dV += (P^T g) dO).
+  auto gradients = [&](float pt[TILE / 8][4], float dpt[TILE / 8][4], int st) {
+#pragma unroll
+    for (int n = 0; n < TILE / 8; n++) {
+      const int rl = n * 8 + (lane % 4) * 2;
+      const float2 g = *reinterpret_cast<const float2 *>(&row_gate[st][rl]);
+      const float2 d = *reinterpret_cast<const float2 *>(&row_delta[st][rl]);
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const bool odd = e & 1;
+        const float gg = odd ? g.y : g.x;
+        dpt[n][e] = pt[n][e] * fmaf(gg, dpt[n][e], -(odd ? d.y : d.x));
+        pt[n][e] *= gg;
+      }
+    }
+  };
   if (it_begin < it_end) issue(it_begin, 0);
+#if FB_USE_WGMMA
+  const int wg_row0 = (threadIdx.x / 128) * 64; // this warpgroup's keys in the tile
+  // Iteration it: its stage landed; every warp finished the previous iteration's MMAs (each waits for its
+  // wgmma before the barrier), so the other stage refills while this one is multiplied.
+  for (int it = it_begin; it < it_end; it++) {
+    const int st = (it - it_begin) & 1;
+    const int q0 = qstart + (it % nq) * TILE;
+    const elem_t *qs = qbuf + st * TILE * DK;
+    const elem_t *dos = dobuf + st * TILE * DV;
+    cp_async_wait<0>();
+    fence_proxy_async_shared(); // cp.async writes, before wgmma reads them through the async proxy
+    __syncthreads();
+    if (it + 1 < it_end) issue(it + 1, st ^ 1);
+    float pt[TILE / 8][4];
+    float dpt[TILE / 8][4];
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < DK / 16; ks++) {
+      wgmma_ss<TILE>(pt, wgmma_desc_kmajor<DKDV_KEYS>(ksmem, wg_row0, ks), wgmma_desc_kmajor<TILE>(qs, 0, ks), ks > 0);
+    }
+    wgmma_commit();
+#pragma unroll
+    for (int ks = 0; ks < DV / 16; ks++) {
+      wgmma_ss<TILE>(dpt, wgmma_desc_kmajor<DKDV_KEYS>(vsmem, wg_row0, ks), wgmma_desc_kmajor<TILE>(dos, 0, ks), ks > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<1>(); // S^T; dP^T may still run
+    wgmma_fence_operands<TILE / 8>(pt);
+    probabilities(pt, q0, st);
+    wgmma_wait<0>();
+    wgmma_fence_operands<TILE / 8>(dpt);
+    gradients(pt, dpt, st);
+    u32 pa[TILE / 16][4];
+    u32 da[TILE / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < TILE / 16; kk++) {
+      pack_a(pa[kk], pt[2 * kk], pt[2 * kk + 1]);
+      pack_a(da[kk], dpt[2 * kk], dpt[2 * kk + 1]);
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < TILE / 16; kk++) wgmma_rs_mn<DV, TILE>(dv_acc, pa[kk], dos, kk);
+#pragma unroll
+    for (int kk = 0; kk < TILE / 16; kk++) wgmma_rs_mn<DK, TILE>(dk_acc, da[kk], qs, kk);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operands<DV / 8>(dv_acc);
+    wgmma_fence_operands<DK / 8>(dk_acc);
+  }
+#else
   for (int it = it_begin; it < it_end; it++) {
     const int st = (it - it_begin) & 1;
     const int q0 = qstart + (it % nq) * TILE;
     const elem_t *qsmem = qbuf + st * TILE * DK;
     const elem_t *dosmem = dobuf + st * TILE * DV;
-    {
-      if (it + 1 < it_end) issue(it + 1, st ^ 1);
-      else cp_async_commit();
-      cp_async_wait<1>();
-      __syncthreads();
-      // S^T (this warp's 16 keys x 64 rows), then P^T.
-      float pt[TILE / 8][4];
-      zero_frags<TILE / 8>(pt);
-      qk_mma_smem<DK, TILE / 16>(pt, ksmem, warp * 16, qsmem, 0, lane);
-#pragma unroll
-      for (int n = 0; n < TILE / 8; n++) {
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-          const int rl = n * 8 + (lane % 4) * 2 + (e & 1); // local query row
-          const int t = q0 + rl;
-          const int key = e < 2 ? key_lo : key_hi;
-          const bool ok = t < seq_len && key < nkeys && visible(t, key, nkeys);
-          pt[n][e] = ok ? exp2f(pt[n][e] * scale_log2 - row_lse[st][rl]) : 0.f;
-        }
-      }
-      // dP^T = V dO^T (16 keys x 64 rows).
-      float dpt[TILE / 8][4];
-      zero_frags<TILE / 8>(dpt);
-      qk_mma_smem<DV, TILE / 16>(dpt, vsmem, warp * 16, dosmem, 0, lane);
-      // dS^T = P^T * (g dP^T - delta) into dpt, then P^T * g in place for dV += (P^T g) dO.
-#pragma unroll
-      for (int n = 0; n < TILE / 8; n++) {
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-          const int rl = n * 8 + (lane % 4) * 2 + (e & 1);
-          dpt[n][e] = pt[n][e] * (row_gate[st][rl] * dpt[n][e] - row_delta[st][rl]);
-          pt[n][e] *= row_gate[st][rl];
-        }
-      }
-      pv_mma<DV, TILE / 16>(dv_acc, pt, dosmem, 0, lane);
-      pv_mma<DK, TILE / 16>(dk_acc, dpt, qsmem, 0, lane);
-      __syncthreads(); // stage st is refilled by the iteration after next
-    }
+    if (it + 1 < it_end) issue(it + 1, st ^ 1);
+    else cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+    // S^T and dP^T (this warp's 16 keys x 64 rows), then dS^T and P^T g.
+    float pt[TILE / 8][4];
+    zero_frags<TILE / 8>(pt);
+    qk_mma_smem<DK, TILE / 16>(pt, ksmem, warp * 16, qsmem, 0, lane);
+    probabilities(pt, q0, st);
+    float dpt[TILE / 8][4];
+    zero_frags<TILE / 8>(dpt);
+    qk_mma_smem<DV, TILE / 16>(dpt, vsmem, warp * 16, dosmem, 0, lane);
+    gradients(pt, dpt, st);
+    pv_mma<DV, TILE / 16>(dv_acc, pt, dosmem, 0, lane);
+    pv_mma<DK, TILE / 16>(dk_acc, dpt, qsmem, 0, lane);
+    __syncthreads(); // stage st is refilled by the iteration after next
   }
+#endif
 
   cp_async_wait<0>(); // (no query tile: the K/V copies are still pending)
 
@@ -248,18 +426,18 @@ extern "C" __global__ void nsa_bwd_reduce_splits(const float *__restrict__ parti
   }
 }
 
-/** dQ of 64 query rows (4 warps x 16) of query head blockIdx.y over the branch's keys; adds into dq (fp32). */
-extern "C" __global__ void __launch_bounds__(THREADS)
+/** dQ of DQ_ROWS query rows (a warp per 16) of query head blockIdx.y over the branch's keys; adds into dq (fp32). */
+extern "C" __global__ void __launch_bounds__(DQ_THREADS)
     nsa_flash_bwd_dq(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
                      const elem_t *__restrict__ dout, const float *__restrict__ lse, const float *__restrict__ gate,
                      const float *__restrict__ delta, float *__restrict__ dq, const int *__restrict__ cu_seqlens,
                      const int *__restrict__ cu_keys, const int2 *__restrict__ tiles, int Hq, int H, int branch,
                      float scale_log2, float scale, int accumulate) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  elem_t *qsmem = reinterpret_cast<elem_t *>(smem_raw); // TILE x DK
-  elem_t *dosmem = qsmem + TILE * DK;                   // TILE x DV
-  elem_t *ksmem = dosmem + TILE * DV;                   // 2 x TILE x DK
-  elem_t *vsmem = ksmem + 2 * TILE * DK;                // 2 x TILE x DV
+  elem_t *qsmem = smem_tiles(smem_raw);     // DQ_ROWS x DK
+  elem_t *dosmem = qsmem + DQ_ROWS * DK;    // DQ_ROWS x DV
+  elem_t *ksmem = dosmem + DQ_ROWS * DV;    // 2 x TILE x DK
+  elem_t *vsmem = ksmem + 2 * TILE * DK;    // 2 x TILE x DV
 
   const int2 tile = tiles[blockIdx.x];
   const int seq = tile.x;
@@ -273,14 +451,11 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   const int nkeys = cu_keys[seq + 1] - key_base;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const int q1 = min(q0 + TILE, seq_len);
+  const int q1 = min(q0 + DQ_ROWS, seq_len);
 
-  load_tile_async<DK, THREADS>(qsmem, TILE, [&](int r) -> const elem_t * {
-    return q0 + r < seq_len ? q + ((i64)(seq_start + q0 + r) * Hq + hq) * DK : nullptr;
-  });
-  load_tile_async<DV, THREADS>(dosmem, TILE, [&](int r) -> const elem_t * {
-    return q0 + r < seq_len ? dout + ((i64)(seq_start + q0 + r) * Hq + hq) * DV : nullptr;
-  });
+  const i64 qrow0 = (i64)(seq_start + q0) * Hq + hq;
+  copy_rows<DQ_ROWS, DK, DqQTile, DQ_THREADS>(qsmem, q + qrow0 * DK, (i64)Hq * DK, seq_len - q0);
+  copy_rows<DQ_ROWS, DV, DqDoTile, DQ_THREADS>(dosmem, dout + qrow0 * DV, (i64)Hq * DV, seq_len - q0);
   cp_async_commit();
 
   // Keys the tile's rows may see.
@@ -297,17 +472,15 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   const int ntiles = kend > kfirst ? (kend - kfirst + TILE - 1) / TILE : 0;
   auto issue = [&](int it) {
     const int kt = kfirst + it * TILE;
-    load_tile_async<DK, THREADS>(ksmem + (it & 1) * TILE * DK, TILE, [&](int r) -> const elem_t * {
-      return kt + r < kend ? k + ((i64)(key_base + kt + r) * H + h) * DK : nullptr;
-    });
-    load_tile_async<DV, THREADS>(vsmem + (it & 1) * TILE * DV, TILE, [&](int r) -> const elem_t * {
-      return kt + r < kend ? v + ((i64)(key_base + kt + r) * H + h) * DV : nullptr;
-    });
+    const i64 krow0 = (i64)(key_base + kt) * H + h;
+    copy_rows<TILE, DK, WalkKTile, DQ_THREADS>(ksmem + (it & 1) * TILE * DK, k + krow0 * DK, (i64)H * DK, kend - kt);
+    copy_rows<TILE, DV, WalkVTile, DQ_THREADS>(vsmem + (it & 1) * TILE * DV, v + krow0 * DV, (i64)H * DV, kend - kt);
     cp_async_commit();
   };
   if (ntiles > 0) issue(0);
 
-  const int t_lo = q0 + warp * 16 + lane / 4;
+  const int t_w = q0 + warp * 16; // this warp's 16 rows
+  const int t_lo = t_w + lane / 4;
   const int t_hi = t_lo + 8;
   auto row_of = [&](int t) { return (i64)(seq_start + t) * Hq + hq; };
   const float lse_lo = t_lo < seq_len ? lse[row_of(t_lo)] * NSA_LOG2E : NSA_NEG_INF;
@@ -316,9 +489,82 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   const float g_hi = t_hi < seq_len ? (gate == nullptr ? 1.f : gate[row_of(t_hi) * 3 + branch]) : 0.f;
   const float d_lo = t_lo < seq_len ? delta[row_of(t_lo) * 3 + branch] : 0.f;
   const float d_hi = t_hi < seq_len ? delta[row_of(t_hi) * 3 + branch] : 0.f;
+  // P = 2^(S scale_log2 - lse) in place, for this warp's 16 rows x key tile kt (zero where a row does not see a key,
+  // or past the end).
+  auto probabilities = [&](float s[TILE / 8][4], int kt) {
+    const bool full = t_w + 15 < seq_len && kt + TILE <= kend && all_visible(t_w, t_w + 15, kt, kt + TILE - 1, nkeys);
+#pragma unroll
+    for (int n = 0; n < TILE / 8; n++) {
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const bool hi = e >= 2;
+        const float l2 = hi ? lse_hi : lse_lo;
+        float p = fast_exp2(fmaf(s[n][e], scale_log2, -l2));
+        if (!full) {
+          const int key = kt + n * 8 + (lane % 4) * 2 + (e & 1);
+          const int t = hi ? t_hi : t_lo;
+          if (!(t < seq_len && key < kend && l2 != NSA_NEG_INF && visible(t, key, nkeys))) p = 0.f;
+        }
+        s[n][e] = p;
+      }
+    }
+  };
+  // dS = P (g dP - delta) into s.
+  auto gradients = [&](float s[TILE / 8][4], const float dp[TILE / 8][4]) {
+#pragma unroll
+    for (int n = 0; n < TILE / 8; n++) {
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const bool hi = e >= 2;
+        s[n][e] *= fmaf(hi ? g_hi : g_lo, dp[n][e], -(hi ? d_hi : d_lo));
+      }
+    }
+  };
 
   float dq_acc[DK / 8][4];
   zero_frags<DK / 8>(dq_acc);
+#if FB_USE_WGMMA
+  const int wg_row0 = (threadIdx.x / 128) * 64; // this warpgroup's rows in the tile
+  // Iteration it: key tile it landed; every warp finished the previous iteration's MMAs (each waits for its wgmma
+  // before the barrier), so the other stage refills while this one is multiplied.
+  for (int it = 0; it < ntiles; it++) {
+    const int kt = kfirst + it * TILE;
+    const elem_t *ks = ksmem + (it & 1) * TILE * DK;
+    const elem_t *vs = vsmem + (it & 1) * TILE * DV;
+    cp_async_wait<0>();
+    fence_proxy_async_shared(); // cp.async writes, before wgmma reads them through the async proxy
+    __syncthreads();
+    if (it + 1 < ntiles) issue(it + 1);
+    float s[TILE / 8][4];
+    float dp[TILE / 8][4];
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < DK / 16; kk++) {
+      wgmma_ss<TILE>(s, wgmma_desc_kmajor<DQ_ROWS>(qsmem, wg_row0, kk), wgmma_desc_kmajor<TILE>(ks, 0, kk), kk > 0);
+    }
+    wgmma_commit();
+#pragma unroll
+    for (int kk = 0; kk < DV / 16; kk++) {
+      wgmma_ss<TILE>(dp, wgmma_desc_kmajor<DQ_ROWS>(dosmem, wg_row0, kk), wgmma_desc_kmajor<TILE>(vs, 0, kk), kk > 0);
+    }
+    wgmma_commit();
+    wgmma_wait<1>(); // S; dP may still run
+    wgmma_fence_operands<TILE / 8>(s);
+    probabilities(s, kt);
+    wgmma_wait<0>();
+    wgmma_fence_operands<TILE / 8>(dp);
+    gradients(s, dp);
+    u32 da[TILE / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < TILE / 16; kk++) pack_a(da[kk], s[2 * kk], s[2 * kk + 1]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < TILE / 16; kk++) wgmma_rs_mn<DK, TILE>(dq_acc, da[kk], ks, kk);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operands<DK / 8>(dq_acc);
+  }
+#else
   u32 qfrag[DK / 16][4];
   for (int it = 0; it < ntiles; it++) {
     if (it + 1 < ntiles) issue(it + 1);
@@ -332,25 +578,15 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     float s[TILE / 8][4];
     zero_frags<TILE / 8>(s);
     qk_mma<DK, TILE / 16>(s, qfrag, ks, 0, lane);
+    probabilities(s, kt);
     float dp[TILE / 8][4];
     zero_frags<TILE / 8>(dp);
     qk_mma_smem<DV, TILE / 16>(dp, dosmem, warp * 16, vs, 0, lane);
-#pragma unroll
-    for (int n = 0; n < TILE / 8; n++) {
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const int key = kt + n * 8 + (lane % 4) * 2 + (e & 1);
-        const bool hi = e >= 2;
-        const int t = hi ? t_hi : t_lo;
-        const float l2 = hi ? lse_hi : lse_lo;
-        const bool ok = t < seq_len && key < kend && l2 != NSA_NEG_INF && visible(t, key, nkeys);
-        const float p = ok ? exp2f(s[n][e] * scale_log2 - l2) : 0.f;
-        s[n][e] = p * ((hi ? g_hi : g_lo) * dp[n][e] - (hi ? d_hi : d_lo)); // dS
-      }
-    }
+    gradients(s, dp);
     pv_mma<DK, TILE / 16>(dq_acc, s, ks, 0, lane);
     __syncthreads();
   }
+#endif
 
 #pragma unroll
   for (int hh = 0; hh < 2; hh++) {

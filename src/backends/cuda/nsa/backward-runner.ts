@@ -74,9 +74,11 @@ export class BackwardRunner {
     const { heads: Hq, kvHeads: H } = programs.config;
     const up = (a: Int32Array, what: string): DeviceBuffer => this.keep(ctx.upload(a.length > 0 ? a : new Int32Array(2), what));
     const cu = Array.from(plan.cuSeqlens);
-    const q = tileList(cu, TILE, 'latest first');
-    const k = tileList(cu, TILE, 'earliest first');
-    const c = tileList(Array.from(plan.cuCmp), TILE, 'earliest first');
+    // The flash backward's CTAs own 64 query rows (dQ) or keys (dK/dV), or 128 with two wgmma warpgroups; cmp
+    // (mode 1) and win (mode 2) take the same shapes.
+    const q = tileList(cu, programs.flashBackwardTile('dq', 2), 'latest first');
+    const k = tileList(cu, programs.flashBackwardTile('dkdv', 2), 'earliest first');
+    const c = tileList(Array.from(plan.cuCmp), programs.flashBackwardTile('dkdv', 1), 'earliest first');
     this.counts = { queryTiles: q.length / 2, keyTiles: k.length / 2, cmpKeyTiles: c.length / 2 };
     this.queryTiles = up(q, 'backward query tiles');
     this.keyTiles = up(k, 'backward key tiles');
@@ -134,8 +136,8 @@ export class BackwardRunner {
       stages.push([`${b.name} dq`, () =>
         programs.flashBackward(b.mode, 'dq').launch({
           grid: [this.counts.queryTiles, Hq, 1],
-          block: [128, 1, 1],
-          sharedBytes: programs.flashBackwardSharedBytes(),
+          block: [programs.flashBackwardThreads('dq', b.mode), 1, 1],
+          sharedBytes: programs.flashBackwardSharedBytes('dq', b.mode),
           args: [ptr(inputs.q), ptr(b.k), ptr(b.v), ptr(dOut), ptr(b.lse), ptr(inputs.gate), ptr(this.delta), ptr(grads.dq), ptr(tables.cuSeqlens), ptr(b.cuKeys), ptr(this.queryTiles), ...tail],
         })]);
       if (b.nKeyTiles === 0) continue;
@@ -146,8 +148,8 @@ export class BackwardRunner {
       stages.push([`${b.name} dkdv`, () => {
         programs.flashBackward(b.mode, 'dkdv').launch({
           grid: [b.nKeyTiles, H, splits],
-          block: [128, 1, 1],
-          sharedBytes: programs.flashBackwardSharedBytes(),
+          block: [programs.flashBackwardThreads('dkdv', b.mode), 1, 1],
+          sharedBytes: programs.flashBackwardSharedBytes('dkdv', b.mode),
           args: [
             ptr(inputs.q), ptr(b.k), ptr(b.v), ptr(dOut), ptr(b.lse), ptr(inputs.gate), ptr(this.delta), ptr(b.dk), ptr(b.dv),
             ptr(tables.cuSeqlens), ptr(b.cuKeys), ptr(b.keyTiles), ...tail,

@@ -171,10 +171,46 @@ export class NsaPrograms {
   /** Flash backward of mode 0 (dense), 1 (cmp) or 2 (win): preprocess, dq or dkdv. */
   flashBackward(mode: 0 | 1 | 2, fn: 'preprocess' | 'dq' | 'dkdv' | 'reduce_splits'): Kernel {
     const name = fn === 'preprocess' || fn === 'reduce_splits' ? `nsa_bwd_${fn}` : `nsa_flash_bwd_${fn}`;
-    return this.kernel('flash_attention_bwd.cu', name, [
-      `-DNSA_MODE=${mode}`,
-      ...(mode === 0 ? [] : [...this.cmpDefines(), `-DWINDOW=${this.config.window}`]),
-    ]);
+    const wg = this.flashBackwardWarpgroups(mode);
+    return this.kernel(
+      'flash_attention_bwd.cu',
+      name,
+      [
+        `-DNSA_MODE=${mode}`,
+        ...(wg === undefined ? [] : ['-DFA_WGMMA', `-DFB_DQ_WG=${wg.dq}`, `-DFB_DKDV_WG=${wg.dkdv}`]),
+        ...(mode === 0 ? [] : [...this.cmpDefines(), `-DWINDOW=${this.config.window}`]),
+      ],
+      wg !== undefined,
+    );
+  }
+
+  /**
+   * Warpgroups per CTA of the flash backward's wgmma path in mode 0, 1 or 2 (dQ: 64 query rows each, dK/dV: 64 keys
+   * each), or undefined where it runs mma.sync (a warp per 16 rows or keys, 64 per CTA). wgmma wherever the forward
+   * uses it (sm_90), unless NSA_FA_BWD_WGMMA=0. Two dK/dV warpgroups (128 keys) halve the query-row traffic; two dQ
+   * warpgroups pay off over the dense baseline's long key walks, one over the cmp and win branches' short ones
+   * (H100, docs/performance.md). NSA_FA_BWD_WGS=AxB sets A (dQ) and B (dK/dV) warpgroups, each 1 or 2, in every mode.
+   * Modes 1 and 2 always take the same shapes: the backward runner lists their tiles once.
+   */
+  flashBackwardWarpgroups(
+    mode: 0 | 1 | 2,
+    env: Readonly<Record<string, string | undefined>> = process.env,
+  ): { dq: 1 | 2; dkdv: 1 | 2 } | undefined {
+    if (!this.tuning.faWgmma || env['NSA_FA_BWD_WGMMA'] === '0') return undefined;
+    const match = /^([12])x([12])$/.exec(env['NSA_FA_BWD_WGS'] ?? '');
+    if (match) return { dq: Number(match[1]) as 1 | 2, dkdv: Number(match[2]) as 1 | 2 };
+    return { dq: mode === 0 ? 2 : 1, dkdv: 2 };
+  }
+
+  /** Query rows (dq) or keys (dkdv) a flash-backward CTA of mode `mode` owns: the size of the tiles its launch lists. */
+  flashBackwardTile(fn: 'dq' | 'dkdv', mode: 0 | 1 | 2): number {
+    const wg = this.flashBackwardWarpgroups(mode);
+    return wg === undefined ? 64 : 64 * wg[fn];
+  }
+
+  /** Threads of a flash-backward CTA: a warp per 16 of its rows (dq) or keys (dkdv). */
+  flashBackwardThreads(fn: 'dq' | 'dkdv', mode: 0 | 1 | 2): number {
+    return 2 * this.flashBackwardTile(fn, mode);
   }
 
   selectedBackward(fn: 'dq' | 'dkdv' | 'reduce'): Kernel {
@@ -193,12 +229,14 @@ export class NsaPrograms {
   }
 
   /**
-   * Shared memory of the flash backward kernels, the same for both: dK/dV holds its key/value tile and two stages
-   * of query/dO rows, dQ its query/dO rows and two stages of keys/values.
+   * Shared memory of a flash backward kernel: dK/dV holds its key/value rows and two stages of 64 query/dO rows, dQ
+   * its query/dO rows and two stages of 64 keys/values; wgmma adds 1 KB of slack to align the tiles for the
+   * 128-byte swizzle.
    */
-  flashBackwardSharedBytes(): number {
+  flashBackwardSharedBytes(fn: 'dq' | 'dkdv', mode: 0 | 1 | 2): number {
     const { headDim: dk, valueDim: dv } = this.config;
-    return 2 * 64 * 3 * (dk + dv);
+    const slack = this.flashBackwardWarpgroups(mode) === undefined ? 0 : 1024;
+    return 2 * (this.flashBackwardTile(fn, mode) + 2 * 64) * (dk + dv) + slack;
   }
 
   selectedBackwardSharedBytes(fn: 'dq' | 'dkdv'): number {
