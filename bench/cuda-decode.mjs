@@ -1,10 +1,13 @@
 // Decode-step benchmark of the cuda KV cache: per-step latency and effective bandwidth (bytes NSA must read /
 // time) beside dense attention over the same cache, in one run; with --launches, each launch of the step timed
 // alone as well. Run after `npm run build`:
-//   node bench/cuda-decode.mjs [--batches 1,8,64] [--contexts 8192,65536,131072] [--presets paper,fla] [--launches]
+//   node bench/cuda-decode.mjs [--batches 1,8,64] [--contexts 8192,65536,131072] [--presets paper,fla] [--launches] [--trace]
+// --trace (fused step): one traced run, summarised per kind of work item (when they started and ended, how long
+// their attention took, how long slc items waited for their selection) and how many CTAs ran over time.
 // The step (and each launch with --launches) is replayed as a CUDA graph; NSA_DECODE_GRAPH=0 times direct launches,
-// NSA_DECODE_BULK=0 gathers the selected rows with cp.async instead of bulk copies, NSA_DECODE_{CMP,SLC}_CHUNK=n
-// force the keys per CTA of a branch.
+// NSA_DECODE_FUSED=0 takes the three-launch step instead of the fused one, NSA_DECODE_LAYOUT=token stores the cache
+// [T, H, D] instead of [H, T, D], NSA_DECODE_BULK=0 gathers the selected rows with cp.async instead of bulk copies,
+// NSA_DECODE_{CMP,SLC}_CHUNK=n force the keys per CTA of a branch.
 import { NSAConfig, createKvCache } from '../dist/index.js';
 import { createCudaBackend } from '../dist/backends/cuda/cuda-backend.js';
 import { decodeBytesPerHead } from '../dist/nsa/decode/types.js';
@@ -18,6 +21,47 @@ const batches = flag('batches', '1,8,64').split(',').map(Number);
 const contexts = flag('contexts', '8192,65536,131072').split(',').map(Number);
 const presets = flag('presets', 'paper,fla').split(',');
 const launches = args.includes('--launches');
+const tracing = args.includes('--trace');
+const us = (ns) => (ns / 1000).toFixed(1);
+const mean = (xs) => (xs.length === 0 ? 0 : xs.reduce((a, b) => a + b, 0) / xs.length);
+const quantile = (xs, q) => {
+  const s = [...xs].sort((a, b) => a - b);
+  return s.length === 0 ? 0 : s[Math.min(s.length - 1, Math.floor(q * s.length))];
+};
+
+/** One line per kind of work item of a traced fused step, the selects and merges, and CTAs running over time. */
+function printTrace(recs) {
+  const span = Math.max(...recs.map((r) => r.end));
+  for (const kind of ['cmp', 'win', 'slc']) {
+    const rs = recs.filter((r) => r.kind === kind);
+    if (rs.length === 0) continue;
+    const starts = rs.map((r) => r.start);
+    const ends = rs.map((r) => r.end);
+    const attend = rs.map((r) => r.attended - (r.waited > 0 ? r.waited : r.start));
+    const wait = rs.map((r) => (r.waited > 0 ? r.waited - r.start : 0));
+    console.log(
+      `      ${kind}: ${rs.length} items, start ${us(quantile(starts, 0))}/${us(quantile(starts, 0.5))}/${us(quantile(starts, 1))} us ` +
+        `(min/median/max), end ${us(quantile(ends, 0.5))}/${us(quantile(ends, 1))}, attention ${us(mean(attend))} us mean ` +
+        `(max ${us(Math.max(...attend))}), wait ${us(mean(wait))} mean (max ${us(Math.max(...wait))})`,
+    );
+  }
+  const sel = recs.filter((r) => r.selected).map((r) => r.end - r.attended);
+  const mer = recs.filter((r) => r.merged).map((r) => r.end - r.attended);
+  const lastSel = Math.max(...recs.filter((r) => r.selected).map((r) => r.end));
+  console.log(
+    `      span ${us(span)} us; select ${sel.length}x ${us(mean(sel))} us mean (max ${us(Math.max(...sel))}, last ends ${us(lastSel)}); ` +
+      `merge ${mer.length}x ${us(mean(mer))} us mean`,
+  );
+  const buckets = 20;
+  const alive = [];
+  const waiting = [];
+  for (let b = 0; b < buckets; b++) {
+    const t = ((b + 0.5) * span) / buckets;
+    alive.push(recs.filter((r) => r.start <= t && t < r.end).length);
+    waiting.push(recs.filter((r) => r.waited > 0 && r.start <= t && t < r.waited).length);
+  }
+  console.log(`      CTAs running per ${us(span / buckets)} us: ${alive.join(' ')}; slc waiting: ${waiting.join(' ')}`);
+}
 const timing = { warmup: 5, iterations: 20 };
 const backend = await createCudaBackend();
 console.log(backend.description);
@@ -39,6 +83,10 @@ for (const preset of presets) {
         const split = await cache.timeDecodeLaunches(timing);
         const sum = split.reduce((a, l) => a + l.medianMs, 0);
         console.log(`      launches alone: ${split.map((l) => `${l.name} ${l.medianMs.toFixed(4)}`).join(', ')} ms (sum ${sum.toFixed(4)})`);
+      }
+      if (tracing && typeof cache.traceDecodeStep === 'function') {
+        const recs = cache.traceDecodeStep();
+        if (recs !== undefined) printTrace(recs);
       }
       cache.dispose();
     }

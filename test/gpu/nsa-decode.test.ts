@@ -1,6 +1,8 @@
 // The cuda KV cache and decode step against the float64 reference: a decode step equals the matching rows of a
-// prefill over the same tokens (attention compared given the blocks the GPU chose, the choice by scores).
-// Skips, saying why, where no GPU is present.
+// prefill over the same tokens (attention compared given the blocks the GPU chose, the choice by scores). Each
+// case runs under each of VARIANTS: the fused step (one launch; forced, as the small batches here would take three
+// launches by default) over a head-major cache, in two ticket orders, and the three-launch step over a token-major
+// cache (NSA_DECODE_FUSED=0, NSA_DECODE_LAYOUT=token). Skips, saying why, where no GPU is present.
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { NSAConfig, type NSAConfigOptions } from '../../src/config/nsa-config.js';
@@ -33,6 +35,29 @@ interface Case {
   readonly speculative: number;
 }
 
+/** The step variants every case runs under: environment settings read when the cache and the step are made. */
+const VARIANTS: { name: string; env: Record<string, string | undefined> }[] = [
+  { name: 'fused, head-major', env: { NSA_DECODE_FUSED: '1', NSA_DECODE_LAYOUT: undefined, NSA_DECODE_LAG: undefined } },
+  { name: 'fused, slc items one row behind', env: { NSA_DECODE_FUSED: '1', NSA_DECODE_LAYOUT: undefined, NSA_DECODE_LAG: '1' } },
+  { name: 'three launches, token-major', env: { NSA_DECODE_FUSED: '0', NSA_DECODE_LAYOUT: 'token', NSA_DECODE_LAG: undefined } },
+];
+
+async function withEnv<T>(env: Record<string, string | undefined>, run: () => Promise<T>): Promise<T> {
+  const saved = Object.fromEntries(Object.keys(env).map((k) => [k, process.env[k]]));
+  const set = (values: Record<string, string | undefined>): void => {
+    for (const [k, v] of Object.entries(values)) {
+      if (v === undefined) delete process.env[k];
+      else process.env[k] = v;
+    }
+  };
+  set(env);
+  try {
+    return await run();
+  } finally {
+    set(saved);
+  }
+}
+
 const base = { compressBlock: 32, compressStride: 16, selectBlock: 64, selectCount: 6, window: 96 };
 const CASES: Case[] = [
   { name: 'G = 16, ragged batch [700, 33, 1, 129]', options: { ...base, heads: 16, kvHeads: 1, headDim: 64, valueDim: 64 }, lengths: [700, 33, 1, 129], speculative: 1 },
@@ -54,8 +79,8 @@ if (!availability.available) {
     });
     afterAll(() => backend.dispose());
 
-    for (const [ci, c] of CASES.entries()) {
-      it(c.name, async () => {
+    for (const [ci, c] of CASES.entries()) for (const variant of VARIANTS) {
+      it(`${c.name} (${variant.name})`, () => withEnv(variant.env, async () => {
         const config = new NSAConfig(c.options);
         const rng = new Rng(40 + ci);
         const cache = await createKvCache(config, { backend, pageTokens: 128 });
@@ -116,10 +141,10 @@ if (!availability.available) {
         }
         expect(differing).toBeLessThanOrEqual(2);
         cache.dispose();
-      });
+      }));
     }
 
-    it('appendRandom and the timed step run (the benchmark path)', async () => {
+    for (const variant of VARIANTS) it(`appendRandom and the timed step run (the benchmark path; ${variant.name})`, () => withEnv(variant.env, async () => {
       const config = new NSAConfig({ ...base, heads: 16, kvHeads: 1, headDim: 128, valueDim: 128 });
       const cache = await createKvCache(config, { backend });
       for (let s = 0; s < 3; s++) cache.appendRandom(cache.addSequence(), 5000 + s, s);
@@ -128,12 +153,15 @@ if (!availability.available) {
       const dense = await cache.timeDecodeStep({ warmup: 1, iterations: 3, dense: true });
       expect(nsa.medianMs).toBeGreaterThan(0);
       expect(dense.medianMs).toBeGreaterThan(0);
+      // A step over the random cache (filled and compressed on the device) gives finite outputs.
+      const step = await cache.decode([{ sequence: 1, q: Tensor.randn([1, 16, 128], 'f32', 5), g: Tensor.uniform([1, 16, 3], 'f32', 6) }]);
+      for (const t of [step.o, step.oCmp, step.oSlc, step.oWin, step.lseCmp]) expect(Array.from(t.toFloat64()).every(Number.isFinite)).toBe(true);
       // Each launch alone (replayed as a one-launch graph where the driver has graphs).
       expect(cache).toBeInstanceOf(CudaKvCache);
       const launches = await (cache as CudaKvCache).timeDecodeLaunches({ warmup: 1, iterations: 3 });
-      expect(launches.map((l) => l.name)).toEqual(['cmp_win', 'select', 'slc']);
+      expect(launches.map((l) => l.name)).toEqual(variant.env['NSA_DECODE_FUSED'] === '0' ? ['cmp_win', 'select', 'slc'] : ['fused']);
       for (const l of launches) expect(l.medianMs).toBeGreaterThan(0);
       cache.dispose();
-    });
+    }));
   });
 }

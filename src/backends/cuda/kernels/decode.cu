@@ -7,28 +7,43 @@
 // Decoding against a KV cache, flash-decoding style: every branch's keys are cut into chunks (a multiple of 64
 // keys, chosen by the host so the GPU fills), one CTA per (query, KV head, 16 query heads, chunk), so a single
 // sequence at long context still fills the GPU, and each K/V tile is loaded once for the G heads of a group.
-// A step is three launches:
-//   nsa_decode_cmp_win   partial softmax over a chunk of the visible compressed keys (branch 0) or of the window
-//                        (branch 2, CTAs from blockIdx.z = split on). Branch 0 also folds its probabilities,
-//                        relative to the warp's running max, into per-selection-block sums for each slice of 16
-//                        compressed keys (SLICE_W floats per slice and head: the sums, then the max they are
-//                        relative to), a few times smaller than the raw scores
-//   nsa_decode_select    per (query, KV head, range of candidate blocks): the cmp lse of every head, the block
-//                        scores (GQA sum, overlap weights) from the slices, a local top-n; the last CTA of a
-//                        (query, KV head) merges the local lists with the forced blocks. Each CTA also merges the
-//                        cmp output of some heads (o_cmp, lse_cmp)
-//   nsa_decode_slc       partial softmax over a chunk of the selected blocks' keys; the last CTA of a (query, KV
-//                        head, 16 heads) merges the slc and win chunks and writes the gated sum
-//   nsa_decode_dense + nsa_decode_combine_dense: dense attention over the whole cache (the baseline)
-// The cache is one buffer per sequence: k [cap, H, DK], v [cap, H, DV], kc/vc [capc, H, D]; seq_ptrs holds
-// their addresses (k, v, kc, vc per sequence), seq_len the tokens held. Query r attends at position q_pos[r]
-// of sequence q_seq[r]; its K/V are already in the cache. Partial results partial_m/l/o are [Q, Hq, slots]
-// (+ DV for o), m in log2 units, o unnormalised; the slots of a row are laid out cmp, slc, win.
 //
-// With DECODE_BULK (sm_90) nsa_decode_slc gathers each selected key/value row of a tile with one bulk copy (thread
-// i < TILE the key row i, thread TILE + i the value row i) completing on the stage's mbarrier, into padded rows,
-// instead of 16 cp.async of 16 bytes per row (as the prefill's selected attention, SLC_BULK). The contiguous
-// branches keep cp.async into swizzled rows.
+// The step is one launch, nsa_decode_fused, whose CTAs take work items in ticket order (an atomic counter, so an
+// item only ever waits for items that started before it): first every chunk of the compressed keys, then every
+// chunk of the window, then every chunk of the selected blocks (by default; `lag` interleaves the slc items of a
+// row with the cmp items of a later row instead).
+//   cmp item   partial softmax over a chunk of the visible compressed keys; it also folds its probabilities,
+//              relative to the warp's running max, into per-selection-block sums for each slice of 16 compressed
+//              keys (SLICE_W floats per slice and head: the sums, then the max they are relative to). The last cmp
+//              item of a (query, KV head) then selects its blocks (fused_select): the cmp lse and o_cmp of the G
+//              heads, the block scores from the slices, top-n after the forced blocks, and raises the pair's flag
+//   win item   partial softmax over a chunk of the window
+//   slc item   waits for its pair's flag, then partial softmax over a chunk of the selected blocks' keys
+// The last win or slc item of a (query, KV head, 16 heads) merges the slc and win chunks and writes the gated sum.
+// Counters reset themselves or count on (the 64-bit ticket counter: ticket / items is the launch's generation, which
+// the pairs' flags are compared against), so the launch can be replayed as a graph. A select by one CTA per pair
+// reads all of the pair's slices and sits on the critical path when the batch is small, so for small batches and
+// very long contexts the host uses three launches instead (same items, a launch boundary between the phases, the
+// selection spread over several CTAs per pair):
+//   nsa_decode_cmp_win   cmp chunks (blockIdx.z < split) and window chunks (the rest)
+//   nsa_decode_select    per (query, KV head, range of candidate blocks): the cmp lse of every head, the block
+//                        scores, a local top-n; the last CTA of a pair merges the local lists with the forced
+//                        blocks. Each CTA also merges the cmp output of some heads (o_cmp, lse_cmp)
+//   nsa_decode_slc       slc chunks; the last CTA of a (query, KV head, 16 heads) merges and writes the gated sum
+//   nsa_decode_dense + nsa_decode_combine_dense: dense attention over the whole cache (the baseline)
+//
+// The cache is a few buffers per sequence, k and v [cap, D] per KV head (head-major: a selected block's keys are
+// one contiguous run) or [cap, H, D] (token-major), kc/vc likewise with the compressed capacity. seq_ptrs holds,
+// per sequence, SEQ_WORDS words: the addresses of k, v, kc, vc, then the row stride and the head strides (raw,
+// compressed), in rows: row i of head h of k is k + (i * stride + h * head_stride) * DK. seq_len holds the tokens
+// held. Query r attends at position q_pos[r] of sequence q_seq[r]; its K/V are already in the cache. Partial
+// results partial_m/l/o are [Q, Hq, slots] (+ DV for o), m in log2 units, o unnormalised; the slots of a row are
+// laid out cmp, slc, win. Slices are [Q, H, slice_stride] floats: per slice of 16 compressed keys a record of
+// SREC = G * SLICE_W floats rounded up to a multiple of 4 (so that records can be staged with 16-byte copies).
+//
+// With DECODE_BULK (sm_90) the selected key/value rows of a tile come by bulk copies (thread i < TILE the key row
+// i, thread TILE + i the value row i) completing on the stage's mbarrier, into padded rows, instead of 16 cp.async
+// of 16 bytes per row. The contiguous branches keep cp.async into swizzled rows.
 #include "nsa_common.cuh"
 #include "nsa_topk.cuh"
 
@@ -44,6 +59,8 @@
 #define MAX_G 128
 #define SEL_STAGE 8192 // floats of nsa_decode_select's staging area (dynamic shared memory)
 #define NO_BLOCK 0x7fffffff
+#define SEQ_WORDS 8 // per sequence in seq_ptrs: k, v, kc, vc, row stride, raw head stride, compressed head stride, unused
+#define PBUF_BYTES (4 * ROWS * (SLICE + 1) * 4)
 
 #if defined(DECODE_BULK) && defined(NSA_HAS_BULK_COPY)
 #define DECODE_USE_BULK 1
@@ -61,10 +78,35 @@ struct AttendShared {
   float merge_m[4][ROWS];
   float merge_l[4][ROWS];
   int last;
+  unsigned long long waited; // the fused step's trace: when an slc item's wait ended
 #if DECODE_USE_BULK
   __align__(8) unsigned long long stage_bar[2];
 #endif
 };
+
+/** Spins (thread 0 of a CTA) until *flag == target, reading it with acquire semantics at GPU scope. */
+__device__ __forceinline__ void wait_flag_equals(const int *flag, int target) {
+  for (;;) {
+    int v;
+    asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(flag) : "memory");
+    if (v == target) return;
+    __nanosleep(128);
+  }
+}
+
+/** Sets *flag = value with release semantics at GPU scope (the writes before it are seen by who acquires it). */
+__device__ __forceinline__ void release_flag(int *flag, int value) {
+  asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(flag), "r"(value) : "memory");
+}
+
+__device__ __forceinline__ unsigned long long global_ns() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+/** Floats of a slice record (G heads' SLICE_W floats, rounded up to a multiple of 4). */
+__device__ __forceinline__ int slice_record(int G) { return (G * SLICE_W + 3) & ~3; }
 
 struct Cache {
   const elem_t *q; // [Q, Hq, DK]
@@ -75,15 +117,16 @@ struct Cache {
 };
 
 /**
- * Partial attention of query r's G heads (16 at a time) over chunk zc of a branch's keys (BRANCH 0 cmp, 1 slc,
- * 2 win, 3 dense), written to slot `slot` of its rows. Branch 0 also writes its slices.
+ * Partial attention of query r's heads of row group y (KV head y / gchunks, 16 heads at a time) over chunk zc of a
+ * branch's keys (BRANCH 0 cmp, 1 slc, 2 win, 3 dense), written to slot `slot` of its rows. Branch 0 also writes
+ * its slices. Branch 1 first waits for *wait_flag == wait_target when wait_flag is set (the fused step).
  */
 template <int BRANCH>
-__device__ __forceinline__ void attend_chunk(const Cache &c, const int *__restrict__ block_indices, float *__restrict__ partial_m,
-                                             float *__restrict__ partial_l, float *__restrict__ partial_o, int slots, int slot,
-                                             int zc, int chunk, float scale_log2, int Hq, int H, float *__restrict__ slices,
-                                             i64 slice_stride, unsigned char *smem_raw, AttendShared &sh,
-                                             float (*pbuf)[ROWS][SLICE + 1]) {
+__device__ __forceinline__ void attend_chunk(const Cache &c, const int *block_indices, float *partial_m, float *partial_l,
+                                             float *partial_o, int slots, int slot, int r, int y, int zc, int chunk,
+                                             float scale_log2, int Hq, int H, float *slices, i64 slice_stride,
+                                             unsigned char *smem_raw, AttendShared &sh, float (*pbuf)[ROWS][SLICE + 1],
+                                             const int *wait_flag = nullptr, int wait_target = 0) {
   // Only the selected blocks' rows (gathered from anywhere in the cache) come by bulk copies: on the contiguous
   // branches they measured no faster, and the padding costs the cmp + win launch a CTA per SM (H100).
   constexpr bool BULK = DECODE_USE_BULK && BRANCH == 1;
@@ -95,18 +138,20 @@ __device__ __forceinline__ void attend_chunk(const Cache &c, const int *__restri
   elem_t *ksmem = qsmem + ROWS * DK;                    // 2 x TILE x K_ROW
   elem_t *vsmem = ksmem + 2 * TILE * K_ROW;             // 2 x TILE x V_ROW
 
-  const int r = blockIdx.x;
   const int G = Hq / H;
   const int gchunks = (G + ROWS - 1) / ROWS;
-  const int h = blockIdx.y / gchunks;
-  const int head0 = (blockIdx.y % gchunks) * ROWS;
+  const int h = y / gchunks;
+  const int head0 = (y % gchunks) * ROWS;
   const int rows = min(ROWS, G - head0);
   const int seq = c.q_seq[r];
   const int t = c.q_pos[r];
   const int len = c.seq_len[seq];
   const int tc = len < CMP_L ? 0 : (len - CMP_L) / CMP_D + 1;
-  const elem_t *kbase = reinterpret_cast<const elem_t *>(c.seq_ptrs[seq * 4 + (BRANCH == 0 ? 2 : 0)]);
-  const elem_t *vbase = reinterpret_cast<const elem_t *>(c.seq_ptrs[seq * 4 + (BRANCH == 0 ? 3 : 1)]);
+  const unsigned long long *sp = c.seq_ptrs + (i64)seq * SEQ_WORDS;
+  const elem_t *kbase = reinterpret_cast<const elem_t *>(sp[BRANCH == 0 ? 2 : 0]);
+  const elem_t *vbase = reinterpret_cast<const elem_t *>(sp[BRANCH == 0 ? 3 : 1]);
+  const i64 rstride = (i64)sp[4];                  // rows between tokens
+  const i64 hoff = (i64)h * (i64)sp[BRANCH == 0 ? 6 : 5]; // rows before head h's first token
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
 
@@ -116,7 +161,14 @@ __device__ __forceinline__ void attend_chunk(const Cache &c, const int *__restri
   int nkeys;
   int first = 0;
   if (BRANCH == 1) {
-    if (threadIdx.x < SEL_N) sh.sel[threadIdx.x] = block_indices[((i64)r * H + h) * SEL_N + threadIdx.x];
+    if (wait_flag != nullptr) {
+      if (threadIdx.x == 0) {
+        wait_flag_equals(wait_flag, wait_target);
+        sh.waited = global_ns();
+      }
+      __syncthreads();
+    }
+    if (threadIdx.x < SEL_N) sh.sel[threadIdx.x] = __ldcg(block_indices + ((i64)r * H + h) * SEL_N + threadIdx.x);
     __syncthreads();
     int nsel = 0;
     while (nsel < SEL_N && sh.sel[nsel] >= 0) nsel++;
@@ -173,8 +225,8 @@ __device__ __forceinline__ void attend_chunk(const Cache &c, const int *__restri
       const u32 bytes = row >= 0 ? (is_value ? DV : DK) * 2 : 0;
       mbarrier_arrive_expect_tx(&sh.stage_bar[stage], bytes);
       if (row >= 0) {
-        if (is_value) bulk_copy_g2s(vsmem + (stage * TILE + i) * V_ROW, vbase + ((i64)row * H + h) * DV, bytes, &sh.stage_bar[stage]);
-        else bulk_copy_g2s(ksmem + (stage * TILE + i) * K_ROW, kbase + ((i64)row * H + h) * DK, bytes, &sh.stage_bar[stage]);
+        if (is_value) bulk_copy_g2s(vsmem + (stage * TILE + i) * V_ROW, vbase + ((i64)row * rstride + hoff) * DV, bytes, &sh.stage_bar[stage]);
+        else bulk_copy_g2s(ksmem + (stage * TILE + i) * K_ROW, kbase + ((i64)row * rstride + hoff) * DK, bytes, &sh.stage_bar[stage]);
       }
       return;
     }
@@ -182,11 +234,11 @@ __device__ __forceinline__ void attend_chunk(const Cache &c, const int *__restri
     const int k0 = c0 + it * TILE;
     load_tile_async<DK, THREADS>(ksmem + (it & 1) * TILE * DK, TILE, [&](int i) -> const elem_t * {
       const int row = k0 + i < c1 ? key_row(k0 + i) : -1;
-      return row >= 0 ? kbase + ((i64)row * H + h) * DK : nullptr;
+      return row >= 0 ? kbase + ((i64)row * rstride + hoff) * DK : nullptr;
     });
     load_tile_async<DV, THREADS>(vsmem + (it & 1) * TILE * DV, TILE, [&](int i) -> const elem_t * {
       const int row = k0 + i < c1 ? key_row(k0 + i) : -1;
-      return row >= 0 ? vbase + ((i64)row * H + h) * DV : nullptr;
+      return row >= 0 ? vbase + ((i64)row * rstride + hoff) * DV : nullptr;
     });
     cp_async_commit();
   };
@@ -238,7 +290,7 @@ __device__ __forceinline__ void attend_chunk(const Cache &c, const int *__restri
         for (int e = 0; e < 4; e++) pbuf[warp][lane / 4 + (e >= 2 ? 8 : 0)][n * 8 + (lane % 4) * 2 + (e & 1)] = s[n][e];
       __syncwarp();
       const int jmin = k0 * CMP_D / SEL_L;
-      float *dst = slice_base + ((i64)(k0 / SLICE) * G + head0) * SLICE_W;
+      float *dst = slice_base + (i64)(k0 / SLICE) * slice_record(G) + head0 * SLICE_W;
       for (int idx = lane; idx < rows * SLICE_BLOCKS; idx += 32) {
         const int row = idx / SLICE_BLOCKS;
         const int j = jmin + idx % SLICE_BLOCKS;
@@ -294,11 +346,11 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   const Cache c{q, seq_ptrs, seq_len, q_seq, q_pos};
   const int z = blockIdx.z;
   if (z < split)
-    attend_chunk<0>(c, nullptr, partial_m, partial_l, partial_o, slots, z, z, cmp_chunk, scale_log2, Hq, H, slices, slice_stride,
-                    smem_raw, sh, pbuf);
+    attend_chunk<0>(c, nullptr, partial_m, partial_l, partial_o, slots, z, blockIdx.x, blockIdx.y, z, cmp_chunk, scale_log2, Hq, H,
+                    slices, slice_stride, smem_raw, sh, pbuf);
   else
-    attend_chunk<2>(c, nullptr, partial_m, partial_l, partial_o, slots, win_slot0 + z - split, z - split, win_chunk, scale_log2, Hq,
-                    H, nullptr, 0, smem_raw, sh, nullptr);
+    attend_chunk<2>(c, nullptr, partial_m, partial_l, partial_o, slots, win_slot0 + z - split, blockIdx.x, blockIdx.y, z - split,
+                    win_chunk, scale_log2, Hq, H, nullptr, 0, smem_raw, sh, nullptr);
 }
 
 /** The dense baseline's chunks. */
@@ -310,8 +362,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ AttendShared sh;
   const Cache c{q, seq_ptrs, seq_len, q_seq, q_pos};
-  attend_chunk<3>(c, nullptr, partial_m, partial_l, partial_o, slots, blockIdx.z, blockIdx.z, chunk, scale_log2, Hq, H, nullptr, 0,
-                  smem_raw, sh, nullptr);
+  attend_chunk<3>(c, nullptr, partial_m, partial_l, partial_o, slots, blockIdx.z, blockIdx.x, blockIdx.y, blockIdx.z, chunk, scale_log2,
+                  Hq, H, nullptr, 0, smem_raw, sh, nullptr);
 }
 
 /** Marks this CTA done with its share of `counter`'s work; true in the last of `total` (which resets the counter). */
@@ -330,34 +382,26 @@ __device__ __forceinline__ bool last_to_finish(int *counter, int total, int *fla
 }
 
 /**
- * Launch 3: chunk blockIdx.z of the selected blocks' keys (slots slc_slot0 + z); the last CTA of its rows then
- * merges the slc chunks and the win chunks (slots win_slot0 .. slots) and writes the outputs and the gated sum.
+ * Query r's heads of row group y: merges the slc slots [slc_slot0, win_slot0) and the win slots [win_slot0,
+ * slots) of their partial results and writes o_slc, o_win, lse_slc, lse_win and the gated sum with o_cmp (all
+ * read through L2: other CTAs of the same launch may have written them). Uses the first 2 * ROWS * (slots -
+ * slc_slot0) floats of `smem`.
  */
-extern "C" __global__ void __launch_bounds__(THREADS)
-    nsa_decode_slc(const elem_t *__restrict__ q, const unsigned long long *__restrict__ seq_ptrs, const int *__restrict__ seq_len,
-                   const int *__restrict__ q_seq, const int *__restrict__ q_pos, const int *__restrict__ block_indices,
-                   float *__restrict__ partial_m, float *__restrict__ partial_l, float *__restrict__ partial_o, int slots,
-                   int slc_slot0, int chunk, int win_slot0, int Hq, int H, float scale_log2, const float *__restrict__ gate,
-                   const float *__restrict__ o_cmp, float *__restrict__ o_slc, float *__restrict__ o_win, float *__restrict__ out,
-                   float *__restrict__ lse_slc, float *__restrict__ lse_win, int *__restrict__ counters) {
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  __shared__ AttendShared sh;
-  const Cache c{q, seq_ptrs, seq_len, q_seq, q_pos};
-  attend_chunk<1>(c, block_indices, partial_m, partial_l, partial_o, slots, slc_slot0 + blockIdx.z, blockIdx.z, chunk, scale_log2, Hq,
-                  H, nullptr, 0, smem_raw, sh, nullptr);
-  if (!last_to_finish(counters + (i64)blockIdx.x * gridDim.y + blockIdx.y, gridDim.z, &sh.last)) return;
-
+__device__ __forceinline__ void merge_outputs(int r, int y, const float *partial_m, const float *partial_l, const float *partial_o,
+                                              int slots, int slc_slot0, int win_slot0, int Hq, int H, const float *gate,
+                                              const float *o_cmp, float *o_slc, float *o_win, float *out, float *lse_slc,
+                                              float *lse_win, unsigned char *smem) {
   const int G = Hq / H;
   const int gchunks = (G + ROWS - 1) / ROWS;
-  const int h = blockIdx.y / gchunks;
-  const int head0 = (blockIdx.y % gchunks) * ROWS;
+  const int h = y / gchunks;
+  const int head0 = (y % gchunks) * ROWS;
   const int rows = min(ROWS, G - head0);
-  const i64 prow = (i64)blockIdx.x * Hq + h * G + head0;
+  const i64 prow = (i64)r * Hq + h * G + head0;
   const int ns = slots - slc_slot0; // the slc slots, then the win slots
   const int nslc = win_slot0 - slc_slot0;
   // Each (row, slot)'s m and l into shared memory, then per (row, branch) the branch's m and l, and each slot's
   // weight exp2(m_s - m) / l in place of its m.
-  float *wm = reinterpret_cast<float *>(smem_raw); // [ROWS][ns]
+  float *wm = reinterpret_cast<float *>(smem); // [ROWS][ns]
   float *wl = wm + ROWS * ns;
   for (int i = threadIdx.x; i < rows * ns; i += THREADS) {
     const i64 at = (prow + i / ns) * slots + slc_slot0 + i % ns;
@@ -404,7 +448,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
       const float4 v = __ldcg(po + (i64)s * (DV / 4));
       aw.x += w[s] * v.x, aw.y += w[s] * v.y, aw.z += w[s] * v.z, aw.w += w[s] * v.w;
     }
-    const float4 oc = *reinterpret_cast<const float4 *>(o_cmp + orow * DV + col);
+    const float4 oc = __ldcg(reinterpret_cast<const float4 *>(o_cmp + orow * DV + col));
     const float g0 = gate[orow * 3], g1 = gate[orow * 3 + 1], g2 = gate[orow * 3 + 2];
     *reinterpret_cast<float4 *>(o_slc + orow * DV + col) = as;
     *reinterpret_cast<float4 *>(o_win + orow * DV + col) = aw;
@@ -412,6 +456,27 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         make_float4(g0 * oc.x + g1 * as.x + g2 * aw.x, g0 * oc.y + g1 * as.y + g2 * aw.y, g0 * oc.z + g1 * as.z + g2 * aw.z,
                     g0 * oc.w + g1 * as.w + g2 * aw.w);
   }
+}
+
+/**
+ * Launch 3: chunk blockIdx.z of the selected blocks' keys (slots slc_slot0 + z); the last CTA of its rows then
+ * merges the slc chunks and the win chunks (slots win_slot0 .. slots) and writes the outputs and the gated sum.
+ */
+extern "C" __global__ void __launch_bounds__(THREADS)
+    nsa_decode_slc(const elem_t *__restrict__ q, const unsigned long long *__restrict__ seq_ptrs, const int *__restrict__ seq_len,
+                   const int *__restrict__ q_seq, const int *__restrict__ q_pos, const int *__restrict__ block_indices,
+                   float *__restrict__ partial_m, float *__restrict__ partial_l, float *__restrict__ partial_o, int slots,
+                   int slc_slot0, int chunk, int win_slot0, int Hq, int H, float scale_log2, const float *__restrict__ gate,
+                   const float *__restrict__ o_cmp, float *__restrict__ o_slc, float *__restrict__ o_win, float *__restrict__ out,
+                   float *__restrict__ lse_slc, float *__restrict__ lse_win, int *__restrict__ counters) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  __shared__ AttendShared sh;
+  const Cache c{q, seq_ptrs, seq_len, q_seq, q_pos};
+  attend_chunk<1>(c, block_indices, partial_m, partial_l, partial_o, slots, slc_slot0 + blockIdx.z, blockIdx.x, blockIdx.y, blockIdx.z,
+                  chunk, scale_log2, Hq, H, nullptr, 0, smem_raw, sh, nullptr);
+  if (!last_to_finish(counters + (i64)blockIdx.x * gridDim.y + blockIdx.y, gridDim.z, &sh.last)) return;
+  merge_outputs(blockIdx.x, blockIdx.y, partial_m, partial_l, partial_o, slots, slc_slot0, win_slot0, Hq, H, gate, o_cmp, o_slc, o_win,
+                out, lse_slc, lse_win, smem_raw);
 }
 
 /**
@@ -573,6 +638,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
   const int jb0 = z * per;
   const int jb1 = min(current + 1, jb0 + per);
   const float *base = slices + ((i64)r * H + h) * slice_stride;
+  const int srec = slice_record(G);
   float *stage = reinterpret_cast<float *>(sel_smem);
   float sc[SEL_PER_THREAD];
   int jx[SEL_PER_THREAD];
@@ -602,7 +668,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
         for (int i = threadIdx.x; i < nsl * width; i += SEL_THREADS) {
           const int sl = i / width;
           const int rem = i - sl * width;
-          float v = base[((i64)(sg0 + sl) * G + g0) * SLICE_W + rem];
+          float v = base[(i64)(sg0 + sl) * srec + g0 * SLICE_W + rem];
           if (rem % SLICE_W == SLICE_BLOCKS) v = exp2f(v - lse2[g0 + rem / SLICE_W]);
           stage[i] = v;
         }
@@ -652,6 +718,369 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
     if (lane == count + k) chosen = warp_j[0][k];
   count += got;
   warp_write_ascending(chosen, count, block_indices + ((i64)r * H + h) * SEL_N, lane);
+}
+
+/**
+ * The best `need` (score, index) pairs (higher score, then lower index) of score[lo .. hi), index j being its own
+ * position, by one warp, to out_s/out_j[0 .. need), padded with (-inf, NO_BLOCK). Taken ones become -inf.
+ */
+__device__ __forceinline__ void warp_best_range(float *score, int lo, int hi, int need, float *out_s, int *out_j, int lane) {
+  int k = 0;
+  for (; k < need; k++) {
+    float bs = NSA_NEG_INF;
+    int bj = NO_BLOCK;
+    for (int j = lo + lane; j < hi; j += 32)
+      if (topk_better(score[j], j, bs, bj)) {
+        bs = score[j];
+        bj = j;
+      }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const float os = __shfl_xor_sync(0xffffffff, bs, off);
+      const int oj = __shfl_xor_sync(0xffffffff, bj, off);
+      if (topk_better(os, oj, bs, bj)) {
+        bs = os;
+        bj = oj;
+      }
+    }
+    if (bs == NSA_NEG_INF) break;
+    if (lane == 0) {
+      out_s[k] = bs;
+      out_j[k] = bj;
+      score[bj] = NSA_NEG_INF;
+    }
+    __syncwarp();
+  }
+  for (int i = k + lane; i < need; i += 32) {
+    out_s[i] = NSA_NEG_INF;
+    out_j[i] = NO_BLOCK;
+  }
+  __syncwarp();
+}
+
+/** Floats of the cmp slots' weights fused_select keeps when G * slots fits (else it reads the maxima again). */
+#define FUSED_WEIGHTS 2048
+/**
+ * Floats of fused_select's fixed part of the work area (per-head m, l, lse, the cmp slots' weights, the warps'
+ * lists, the picks), 16-byte rounded.
+ */
+#define FUSED_SELECT_FIXED ((3 * MAX_G + FUSED_WEIGHTS + 10 * SEL_N + 3) & ~3)
+
+/**
+ * The selection of query r, KV head h by one CTA (the last cmp item of the pair), from the partials and slices
+ * its cmp chunks wrote (read through L2): lse_cmp and o_cmp of the G heads; the block scores, from the slices
+ * staged `ns` at a time (every head's record), each record's max turned into its factor exp2(max - lse), summed
+ * over the heads per (slice, block), then gathered per block; the top-n of the blocks that are not forced (four
+ * warps over a quarter each, then one warp over their lists), after the forced blocks, to block_indices.
+ * `work` is the CTA's dynamic shared memory, `work_floats` of it: the fixed part, the scores of the current + 1
+ * candidates, then per round of ns slices their records and per-block head sums (the host checks that at least
+ * eight slices, or all, fit).
+ */
+__device__ void fused_select(int r, int h, const int *__restrict__ seq_len, const int *__restrict__ q_seq, const int *__restrict__ q_pos,
+                             const float *partial_m, const float *partial_l, const float *partial_o, int slots, int cmp_slots,
+                             const float *slices, i64 slice_stride, float *o_cmp, float *lse_cmp, int *block_indices, int Hq, int H,
+                             float *work, int work_floats) {
+  const int G = Hq / H;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int t = q_pos[r];
+  const int len = seq_len[q_seq[r]];
+  const int tc = len < CMP_L ? 0 : (len - CMP_L) / CMP_D + 1;
+  const int visible = cmp_visible(t, tc);
+  const int current = t / SEL_L;
+  const int ncand = current + 1;
+  float *head_m = work;
+  float *head_l = work + MAX_G;
+  float *lse2 = work + 2 * MAX_G;
+  float *weight = work + 3 * MAX_G;                 // [G][cmp_slots]: exp2(m_s - m) of each head's cmp slots
+  const bool keep_weights = G * cmp_slots <= FUSED_WEIGHTS;
+  float *list_s = weight + FUSED_WEIGHTS; // [4][SEL_N]
+  int *list_j = reinterpret_cast<int *>(list_s + 4 * SEL_N);
+  float *pick_s = list_s + 8 * SEL_N;
+  int *pick_j = reinterpret_cast<int *>(pick_s + SEL_N);
+  float *score = work + FUSED_SELECT_FIXED;
+  float *stage = score + ((ncand + 3) & ~3);
+  const int srec = slice_record(G);
+  const int ns = max(1, (int)((work_floats - (stage - work)) / (srec + SLICE_BLOCKS)));
+  float *head_sums = stage + ns * srec; // [ns][SLICE_BLOCKS]
+  const int nsv = (visible + SLICE - 1) / SLICE; // slices holding visible compressed keys
+  const float *base = slices + ((i64)r * H + h) * slice_stride;
+  auto stage_round = [&](int s0) {
+    const int nsl = min(ns, nsv - s0);
+    const float *src = base + (i64)s0 * srec;
+    for (int i = threadIdx.x; i < nsl * srec / 4; i += THREADS) cp_async_16(stage + 4 * i, src + 4 * i, true);
+    cp_async_commit();
+  };
+  if (nsv > 0) stage_round(0); // in flight while the lse and o_cmp are merged
+
+  // The cmp lse of every head (a warp per head) over the cmp slots.
+  for (int g = warp; g < G; g += THREADS / 32) {
+    const i64 row = (i64)r * Hq + h * G + g;
+    float m = NSA_NEG_INF;
+    for (int s = lane; s < cmp_slots; s += 32) m = fmaxf(m, __ldcg(partial_m + row * slots + s));
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, off));
+    float l = 0.f;
+    for (int s = lane; s < cmp_slots; s += 32) {
+      const float pm = __ldcg(partial_m + row * slots + s);
+      const float e = pm == NSA_NEG_INF ? 0.f : exp2f(pm - m);
+      l += e * __ldcg(partial_l + row * slots + s);
+      if (keep_weights) weight[g * cmp_slots + s] = e;
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(0xffffffff, l, off);
+    if (lane == 0) {
+      head_m[g] = m;
+      head_l[g] = l;
+      lse2[g] = m == NSA_NEG_INF ? NSA_NEG_INF : m + log2f(l);
+      lse_cmp[row] = m == NSA_NEG_INF ? NSA_NEG_INF : (m + log2f(l)) * NSA_LN2;
+    }
+  }
+  for (int j = threadIdx.x; j < ncand; j += THREADS) score[j] = 0.f;
+  __syncthreads();
+  // o_cmp of every head: a thread per (head, 4 columns), four of them at a time so that their loads overlap.
+  if (keep_weights) {
+    const int total = G * (DV / 4);
+    for (int base0 = 0; base0 < total; base0 += 4 * THREADS) {
+      float4 acc[4];
+#pragma unroll
+      for (int k = 0; k < 4; k++) acc[k] = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 2
+      for (int s = 0; s < cmp_slots; s++) {
+#pragma unroll
+        for (int k = 0; k < 4; k++) {
+          const int idx = base0 + k * THREADS + threadIdx.x;
+          if (idx < total) {
+            const int g = idx / (DV / 4);
+            const float w = weight[g * cmp_slots + s];
+            const float4 v = __ldcg(reinterpret_cast<const float4 *>(partial_o + (((i64)r * Hq + h * G + g) * slots + s) * DV) + idx % (DV / 4));
+            acc[k].x += w * v.x, acc[k].y += w * v.y, acc[k].z += w * v.z, acc[k].w += w * v.w;
+          }
+        }
+      }
+#pragma unroll
+      for (int k = 0; k < 4; k++) {
+        const int idx = base0 + k * THREADS + threadIdx.x;
+        if (idx < total) {
+          const int g = idx / (DV / 4);
+          const float inv = head_m[g] == NSA_NEG_INF ? 0.f : 1.f / head_l[g];
+          reinterpret_cast<float4 *>(o_cmp + ((i64)r * Hq + h * G + g) * DV)[idx % (DV / 4)] =
+              make_float4(acc[k].x * inv, acc[k].y * inv, acc[k].z * inv, acc[k].w * inv);
+        }
+      }
+    }
+  } else
+  for (int idx = threadIdx.x; idx < G * (DV / 4); idx += THREADS) {
+    const int g = idx / (DV / 4);
+    const int col = (idx % (DV / 4)) * 4;
+    const i64 row = (i64)r * Hq + h * G + g;
+    const float m = head_m[g];
+    const float *pm = partial_m + row * slots;
+    const float4 *po = reinterpret_cast<const float4 *>(partial_o + row * slots * DV + col);
+    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+    for (int s = 0; s < cmp_slots; s++) {
+      const float ms = __ldcg(pm + s);
+      const float w = ms == NSA_NEG_INF ? 0.f : exp2f(ms - m);
+      const float4 v = __ldcg(po + (i64)s * (DV / 4));
+      acc.x += w * v.x, acc.y += w * v.y, acc.z += w * v.z, acc.w += w * v.w;
+    }
+    const float inv = m == NSA_NEG_INF ? 0.f : 1.f / head_l[g];
+    *reinterpret_cast<float4 *>(o_cmp + row * DV + col) = make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
+  }
+
+  // Block scores, ns slices a round.
+  for (int s0 = 0; s0 < nsv; s0 += ns) {
+    const int nsl = min(ns, nsv - s0);
+    if (s0 > 0) stage_round(s0);
+    cp_async_wait<0>();
+    __syncthreads();
+    for (int i = threadIdx.x; i < nsl * G; i += THREADS) {
+      float *mx = stage + (i / G) * srec + (i % G) * SLICE_W + SLICE_BLOCKS;
+      *mx = exp2f(*mx - lse2[i % G]);
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < nsl * SLICE_BLOCKS; i += THREADS) {
+      const float *rec = stage + (i / SLICE_BLOCKS) * srec;
+      const int b = i % SLICE_BLOCKS;
+      float acc = 0.f;
+      for (int g = 0; g < G; g++) acc += rec[g * SLICE_W + SLICE_BLOCKS] * rec[g * SLICE_W + b];
+      head_sums[i] = acc;
+    }
+    __syncthreads();
+    // The blocks these slices touch; a block's compressed keys i_lo .. i_hi may span slices of two rounds, whose
+    // parts add up in round order.
+    const int jlo = (s0 * SLICE * CMP_D) / SEL_L;
+    const int jhi = min(current, ((s0 + nsl - 1) * SLICE * CMP_D) / SEL_L + SLICE_BLOCKS - 1);
+    for (int j = jlo + threadIdx.x; j <= jhi; j += THREADS) {
+      const int i_lo = max(0, (j * SEL_L - CMP_L + CMP_D) / CMP_D);
+      const int i_hi = min(visible, ((j + 1) * SEL_L - 1) / CMP_D + 1);
+      if (i_lo >= i_hi) continue;
+      const int sl_lo = max(i_lo / SLICE, s0);
+      const int sl_hi = min((i_hi - 1) / SLICE, s0 + nsl - 1);
+      float acc = 0.f;
+      for (int sl = sl_lo; sl <= sl_hi; sl++) acc += head_sums[(sl - s0) * SLICE_BLOCKS + j - (sl * SLICE * CMP_D) / SEL_L];
+      score[j] += acc;
+    }
+    __syncthreads();
+  }
+
+  // Top-n: blocks 1 .. current - 2 by score (0, current - 1 and current are forced).
+  const int lo = 1;
+  const int hi = max(lo, current - 1);
+  const int per = (hi - lo + 3) / 4;
+  warp_best_range(score, lo + warp * per, min(hi, lo + (warp + 1) * per), SEL_N, list_s + warp * SEL_N, list_j + warp * SEL_N, lane);
+  __syncthreads();
+  if (warp == 0) {
+    int chosen = -1; // lane i keeps the i-th chosen block
+    int count = warp_forced_blocks(current, chosen, lane);
+    const int got = warp_best_smem(list_s, list_j, 4 * SEL_N, SEL_N - count, pick_s, pick_j, lane);
+    for (int k = 0; k < got; k++)
+      if (lane == count + k) chosen = pick_j[k];
+    count += got;
+    warp_write_ascending(chosen, count, block_indices + ((i64)r * H + h) * SEL_N, lane);
+  }
+}
+
+/**
+ * The whole NSA step in one launch: each CTA takes a ticket and does that work item (the header lists them).
+ * counters: [0, 2) the tickets taken so far (64 bits: every launch takes gridDim.x of them, so ticket / gridDim.x
+ * is the launch's generation and ticket % gridDim.x its item), [2, 4) unused, then Q * H cmp-chunk counters, Q * H
+ * selection flags (generation + 1 once a pair's blocks are chosen), Q * H * gchunks merge counters. With `trace`
+ * set, each CTA writes 8 words at trace + 8 * item: item, start, end of its wait (slc items), end of its attention,
+ * end of its select or merge, 1 if it selected + 2 if it merged, its SM, its kind (0 cmp, 1 slc, 2 win); times are
+ * globaltimer nanoseconds.
+ */
+extern "C" __global__ void __launch_bounds__(THREADS, 3)
+    nsa_decode_fused(const elem_t *__restrict__ q, const unsigned long long *__restrict__ seq_ptrs, const int *__restrict__ seq_len,
+                     const int *__restrict__ q_seq, const int *__restrict__ q_pos, float *partial_m, float *partial_l,
+                     float *partial_o, int slots, int cmp_n, int cmp_chunk, int slc_slot0, int slc_n, int slc_chunk, int win_slot0,
+                     int win_n, int win_chunk, float *slices, i64 slice_stride, int Q, int Hq, int H, float scale_log2,
+                     const float *__restrict__ gate, float *o_cmp, float *o_slc, float *o_win, float *out, float *lse_cmp,
+                     float *lse_slc, float *lse_win, int *block_indices, int *counters, int work_floats, int lag,
+                     unsigned long long *trace) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  __shared__ AttendShared sh;
+  __shared__ unsigned long long ticket_sh;
+  const unsigned long long t_start = trace != nullptr ? global_ns() : 0;
+  if (threadIdx.x == 0) {
+    ticket_sh = atomicAdd(reinterpret_cast<unsigned long long *>(counters), 1ull);
+    sh.waited = 0;
+  }
+  __syncthreads();
+  const int item = (int)(ticket_sh % gridDim.x);
+  const int target = (int)(ticket_sh / gridDim.x) + 1;
+  const Cache c{q, seq_ptrs, seq_len, q_seq, q_pos};
+  const int G = Hq / H;
+  const int gchunks = (G + ROWS - 1) / ROWS;
+  const int ny = H * gchunks;
+  const int rows = Q * ny;
+  int *cmp_done = counters + 4;
+  int *sel_flag = cmp_done + Q * H;
+  int *merge_done = sel_flag + Q * H;
+  // The cmp items' slice probabilities follow their (unpadded) Q and K/V stages.
+  float(*pbuf)[ROWS][SLICE + 1] = reinterpret_cast<float(*)[ROWS][SLICE + 1]>(smem_raw + 2 * (ROWS * DK + 2 * TILE * (DK + DV)));
+  bool merge = false;
+  bool selected = false;
+  unsigned long long t_attended = 0;
+  // Ticket order: the cmp items of row p, then (from row `lag` on) the slc items of row p - lag, for each row p;
+  // then every win item; then the slc items of the last `lag` rows. (lag >= rows: all cmp, all win, all slc.)
+  int kind, row, z; // kind 0 cmp, 1 slc, 2 win
+  const int lead = min(lag, rows);
+  const int lagged = rows - lead; // rows whose slc items follow a later row's cmp items
+  const int phase_a = rows * cmp_n + lagged * slc_n;
+  if (item < lead * cmp_n) {
+    kind = 0;
+    row = item / cmp_n;
+    z = item % cmp_n;
+  } else if (item < phase_a) {
+    const int u = item - lead * cmp_n;
+    const int w = u % (cmp_n + slc_n);
+    kind = w < cmp_n ? 0 : 1;
+    row = u / (cmp_n + slc_n) + (w < cmp_n ? lead : 0);
+    z = w < cmp_n ? w : w - cmp_n;
+  } else if (item < phase_a + rows * win_n) {
+    kind = 2;
+    row = (item - phase_a) / win_n;
+    z = (item - phase_a) % win_n;
+  } else {
+    kind = 1;
+    row = lagged + (item - phase_a - rows * win_n) / slc_n;
+    z = (item - phase_a - rows * win_n) % slc_n;
+  }
+  const int r = row / ny;
+  const int y = row % ny;
+  const int h = y / gchunks;
+  if (kind == 0) {
+    attend_chunk<0>(c, nullptr, partial_m, partial_l, partial_o, slots, z, r, y, z, cmp_chunk, scale_log2, Hq, H, slices, slice_stride,
+                    smem_raw, sh, pbuf);
+    if (trace != nullptr) t_attended = global_ns();
+    if (last_to_finish(cmp_done + r * H + h, cmp_n * gchunks, &sh.last)) {
+      selected = true;
+      fused_select(r, h, seq_len, q_seq, q_pos, partial_m, partial_l, partial_o, slots, cmp_n, slices, slice_stride, o_cmp, lse_cmp,
+                   block_indices, Hq, H, reinterpret_cast<float *>(smem_raw), work_floats);
+      __threadfence();
+      __syncthreads();
+      if (threadIdx.x == 0) release_flag(sel_flag + r * H + h, target);
+    }
+  } else if (kind == 2) {
+    attend_chunk<2>(c, nullptr, partial_m, partial_l, partial_o, slots, win_slot0 + z, r, y, z, win_chunk, scale_log2, Hq, H, nullptr, 0,
+                    smem_raw, sh, nullptr);
+    if (trace != nullptr) t_attended = global_ns();
+    merge = last_to_finish(merge_done + row, win_n + slc_n, &sh.last);
+  } else {
+    attend_chunk<1>(c, block_indices, partial_m, partial_l, partial_o, slots, slc_slot0 + z, r, y, z, slc_chunk, scale_log2, Hq, H, nullptr,
+                    0, smem_raw, sh, nullptr, sel_flag + r * H + h, target);
+    if (trace != nullptr) t_attended = global_ns();
+    merge = last_to_finish(merge_done + row, win_n + slc_n, &sh.last);
+  }
+  // The last win or slc item of a row merges: every slc item of the row waited for the pair's flag before it
+  // counted itself done, so o_cmp is there.
+  if (merge)
+    merge_outputs(r, y, partial_m, partial_l, partial_o, slots, slc_slot0, win_slot0, Hq, H, gate, o_cmp, o_slc, o_win, out, lse_slc,
+                  lse_win, smem_raw);
+  if (trace != nullptr && threadIdx.x == 0) {
+    unsigned int smid;
+    asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
+    unsigned long long *rec = trace + 8 * (i64)item;
+    rec[0] = item;
+    rec[1] = t_start;
+    rec[2] = sh.waited;
+    rec[3] = t_attended;
+    rec[4] = global_ns();
+    rec[5] = (selected ? 1 : 0) + (merge ? 2 : 0);
+    rec[6] = smid;
+    rec[7] = kind;
+  }
+}
+
+/**
+ * phi = mean in the cache's layout (appendRandom): compressed token first + blockIdx.x of a sequence, KV head
+ * blockIdx.y, averages its tokens [i*d, i*d + l) in fp32, rounded once (threads [0, DK/8) keys, the rest values,
+ * 8 channels each). Row strides as in seq_ptrs: token i of head h at (i * rstride + h * hstride) rows, compressed
+ * rows with hstride_c.
+ */
+extern "C" __global__ void nsa_decode_compress_mean(const elem_t *__restrict__ k, const elem_t *__restrict__ v, elem_t *__restrict__ kc,
+                                                    elem_t *__restrict__ vc, int first, i64 rstride, i64 hstride, i64 hstride_c) {
+  const i64 i = first + (i64)blockIdx.x;
+  const int h = blockIdx.y;
+  const bool is_key = threadIdx.x < DK / 8;
+  const int dim = is_key ? DK : DV;
+  const int c0 = (is_key ? threadIdx.x : threadIdx.x - DK / 8) * 8;
+  const elem_t *src = is_key ? k : v;
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int t = 0; t < CMP_L; t++) {
+    const uint4 raw = *reinterpret_cast<const uint4 *>(src + ((i * CMP_D + t) * rstride + h * hstride) * dim + c0);
+    const elem_t *x = reinterpret_cast<const elem_t *>(&raw);
+#pragma unroll
+    for (int e = 0; e < 8; e++) acc[e] += elem_to_float(x[e]);
+  }
+  uint4 packed;
+  u32 *words = reinterpret_cast<u32 *>(&packed);
+#pragma unroll
+  for (int e = 0; e < 4; e++) words[e] = pack_elem2(acc[2 * e] / CMP_L, acc[2 * e + 1] / CMP_L);
+  elem_t *dst = is_key ? kc : vc;
+  *reinterpret_cast<uint4 *>(dst + (i * rstride + h * hstride_c) * dim + c0) = packed;
 }
 
 /** Dense baseline: merges each (query, head)'s chunks into its output. */

@@ -1,10 +1,14 @@
-// The cuda KV cache: per sequence, device buffers of raw K/V and compressed K/V in bf16, grown by doubling (a
-// copy on the device), and a decode step of three launches (kernels/decode.cu): cmp and win chunks (the cmp
-// chunks also fold their probabilities into per-slice block sums), cmp merge + block scores + top-n spread over
-// several CTAs per (query, KV head), slc chunks whose last CTA merges and writes the gated sum. Appends from the host compress on the host with the
-// same phi as the reference (the last l - 1 tokens are kept on the host for the next block) and upload the rows;
-// appendRandom (benchmarks) fills and compresses on the device. The timing methods replay the step's launches as
-// a CUDA graph.
+// The cuda KV cache: per sequence, device buffers of raw K/V and compressed K/V in bf16, head-major ([H, cap, D]:
+// a selected block of one KV head is one contiguous run) unless NSA_DECODE_LAYOUT=token ([cap, H, D]), grown by
+// doubling (a copy on the device). A decode step (kernels/decode.cu) is one launch whose CTAs take work items in
+// ticket order: cmp chunks (which also fold their probabilities into per-slice block sums; the last chunk of a
+// (query, KV head) merges the cmp branch, scores the blocks and picks the top-n), window chunks, then chunks of the
+// selected blocks (each waits for its pair's selection), the last of a row merging and writing the gated sum. Where
+// one CTA per pair cannot select (very long contexts) or NSA_DECODE_FUSED=0, the step is three launches instead:
+// cmp and win chunks, the selection spread over several CTAs per pair, slc chunks. Appends from the host compress
+// on the host with the same phi as the reference (the last l - 1 tokens are kept on the host for the next block)
+// and upload the rows; appendRandom (benchmarks) fills and compresses on the device. The timing methods replay the
+// step's launches as a CUDA graph.
 
 import type { NSAConfig } from '../../../config/nsa-config.js';
 import { DisposedError, UnsupportedConfigError } from '../../../errors.js';
@@ -51,6 +55,25 @@ function chunkFor(keys: number, rows: number, minCtas: number, smallest: number,
 }
 const ptr = (b: DeviceBuffer): KernelArg => ({ ptr: b.ptr });
 
+/** A buffer's bytes from `byteOffset` on, for copies into or out of the middle of it (owns nothing). */
+function at(b: DeviceBuffer, byteOffset: number): DeviceBuffer {
+  return {
+    ptr: b.ptr + BigInt(byteOffset),
+    bytes: b.bytes - byteOffset,
+    capacity: b.capacity - byteOffset,
+    what: b.what,
+    disposed: b.disposed,
+    dispose: () => {},
+  };
+}
+
+/** Rows [T, H, D] of 16-bit elements as H runs [H, T, D] (head-major uploads). */
+function headMajor(bits: Uint16Array, T: number, H: number, D: number): Uint16Array {
+  const out = new Uint16Array(bits.length);
+  for (let t = 0; t < T; t++) for (let h = 0; h < H; h++) out.set(bits.subarray((t * H + h) * D, (t * H + h + 1) * D), (h * T + t) * D);
+  return out;
+}
+
 export class CudaKvCache implements KvCache {
   readonly backend = 'cuda' as const;
   readonly maxTokens: number;
@@ -59,6 +82,8 @@ export class CudaKvCache implements KvCache {
   private readonly compressK: BlockCompressor;
   private readonly compressV: BlockCompressor;
   private readonly learned: boolean;
+  /** K/V (raw and compressed) stored [H, capacity, D] per sequence, else [capacity, H, D]. */
+  private readonly headMajor: boolean;
   private disposed = false;
 
   constructor(
@@ -71,6 +96,7 @@ export class CudaKvCache implements KvCache {
     this.pageTokens = options.pageTokens ?? 4096;
     const hidden = validatePhiParams({ phiK: options.phiK, phiV: options.phiV }, config);
     this.learned = config.phi !== 'mean';
+    this.headMajor = process.env['NSA_DECODE_LAYOUT'] !== 'token';
     this.compressK = new BlockCompressor(config, config.headDim, phiParamsOf(config, options.phiK, hidden));
     this.compressV = new BlockCompressor(config, config.valueDim, phiParamsOf(config, options.phiV, hidden));
   }
@@ -114,8 +140,8 @@ export class CudaKvCache implements KvCache {
     this.reserve(store, store.length + T);
     const kBits = float64ToStorage('bf16', k.toFloat32());
     const vBits = float64ToStorage('bf16', v.toFloat32());
-    this.ctx.uploadAt(store.k, store.length * H * dk * 2, kBits);
-    this.ctx.uploadAt(store.v, store.length * H * dv * 2, vBits);
+    this.uploadRows(store.k, kBits, store.length, T, store.capacity, dk);
+    this.uploadRows(store.v, vBits, store.length, T, store.capacity, dv);
     // Compress the blocks this append completes, from the kept tail and the new tokens as the cache holds them
     // (bf16), as the forward's compression reads them.
     const roundedK = Float32Array.from(kBits, bf16ToF32);
@@ -135,8 +161,9 @@ export class CudaKvCache implements KvCache {
           this.compressV.compress(allV, first, h, H, vc, ((i - store.compressed) * H + h) * dv);
         }
       }
-      this.ctx.uploadAt(store.kc, store.compressed * H * dk * 2, float64ToStorage('bf16', kc));
-      this.ctx.uploadAt(store.vc, store.compressed * H * dv * 2, float64ToStorage('bf16', vc));
+      const ccap = this.compressedCapacity(store.capacity);
+      this.uploadRows(store.kc, float64ToStorage('bf16', kc), store.compressed, rows, ccap, dk);
+      this.uploadRows(store.vc, float64ToStorage('bf16', vc), store.compressed, rows, ccap, dv);
       store.compressed = target;
     }
     // Keep the tokens the next blocks still need: from the next block's first token on (at most l - 1 of them).
@@ -159,22 +186,19 @@ export class CudaKvCache implements KvCache {
     }
     this.reserve(store, tokens);
     const random = new DeviceRandom(this.ctx, this.programs.dtype);
-    random.normal(store.k, tokens * H * dk, seed);
-    random.normal(store.v, tokens * H * dv, seed + 1);
+    // Head-major: every head's run of the capacity (rows past `tokens` are never read, but stay finite).
+    const rows = this.headMajor ? store.capacity : tokens;
+    random.normal(store.k, rows * H * dk, seed);
+    random.normal(store.v, rows * H * dv, seed + 1);
     const compressed = this.config.compressedLength(tokens);
     if (compressed > 0) {
-      const tables = {
-        rowSeq: this.ctx.upload(new Int32Array(compressed), 'cmp_row_seq'),
-        cu: this.ctx.upload(Int32Array.from([0, tokens]), 'cu_seqlens'),
-        cuCmp: this.ctx.upload(Int32Array.from([0, compressed]), 'cu_cmp'),
-      };
-      this.programs.compressMean.launch({
+      const [rowStride, headStride, headStrideC] = this.strides(store.capacity);
+      this.programs.decode('compress_mean').launch({
         grid: [compressed, H, 1],
         block: [(dk + dv) / 8, 1, 1],
-        args: [ptr(store.k), ptr(store.v), ptr(store.kc), ptr(store.vc), ptr(tables.rowSeq), ptr(tables.cu), ptr(tables.cuCmp), { i32: H }],
+        args: [ptr(store.k), ptr(store.v), ptr(store.kc), ptr(store.vc), { i32: 0 }, { i64: rowStride }, { i64: headStride }, { i64: headStrideC }],
       });
       this.ctx.synchronize();
-      for (const b of Object.values(tables)) b.dispose();
     }
     store.length = tokens;
     store.compressed = compressed;
@@ -198,7 +222,7 @@ export class CudaKvCache implements KvCache {
       gData.push(query.g.toFloat32());
     }
     const Q = qSeq.length;
-    const step = new DecodeStep(this.ctx, this.programs, this.config, Q, this.maxLength(), this.sequences, qSeq, qPos);
+    const step = new DecodeStep(this.ctx, this.programs, this.config, Q, this.maxLength(), this.seqTable(), qSeq, qPos);
     try {
       this.ctx.uploadAt(step.q, 0, float64ToStorage('bf16', concatAll(qData)));
       this.ctx.uploadAt(step.gate, 0, concatAll(gData));
@@ -253,13 +277,56 @@ export class CudaKvCache implements KvCache {
     }
   }
 
+  /**
+   * Diagnostics of the fused step (undefined where the step is three launches): after a few untraced runs, one run
+   * writes per work item its kind and globaltimer stamps (ns from the first item's start): start, end of the wait
+   * for the selection (slc items, else 0), end of the attention, end; and whether it selected or merged.
+   */
+  traceDecodeStep(): { kind: 'cmp' | 'win' | 'slc'; start: number; waited: number; attended: number; end: number; selected: boolean; merged: boolean; sm: number }[] | undefined {
+    const step = this.randomStep();
+    try {
+      if (!step.fused) return undefined;
+      const { cmp, win, slc } = step.items;
+      const total = cmp + win + slc;
+      const trace = this.ctx.alloc(total * 64, 'decode trace');
+      try {
+        for (let i = 0; i < 3; i++) step.run(false);
+        const [launch] = step.launches(false, trace);
+        launch!.launch();
+        this.ctx.synchronize();
+        const words = new BigUint64Array(total * 8);
+        this.ctx.download(trace, words);
+        const t0 = words.filter((_, i) => i % 8 === 1).reduce((m, t) => (t < m ? t : m));
+        const ns = (t: bigint): number => (t === 0n ? 0 : Number(t - t0));
+        const kinds = ['cmp', 'slc', 'win'] as const;
+        return Array.from({ length: total }, (_, item) => {
+          const w = words.subarray(item * 8, item * 8 + 8);
+          return {
+            kind: kinds[Number(w[7]!)] ?? 'cmp',
+            start: ns(w[1]!),
+            waited: ns(w[2]!),
+            attended: ns(w[3]!),
+            end: ns(w[4]!),
+            selected: (w[5]! & 1n) !== 0n,
+            merged: (w[5]! & 2n) !== 0n,
+            sm: Number(w[6]!),
+          };
+        });
+      } finally {
+        trace.dispose();
+      }
+    } finally {
+      step.dispose();
+    }
+  }
+
   /** A step of one random query (N(0, 1)) and random gates (U(0, 1)) per sequence, at its last position. */
   private randomStep(): DecodeStep {
     this.assertLive();
     const S = this.sequences.length;
     const qSeq = Array.from({ length: S }, (_, s) => s);
     const qPos = this.sequences.map((s) => s.length - 1);
-    const step = new DecodeStep(this.ctx, this.programs, this.config, S, this.maxLength(), this.sequences, qSeq, qPos);
+    const step = new DecodeStep(this.ctx, this.programs, this.config, S, this.maxLength(), this.seqTable(), qSeq, qPos);
     try {
       const random = new DeviceRandom(this.ctx, this.programs.dtype);
       random.normal(step.q, S * this.config.heads * this.config.headDim, 7);
@@ -299,9 +366,50 @@ export class CudaKvCache implements KvCache {
     return this.sequences.reduce((m, s) => Math.max(m, s.length), 1);
   }
 
+  private compressedCapacity(capacity: number): number {
+    return Math.max(1, this.config.compressedLength(capacity));
+  }
+
+  /** Rows between a head's consecutive tokens, and before head h's first raw / compressed token (times h). */
+  private strides(capacity: number): [number, number, number] {
+    return this.headMajor ? [1, capacity, this.compressedCapacity(capacity)] : [this.config.kvHeads, 1, 1];
+  }
+
+  /** What the kernels read per sequence (decode.cu, SEQ_WORDS): the buffers' addresses and the strides. */
+  private seqTable(): { ptrs: BigUint64Array; lengths: Int32Array } {
+    const ptrs = new BigUint64Array(this.sequences.length * 8);
+    this.sequences.forEach((s, i) => {
+      const [rowStride, headStride, headStrideC] = this.strides(s.capacity);
+      ptrs.set([s.k.ptr, s.v.ptr, s.kc.ptr, s.vc.ptr, BigInt(rowStride), BigInt(headStride), BigInt(headStrideC), 0n], i * 8);
+    });
+    return { ptrs, lengths: Int32Array.from(this.sequences.map((s) => s.length)) };
+  }
+
+  /** Uploads rows [from, from + T) of every head, `bits` [T, H, D], into a buffer of `capacity` rows per head. */
+  private uploadRows(buffer: DeviceBuffer, bits: Uint16Array, from: number, T: number, capacity: number, D: number): void {
+    const H = this.config.kvHeads;
+    if (!this.headMajor) {
+      this.ctx.uploadAt(buffer, from * H * D * 2, bits);
+      return;
+    }
+    const runs = headMajor(bits, T, H, D);
+    for (let h = 0; h < H; h++) this.ctx.uploadAt(buffer, (h * capacity + from) * D * 2, runs.subarray(h * T * D, (h + 1) * T * D));
+  }
+
+  /** Copies the first `rows` rows of every head from a buffer of `fromCap` rows per head into one of `toCap`. */
+  private copyRows(dst: DeviceBuffer, src: DeviceBuffer, rows: number, fromCap: number, toCap: number, D: number): void {
+    const H = this.config.kvHeads;
+    if (!this.headMajor) {
+      this.ctx.copy(dst, src, rows * H * D * 2);
+      return;
+    }
+    if (rows === 0) return;
+    for (let h = 0; h < H; h++) this.ctx.copy(at(dst, h * toCap * D * 2), at(src, h * fromCap * D * 2), rows * D * 2);
+  }
+
   private allocate(capacity: number): Pick<SequenceStore, 'k' | 'v' | 'kc' | 'vc'> {
     const { kvHeads: H, headDim: dk, valueDim: dv } = this.config;
-    const ccap = Math.max(1, this.config.compressedLength(capacity));
+    const ccap = this.compressedCapacity(capacity);
     return {
       k: this.ctx.alloc(capacity * H * dk * 2, 'cache keys'),
       v: this.ctx.alloc(capacity * H * dv * 2, 'cache values'),
@@ -317,11 +425,13 @@ export class CudaKvCache implements KvCache {
     while (capacity < tokens) capacity *= 2;
     capacity = Math.min(capacity, Math.max(tokens, this.maxTokens));
     const grown = this.allocate(capacity);
-    const { kvHeads: H, headDim: dk, valueDim: dv } = this.config;
-    this.ctx.copy(grown.k, store.k, store.length * H * dk * 2);
-    this.ctx.copy(grown.v, store.v, store.length * H * dv * 2);
-    this.ctx.copy(grown.kc, store.kc, store.compressed * H * dk * 2);
-    this.ctx.copy(grown.vc, store.vc, store.compressed * H * dv * 2);
+    const { headDim: dk, valueDim: dv } = this.config;
+    const [cap, ccap] = [store.capacity, this.compressedCapacity(store.capacity)];
+    const ccapGrown = this.compressedCapacity(capacity);
+    this.copyRows(grown.k, store.k, store.length, cap, capacity, dk);
+    this.copyRows(grown.v, store.v, store.length, cap, capacity, dv);
+    this.copyRows(grown.kc, store.kc, store.compressed, ccap, ccapGrown, dk);
+    this.copyRows(grown.vc, store.vc, store.compressed, ccap, ccapGrown, dv);
     for (const b of [store.k, store.v, store.kc, store.vc]) b.dispose();
     Object.assign(store, grown, { capacity });
   }
@@ -337,10 +447,22 @@ function sliceWidth(config: NSAConfig): number {
   return Math.floor((15 * d + l - 1) / ls) + ((16 * d) % ls === 0 ? 1 : 2) + 1;
 }
 
+/** Floats of a slice record: G heads' slice widths rounded up to a multiple of 4 (decode.cu, slice_record). */
+function sliceRecord(config: NSAConfig): number {
+  return Math.ceil((config.groupSize * sliceWidth(config)) / 4) * 4;
+}
+
 /** nsa_decode_select's threads, the candidate blocks one of its CTAs scores at most, its staging floats (decode.cu). */
 const SELECT_THREADS = 256;
 const SELECT_CANDIDATES = 4 * SELECT_THREADS;
 const SELECT_STAGE = 8192;
+/** fused_select's fixed floats (decode.cu FUSED_SELECT_FIXED: MAX_G = 128, FUSED_WEIGHTS = 2048). */
+const fusedSelectFixed = (n: number): number => (3 * 128 + 2048 + 10 * n + 3) & ~3;
+/**
+ * Slice floats per (query, KV head) above which one CTA per pair selects too slowly and the step takes three
+ * launches (the selection spread over several CTAs): 64k floats is 128k tokens with the paper's preset and G = 16.
+ */
+const FUSED_MAX_SLICE_FLOATS = 65536;
 
 /** The device buffers and launches of one decode step for Q queries. */
 class DecodeStep {
@@ -360,13 +482,19 @@ class DecodeStep {
   /** Branch 0's per-slice block sums [Q, H, sliceStride]; the select step's candidate lists; last-CTA counters. */
   private readonly slices: DeviceBuffer;
   private readonly candidates: Record<'s' | 'j', DeviceBuffer>;
-  private readonly counters: Record<'select' | 'slc', DeviceBuffer>;
+  private readonly counters: Record<'select' | 'slc' | 'fused', DeviceBuffer>;
+  /** One launch (nsa_decode_fused) rather than three. */
+  readonly fused: boolean;
   /** Chunks (partial slots) per row of each branch, and the keys per chunk; NSA's slots are laid out cmp, slc, win. */
   private readonly slots: { cmp: number; slc: number; win: number; nsa: number; dense: number };
   private readonly chunks: { cmp: number; slc: number; win: number; dense: number };
   private readonly sliceStride: number;
   /** nsa_decode_select CTAs per (query, KV head). */
   private readonly selectCtas: number;
+  /** Floats of the fused launch's dynamic shared memory (fused_select's work area). */
+  private readonly workFloats: number;
+  /** Rows (query, KV head, 16 heads) by which the fused launch's slc items trail the cmp items (decode.cu). */
+  private readonly lag: number;
 
   constructor(
     private readonly ctx: CudaContext,
@@ -374,7 +502,7 @@ class DecodeStep {
     private readonly config: NSAConfig,
     private readonly Q: number,
     maxLength: number,
-    sequences: readonly SequenceStore[],
+    table: { readonly ptrs: BigUint64Array; readonly lengths: Int32Array },
     qSeq: readonly number[],
     qPos: readonly number[],
   ) {
@@ -411,15 +539,32 @@ class DecodeStep {
     const win = Math.ceil(window / this.chunks.win);
     const dense = Math.ceil(maxLength / this.chunks.dense);
     this.slots = { cmp, slc, win, nsa: cmp + slc + win, dense };
-    // nsa_decode_slc's last CTA keeps a weight per (row, slc or win slot) in its dynamic shared memory.
+    // One launch where one CTA per (query, KV head) can select: its scores and a round of at least 8 slices fit in
+    // the launch's shared memory, and the pair's slices are few enough.
+    const { compressBlock: l, compressStride: d } = config;
+    const record = sliceRecord(config);
+    const maxSlices = Math.ceil(maxCompressed / 16);
+    const workFloats = programs.decodePartialSharedBytes('fused') / 4;
+    const scoreFloats = Math.ceil((Math.floor((maxLength - 1) / selectBlock) + 1) / 4) * 4;
+    const fits = workFloats - fusedSelectFixed(n) - scoreFloats >= Math.min(maxSlices, 8) * (record + sliceWidth(config) - 1);
+    // Unless NSA_DECODE_FUSED says (0: three launches, 1: fused wherever it fits), fused takes batches of at least
+    // one row of heads per SM: below, the one CTA per pair that selects sits on the critical path (H100, paper
+    // preset, 64k, fused against three launches: 0.070 against 0.061 ms at B = 1, 0.107 against 0.103 ms at B = 8;
+    // 0.334 against 0.396 ms at B = 64).
+    const wanted = process.env['NSA_DECODE_FUSED'];
+    const worth = ctaRows >= ctx.device.smCount && maxSlices * record <= FUSED_MAX_SLICE_FLOATS;
+    this.fused = wanted !== '0' && fits && (wanted === '1' || worth);
+    this.workFloats = workFloats;
+    const lag = Number(process.env['NSA_DECODE_LAG']);
+    this.lag = Number.isInteger(lag) && lag >= 0 ? Math.min(lag, ctaRows) : ctaRows;
+    // The last slc (or win) CTA of a row keeps a weight per (row, slc or win slot) in its dynamic shared memory.
     if (2 * 16 * (slc + win) * 4 > programs.decodePartialSharedBytes('slc')) {
       throw new UnsupportedConfigError(`cuda decode: ${slc + win} slc and win chunks per row are more than the merge holds`);
     }
     const rows = Q * Hq * Math.max(this.slots.nsa, dense);
     this.partial = { m: f32(rows, 'decode partial m'), l: f32(rows, 'decode partial l'), o: f32(rows * dv, 'decode partial o') };
-    this.sliceStride = Math.ceil(maxCompressed / 64) * 4 * G * sliceWidth(config);
+    this.sliceStride = Math.ceil(maxCompressed / 64) * 4 * record;
     // nsa_decode_select stages the slices of SELECT_THREADS candidate blocks, one head at least, in SELECT_STAGE floats.
-    const { compressBlock: l, compressStride: d } = config;
     const stagedSlices = Math.floor(((SELECT_THREADS * selectBlock + l - d) / d + 1) / 16) + 2;
     if (stagedSlices * sliceWidth(config) > SELECT_STAGE) {
       throw new UnsupportedConfigError(`cuda decode: selection blocks of ${selectBlock} over compressed tokens every ${d} are too many to score`);
@@ -434,21 +579,32 @@ class DecodeStep {
       s: f32(Q * H * this.selectCtas * n, 'decode candidate scores'),
       j: f32(Q * H * this.selectCtas * n, 'decode candidate blocks'),
     };
-    this.counters = { select: f32(Q * H, 'decode select counters'), slc: f32(ctaRows, 'decode slc counters') };
-    ctx.memset(this.counters.select, 0);
-    ctx.memset(this.counters.slc, 0);
-    const ptrs = new BigUint64Array(sequences.length * 4);
-    sequences.forEach((s, i) => ptrs.set([s.k.ptr, s.v.ptr, s.kc.ptr, s.vc.ptr], i * 4));
+    this.counters = {
+      select: f32(Q * H, 'decode select counters'),
+      slc: f32(ctaRows, 'decode slc counters'),
+      // Tickets, CTAs done, generation, unused; per pair the cmp chunks done and the selection flag; per row the merge.
+      fused: f32(4 + 2 * Q * H + ctaRows, 'decode fused counters'),
+    };
+    for (const c of Object.values(this.counters)) ctx.memset(c, 0);
     this.tables = {
-      seqPtrs: this.keep(ctx.upload(ptrs, 'decode sequence pointers')),
-      seqLen: this.keep(ctx.upload(Int32Array.from(sequences.map((s) => s.length)), 'decode sequence lengths')),
+      seqPtrs: this.keep(ctx.upload(table.ptrs, 'decode sequence pointers')),
+      seqLen: this.keep(ctx.upload(table.lengths, 'decode sequence lengths')),
       qSeq: this.keep(ctx.upload(Int32Array.from(qSeq), 'decode query sequences')),
       qPos: this.keep(ctx.upload(Int32Array.from(qPos), 'decode query positions')),
     };
   }
 
-  /** The launches of the NSA step (or of dense attention over the whole cache), in order, by name. */
-  launches(dense: boolean): { readonly name: string; readonly launch: () => void }[] {
+  /** Work items of the fused launch, by kind, in ticket order (cmp, win, slc), for reading a trace. */
+  get items(): { cmp: number; win: number; slc: number } {
+    const rows = this.Q * this.config.kvHeads * Math.ceil(this.config.groupSize / 16);
+    return { cmp: rows * this.slots.cmp, win: rows * this.slots.win, slc: rows * this.slots.slc };
+  }
+
+  /**
+   * The launches of the NSA step (or of dense attention over the whole cache), in order, by name. `trace` (the
+   * fused step only): 8 words per work item written by the kernel (decode.cu, nsa_decode_fused).
+   */
+  launches(dense: boolean, trace?: DeviceBuffer): { readonly name: string; readonly launch: () => void }[] {
     const { programs, config, Q, tables, partial, slots, chunks } = this;
     const { heads: Hq, kvHeads: H } = config;
     const gchunks = Math.ceil(config.groupSize / 16);
@@ -480,6 +636,26 @@ class DecodeStep {
       ];
     }
     const winSlot0 = slots.cmp + slots.slc;
+    if (this.fused) {
+      return [
+        {
+          name: 'fused',
+          launch: () =>
+            programs.decode('fused').launch({
+              grid: [Q * H * gchunks * (slots.cmp + slots.win + slots.slc), 1, 1],
+              block: [128, 1, 1],
+              sharedBytes: programs.decodePartialSharedBytes('fused'),
+              args: [
+                ...cache, ...parts, { i32: slots.nsa }, { i32: slots.cmp }, { i32: chunks.cmp }, { i32: slots.cmp }, { i32: slots.slc },
+                { i32: chunks.slc }, { i32: winSlot0 }, { i32: slots.win }, { i32: chunks.win }, ptr(this.slices), { i64: this.sliceStride },
+                { i32: Q }, { i32: Hq }, { i32: H }, scaleLog2, ptr(this.gate), ptr(this.oCmp), ptr(this.oSlc), ptr(this.oWin), ptr(this.out),
+                ptr(this.lseCmp), ptr(this.lseSlc), ptr(this.lseWin), ptr(this.blockIndices), ptr(this.counters.fused), { i32: this.workFloats },
+                { i32: this.lag }, { ptr: trace?.ptr ?? 0n },
+              ],
+            }),
+        },
+      ];
+    }
     return [
       {
         name: 'cmp_win',

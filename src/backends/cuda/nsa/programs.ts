@@ -143,10 +143,11 @@ export class NsaPrograms {
   }
 
   /**
-   * Decoding kernels (kernels/decode.cu). nsa_decode_slc gathers its key/value rows with bulk copies where the
-   * selected attention does (sm_90 and later), unless NSA_DECODE_BULK=0.
+   * Decoding kernels (kernels/decode.cu). The selected blocks' key/value rows (nsa_decode_slc, the slc items of
+   * nsa_decode_fused) come by bulk copies where the selected attention gathers so (sm_90 and later), unless
+   * NSA_DECODE_BULK=0.
    */
-  decode(fn: 'cmp_win' | 'select' | 'slc' | 'dense' | 'combine_dense'): Kernel {
+  decode(fn: 'fused' | 'cmp_win' | 'select' | 'slc' | 'dense' | 'combine_dense' | 'compress_mean'): Kernel {
     return this.kernel('decode.cu', `nsa_decode_${fn}`, [
       ...this.cmpDefines(),
       ...this.selDefines(),
@@ -159,9 +160,14 @@ export class NsaPrograms {
     return this.tuning.slcBulk && process.env['NSA_DECODE_BULK'] !== '0';
   }
 
-  /** Q rows and two stages of 64 key and value rows (nsa_decode_slc's padded by 8 elements for bulk copies). */
-  decodePartialSharedBytes(fn: 'cmp_win' | 'slc' | 'dense'): number {
+  /**
+   * Q rows and two stages of 64 key and value rows (nsa_decode_slc's padded by 8 elements for bulk copies). The
+   * fused step's CTAs take the larger of the slc items' (padded) and the cmp items' (unpadded, then their slice
+   * probabilities: 4 warps x 16 rows x 17 floats).
+   */
+  decodePartialSharedBytes(fn: 'fused' | 'cmp_win' | 'slc' | 'dense'): number {
     const { headDim: dk, valueDim: dv } = this.config;
+    if (fn === 'fused') return Math.max(this.decodePartialSharedBytes('slc'), this.decodePartialSharedBytes('cmp_win') + 4 * 16 * 17 * 4);
     const pad = fn === 'slc' && this.decodeBulk ? 8 : 0;
     return 2 * (16 * dk + 2 * 64 * (dk + dv + 2 * pad));
   }
