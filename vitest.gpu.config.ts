@@ -4,6 +4,7 @@ import { defineConfig } from 'vitest/config';
 export default defineConfig({
   test: {
     include: ['test/gpu/**/*.test.ts'],
+    setupFiles: ['test/gpu/yield-between-tests.ts'],
     testTimeout: 600_000,
     hookTimeout: 600_000,
     fileParallelism: false,
