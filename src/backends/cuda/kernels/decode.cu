@@ -15,11 +15,12 @@
 //   cmp item   partial softmax over a chunk of the visible compressed keys; it also folds its probabilities,
 //              relative to the warp's running max, into per-selection-block sums for each slice of 16 compressed
 //              keys (SLICE_W floats per slice and head: the sums, then the max they are relative to). The last cmp
-//              item of a (query, KV head) then selects its blocks (fused_select): the cmp lse and o_cmp of the G
-//              heads, the block scores from the slices, top-n after the forced blocks, and raises the pair's flag
+//              item of a (query, KV head) then selects its blocks (fused_select): the cmp lse of the G heads,
+//              the block scores from the slices, top-n after the forced blocks, and raises the pair's flag
 //   win item   partial softmax over a chunk of the window
 //   slc item   waits for its pair's flag, then partial softmax over a chunk of the selected blocks' keys
-// The last win or slc item of a (query, KV head, 16 heads) merges the slc and win chunks and writes the gated sum.
+// The last win or slc item of a (query, KV head, 16 heads) merges the cmp, slc and win chunks and writes the gated
+// sum (o_cmp is merged there rather than in the select, whose latency the pair's slc items wait out).
 // Counters reset themselves or count on (the 64-bit ticket counter: ticket / items is the launch's generation, which
 // the pairs' flags are compared against), so the launch can be replayed as a graph. A select by one CTA per pair
 // reads all of the pair's slices and sits on the critical path when the batch is small, so for small batches and
@@ -58,7 +59,6 @@
 #define SEL_PER_THREAD 4 // candidate blocks per thread of nsa_decode_select: at most 1024 per CTA
 #define MAX_G 128
 #define SEL_STAGE 8192 // floats of nsa_decode_select's staging area (dynamic shared memory)
-#define NO_BLOCK 0x7fffffff
 #define SEQ_WORDS 8 // per sequence in seq_ptrs: k, v, kc, vc, row stride, raw head stride, compressed head stride, unused
 #define PBUF_BYTES (4 * ROWS * (SLICE + 1) * 4)
 
@@ -214,6 +214,9 @@ __device__ __forceinline__ void attend_chunk(const Cache &c, const int *block_in
 #endif
   // With BULK every thread arrives once per issue (with the bytes of its row, maybe none: thread i < TILE copies
   // key row i, thread TILE + i value row i); the phase of stage it & 1 that tile it completes has parity (it / 2) & 1.
+  // Every key/value row is read once per step: streamed through L2 as evict-first, so that the partials and
+  // slices written during the step, read again by the selects and merges, stay in L2.
+  const unsigned long long stream_policy = l2_evict_first_policy();
   auto issue = [&](int it) {
 #if DECODE_USE_BULK
     if constexpr (BULK) {
@@ -225,21 +228,25 @@ __device__ __forceinline__ void attend_chunk(const Cache &c, const int *block_in
       const u32 bytes = row >= 0 ? (is_value ? DV : DK) * 2 : 0;
       mbarrier_arrive_expect_tx(&sh.stage_bar[stage], bytes);
       if (row >= 0) {
-        if (is_value) bulk_copy_g2s(vsmem + (stage * TILE + i) * V_ROW, vbase + ((i64)row * rstride + hoff) * DV, bytes, &sh.stage_bar[stage]);
-        else bulk_copy_g2s(ksmem + (stage * TILE + i) * K_ROW, kbase + ((i64)row * rstride + hoff) * DK, bytes, &sh.stage_bar[stage]);
+        if (is_value)
+          bulk_copy_g2s_hinted(vsmem + (stage * TILE + i) * V_ROW, vbase + ((i64)row * rstride + hoff) * DV, bytes, &sh.stage_bar[stage],
+                               stream_policy);
+        else
+          bulk_copy_g2s_hinted(ksmem + (stage * TILE + i) * K_ROW, kbase + ((i64)row * rstride + hoff) * DK, bytes, &sh.stage_bar[stage],
+                               stream_policy);
       }
       return;
     }
 #endif
     const int k0 = c0 + it * TILE;
-    load_tile_async<DK, THREADS>(ksmem + (it & 1) * TILE * DK, TILE, [&](int i) -> const elem_t * {
+    load_tile_async_hinted<DK, THREADS>(ksmem + (it & 1) * TILE * DK, TILE, [&](int i) -> const elem_t * {
       const int row = k0 + i < c1 ? key_row(k0 + i) : -1;
       return row >= 0 ? kbase + ((i64)row * rstride + hoff) * DK : nullptr;
-    });
-    load_tile_async<DV, THREADS>(vsmem + (it & 1) * TILE * DV, TILE, [&](int i) -> const elem_t * {
+    }, stream_policy);
+    load_tile_async_hinted<DV, THREADS>(vsmem + (it & 1) * TILE * DV, TILE, [&](int i) -> const elem_t * {
       const int row = k0 + i < c1 ? key_row(k0 + i) : -1;
       return row >= 0 ? vbase + ((i64)row * rstride + hoff) * DV : nullptr;
-    });
+    }, stream_policy);
     cp_async_commit();
   };
   issue(0);
@@ -382,14 +389,15 @@ __device__ __forceinline__ bool last_to_finish(int *counter, int total, int *fla
 }
 
 /**
- * Query r's heads of row group y: merges the slc slots [slc_slot0, win_slot0) and the win slots [win_slot0,
- * slots) of their partial results and writes o_slc, o_win, lse_slc, lse_win and the gated sum with o_cmp (all
- * read through L2: other CTAs of the same launch may have written them). Uses the first 2 * ROWS * (slots -
- * slc_slot0) floats of `smem`.
+ * Query r's heads of row group y: merges each branch's partial results (slots [0, cmp_n) when cmp_n > 0, the slc
+ * slots [slc_slot0, win_slot0), the win slots [win_slot0, slots)) and writes the branches' outputs and lse and the
+ * gated sum. With cmp_n == 0, o_cmp was merged before (nsa_decode_select) and is read instead. Everything is read
+ * through L2: other CTAs of the same launch may have written it. Uses the first 2 * ROWS * (slots - first merged
+ * slot) floats of `smem`.
  */
 __device__ __forceinline__ void merge_outputs(int r, int y, const float *partial_m, const float *partial_l, const float *partial_o,
-                                              int slots, int slc_slot0, int win_slot0, int Hq, int H, const float *gate,
-                                              const float *o_cmp, float *o_slc, float *o_win, float *out, float *lse_slc,
+                                              int slots, int cmp_n, int slc_slot0, int win_slot0, int Hq, int H, const float *gate,
+                                              float *o_cmp, float *o_slc, float *o_win, float *out, float *lse_cmp, float *lse_slc,
                                               float *lse_win, unsigned char *smem) {
   const int G = Hq / H;
   const int gchunks = (G + ROWS - 1) / ROWS;
@@ -397,64 +405,70 @@ __device__ __forceinline__ void merge_outputs(int r, int y, const float *partial
   const int head0 = (y % gchunks) * ROWS;
   const int rows = min(ROWS, G - head0);
   const i64 prow = (i64)r * Hq + h * G + head0;
-  const int ns = slots - slc_slot0; // the slc slots, then the win slots
-  const int nslc = win_slot0 - slc_slot0;
+  const int first = cmp_n > 0 ? 0 : slc_slot0; // the first merged slot
+  const int ns = slots - first;
+  // Each branch's slots, relative to `first`: cmp [0, b1), slc [b1, b2), win [b2, ns).
+  const int b1 = slc_slot0 - first;
+  const int b2 = win_slot0 - first;
   // Each (row, slot)'s m and l into shared memory, then per (row, branch) the branch's m and l, and each slot's
   // weight exp2(m_s - m) / l in place of its m.
   float *wm = reinterpret_cast<float *>(smem); // [ROWS][ns]
   float *wl = wm + ROWS * ns;
   for (int i = threadIdx.x; i < rows * ns; i += THREADS) {
-    const i64 at = (prow + i / ns) * slots + slc_slot0 + i % ns;
+    const i64 at = (prow + i / ns) * slots + first + i % ns;
     wm[i] = __ldcg(partial_m + at);
     wl[i] = __ldcg(partial_l + at);
   }
   __syncthreads();
   float bm = NSA_NEG_INF, bl = 0.f;
-  const int row = threadIdx.x >> 1;
-  const int b = threadIdx.x & 1;
-  const int s0 = b == 0 ? 0 : nslc;
-  const int s1 = b == 0 ? nslc : ns;
-  if (row < rows) {
+  const int row = threadIdx.x >> 2;
+  const int b = threadIdx.x & 3; // 0 cmp, 1 slc, 2 win
+  const int s0 = b == 0 ? 0 : b == 1 ? b1 : b2;
+  const int s1 = b == 0 ? b1 : b == 1 ? b2 : ns;
+  const bool mine = row < rows && b < 3 && s0 < s1;
+  if (mine) {
     for (int s = s0; s < s1; s++) bm = fmaxf(bm, wm[row * ns + s]);
     for (int s = s0; s < s1; s++) {
       const float ms = wm[row * ns + s];
       bl += ms == NSA_NEG_INF ? 0.f : exp2f(ms - bm) * wl[row * ns + s];
     }
     const float lse = bm == NSA_NEG_INF ? NSA_NEG_INF : (bm + log2f(bl)) * NSA_LN2;
-    (b == 0 ? lse_slc : lse_win)[prow + row] = lse;
+    (b == 0 ? lse_cmp : b == 1 ? lse_slc : lse_win)[prow + row] = lse;
   }
   __syncthreads();
-  if (row < rows) {
+  if (mine) {
     for (int s = s0; s < s1; s++) {
       const float ms = wm[row * ns + s];
       wm[row * ns + s] = ms == NSA_NEG_INF ? 0.f : exp2f(ms - bm) / bl;
     }
   }
   __syncthreads();
+  auto add_slots = [&](float4 &acc, const float4 *po, const float *w, int from, int to) {
+#pragma unroll 4
+    for (int s = from; s < to; s++) {
+      const float4 v = __ldcg(po + (i64)s * (DV / 4));
+      acc.x += w[s] * v.x, acc.y += w[s] * v.y, acc.z += w[s] * v.z, acc.w += w[s] * v.w;
+    }
+  };
   for (int idx = threadIdx.x; idx < rows * (DV / 4); idx += THREADS) {
     const int rr = idx / (DV / 4);
     const int col = (idx % (DV / 4)) * 4;
     const i64 orow = prow + rr;
     const float *w = wm + rr * ns;
-    const float4 *po = reinterpret_cast<const float4 *>(partial_o + (orow * slots + slc_slot0) * DV + col);
-    float4 as = make_float4(0.f, 0.f, 0.f, 0.f), aw = as;
-#pragma unroll 4
-    for (int s = 0; s < nslc; s++) {
-      const float4 v = __ldcg(po + (i64)s * (DV / 4));
-      as.x += w[s] * v.x, as.y += w[s] * v.y, as.z += w[s] * v.z, as.w += w[s] * v.w;
-    }
-#pragma unroll 4
-    for (int s = nslc; s < ns; s++) {
-      const float4 v = __ldcg(po + (i64)s * (DV / 4));
-      aw.x += w[s] * v.x, aw.y += w[s] * v.y, aw.z += w[s] * v.z, aw.w += w[s] * v.w;
-    }
-    const float4 oc = __ldcg(reinterpret_cast<const float4 *>(o_cmp + orow * DV + col));
+    const float4 *po = reinterpret_cast<const float4 *>(partial_o + (orow * slots + first) * DV + col);
+    float4 ac = make_float4(0.f, 0.f, 0.f, 0.f), as = ac, aw = ac;
+    add_slots(ac, po, w, 0, b1);
+    add_slots(as, po, w, b1, b2);
+    add_slots(aw, po, w, b2, ns);
+    float4 *oc_at = reinterpret_cast<float4 *>(o_cmp + orow * DV + col);
+    if (cmp_n > 0) *oc_at = ac;
+    else ac = __ldcg(oc_at);
     const float g0 = gate[orow * 3], g1 = gate[orow * 3 + 1], g2 = gate[orow * 3 + 2];
     *reinterpret_cast<float4 *>(o_slc + orow * DV + col) = as;
     *reinterpret_cast<float4 *>(o_win + orow * DV + col) = aw;
     *reinterpret_cast<float4 *>(out + orow * DV + col) =
-        make_float4(g0 * oc.x + g1 * as.x + g2 * aw.x, g0 * oc.y + g1 * as.y + g2 * aw.y, g0 * oc.z + g1 * as.z + g2 * aw.z,
-                    g0 * oc.w + g1 * as.w + g2 * aw.w);
+        make_float4(g0 * ac.x + g1 * as.x + g2 * aw.x, g0 * ac.y + g1 * as.y + g2 * aw.y, g0 * ac.z + g1 * as.z + g2 * aw.z,
+                    g0 * ac.w + g1 * as.w + g2 * aw.w);
   }
 }
 
@@ -467,7 +481,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
                    const int *__restrict__ q_seq, const int *__restrict__ q_pos, const int *__restrict__ block_indices,
                    float *__restrict__ partial_m, float *__restrict__ partial_l, float *__restrict__ partial_o, int slots,
                    int slc_slot0, int chunk, int win_slot0, int Hq, int H, float scale_log2, const float *__restrict__ gate,
-                   const float *__restrict__ o_cmp, float *__restrict__ o_slc, float *__restrict__ o_win, float *__restrict__ out,
+                   float *__restrict__ o_cmp, float *__restrict__ o_slc, float *__restrict__ o_win, float *__restrict__ out,
                    float *__restrict__ lse_slc, float *__restrict__ lse_win, int *__restrict__ counters) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ AttendShared sh;
@@ -475,88 +489,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   attend_chunk<1>(c, block_indices, partial_m, partial_l, partial_o, slots, slc_slot0 + blockIdx.z, blockIdx.x, blockIdx.y, blockIdx.z,
                   chunk, scale_log2, Hq, H, nullptr, 0, smem_raw, sh, nullptr);
   if (!last_to_finish(counters + (i64)blockIdx.x * gridDim.y + blockIdx.y, gridDim.z, &sh.last)) return;
-  merge_outputs(blockIdx.x, blockIdx.y, partial_m, partial_l, partial_o, slots, slc_slot0, win_slot0, Hq, H, gate, o_cmp, o_slc, o_win,
-                out, lse_slc, lse_win, smem_raw);
-}
-
-/**
- * The warp's best `need` (score, index) pairs (higher score, then lower index) of those in its registers, E per
- * lane, into out_s/out_j[0 .. need), padded with (-inf, NO_BLOCK). Taken entries are overwritten with -inf.
- */
-template <int E>
-__device__ __forceinline__ void warp_best_regs(float (&sc)[E], const int (&jx)[E], int need, float *out_s, int *out_j, int lane) {
-  int k = 0;
-  for (; k < need; k++) {
-    float bs = NSA_NEG_INF;
-    int bj = NO_BLOCK;
-#pragma unroll
-    for (int e = 0; e < E; e++)
-      if (topk_better(sc[e], jx[e], bs, bj)) {
-        bs = sc[e];
-        bj = jx[e];
-      }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      const float os = __shfl_xor_sync(0xffffffff, bs, off);
-      const int oj = __shfl_xor_sync(0xffffffff, bj, off);
-      if (topk_better(os, oj, bs, bj)) {
-        bs = os;
-        bj = oj;
-      }
-    }
-    if (bs == NSA_NEG_INF) break;
-    if (lane == 0) {
-      out_s[k] = bs;
-      out_j[k] = bj;
-    }
-#pragma unroll
-    for (int e = 0; e < E; e++)
-      if (jx[e] == bj) sc[e] = NSA_NEG_INF;
-  }
-  for (int i = k + lane; i < need; i += 32) {
-    out_s[i] = NSA_NEG_INF;
-    out_j[i] = NO_BLOCK;
-  }
-}
-
-/** Same over count (score, index) pairs in shared memory (taken ones overwritten with -inf); returns how many. */
-__device__ __forceinline__ int warp_best_smem(float *s, const int *jx, int count, int need, float *out_s, int *out_j, int lane) {
-  int k = 0;
-  for (; k < need; k++) {
-    float bs = NSA_NEG_INF;
-    int bj = NO_BLOCK;
-    int bat = -1;
-    for (int i = lane; i < count; i += 32)
-      if (topk_better(s[i], jx[i], bs, bj)) {
-        bs = s[i];
-        bj = jx[i];
-        bat = i;
-      }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      const float os = __shfl_xor_sync(0xffffffff, bs, off);
-      const int oj = __shfl_xor_sync(0xffffffff, bj, off);
-      const int oat = __shfl_xor_sync(0xffffffff, bat, off);
-      if (topk_better(os, oj, bs, bj)) {
-        bs = os;
-        bj = oj;
-        bat = oat;
-      }
-    }
-    if (bs == NSA_NEG_INF) break;
-    if (lane == 0) {
-      out_s[k] = bs;
-      out_j[k] = bj;
-      s[bat] = NSA_NEG_INF;
-    }
-    __syncwarp();
-  }
-  for (int i = k + lane; i < need; i += 32) {
-    out_s[i] = NSA_NEG_INF;
-    out_j[i] = NO_BLOCK;
-  }
-  __syncwarp();
-  return k;
+  merge_outputs(blockIdx.x, blockIdx.y, partial_m, partial_l, partial_o, slots, 0, slc_slot0, win_slot0, Hq, H, gate, o_cmp, o_slc,
+                o_win, out, nullptr, lse_slc, lse_win, smem_raw);
 }
 
 /**
@@ -696,7 +630,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
   if (warp == 0) {
     float *ls = cand_s + (list + z) * SEL_N;
     int *lj = cand_j + (list + z) * SEL_N;
-    warp_best_smem(&warp_s[0][0], &warp_j[0][0], (SEL_THREADS / 32) * SEL_N, SEL_N, ls, lj, lane);
+    warp_best_listed(&warp_s[0][0], &warp_j[0][0], (SEL_THREADS / 32) * SEL_N, SEL_N, ls, lj, lane);
   }
   if (!last_to_finish(counters + (i64)r * H + h, nz, &last_flag)) return;
   if (warp != 0) return;
@@ -713,73 +647,35 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
   int count = warp_forced_blocks(current, chosen, lane);
   // The rest by score: reuse warp_s[0] / warp_j[0] for the picks.
   const int need = SEL_N - count;
-  const int got = warp_best_smem(all_s, all_j, nz * SEL_N, need, &warp_s[0][0], &warp_j[0][0], lane);
+  const int got = warp_best_listed(all_s, all_j, nz * SEL_N, need, &warp_s[0][0], &warp_j[0][0], lane);
   for (int k = 0; k < got; k++)
     if (lane == count + k) chosen = warp_j[0][k];
   count += got;
   warp_write_ascending(chosen, count, block_indices + ((i64)r * H + h) * SEL_N, lane);
 }
 
+/** Floats fused_select keeps for the cmp slots' m and l (half each) when 2 * G * slots fits (else it reads L2 twice). */
+#define FUSED_ML 2048
 /**
- * The best `need` (score, index) pairs (higher score, then lower index) of score[lo .. hi), index j being its own
- * position, by one warp, to out_s/out_j[0 .. need), padded with (-inf, NO_BLOCK). Taken ones become -inf.
+ * Floats of fused_select's fixed part of the work area (per-head lse, the cmp slots' m and l, the warps' lists, the
+ * picks), 16-byte rounded.
  */
-__device__ __forceinline__ void warp_best_range(float *score, int lo, int hi, int need, float *out_s, int *out_j, int lane) {
-  int k = 0;
-  for (; k < need; k++) {
-    float bs = NSA_NEG_INF;
-    int bj = NO_BLOCK;
-    for (int j = lo + lane; j < hi; j += 32)
-      if (topk_better(score[j], j, bs, bj)) {
-        bs = score[j];
-        bj = j;
-      }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      const float os = __shfl_xor_sync(0xffffffff, bs, off);
-      const int oj = __shfl_xor_sync(0xffffffff, bj, off);
-      if (topk_better(os, oj, bs, bj)) {
-        bs = os;
-        bj = oj;
-      }
-    }
-    if (bs == NSA_NEG_INF) break;
-    if (lane == 0) {
-      out_s[k] = bs;
-      out_j[k] = bj;
-      score[bj] = NSA_NEG_INF;
-    }
-    __syncwarp();
-  }
-  for (int i = k + lane; i < need; i += 32) {
-    out_s[i] = NSA_NEG_INF;
-    out_j[i] = NO_BLOCK;
-  }
-  __syncwarp();
-}
-
-/** Floats of the cmp slots' weights fused_select keeps when G * slots fits (else it reads the maxima again). */
-#define FUSED_WEIGHTS 2048
-/**
- * Floats of fused_select's fixed part of the work area (per-head m, l, lse, the cmp slots' weights, the warps'
- * lists, the picks), 16-byte rounded.
- */
-#define FUSED_SELECT_FIXED ((3 * MAX_G + FUSED_WEIGHTS + 10 * SEL_N + 3) & ~3)
+#define FUSED_SELECT_FIXED ((MAX_G + FUSED_ML + 10 * SEL_N + 3) & ~3)
 
 /**
  * The selection of query r, KV head h by one CTA (the last cmp item of the pair), from the partials and slices
- * its cmp chunks wrote (read through L2): lse_cmp and o_cmp of the G heads; the block scores, from the slices
- * staged `ns` at a time (every head's record), each record's max turned into its factor exp2(max - lse), summed
- * over the heads per (slice, block), then gathered per block; the top-n of the blocks that are not forced (four
- * warps over a quarter each, then one warp over their lists), after the forced blocks, to block_indices.
+ * its cmp chunks wrote (read through L2): the cmp lse of the G heads (o_cmp and lse_cmp are left to the rows'
+ * merges, off this critical path); the block scores, from the slices staged `ns` at a time (every head's record),
+ * each record's max turned into its factor exp2(max - lse), summed over the heads per (slice, block), then
+ * gathered per block; the top-n of the blocks that are not forced (four warps over a quarter each, then one warp
+ * over their lists), after the forced blocks, to block_indices.
  * `work` is the CTA's dynamic shared memory, `work_floats` of it: the fixed part, the scores of the current + 1
  * candidates, then per round of ns slices their records and per-block head sums (the host checks that at least
  * eight slices, or all, fit).
  */
-__device__ void fused_select(int r, int h, const int *__restrict__ seq_len, const int *__restrict__ q_seq, const int *__restrict__ q_pos,
-                             const float *partial_m, const float *partial_l, const float *partial_o, int slots, int cmp_slots,
-                             const float *slices, i64 slice_stride, float *o_cmp, float *lse_cmp, int *block_indices, int Hq, int H,
-                             float *work, int work_floats) {
+__device__ __noinline__ void fused_select(int r, int h, const int *__restrict__ seq_len, const int *__restrict__ q_seq, const int *__restrict__ q_pos,
+                             const float *partial_m, const float *partial_l, int slots, int cmp_slots, const float *slices,
+                             i64 slice_stride, int *block_indices, int Hq, int H, float *work, int work_floats) {
   const int G = Hq / H;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -789,12 +685,11 @@ __device__ void fused_select(int r, int h, const int *__restrict__ seq_len, cons
   const int visible = cmp_visible(t, tc);
   const int current = t / SEL_L;
   const int ncand = current + 1;
-  float *head_m = work;
-  float *head_l = work + MAX_G;
-  float *lse2 = work + 2 * MAX_G;
-  float *weight = work + 3 * MAX_G;                 // [G][cmp_slots]: exp2(m_s - m) of each head's cmp slots
-  const bool keep_weights = G * cmp_slots <= FUSED_WEIGHTS;
-  float *list_s = weight + FUSED_WEIGHTS; // [4][SEL_N]
+  float *lse2 = work;
+  float *ml = work + MAX_G; // [2][G][cmp_slots]: the cmp slots' m, then their l
+  const int nml = G * cmp_slots;
+  const bool keep_ml = 2 * nml <= FUSED_ML;
+  float *list_s = ml + FUSED_ML; // [4][SEL_N]
   int *list_j = reinterpret_cast<int *>(list_s + 4 * SEL_N);
   float *pick_s = list_s + 8 * SEL_N;
   int *pick_j = reinterpret_cast<int *>(pick_s + SEL_N);
@@ -811,83 +706,35 @@ __device__ void fused_select(int r, int h, const int *__restrict__ seq_len, cons
     for (int i = threadIdx.x; i < nsl * srec / 4; i += THREADS) cp_async_16(stage + 4 * i, src + 4 * i, true);
     cp_async_commit();
   };
-  if (nsv > 0) stage_round(0); // in flight while the lse and o_cmp are merged
+  if (nsv > 0) stage_round(0); // in flight while the lse are merged
 
-  // The cmp lse of every head (a warp per head) over the cmp slots.
+  // The cmp lse of every head: all (head, slot) m and l in one round trip where they fit, then a warp per head.
+  if (keep_ml) {
+    for (int i = threadIdx.x; i < nml; i += THREADS) {
+      const i64 at = ((i64)r * Hq + h * G + i / cmp_slots) * slots + i % cmp_slots;
+      ml[i] = __ldcg(partial_m + at);
+      ml[nml + i] = __ldcg(partial_l + at);
+    }
+    __syncthreads();
+  }
   for (int g = warp; g < G; g += THREADS / 32) {
-    const i64 row = (i64)r * Hq + h * G + g;
+    const i64 at = ((i64)r * Hq + h * G + g) * slots;
+    auto slot_m = [&](int s) { return keep_ml ? ml[g * cmp_slots + s] : __ldcg(partial_m + at + s); };
+    auto slot_l = [&](int s) { return keep_ml ? ml[nml + g * cmp_slots + s] : __ldcg(partial_l + at + s); };
     float m = NSA_NEG_INF;
-    for (int s = lane; s < cmp_slots; s += 32) m = fmaxf(m, __ldcg(partial_m + row * slots + s));
+    for (int s = lane; s < cmp_slots; s += 32) m = fmaxf(m, slot_m(s));
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, off));
     float l = 0.f;
     for (int s = lane; s < cmp_slots; s += 32) {
-      const float pm = __ldcg(partial_m + row * slots + s);
-      const float e = pm == NSA_NEG_INF ? 0.f : exp2f(pm - m);
-      l += e * __ldcg(partial_l + row * slots + s);
-      if (keep_weights) weight[g * cmp_slots + s] = e;
+      const float pm = slot_m(s);
+      l += pm == NSA_NEG_INF ? 0.f : exp2f(pm - m) * slot_l(s);
     }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(0xffffffff, l, off);
-    if (lane == 0) {
-      head_m[g] = m;
-      head_l[g] = l;
-      lse2[g] = m == NSA_NEG_INF ? NSA_NEG_INF : m + log2f(l);
-      lse_cmp[row] = m == NSA_NEG_INF ? NSA_NEG_INF : (m + log2f(l)) * NSA_LN2;
-    }
+    if (lane == 0) lse2[g] = m == NSA_NEG_INF ? NSA_NEG_INF : m + log2f(l);
   }
   for (int j = threadIdx.x; j < ncand; j += THREADS) score[j] = 0.f;
-  __syncthreads();
-  // o_cmp of every head: a thread per (head, 4 columns), four of them at a time so that their loads overlap.
-  if (keep_weights) {
-    const int total = G * (DV / 4);
-    for (int base0 = 0; base0 < total; base0 += 4 * THREADS) {
-      float4 acc[4];
-#pragma unroll
-      for (int k = 0; k < 4; k++) acc[k] = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 2
-      for (int s = 0; s < cmp_slots; s++) {
-#pragma unroll
-        for (int k = 0; k < 4; k++) {
-          const int idx = base0 + k * THREADS + threadIdx.x;
-          if (idx < total) {
-            const int g = idx / (DV / 4);
-            const float w = weight[g * cmp_slots + s];
-            const float4 v = __ldcg(reinterpret_cast<const float4 *>(partial_o + (((i64)r * Hq + h * G + g) * slots + s) * DV) + idx % (DV / 4));
-            acc[k].x += w * v.x, acc[k].y += w * v.y, acc[k].z += w * v.z, acc[k].w += w * v.w;
-          }
-        }
-      }
-#pragma unroll
-      for (int k = 0; k < 4; k++) {
-        const int idx = base0 + k * THREADS + threadIdx.x;
-        if (idx < total) {
-          const int g = idx / (DV / 4);
-          const float inv = head_m[g] == NSA_NEG_INF ? 0.f : 1.f / head_l[g];
-          reinterpret_cast<float4 *>(o_cmp + ((i64)r * Hq + h * G + g) * DV)[idx % (DV / 4)] =
-              make_float4(acc[k].x * inv, acc[k].y * inv, acc[k].z * inv, acc[k].w * inv);
-        }
-      }
-    }
-  } else
-  for (int idx = threadIdx.x; idx < G * (DV / 4); idx += THREADS) {
-    const int g = idx / (DV / 4);
-    const int col = (idx % (DV / 4)) * 4;
-    const i64 row = (i64)r * Hq + h * G + g;
-    const float m = head_m[g];
-    const float *pm = partial_m + row * slots;
-    const float4 *po = reinterpret_cast<const float4 *>(partial_o + row * slots * DV + col);
-    float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 8
-    for (int s = 0; s < cmp_slots; s++) {
-      const float ms = __ldcg(pm + s);
-      const float w = ms == NSA_NEG_INF ? 0.f : exp2f(ms - m);
-      const float4 v = __ldcg(po + (i64)s * (DV / 4));
-      acc.x += w * v.x, acc.y += w * v.y, acc.z += w * v.z, acc.w += w * v.w;
-    }
-    const float inv = m == NSA_NEG_INF ? 0.f : 1.f / head_l[g];
-    *reinterpret_cast<float4 *>(o_cmp + row * DV + col) = make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
-  }
 
   // Block scores, ns slices a round.
   for (int s0 = 0; s0 < nsv; s0 += ns) {
@@ -934,7 +781,7 @@ __device__ void fused_select(int r, int h, const int *__restrict__ seq_len, cons
   if (warp == 0) {
     int chosen = -1; // lane i keeps the i-th chosen block
     int count = warp_forced_blocks(current, chosen, lane);
-    const int got = warp_best_smem(list_s, list_j, 4 * SEL_N, SEL_N - count, pick_s, pick_j, lane);
+    const int got = warp_best_listed(list_s, list_j, 4 * SEL_N, SEL_N - count, pick_s, pick_j, lane);
     for (int k = 0; k < got; k++)
       if (lane == count + k) chosen = pick_j[k];
     count += got;
@@ -1017,8 +864,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 3)
     if (trace != nullptr) t_attended = global_ns();
     if (last_to_finish(cmp_done + r * H + h, cmp_n * gchunks, &sh.last)) {
       selected = true;
-      fused_select(r, h, seq_len, q_seq, q_pos, partial_m, partial_l, partial_o, slots, cmp_n, slices, slice_stride, o_cmp, lse_cmp,
-                   block_indices, Hq, H, reinterpret_cast<float *>(smem_raw), work_floats);
+      fused_select(r, h, seq_len, q_seq, q_pos, partial_m, partial_l, slots, cmp_n, slices, slice_stride, block_indices, Hq, H,
+                   reinterpret_cast<float *>(smem_raw), work_floats);
       __threadfence();
       __syncthreads();
       if (threadIdx.x == 0) release_flag(sel_flag + r * H + h, target);
@@ -1037,8 +884,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, 3)
   // The last win or slc item of a row merges: every slc item of the row waited for the pair's flag before it
   // counted itself done, so o_cmp is there.
   if (merge)
-    merge_outputs(r, y, partial_m, partial_l, partial_o, slots, slc_slot0, win_slot0, Hq, H, gate, o_cmp, o_slc, o_win, out, lse_slc,
-                  lse_win, smem_raw);
+    merge_outputs(r, y, partial_m, partial_l, partial_o, slots, cmp_n, slc_slot0, win_slot0, Hq, H, gate, o_cmp, o_slc, o_win, out,
+                  lse_cmp, lse_slc, lse_win, smem_raw);
   if (trace != nullptr && threadIdx.x == 0) {
     unsigned int smid;
     asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));

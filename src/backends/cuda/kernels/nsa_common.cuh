@@ -71,6 +71,20 @@ __device__ __forceinline__ void cp_async_16(void *smem, const void *gmem, bool v
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
                "r"(valid ? 16 : 0));
 }
+/**
+ * An L2 policy for data read once (streamed K/V): its lines go first when L2 needs room, so that what is written
+ * and soon read again (partial results, score slices) stays there.
+ */
+__device__ __forceinline__ unsigned long long l2_evict_first_policy() {
+  unsigned long long policy;
+  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
+  return policy;
+}
+/** cp_async_16 under an L2 cache policy. */
+__device__ __forceinline__ void cp_async_16_hinted(void *smem, const void *gmem, bool valid, unsigned long long policy) {
+  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2, %3;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+               "r"(valid ? 16 : 0), "l"(policy));
+}
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N> __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
@@ -134,6 +148,14 @@ __device__ __forceinline__ void bulk_copy_g2s(void *smem, const void *gmem, u32 
                "l"(gmem), "r"(bytes), "r"(smem_addr(bar))
                : "memory");
 }
+/** bulk_copy_g2s under an L2 cache policy. */
+__device__ __forceinline__ void bulk_copy_g2s_hinted(void *smem, const void *gmem, u32 bytes, unsigned long long *bar,
+                                                     unsigned long long policy) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;\n" ::"r"(
+                   smem_addr(smem)),
+               "l"(gmem), "r"(bytes), "r"(smem_addr(bar)), "l"(policy)
+               : "memory");
+}
 #endif
 
 /**
@@ -161,6 +183,18 @@ __device__ __forceinline__ void load_tile_async(elem_t *tile, int rows, RowPtr s
     const int c = i % CHUNKS;
     const elem_t *row = src(r);
     cp_async_16(tile + Layout::offset(r, c * 8), row == nullptr ? tile : row + c * 8, row != nullptr);
+  }
+}
+
+/** load_tile_async under an L2 cache policy (swizzled rows). */
+template <int COLS, int THREADS, typename RowPtr>
+__device__ __forceinline__ void load_tile_async_hinted(elem_t *tile, int rows, RowPtr src, unsigned long long policy) {
+  constexpr int CHUNKS = COLS / 8;
+  for (int i = threadIdx.x; i < rows * CHUNKS; i += THREADS) {
+    const int r = i / CHUNKS;
+    const int c = i % CHUNKS;
+    const elem_t *row = src(r);
+    cp_async_16_hinted(tile + SwizzledTile<COLS>::offset(r, c * 8), row == nullptr ? tile : row + c * 8, row != nullptr, policy);
   }
 }
 

@@ -1,10 +1,108 @@
 // Top-n selection by one warp, shared by the prefill scorer (select_blocks.cu) and the decode step (decode.cu).
 // The forced blocks (0, the block before t's, t's own: distinct ones, lowest index first) rank above all others;
-// the rest go by score, higher first, the lower index on ties. Needs SEL_N (n <= 32).
+// the rest go by score, higher first, the lower index on ties. Needs SEL_N (n <= 32) and NSA_NEG_INF.
 #pragma once
+
+#define NO_BLOCK 0x7fffffff // the index of an empty (score -inf) pair: after every real one on ties
 
 /** (score, index) order of top-n: higher score first, lower index on ties. */
 __device__ __forceinline__ bool topk_better(float s, int j, float bs, int bj) { return s > bs || (s == bs && j < bj); }
+
+/**
+ * The warp's best (score, index) pair: every lane passes its own and gets the best, with the `at` (say, where the
+ * pair lives) of the lane it came from.
+ */
+__device__ __forceinline__ void warp_reduce_best(float &bs, int &bj, int &at) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) {
+    const float os = __shfl_xor_sync(0xffffffff, bs, off);
+    const int oj = __shfl_xor_sync(0xffffffff, bj, off);
+    const int oat = __shfl_xor_sync(0xffffffff, at, off);
+    if (topk_better(os, oj, bs, bj)) {
+      bs = os;
+      bj = oj;
+      at = oat;
+    }
+  }
+}
+
+/**
+ * The best `need` (score, index) pairs, best first, of those at positions [lo, hi) of s (index_of(position) gives
+ * a pair's index), by one warp, to out_s/out_j[0 .. need), padded with (-inf, NO_BLOCK). Taken ones become -inf in
+ * s (shared memory the warp owns). Returns how many real pairs it took.
+ */
+template <typename IndexOf>
+__device__ __forceinline__ int warp_best_of(float *s, int lo, int hi, IndexOf index_of, int need, float *out_s, int *out_j, int lane) {
+  int k = 0;
+  for (; k < need; k++) {
+    float bs = NSA_NEG_INF;
+    int bj = NO_BLOCK;
+    int at = -1;
+    for (int i = lo + lane; i < hi; i += 32)
+      if (topk_better(s[i], index_of(i), bs, bj)) {
+        bs = s[i];
+        bj = index_of(i);
+        at = i;
+      }
+    warp_reduce_best(bs, bj, at);
+    if (bs == NSA_NEG_INF) break;
+    if (lane == 0) {
+      out_s[k] = bs;
+      out_j[k] = bj;
+      s[at] = NSA_NEG_INF;
+    }
+    __syncwarp();
+  }
+  for (int i = k + lane; i < need; i += 32) {
+    out_s[i] = NSA_NEG_INF;
+    out_j[i] = NO_BLOCK;
+  }
+  __syncwarp();
+  return k;
+}
+
+/** warp_best_of over the scores score[lo .. hi) of blocks lo .. hi (a block's index is its position). */
+__device__ __forceinline__ int warp_best_range(float *score, int lo, int hi, int need, float *out_s, int *out_j, int lane) {
+  return warp_best_of(score, lo, hi, [](int i) { return i; }, need, out_s, out_j, lane);
+}
+
+/** warp_best_of over `count` listed pairs (s[i], jx[i]). */
+__device__ __forceinline__ int warp_best_listed(float *s, const int *jx, int count, int need, float *out_s, int *out_j, int lane) {
+  return warp_best_of(s, 0, count, [jx](int i) { return jx[i]; }, need, out_s, out_j, lane);
+}
+
+/**
+ * The warp's best `need` (score, index) pairs of those in its registers, E per lane, into out_s/out_j[0 .. need),
+ * padded with (-inf, NO_BLOCK). Taken entries are overwritten with -inf.
+ */
+template <int E>
+__device__ __forceinline__ void warp_best_regs(float (&sc)[E], const int (&jx)[E], int need, float *out_s, int *out_j, int lane) {
+  int k = 0;
+  for (; k < need; k++) {
+    float bs = NSA_NEG_INF;
+    int bj = NO_BLOCK;
+#pragma unroll
+    for (int e = 0; e < E; e++)
+      if (topk_better(sc[e], jx[e], bs, bj)) {
+        bs = sc[e];
+        bj = jx[e];
+      }
+    int unused = 0;
+    warp_reduce_best(bs, bj, unused);
+    if (bs == NSA_NEG_INF) break;
+    if (lane == 0) {
+      out_s[k] = bs;
+      out_j[k] = bj;
+    }
+#pragma unroll
+    for (int e = 0; e < E; e++)
+      if (jx[e] == bj) sc[e] = NSA_NEG_INF;
+  }
+  for (int i = k + lane; i < need; i += 32) {
+    out_s[i] = NSA_NEG_INF;
+    out_j[i] = NO_BLOCK;
+  }
+}
 
 /**
  * The forced blocks of a query whose own block is `current`: 0, current - 1, current, distinct ones only, lowest
@@ -54,22 +152,15 @@ __device__ __forceinline__ void warp_top_n(float *sc, int current, int *dst, int
   __syncwarp();
   while (count < SEL_N) {
     float bs = NSA_NEG_INF;
-    int bj = 0x7fffffff;
+    int bj = NO_BLOCK;
     for (int j = lane; j <= current; j += 32) {
       if (topk_better(sc[j], j, bs, bj)) {
         bs = sc[j];
         bj = j;
       }
     }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      const float os = __shfl_xor_sync(0xffffffff, bs, off);
-      const int oj = __shfl_xor_sync(0xffffffff, bj, off);
-      if (topk_better(os, oj, bs, bj)) {
-        bs = os;
-        bj = oj;
-      }
-    }
+    int unused = 0;
+    warp_reduce_best(bs, bj, unused);
     if (bs == NSA_NEG_INF) break; // no candidates left
     if (lane == count) chosen = bj;
     if (lane == 0) sc[bj] = NSA_NEG_INF;

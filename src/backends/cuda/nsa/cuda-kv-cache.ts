@@ -456,8 +456,8 @@ function sliceRecord(config: NSAConfig): number {
 const SELECT_THREADS = 256;
 const SELECT_CANDIDATES = 4 * SELECT_THREADS;
 const SELECT_STAGE = 8192;
-/** fused_select's fixed floats (decode.cu FUSED_SELECT_FIXED: MAX_G = 128, FUSED_WEIGHTS = 2048). */
-const fusedSelectFixed = (n: number): number => (3 * 128 + 2048 + 10 * n + 3) & ~3;
+/** fused_select's fixed floats (decode.cu FUSED_SELECT_FIXED: MAX_G = 128, FUSED_ML = 2048). */
+const fusedSelectFixed = (n: number): number => (128 + 2048 + 10 * n + 3) & ~3;
 /**
  * Slice floats per (query, KV head) above which one CTA per pair selects too slowly and the step takes three
  * launches (the selection spread over several CTAs): 64k floats is 128k tokens with the paper's preset and G = 16.
@@ -557,9 +557,10 @@ class DecodeStep {
     this.workFloats = workFloats;
     const lag = Number(process.env['NSA_DECODE_LAG']);
     this.lag = Number.isInteger(lag) && lag >= 0 ? Math.min(lag, ctaRows) : ctaRows;
-    // The last slc (or win) CTA of a row keeps a weight per (row, slc or win slot) in its dynamic shared memory.
-    if (2 * 16 * (slc + win) * 4 > programs.decodePartialSharedBytes('slc')) {
-      throw new UnsupportedConfigError(`cuda decode: ${slc + win} slc and win chunks per row are more than the merge holds`);
+    // The last slc (or win) CTA of a row keeps a weight per (row, merged slot) in its dynamic shared memory: the
+    // slc and win slots, and the cmp slots too in the fused step.
+    if (2 * 16 * (cmp + slc + win) * 4 > programs.decodePartialSharedBytes('slc')) {
+      throw new UnsupportedConfigError(`cuda decode: ${cmp + slc + win} chunks per row are more than the merge holds`);
     }
     const rows = Q * Hq * Math.max(this.slots.nsa, dense);
     this.partial = { m: f32(rows, 'decode partial m'), l: f32(rows, 'decode partial l'), o: f32(rows * dv, 'decode partial o') };
