@@ -139,37 +139,12 @@ template <> struct KeyTileOf<true> {
   static constexpr int D = DV;
 };
 
-/**
- * Starts the asynchronous copy of `rows` rows (ROWS at most; the rest are zero-filled) of D elements, `stride`
- * elements apart from `first`, into a tile. When the 16-byte chunks of a row divide the threads evenly, each thread
- * always copies the same chunk of every (THREADS / chunks)-th row, so the addresses are a fixed stride apart
- * (a few instructions a copy instead of the division and swizzle of the general loop).
- */
-template <int ROWS, int D, class Layout>
-__device__ __forceinline__ void copy_rows(elem_t *tile, const elem_t *first, i64 stride, int rows) {
-  constexpr int CHUNKS = D / 8;
-  if constexpr (THREADS % CHUNKS == 0 && ROWS % (THREADS / CHUNKS) == 0) {
-    constexpr int STEP = THREADS / CHUNKS; // rows apart
-    const int c = threadIdx.x % CHUNKS;
-    const int r0 = threadIdx.x / CHUNKS;
-    const elem_t *src = first + r0 * stride + c * 8;
-#pragma unroll
-    for (int i = 0; i < ROWS / STEP; i++) {
-      const int r = r0 + i * STEP;
-      elem_t *dst = tile + Layout::offset(r, c * 8);
-      cp_async_16(dst, r < rows ? src + i * STEP * stride : dst, r < rows);
-    }
-  } else {
-    load_tile_async<D, THREADS, Layout>(tile, ROWS, [&](int r) -> const elem_t * { return r < rows ? first + r * stride : nullptr; });
-  }
-}
-
 /** Starts the asynchronous copy of key tile `it` (K, or V with IS_V) of the phase into `tile`; rows past the end are zeros. */
 template <bool IS_V> __device__ __forceinline__ void load_key_tile(const Pointers &p, const PhaseTile &t, int it, elem_t *tile, int H) {
   const int k0 = t.keys.first + it * BLOCK_N;
   constexpr int D = KeyTileOf<IS_V>::D;
   const elem_t *first = (IS_V ? p.v : p.k) + ((i64)(t.key_base + k0) * H + t.kvh) * D;
-  copy_rows<BLOCK_N, D, typename KeyTileOf<IS_V>::Layout>(tile, first, (i64)H * D, min(BLOCK_N, t.keys.end - k0));
+  copy_rows<BLOCK_N, D, typename KeyTileOf<IS_V>::Layout, THREADS>(tile, first, (i64)H * D, min(BLOCK_N, t.keys.end - k0));
 }
 
 /** Sets the scores of key tile `it` that a row may not see (or past the end) to -inf; the scale comes in the softmax. */
@@ -362,8 +337,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
                         int accumulate) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
 #if FA_USE_WGMMA
-  // wgmma's 128-byte swizzle is a function of address bits 4-9: tiles start 1024-byte aligned (the host adds the slack).
-  elem_t *qsmem = reinterpret_cast<elem_t *>(smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023));
+  elem_t *qsmem = reinterpret_cast<elem_t *>(wgmma_aligned(smem_raw));
 #else
   elem_t *qsmem = reinterpret_cast<elem_t *>(smem_raw);
 #endif
@@ -377,7 +351,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
   const int seq_start = cu_seqlens[seq];
   const int seq_len = cu_seqlens[seq + 1] - seq_start;
 
-  copy_rows<BLOCK_M, DK, QTile>(qsmem, q + ((i64)(seq_start + q0) * Hq + hq) * DK, (i64)Hq * DK, min(BLOCK_M, seq_len - q0));
+  copy_rows<BLOCK_M, DK, QTile, THREADS>(qsmem, q + ((i64)(seq_start + q0) * Hq + hq) * DK, (i64)Hq * DK, min(BLOCK_M, seq_len - q0));
   cp_async_commit();
   cp_async_wait<0>();
   __syncthreads();

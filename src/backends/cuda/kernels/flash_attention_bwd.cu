@@ -120,35 +120,10 @@ __device__ __forceinline__ void rows_seeing(int key, int seq_len, int *first, in
 /** Dynamic shared memory, 1024-byte aligned for wgmma's 128-byte swizzle (the host adds the slack). */
 __device__ __forceinline__ elem_t *smem_tiles(unsigned char *raw) {
 #if FB_USE_WGMMA
-  return reinterpret_cast<elem_t *>(raw + ((1024 - (smem_addr(raw) & 1023)) & 1023));
+  return reinterpret_cast<elem_t *>(wgmma_aligned(raw));
 #else
   return reinterpret_cast<elem_t *>(raw);
 #endif
-}
-
-/**
- * Starts the asynchronous copy of `rows` rows (ROWS at most; the rest are zero-filled) of D elements, `stride`
- * elements apart from `first`, into a tile, with all NT threads of the CTA. When the 16-byte chunks of a row divide
- * the threads evenly, each thread always copies the same chunk of every (NT / chunks)-th row, so the addresses are a
- * fixed stride apart (a few instructions a copy instead of the division and swizzle of the general loop).
- */
-template <int ROWS, int D, class Layout, int NT>
-__device__ __forceinline__ void copy_rows(elem_t *tile, const elem_t *first, i64 stride, int rows) {
-  constexpr int CHUNKS = D / 8;
-  if constexpr (NT % CHUNKS == 0 && ROWS % (NT / CHUNKS) == 0) {
-    constexpr int STEP = NT / CHUNKS; // rows apart
-    const int c = threadIdx.x % CHUNKS;
-    const int r0 = threadIdx.x / CHUNKS;
-    const elem_t *src = first + r0 * stride + c * 8;
-#pragma unroll
-    for (int i = 0; i < ROWS / STEP; i++) {
-      const int r = r0 + i * STEP;
-      elem_t *dst = tile + Layout::offset(r, c * 8);
-      cp_async_16(dst, r < rows ? src + i * STEP * stride : dst, r < rows);
-    }
-  } else {
-    load_tile_async<D, NT, Layout>(tile, ROWS, [&](int r) -> const elem_t * { return r < rows ? first + r * stride : nullptr; });
-  }
 }
 
 #if FB_USE_WGMMA
@@ -165,6 +140,26 @@ __device__ __forceinline__ void wgmma_rs_mn(float d[N / 8][4], const u32 a[4], c
     wgmma_rs<128, 1>(d, a, wgmma_desc_mnmajor<ROWS>(tile, kk), 1);
     wgmma_rs<N - 128, 1>(d + 16, a, wgmma_desc_mnmajor<ROWS>(tile + 2 * ROWS * 64, kk), 1);
   }
+}
+
+/**
+ * Starts the two products of a backward tile on a warpgroup's 64 rows, both operands K-major: s = A_s B_s^T over
+ * DK (S, or S^T in dK/dV) and dp = A_p B_p^T over DV (dP, or dP^T), as two commit groups; waits for s only, so dp
+ * may still run while s becomes probabilities. A_ROWS: the rows of the A tiles, whose rows row0 .. row0 + 64 are
+ * this warpgroup's.
+ */
+template <int A_ROWS>
+__device__ __forceinline__ void wgmma_s_and_dp(float s[TILE / 8][4], float dp[TILE / 8][4], const elem_t *a_s, const elem_t *b_s,
+                                               const elem_t *a_p, const elem_t *b_p, int row0) {
+  wgmma_fence();
+#pragma unroll
+  for (int ks = 0; ks < DK / 16; ks++) wgmma_ss<TILE>(s, wgmma_desc_kmajor<A_ROWS>(a_s, row0, ks), wgmma_desc_kmajor<TILE>(b_s, 0, ks), ks > 0);
+  wgmma_commit();
+#pragma unroll
+  for (int ks = 0; ks < DV / 16; ks++) wgmma_ss<TILE>(dp, wgmma_desc_kmajor<A_ROWS>(a_p, row0, ks), wgmma_desc_kmajor<TILE>(b_p, 0, ks), ks > 0);
+  wgmma_commit();
+  wgmma_wait<1>();
+  wgmma_fence_operands<TILE / 8>(s);
 }
 #endif
 
@@ -321,19 +316,7 @@ extern "C" __global__ void __launch_bounds__(DKDV_THREADS)
     if (it + 1 < it_end) issue(it + 1, st ^ 1);
     float pt[TILE / 8][4];
     float dpt[TILE / 8][4];
-    wgmma_fence();
-#pragma unroll
-    for (int ks = 0; ks < DK / 16; ks++) {
-      wgmma_ss<TILE>(pt, wgmma_desc_kmajor<DKDV_KEYS>(ksmem, wg_row0, ks), wgmma_desc_kmajor<TILE>(qs, 0, ks), ks > 0);
-    }
-    wgmma_commit();
-#pragma unroll
-    for (int ks = 0; ks < DV / 16; ks++) {
-      wgmma_ss<TILE>(dpt, wgmma_desc_kmajor<DKDV_KEYS>(vsmem, wg_row0, ks), wgmma_desc_kmajor<TILE>(dos, 0, ks), ks > 0);
-    }
-    wgmma_commit();
-    wgmma_wait<1>(); // S^T; dP^T may still run
-    wgmma_fence_operands<TILE / 8>(pt);
+    wgmma_s_and_dp<DKDV_KEYS>(pt, dpt, ksmem, qs, vsmem, dos, wg_row0); // S^T done; dP^T may still run
     probabilities(pt, q0, st);
     wgmma_wait<0>();
     wgmma_fence_operands<TILE / 8>(dpt);
@@ -537,19 +520,7 @@ extern "C" __global__ void __launch_bounds__(DQ_THREADS)
     if (it + 1 < ntiles) issue(it + 1);
     float s[TILE / 8][4];
     float dp[TILE / 8][4];
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < DK / 16; kk++) {
-      wgmma_ss<TILE>(s, wgmma_desc_kmajor<DQ_ROWS>(qsmem, wg_row0, kk), wgmma_desc_kmajor<TILE>(ks, 0, kk), kk > 0);
-    }
-    wgmma_commit();
-#pragma unroll
-    for (int kk = 0; kk < DV / 16; kk++) {
-      wgmma_ss<TILE>(dp, wgmma_desc_kmajor<DQ_ROWS>(dosmem, wg_row0, kk), wgmma_desc_kmajor<TILE>(vs, 0, kk), kk > 0);
-    }
-    wgmma_commit();
-    wgmma_wait<1>(); // S; dP may still run
-    wgmma_fence_operands<TILE / 8>(s);
+    wgmma_s_and_dp<DQ_ROWS>(s, dp, qsmem, ks, dosmem, vs, wg_row0); // S done; dP may still run
     probabilities(s, kt);
     wgmma_wait<0>();
     wgmma_fence_operands<TILE / 8>(dp);

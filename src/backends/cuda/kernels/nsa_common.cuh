@@ -210,6 +210,31 @@ __device__ __forceinline__ void load_tile_async_warp(elem_t *tile, int rows, Row
   }
 }
 
+/**
+ * Starts the asynchronous copy of `rows` rows (ROWS at most; the rest are zero-filled) of D elements, `stride`
+ * elements apart from `first`, into a tile, with all NT threads of the CTA. When the 16-byte chunks of a row divide
+ * the threads evenly, each thread always copies the same chunk of every (NT / chunks)-th row, so the addresses are a
+ * fixed stride apart (a few instructions a copy instead of the division and swizzle of the general loop).
+ */
+template <int ROWS, int D, class Layout, int NT>
+__device__ __forceinline__ void copy_rows(elem_t *tile, const elem_t *first, i64 stride, int rows) {
+  constexpr int CHUNKS = D / 8;
+  if constexpr (NT % CHUNKS == 0 && ROWS % (NT / CHUNKS) == 0) {
+    constexpr int STEP = NT / CHUNKS; // rows apart
+    const int c = threadIdx.x % CHUNKS;
+    const int r0 = threadIdx.x / CHUNKS;
+    const elem_t *src = first + r0 * stride + c * 8;
+#pragma unroll
+    for (int i = 0; i < ROWS / STEP; i++) {
+      const int r = r0 + i * STEP;
+      elem_t *dst = tile + Layout::offset(r, c * 8);
+      cp_async_16(dst, r < rows ? src + i * STEP * stride : dst, r < rows);
+    }
+  } else {
+    load_tile_async<D, NT, Layout>(tile, ROWS, [&](int r) -> const elem_t * { return r < rows ? first + r * stride : nullptr; });
+  }
+}
+
 /** A fragments of a 16-row slice (rows r0..r0+15) of a swizzled [*, KDIM] tile, all KDIM/16 k-steps. */
 template <int KDIM> __device__ __forceinline__ void load_a_fragments(u32 a[KDIM / 16][4], const elem_t *tile, int r0, int lane) {
   const int row = r0 + (lane & 7) + ((lane >> 3) & 1) * 8;

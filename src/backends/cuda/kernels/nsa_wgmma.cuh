@@ -15,6 +15,12 @@
 #pragma once
 #include "nsa_common.cuh"
 
+/**
+ * The first 1024-byte aligned address of dynamic shared memory: wgmma's 128-byte swizzle is a function of address
+ * bits 4-9, so its tiles start there (the host adds the slack).
+ */
+__device__ __forceinline__ unsigned char *wgmma_aligned(unsigned char *raw) { return raw + ((1024 - (smem_addr(raw) & 1023)) & 1023); }
+
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define NSA_HAS_WGMMA 1
 

@@ -51,8 +51,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
                       int *__restrict__ block_indices, int Hq, int H, int P, int ns_stride, float scale_log2) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
 #if SEL_USE_WGMMA
-  // The 128-byte swizzle is a function of address bits 4-9: tiles start 1024-byte aligned (the host adds the slack).
-  elem_t *qsmem = reinterpret_cast<elem_t *>(smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023));
+  elem_t *qsmem = reinterpret_cast<elem_t *>(wgmma_aligned(smem_raw));
 #else
   elem_t *qsmem = reinterpret_cast<elem_t *>(smem_raw);
 #endif
