@@ -6,6 +6,7 @@ import { afterEach, describe, expect, it, vi } from 'vitest';
 import { NSAConfig } from '../../src/config/nsa-config.js';
 import type { CudaContext } from '../../src/backends/cuda/context.js';
 import { kernelTuning, NsaPrograms, SUPPORTED_HEAD_DIMS, type KernelTuning } from '../../src/backends/cuda/nsa/programs.js';
+import { selectedDqMode } from '../../src/backends/cuda/nsa/backward-runner.js';
 
 /** The context fields the size arithmetic reads; no kernel is compiled. */
 const fakeContext = { device: { computeCapability: [9, 0] }, maxSharedBytesOptin: 227 * 1024 } as unknown as CudaContext;
@@ -136,4 +137,19 @@ describe('the flash backward kernels', () => {
       }
     });
   }
+});
+
+describe('selectedDqMode', () => {
+  const GiB = 2 ** 30;
+  it('fuses dQ into the dK/dV pass where its parts take at most half of the free memory', () => {
+    expect(selectedDqMode(16 * GiB, 40 * GiB, {})).toBe('fused');
+    expect(selectedDqMode(20 * GiB, 40 * GiB, {})).toBe('fused');
+    expect(selectedDqMode(20 * GiB + 1, 40 * GiB, {})).toBe('group');
+  });
+
+  it('follows NSA_SLC_DQ when it names a form, and ignores other values', () => {
+    expect(selectedDqMode(1, 40 * GiB, { NSA_SLC_DQ: 'group' })).toBe('group');
+    expect(selectedDqMode(64 * GiB, 40 * GiB, { NSA_SLC_DQ: 'fused' })).toBe('fused');
+    expect(selectedDqMode(1, 40 * GiB, { NSA_SLC_DQ: 'yes' })).toBe('fused');
+  });
 });

@@ -22,21 +22,36 @@ interface Case {
   readonly options: NSAConfigOptions;
   readonly seqlens: readonly number[];
   readonly independent?: boolean;
+  /** Forces the selected dQ's form (NSA_SLC_DQ) for this case's backward; default: the runner's choice. */
+  readonly slcDq?: 'group' | 'fused';
 }
 
 const base = { compressBlock: 32, compressStride: 16, selectBlock: 64, selectCount: 6, window: 96 };
 const CASES: Case[] = [
-  { name: 'G = 16, T = 700, fla preset form', options: { compressBlock: 64, compressStride: 64, selectBlock: 64, selectCount: 4, window: 128, heads: 16, kvHeads: 1, headDim: 64, valueDim: 64 }, seqlens: [700] },
-  { name: 'G = 4, D = 128, odd T = 555, paper form', options: { ...base, heads: 8, kvHeads: 2, headDim: 128, valueDim: 128 }, seqlens: [555] },
-  { name: 'G = 1, T = 333', options: { ...base, heads: 2, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [333] },
-  { name: 'G = 2, packed [100, 1, 250, 64, 5]', options: { ...base, selectBlock: 32, selectCount: 5, heads: 4, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [100, 1, 250, 64, 5] },
-  { name: 'dk = 128 != dv = 64, G = 8', options: { ...base, heads: 8, kvHeads: 1, headDim: 128, valueDim: 64 }, seqlens: [400] },
-  { name: "l' = 128 (two key tiles per block), G = 4", options: { compressBlock: 64, compressStride: 32, selectBlock: 128, selectCount: 4, window: 200, heads: 4, kvHeads: 1, headDim: 64, valueDim: 64 }, seqlens: [650] },
+  { name: 'G = 16, T = 700, fla preset form, group-centric slc dQ', options: { compressBlock: 64, compressStride: 64, selectBlock: 64, selectCount: 4, window: 128, heads: 16, kvHeads: 1, headDim: 64, valueDim: 64 }, seqlens: [700], slcDq: 'group' },
+  { name: 'G = 4, D = 128, odd T = 555, paper form, fused slc dQ', options: { ...base, heads: 8, kvHeads: 2, headDim: 128, valueDim: 128 }, seqlens: [555], slcDq: 'fused' },
+  { name: 'G = 4, D = 128, odd T = 555, paper form, group-centric slc dQ', options: { ...base, heads: 8, kvHeads: 2, headDim: 128, valueDim: 128 }, seqlens: [555], slcDq: 'group' },
+  { name: 'G = 1, T = 333, fused slc dQ', options: { ...base, heads: 2, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [333], slcDq: 'fused' },
+  { name: 'G = 2, packed [100, 1, 250, 64, 5], fused slc dQ', options: { ...base, selectBlock: 32, selectCount: 5, heads: 4, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [100, 1, 250, 64, 5], slcDq: 'fused' },
+  { name: 'dk = 128 != dv = 64, G = 8, fused slc dQ', options: { ...base, heads: 8, kvHeads: 1, headDim: 128, valueDim: 64 }, seqlens: [400], slcDq: 'fused' },
+  { name: "dk = 192, dv = 128, G = 2, l' = 32, odd T = 301, fused slc dQ", options: { ...base, selectBlock: 32, selectCount: 8, heads: 4, kvHeads: 2, headDim: 192, valueDim: 128 }, seqlens: [301], slcDq: 'fused' },
+  { name: "l' = 128 (two key tiles per block), G = 4, packed [650, 70], fused slc dQ", options: { compressBlock: 64, compressStride: 32, selectBlock: 128, selectCount: 4, window: 200, heads: 4, kvHeads: 1, headDim: 64, valueDim: 64 }, seqlens: [650, 70], slcDq: 'fused' },
   { name: 'independent K/V per branch, compressed K/V given', options: { ...base, heads: 8, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [300, 211], independent: true },
   { name: 'learned phi = linear, G = 4, packed [257, 90, 1]', options: { ...base, phi: 'linear', heads: 8, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [257, 90, 1] },
   { name: 'learned phi = mlp, dk = 128 != dv = 64, G = 16', options: { ...base, phi: 'mlp', heads: 16, kvHeads: 1, headDim: 128, valueDim: 64 }, seqlens: [301] },
 ];
 
+/** Runs `body` with NSA_SLC_DQ set to `mode` (left as it was when undefined), restoring it after. */
+async function withSlcDq<T>(mode: Case['slcDq'], body: () => Promise<T>): Promise<T> {
+  const saved = process.env['NSA_SLC_DQ'];
+  if (mode !== undefined) process.env['NSA_SLC_DQ'] = mode;
+  try {
+    return await body();
+  } finally {
+    if (saved === undefined) delete process.env['NSA_SLC_DQ'];
+    else process.env['NSA_SLC_DQ'] = saved;
+  }
+}
 
 const GRADIENTS = ['dq', 'dk', 'dv', 'dg', 'dkCmp', 'dvCmp', 'dkSlc', 'dvSlc', 'dkWin', 'dvWin'] as const;
 
@@ -71,8 +86,7 @@ if (!availability.available) {
         if (c.independent) inputs = withIndependentKv(inputs, config, cuSeqlens, 500 + 31 * i);
         const result = await nsaForward(inputs, config, { backend });
         const dO = Tensor.randn(result.o.shape, 'bf16', 900 + i);
-        const grads = await result.backward(dO);
-        const again = await result.backward(dO);
+        const [grads, again] = await withSlcDq(c.slcDq, async () => [await result.backward(dO), await result.backward(dO)] as const);
         expect(sameBits(grads, again), 'two backward runs give bitwise-identical gradients').toBe(true);
         result.release();
 

@@ -3,6 +3,9 @@
 // nvcc-check: -DDK=64 -DDV=64 -DSEL_L=128 -DSEL_N=4
 // nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DSLC_BULK
 // nvcc-check: -DDK=192 -DDV=128 -DSEL_L=32 -DSEL_N=16 -DSLC_BULK -DNSA_FP16
+// nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DSLC_BULK -DSLC_DQ_FUSED
+// nvcc-check: -DDK=192 -DDV=128 -DSEL_L=32 -DSEL_N=16 -DSLC_BULK -DSLC_DQ_FUSED -DNSA_FP16
+// nvcc-check: -DDK=64 -DDV=64 -DSEL_L=128 -DSEL_N=4 -DSLC_DQ_FUSED
 //
 // Backward of the selected branch, with no atomics:
 //   nsa_slc_bwd_dq    group-centric like the forward: a CTA per (query position, KV head, 16 heads) streams the
@@ -10,7 +13,10 @@
 //                     a fixed order at the end
 //   nsa_slc_bwd_dkdv  key-centric through the inverse index (inverse_index.cu): a CTA per (KV head, block, 64
 //                     keys) walks the (token, slot) pairs that chose the block, G heads each, in token order, and
-//                     keeps dK, dV in registers
+//                     keeps dK, dV in registers. With SLC_DQ_FUSED it also writes each (token, head, slot, sub)
+//                     row's dQ part dS K over its 64 keys, and nsa_slc_bwd_dq_reduce sums them in slot order:
+//                     at small G the group-centric dQ uses G of its 16 MMA rows and re-reads every block's K/V
+//                     per token, while here the key tile is already in shared memory and all 64 rows are used
 // P = exp(s - lse_slc), dS = P * (g_slc * dO V^T - delta_slc). Gradients are fp32 and added into their buffers.
 #include "nsa_common.cuh"
 
@@ -31,6 +37,7 @@ typedef StageTile<SLC_USE_BULK, DK>::Layout KTile;
 typedef StageTile<SLC_USE_BULK, DV>::Layout VTile;
 #define K_ROW (StageTile<SLC_USE_BULK, DK>::ROW) // elements per key row in shared memory
 #define V_ROW (StageTile<SLC_USE_BULK, DV>::ROW)
+#define SUBS ((SEL_L + TILE - 1) / TILE) // dK/dV CTAs (64 keys each) per selection block
 
 extern "C" __global__ void __launch_bounds__(THREADS)
     nsa_slc_bwd_dq(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
@@ -174,25 +181,76 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   }
 }
 
+#ifdef SLC_DQ_FUSED
+/**
+ * dQ parts of tile rows warp*16 .. +15 (row r: entry r / G's token and slot, head r % G) over the CTA's 64 keys:
+ * dS (A, from the staged dS^T by transposed ldmatrix) times K, 32 columns at a time: beside dK, dV's accumulators
+ * wider column blocks spill at dk = 192 (ptxas). Row (token, head, slot, sub) of partial_q gets its own [DK]
+ * floats, unscaled.
+ */
+__device__ __forceinline__ void fused_dq_rows(float *__restrict__ partial_q, const elem_t *dssmem, const elem_t *ksmem,
+                                              const int2 *__restrict__ entries, int rows, int G, int Hq, int h, int warp,
+                                              int lane) {
+  float *dst[2];
+#pragma unroll
+  for (int hh = 0; hh < 2; hh++) {
+    const int r = warp * 16 + lane / 4 + hh * 8;
+    const int2 e = r < rows ? entries[r / G] : make_int2(0, 0);
+    dst[hh] = r < rows ? partial_q + ((((i64)e.x * Hq + h * G + r % G) * SEL_N + e.y) * SUBS + blockIdx.y) * DK : nullptr;
+  }
+#pragma unroll 1
+  for (int c0 = 0; c0 < DK; c0 += 32) {
+    float acc[4][4];
+    zero_frags<4>(acc);
+#pragma unroll
+    for (int ks = 0; ks < TILE / 16; ks++) {
+      u32 a[4];
+      ldmatrix_x4_trans(a, dssmem + SwizzledTile<TILE>::offset(ks * 16 + (lane & 7) + (lane >> 4) * 8, warp * 16 + ((lane >> 3) & 1) * 8));
+      const int key = ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+#pragma unroll
+      for (int n = 0; n < 2; n++) {
+        u32 b[4];
+        ldmatrix_x4_trans(b, ksmem + SwizzledTile<DK>::offset(key, c0 + n * 16 + (lane >> 4) * 8));
+        mma_16816(acc[2 * n], a, b);
+        mma_16816(acc[2 * n + 1], a, b + 2);
+      }
+    }
+#pragma unroll
+    for (int hh = 0; hh < 2; hh++) {
+      if (dst[hh] == nullptr) continue;
+#pragma unroll
+      for (int n = 0; n < 4; n++) {
+        *reinterpret_cast<float2 *>(dst[hh] + c0 + n * 8 + (lane % 4) * 2) = make_float2(acc[n][2 * hh], acc[n][2 * hh + 1]);
+      }
+    }
+  }
+}
+#endif
+
 /**
  * Partial dK, dV of keys [sub * 64, sub * 64 + 64) (sub = blockIdx.y) of one selection block, over one work item:
  * up to `item_entries` consecutive (token, slot) pairs of the pairs [offsets[key], offsets[key + 1]) that chose
  * the block (key = h * total_blocks + global block). Items of a key are numbered from item_offsets[key]; the grid
  * is an upper bound on the items. Each item writes its own partial rows; nsa_slc_bwd_reduce sums them in order.
- * (Block 0 is chosen by every token: one CTA per block would serialise all of them.)
+ * (Block 0 is chosen by every token: one CTA per block would serialise all of them.) With SLC_DQ_FUSED each tile
+ * also writes its query rows' dQ parts into partial_q (else unused), for nsa_slc_bwd_dq_reduce.
  */
 extern "C" __global__ void __launch_bounds__(THREADS)
     nsa_slc_bwd_dkdv(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
                      const elem_t *__restrict__ dout, const float *__restrict__ lse, const float *__restrict__ gate,
                      const float *__restrict__ delta, const int *__restrict__ offsets, const int *__restrict__ item_offsets,
                      const int2 *__restrict__ entries, const int *__restrict__ block_seq, const int *__restrict__ cu_blocks,
-                     const int *__restrict__ cu_seqlens, float *__restrict__ partial_k, float *__restrict__ partial_v, int Hq,
-                     int H, int total_blocks, int item_entries, float scale_log2, float scale) {
+                     const int *__restrict__ cu_seqlens, float *__restrict__ partial_k, float *__restrict__ partial_v,
+                     float *__restrict__ partial_q, int Hq, int H, int total_blocks, int item_entries, float scale_log2,
+                     float scale) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   elem_t *ksmem = reinterpret_cast<elem_t *>(smem_raw); // TILE x DK
   elem_t *vsmem = ksmem + TILE * DK;                    // TILE x DV
   elem_t *qsmem = vsmem + TILE * DV;                    // TILE x K_ROW (gathered rows)
   elem_t *dosmem = qsmem + TILE * K_ROW;                // TILE x V_ROW
+#ifdef SLC_DQ_FUSED
+  elem_t *dssmem = dosmem + TILE * V_ROW; // TILE keys x TILE rows: dS^T of the tile, for dQ = dS K
+#endif
   __shared__ float row_lse[TILE], row_gate[TILE], row_delta[TILE];
   __shared__ int row_t[TILE];
 #if SLC_USE_BULK
@@ -305,7 +363,24 @@ extern "C" __global__ void __launch_bounds__(THREADS)
       }
     }
     pv_mma<DV, TILE / 16, VTile>(dv_acc, pt, dosmem, 0, lane);
+#ifdef SLC_DQ_FUSED
+    // dQ needs dS with the keys as the contraction, but each warp holds 16 keys' rows: stage the tile's dS^T
+    // (rounded as the dK MMA rounds it) for all warps.
+#pragma unroll
+    for (int n = 0; n < TILE / 8; n++) {
+#pragma unroll
+      for (int hh = 0; hh < 2; hh++) {
+        const int kl = warp * 16 + lane / 4 + hh * 8;
+        *reinterpret_cast<u32 *>(dssmem + SwizzledTile<TILE>::offset(kl, n * 8 + (lane % 4) * 2)) =
+            pack_elem2(dpt[n][2 * hh], dpt[n][2 * hh + 1]);
+      }
+    }
+#endif
     pv_mma<DK, TILE / 16, KTile>(dk_acc, dpt, qsmem, 0, lane);
+#ifdef SLC_DQ_FUSED
+    __syncthreads();
+    if (warp * 16 < rows) fused_dq_rows(partial_q, dssmem, ksmem, entries + e0, rows, G, Hq, h, warp, lane);
+#endif
   }
   cp_async_wait<0>();
 
@@ -358,4 +433,56 @@ extern "C" __global__ void nsa_slc_bwd_reduce(const float *__restrict__ partial_
     float *dst = is_key ? dk : dv;
     dst[krow * dim + col] += sum;
   }
+}
+
+
+/**
+ * dQ of the selected branch from the dK/dV pass's parts (SLC_DQ_FUSED): dq[row] += scale * the sum of the row's
+ * parts over its valid slots in slot order, then sub order. A slot is valid up to the first block index -1 (as
+ * the inverse index counts them); a sub is written only where its keys start inside the sequence. One thread per
+ * 4 columns of a (token, head) row.
+ */
+extern "C" __global__ void nsa_slc_bwd_dq_reduce(const float *__restrict__ partial_q, const int *__restrict__ block_indices,
+                                                 const int *__restrict__ row_seq, const int *__restrict__ cu_seqlens,
+                                                 float *__restrict__ dq, int Hq, int H, i64 rows, float scale) {
+  constexpr int C4 = DK / 4;
+  const i64 idx = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  const i64 qrow = idx / C4; // token * Hq + head
+  if (qrow >= rows) return;
+  const int c4 = (int)(idx % C4);
+  const int token = (int)(qrow / Hq);
+  const int h = (int)(qrow % Hq) / (Hq / H);
+  const int seq = row_seq[token];
+  const int seq_len = cu_seqlens[seq + 1] - cu_seqlens[seq];
+  const int *sel = block_indices + ((i64)token * H + h) * SEL_N;
+  const float4 *src = reinterpret_cast<const float4 *>(partial_q + qrow * (SEL_N * SUBS * DK)) + c4;
+  // The loads first (zeros for the slots and subs nobody wrote), then the sum in order, so that no load has to
+  // wait for the adds before it.
+  float4 parts[SEL_N * SUBS];
+  bool valid = true;
+#pragma unroll
+  for (int s = 0; s < SEL_N; s++) {
+    const int j = sel[s];
+    valid = valid && j >= 0;
+#pragma unroll
+    for (int sub = 0; sub < SUBS; sub++) {
+      const bool written = valid && (sub == 0 || j * SEL_L + sub * TILE < seq_len);
+      parts[s * SUBS + sub] = written ? src[(s * SUBS + sub) * C4] : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  }
+  float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+  for (int i = 0; i < SEL_N * SUBS; i++) {
+    sum.x += parts[i].x;
+    sum.y += parts[i].y;
+    sum.z += parts[i].z;
+    sum.w += parts[i].w;
+  }
+  float4 *out = reinterpret_cast<float4 *>(dq + qrow * DK) + c4;
+  float4 o = *out;
+  o.x += sum.x * scale;
+  o.y += sum.y * scale;
+  o.z += sum.z * scale;
+  o.w += sum.w * scale;
+  *out = o;
 }

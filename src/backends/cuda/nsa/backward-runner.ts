@@ -4,7 +4,8 @@
 //   1. per (row, head): dg_b = dO . o_b, delta_b = g_b * dg_b                      nsa_bwd_preprocess
 //   2. cmp: dQ (query-centric) and dKc, dVc (key-centric) over the compressed keys  flash backward, mode 1
 //   3. win: dQ and dK, dV of the window                                             flash backward, mode 2
-//   4. slc: dQ group-centric; dK, dV key-centric through a deterministic inverse index of the selection
+//   4. slc: dK, dV key-centric through a deterministic inverse index of the selection; dQ fused into that pass
+//      (per-slot parts, summed in slot order) where its buffer fits, else group-centric (see selectedDqMode)
 //   5. phi: dK, dV += the compressed gradients through phi (mean: spread over their blocks; learned: the
 //      products of phi-runner.ts, which also give phi's parameter gradients); given compressed K/V keep theirs
 
@@ -47,6 +48,27 @@ export type BackwardStage =
   | 'slc dkdv'
   | 'compress';
 
+/**
+ * How the selected branch's dQ runs. 'group': a CTA per (token, KV head, 16 heads) streams the token's blocks
+ * (L2-bound, and at G < 16 most of its MMA rows are empty). 'fused': the dK/dV pass, which has dS and K of each
+ * (block, choosing rows) tile at hand, writes a dQ part per (token, head, slot) and a reduce sums them in slot
+ * order, at the cost of an fp32 buffer of N * Hq * n * ceil(l'/64) * dk floats. Fused was faster at every G
+ * measured (H100, 64k, fla preset: fwd+bwd 82.0 against 129.0 ms at G = 4, 121.1 against 129.9 ms at G = 16), so
+ * it is the default wherever that buffer takes at most half of the free device memory (at 64k tokens, Hq = 64,
+ * n = 16, dk = 128 it is 32 GiB); NSA_SLC_DQ=group|fused forces either.
+ */
+export type SelectedDqMode = 'group' | 'fused';
+
+export function selectedDqMode(
+  partialBytes: number,
+  availableBytes: number,
+  env: Readonly<Record<string, string | undefined>> = process.env,
+): SelectedDqMode {
+  const forced = env['NSA_SLC_DQ'];
+  if (forced === 'group' || forced === 'fused') return forced;
+  return partialBytes <= availableBytes / 2 ? 'fused' : 'group';
+}
+
 const NULL: KernelArg = { ptr: 0n };
 const ptr = (b: DeviceBuffer | undefined): KernelArg => (b === undefined ? NULL : { ptr: b.ptr });
 const TILE = 64;
@@ -64,6 +86,9 @@ export class BackwardRunner {
   private readonly cmpSplits: number;
   /** Partial sums of the split cmp dK/dV and of the selected dK/dV's work items (one after the other). */
   private readonly partial: DeviceBuffer;
+  readonly selectedDq: SelectedDqMode;
+  /** The fused selected dQ's parts [N, Hq, n, subs, dk] (fp32), when selectedDq is 'fused'. */
+  private readonly partialQ: DeviceBuffer | undefined;
 
   constructor(
     private readonly ctx: CudaContext,
@@ -95,6 +120,9 @@ export class BackwardRunner {
       this.index.itemUpperBound(this.itemEntries) * Math.ceil(selectBlock / TILE) * TILE * (dk + dv),
     );
     this.partial = this.keep(ctx.alloc(Math.max(1, partialFloats) * 4, 'backward partial sums'));
+    const partialQBytes = N * Hq * programs.config.selectCount * Math.ceil(selectBlock / TILE) * dk * 4;
+    this.selectedDq = selectedDqMode(partialQBytes, availableDeviceBytes(ctx));
+    this.partialQ = this.selectedDq === 'fused' ? this.keep(ctx.alloc(Math.max(4, partialQBytes), 'selected dQ parts')) : undefined;
   }
 
   /** Launches the whole backward (asynchronous); `grads` are overwritten. */
@@ -168,16 +196,28 @@ export class BackwardRunner {
       }]);
     }
 
-    // slc (branch 1): dQ group-centric, then dK/dV through the inverse index.
+    // slc (branch 1): dQ group-centric, then dK/dV through the inverse index; or, fused, the dK/dV pass writes
+    // dQ parts too and 'slc dq' is their reduction (after it).
     const kSlc = inputs.kSlc ?? inputs.k;
     const vSlc = inputs.vSlc ?? inputs.v;
-    stages.push(['slc dq', () =>
-      programs.selectedBackward('dq').launch({
-        grid: [N, H, Math.ceil(G / 16)],
-        block: [128, 1, 1],
-        sharedBytes: programs.selectedBackwardSharedBytes('dq'),
-        args: [ptr(inputs.q), ptr(kSlc), ptr(vSlc), ptr(dOut), ptr(fwd.lseSlc), ptr(inputs.gate), ptr(this.delta), ptr(fwd.blockIndices), ptr(tables.rowSeq), ptr(tables.cuSeqlens), ptr(grads.dq), ...common, { f32: scaleLog2 }, { f32: config.scale }],
-      })]);
+    const fused = this.selectedDq === 'fused';
+    const slcDq: [BackwardStage, () => void] = fused
+      ? ['slc dq', () => {
+          const rows = N * Hq;
+          programs.selectedBackward('dq_reduce', true).launch({
+            grid: [Math.ceil((rows * (config.headDim / 4)) / 256), 1, 1],
+            block: [256, 1, 1],
+            args: [ptr(this.partialQ), ptr(fwd.blockIndices), ptr(tables.rowSeq), ptr(tables.cuSeqlens), ptr(grads.dq), ...common, { i64: rows }, { f32: config.scale }],
+          });
+        }]
+      : ['slc dq', () =>
+          programs.selectedBackward('dq').launch({
+            grid: [N, H, Math.ceil(G / 16)],
+            block: [128, 1, 1],
+            sharedBytes: programs.selectedBackwardSharedBytes('dq'),
+            args: [ptr(inputs.q), ptr(kSlc), ptr(vSlc), ptr(dOut), ptr(fwd.lseSlc), ptr(inputs.gate), ptr(this.delta), ptr(fwd.blockIndices), ptr(tables.rowSeq), ptr(tables.cuSeqlens), ptr(grads.dq), ...common, { f32: scaleLog2 }, { f32: config.scale }],
+          })];
+    if (!fused) stages.push(slcDq);
     stages.push(['slc index', () => this.index.build(fwd.blockIndices, this.itemEntries)]);
     // Work items of up to itemEntries (token, slot) pairs per block, partial sums reduced in item order.
     const subs = Math.ceil(config.selectBlock / TILE);
@@ -185,18 +225,18 @@ export class BackwardRunner {
     stages.push(['slc dkdv', () => {
       const partial = this.partial;
       const pv = partial.ptr + BigInt(itemUpperBound * subs * TILE * config.headDim * 4);
-      programs.selectedBackward('dkdv').launch({
+      programs.selectedBackward('dkdv', fused).launch({
         grid: [itemUpperBound, subs, 1],
         block: [128, 1, 1],
-        sharedBytes: programs.selectedBackwardSharedBytes('dkdv'),
+        sharedBytes: programs.selectedBackwardSharedBytes('dkdv', fused),
         args: [
           ptr(inputs.q), ptr(kSlc), ptr(vSlc), ptr(dOut), ptr(fwd.lseSlc), ptr(inputs.gate), ptr(this.delta),
           ptr(this.index.offsets), ptr(this.index.itemOffsets), ptr(this.index.entries), ptr(tables.blockSeq), ptr(tables.cuBlocks),
-          ptr(tables.cuSeqlens), { ptr: partial.ptr }, { ptr: pv }, ...common, { i32: plan.totalBlocks }, { i32: this.itemEntries },
-          { f32: scaleLog2 }, { f32: config.scale },
+          ptr(tables.cuSeqlens), { ptr: partial.ptr }, { ptr: pv }, ptr(this.partialQ), ...common, { i32: plan.totalBlocks },
+          { i32: this.itemEntries }, { f32: scaleLog2 }, { f32: config.scale },
         ],
       });
-      programs.selectedBackward('reduce').launch({
+      programs.selectedBackward('reduce', fused).launch({
         grid: [N * H, 1, 1],
         block: [128, 1, 1],
         args: [
@@ -205,6 +245,7 @@ export class BackwardRunner {
         ],
       });
     }]);
+    if (fused) stages.push(slcDq);
 
     // phi: dKc, dVc back onto the shared k, v (given compressed K/V keep their own gradients).
     const phi = forward.phi;
@@ -240,6 +281,11 @@ export class BackwardRunner {
     this.buffers.push(b);
     return b;
   }
+}
+
+/** Device bytes an allocation can take: the driver's free memory and the blocks the pool keeps for reuse. */
+function availableDeviceBytes(ctx: CudaContext): number {
+  return ctx.driver.memGetInfo().free + ctx.memoryStats().bytesCached;
 }
 
 /** (sequence, start) pairs of tiles of `size` rows of each sequence under the offsets `cu`. */

@@ -219,10 +219,15 @@ export class NsaPrograms {
     return 2 * this.flashBackwardTile(fn, mode);
   }
 
-  selectedBackward(fn: 'dq' | 'dkdv' | 'reduce'): Kernel {
+  /**
+   * The selected branch's backward kernels. `fusedDq`: the dK/dV kernel also writes per-slot dQ parts, which
+   * dq_reduce sums (the module built for it serves all four kernels, so each launch of a backward uses one module).
+   */
+  selectedBackward(fn: 'dq' | 'dkdv' | 'reduce' | 'dq_reduce', fusedDq = false): Kernel {
     return this.kernel('selected_attention_bwd.cu', `nsa_slc_bwd_${fn}`, [
       ...this.selDefines(),
       ...(this.tuning.slcBulk ? ['-DSLC_BULK'] : []),
+      ...(fusedDq ? ['-DSLC_DQ_FUSED'] : []),
     ]);
   }
 
@@ -245,11 +250,12 @@ export class NsaPrograms {
     return 2 * (this.flashBackwardTile(fn, mode) + 2 * 64) * (dk + dv) + slack;
   }
 
-  selectedBackwardSharedBytes(fn: 'dq' | 'dkdv'): number {
+  selectedBackwardSharedBytes(fn: 'dq' | 'dkdv', fusedDq = false): number {
     const { headDim: dk, valueDim: dv } = this.config;
     // Gathered rows are padded by 8 elements for bulk copies.
     const pad = this.tuning.slcBulk ? 8 : 0;
-    if (fn === 'dkdv') return 2 * 64 * (2 * dk + 2 * dv + 2 * pad);
+    // dK/dV: the key/value tile, the gathered query/dO rows, and with fused dQ the tile's dS^T (64 x 64).
+    if (fn === 'dkdv') return 2 * 64 * (2 * dk + 2 * dv + 2 * pad) + (fusedDq ? 2 * 64 * 64 : 0);
     // Q and dO rows, then the key/value tile, which the warps' dQ parts (fp32) reuse at the end.
     return 2 * 16 * (dk + dv) + Math.max(2 * 64 * (dk + dv + 2 * pad), 4 * 4 * 16 * dk);
   }
