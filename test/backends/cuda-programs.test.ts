@@ -24,7 +24,13 @@ describe('kernelTuning', () => {
       slcStages: 1,
       slcMinBlocks: 8,
       slcBulk: true,
+      slcDqParts: 'bf16',
     });
+  });
+
+  it('stores the fused selected dQ parts as bf16 unless NSA_SLC_DQ_PARTS=f32', () => {
+    expect(kernelTuning(config(128, 128), { NSA_SLC_DQ_PARTS: 'f32' }, [9, 0]).slcDqParts).toBe('f32');
+    expect(kernelTuning(config(128, 128), { NSA_SLC_DQ_PARTS: 'bf16' }, [8, 0]).slcDqParts).toBe('bf16');
   });
 
   it('keeps bulk copies off before sm_90 and when NSA_SLC_BULK=0', () => {
@@ -64,7 +70,7 @@ describe('shared memory of the selected-attention kernels', () => {
   const tunings: KernelTuning[] = [];
   for (const slcWarps of [2, 4] as const) {
     for (const slcStages of [1, 2, 4]) {
-      for (const slcBulk of [false, true]) tunings.push({ faWarps: 8, faWgmma: false, slcWarps, slcStages, slcMinBlocks: 4, slcBulk });
+      for (const slcBulk of [false, true]) tunings.push({ faWarps: 8, faWgmma: false, slcWarps, slcStages, slcMinBlocks: 4, slcBulk, slcDqParts: 'f32' });
     }
   }
 
@@ -90,7 +96,7 @@ describe('shared memory of the selected-attention kernels', () => {
   }
 
   it('the merge, not the stages, sets the size when dv > dk at one stage (the case that overflowed)', () => {
-    const tuning: KernelTuning = { faWarps: 8, faWgmma: false, slcWarps: 2, slcStages: 1, slcMinBlocks: 8, slcBulk: false };
+    const tuning: KernelTuning = { faWarps: 8, faWgmma: false, slcWarps: 2, slcStages: 1, slcMinBlocks: 8, slcBulk: false, slcDqParts: 'f32' };
     const programs = new NsaPrograms(fakeContext, config(64, 128), 'bf16', tuning);
     expect(programs.selectedSharedBytes()).toBe(2 * 16 * 64 + 4 * 2 * 16 * 128);
   });
@@ -141,10 +147,10 @@ describe('the flash backward kernels', () => {
 
 describe('selectedDqMode', () => {
   const GiB = 2 ** 30;
-  it('fuses dQ into the dK/dV pass where its parts take at most half of the free memory', () => {
+  it('fuses dQ into the dK/dV pass where its parts leave a quarter of the free memory', () => {
     expect(selectedDqMode(16 * GiB, 40 * GiB, {})).toBe('fused');
-    expect(selectedDqMode(20 * GiB, 40 * GiB, {})).toBe('fused');
-    expect(selectedDqMode(20 * GiB + 1, 40 * GiB, {})).toBe('group');
+    expect(selectedDqMode(30 * GiB, 40 * GiB, {})).toBe('fused');
+    expect(selectedDqMode(30 * GiB + 1, 40 * GiB, {})).toBe('group');
   });
 
   it('follows NSA_SLC_DQ when it names a form, and ignores other values', () => {

@@ -51,6 +51,8 @@ export function expectRelativeRms(
 ): void {
   expectSameNonFinite(actual, expected, what);
   const err = scale > rms(expected) ? rms(Array.from(expected, (e, i) => actual[i]! - e)) / scale : relativeRmsError(actual, expected);
+  // NSA_TEST_REPORT=1 prints every comparison's error, to see how much room a tolerance leaves.
+  if (process.env['NSA_TEST_REPORT'] === '1') console.log(`${what}: relative RMS error ${err.toExponential(3)} (limit ${rtol.toExponential(1)})`);
   if (!(err <= rtol)) throw new Error(`${what}: relative RMS error ${err.toExponential(3)} > ${rtol.toExponential(1)}`);
 }
 

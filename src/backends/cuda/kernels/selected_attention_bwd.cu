@@ -6,6 +6,7 @@
 // nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DSLC_BULK -DSLC_DQ_FUSED
 // nvcc-check: -DDK=192 -DDV=128 -DSEL_L=32 -DSEL_N=16 -DSLC_BULK -DSLC_DQ_FUSED -DNSA_FP16
 // nvcc-check: -DDK=64 -DDV=64 -DSEL_L=128 -DSEL_N=4 -DSLC_DQ_FUSED
+// nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DSLC_BULK -DSLC_DQ_FUSED -DSLC_DQ_PARTS_BF16
 //
 // Backward of the selected branch, with no atomics:
 //   nsa_slc_bwd_dq    group-centric like the forward: a CTA per (query position, KV head, 16 heads) streams the
@@ -181,17 +182,41 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   }
 }
 
+// The dQ parts' storage: fp32, or with SLC_DQ_PARTS_BF16 bfloat16 bits (the fp32 range whatever the compute type;
+// rounded to nearest even once, half the bytes of the pass's largest traffic).
+#ifdef SLC_DQ_PARTS_BF16
+typedef unsigned short part_t;
+__device__ __forceinline__ u32 bf16_bits(float x) {
+  const u32 b = __float_as_uint(x);
+  return (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+}
+/** Stores parts c, c + 1 of a row. */
+__device__ __forceinline__ void store_part2(part_t *at, float lo, float hi) {
+  *reinterpret_cast<u32 *>(at) = bf16_bits(lo) | (bf16_bits(hi) << 16);
+}
+/** Loads parts c .. c + 3 of a row. */
+__device__ __forceinline__ float4 load_part4(const part_t *at) {
+  const uint2 w = *reinterpret_cast<const uint2 *>(at);
+  return make_float4(__uint_as_float(w.x << 16), __uint_as_float(w.x & 0xffff0000u), __uint_as_float(w.y << 16),
+                     __uint_as_float(w.y & 0xffff0000u));
+}
+#else
+typedef float part_t;
+__device__ __forceinline__ void store_part2(part_t *at, float lo, float hi) { *reinterpret_cast<float2 *>(at) = make_float2(lo, hi); }
+__device__ __forceinline__ float4 load_part4(const part_t *at) { return *reinterpret_cast<const float4 *>(at); }
+#endif
+
 #ifdef SLC_DQ_FUSED
 /**
  * dQ parts of tile rows warp*16 .. +15 (row r: entry r / G's token and slot, head r % G) over the CTA's 64 keys:
  * dS (A, from the staged dS^T by transposed ldmatrix) times K, 32 columns at a time: beside dK, dV's accumulators
  * wider column blocks spill at dk = 192 (ptxas). Row (token, head, slot, sub) of partial_q gets its own [DK]
- * floats, unscaled.
+ * parts, unscaled.
  */
-__device__ __forceinline__ void fused_dq_rows(float *__restrict__ partial_q, const elem_t *dssmem, const elem_t *ksmem,
+__device__ __forceinline__ void fused_dq_rows(part_t *__restrict__ partial_q, const elem_t *dssmem, const elem_t *ksmem,
                                               const int2 *__restrict__ entries, int rows, int G, int Hq, int h, int warp,
                                               int lane) {
-  float *dst[2];
+  part_t *dst[2];
 #pragma unroll
   for (int hh = 0; hh < 2; hh++) {
     const int r = warp * 16 + lane / 4 + hh * 8;
@@ -220,7 +245,7 @@ __device__ __forceinline__ void fused_dq_rows(float *__restrict__ partial_q, con
       if (dst[hh] == nullptr) continue;
 #pragma unroll
       for (int n = 0; n < 4; n++) {
-        *reinterpret_cast<float2 *>(dst[hh] + c0 + n * 8 + (lane % 4) * 2) = make_float2(acc[n][2 * hh], acc[n][2 * hh + 1]);
+        store_part2(dst[hh] + c0 + n * 8 + (lane % 4) * 2, acc[n][2 * hh], acc[n][2 * hh + 1]);
       }
     }
   }
@@ -241,7 +266,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
                      const float *__restrict__ delta, const int *__restrict__ offsets, const int *__restrict__ item_offsets,
                      const int2 *__restrict__ entries, const int *__restrict__ block_seq, const int *__restrict__ cu_blocks,
                      const int *__restrict__ cu_seqlens, float *__restrict__ partial_k, float *__restrict__ partial_v,
-                     float *__restrict__ partial_q, int Hq, int H, int total_blocks, int item_entries, float scale_log2,
+                     void *__restrict__ partial_q, int Hq, int H, int total_blocks, int item_entries, float scale_log2,
                      float scale) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   elem_t *ksmem = reinterpret_cast<elem_t *>(smem_raw); // TILE x DK
@@ -379,7 +404,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     pv_mma<DK, TILE / 16, KTile>(dk_acc, dpt, qsmem, 0, lane);
 #ifdef SLC_DQ_FUSED
     __syncthreads();
-    if (warp * 16 < rows) fused_dq_rows(partial_q, dssmem, ksmem, entries + e0, rows, G, Hq, h, warp, lane);
+    if (warp * 16 < rows) fused_dq_rows(static_cast<part_t *>(partial_q), dssmem, ksmem, entries + e0, rows, G, Hq, h, warp, lane);
 #endif
   }
   cp_async_wait<0>();
@@ -442,7 +467,7 @@ extern "C" __global__ void nsa_slc_bwd_reduce(const float *__restrict__ partial_
  * the inverse index counts them); a sub is written only where its keys start inside the sequence. One thread per
  * 4 columns of a (token, head) row.
  */
-extern "C" __global__ void nsa_slc_bwd_dq_reduce(const float *__restrict__ partial_q, const int *__restrict__ block_indices,
+extern "C" __global__ void nsa_slc_bwd_dq_reduce(const part_t *__restrict__ partial_q, const int *__restrict__ block_indices,
                                                  const int *__restrict__ row_seq, const int *__restrict__ cu_seqlens,
                                                  float *__restrict__ dq, int Hq, int H, i64 rows, float scale) {
   constexpr int C4 = DK / 4;
@@ -455,7 +480,7 @@ extern "C" __global__ void nsa_slc_bwd_dq_reduce(const float *__restrict__ parti
   const int seq = row_seq[token];
   const int seq_len = cu_seqlens[seq + 1] - cu_seqlens[seq];
   const int *sel = block_indices + ((i64)token * H + h) * SEL_N;
-  const float4 *src = reinterpret_cast<const float4 *>(partial_q + qrow * (SEL_N * SUBS * DK)) + c4;
+  const part_t *src = partial_q + qrow * (SEL_N * SUBS * DK) + c4 * 4;
   // The loads first (zeros for the slots and subs nobody wrote), then the sum in order, so that no load has to
   // wait for the adds before it.
   float4 parts[SEL_N * SUBS];
@@ -467,7 +492,7 @@ extern "C" __global__ void nsa_slc_bwd_dq_reduce(const float *__restrict__ parti
 #pragma unroll
     for (int sub = 0; sub < SUBS; sub++) {
       const bool written = valid && (sub == 0 || j * SEL_L + sub * TILE < seq_len);
-      parts[s * SUBS + sub] = written ? src[(s * SUBS + sub) * C4] : make_float4(0.f, 0.f, 0.f, 0.f);
+      parts[s * SUBS + sub] = written ? load_part4(src + (s * SUBS + sub) * DK) : make_float4(0.f, 0.f, 0.f, 0.f);
     }
   }
   float4 sum = make_float4(0.f, 0.f, 0.f, 0.f);

@@ -52,10 +52,12 @@ export type BackwardStage =
  * How the selected branch's dQ runs. 'group': a CTA per (token, KV head, 16 heads) streams the token's blocks
  * (L2-bound, and at G < 16 most of its MMA rows are empty). 'fused': the dK/dV pass, which has dS and K of each
  * (block, choosing rows) tile at hand, writes a dQ part per (token, head, slot) and a reduce sums them in slot
- * order, at the cost of an fp32 buffer of N * Hq * n * ceil(l'/64) * dk floats. Fused was faster at every G
- * measured (H100, 64k, fla preset: fwd+bwd 82.0 against 129.0 ms at G = 4, 121.1 against 129.9 ms at G = 16), so
- * it is the default wherever that buffer takes at most half of the free device memory (at 64k tokens, Hq = 64,
- * n = 16, dk = 128 it is 32 GiB); NSA_SLC_DQ=group|fused forces either.
+ * order, at the cost of a buffer of N * Hq * n * ceil(l'/64) * dk parts (bf16, or fp32 with NSA_SLC_DQ_PARTS=f32).
+ * Fused was faster at every G measured (H100, 64k, fla preset, fp32 parts: fwd+bwd 82.0 against 129.0 ms at
+ * G = 4, 121.1 against 129.9 ms at G = 16), so it is the default wherever that buffer leaves a quarter of the free
+ * device memory free (at 64k tokens, Hq = 64, n = 16, dk = 128 it is 16 GiB, 32 GiB in fp32); it is freed (to the pool,
+ * which gives cached blocks back to the driver before an allocation fails) when the backward returns.
+ * NSA_SLC_DQ=group|fused forces either.
  */
 export type SelectedDqMode = 'group' | 'fused';
 
@@ -66,7 +68,7 @@ export function selectedDqMode(
 ): SelectedDqMode {
   const forced = env['NSA_SLC_DQ'];
   if (forced === 'group' || forced === 'fused') return forced;
-  return partialBytes <= availableBytes / 2 ? 'fused' : 'group';
+  return partialBytes <= 0.75 * availableBytes ? 'fused' : 'group';
 }
 
 const NULL: KernelArg = { ptr: 0n };
@@ -120,7 +122,7 @@ export class BackwardRunner {
       this.index.itemUpperBound(this.itemEntries) * Math.ceil(selectBlock / TILE) * TILE * (dk + dv),
     );
     this.partial = this.keep(ctx.alloc(Math.max(1, partialFloats) * 4, 'backward partial sums'));
-    const partialQBytes = N * Hq * programs.config.selectCount * Math.ceil(selectBlock / TILE) * dk * 4;
+    const partialQBytes = N * Hq * programs.config.selectCount * Math.ceil(selectBlock / TILE) * dk * programs.selectedDqPartBytes;
     this.selectedDq = selectedDqMode(partialQBytes, availableDeviceBytes(ctx));
     this.partialQ = this.selectedDq === 'fused' ? this.keep(ctx.alloc(Math.max(4, partialQBytes), 'selected dQ parts')) : undefined;
   }

@@ -35,6 +35,11 @@ export interface KernelTuning {
   readonly slcMinBlocks: number;
   /** Gather the selected blocks' rows with bulk copies (sm_90 and later; NSA_SLC_BULK=0 turns it off). */
   readonly slcBulk: boolean;
+  /**
+   * Storage of the fused selected dQ's per-slot parts (NSA_SLC_DQ_PARTS=f32|bf16): bfloat16 by default, half the
+   * bytes of that pass's largest traffic for ~0.02% more relative RMS error in dQ (docs/performance.md).
+   */
+  readonly slcDqParts: 'f32' | 'bf16';
 }
 
 export function kernelTuning(
@@ -56,6 +61,7 @@ export function kernelTuning(
     // 8 CTAs per SM caps registers at 128 per thread: enough for dk <= 128, spills at dk = 192.
     slcMinBlocks: match?.[3] !== undefined ? Number(match[3]) : config.headDim <= 128 ? 8 : 4,
     slcBulk: (computeCapability[0] ?? 0) >= 9 && env['NSA_SLC_BULK'] !== '0',
+    slcDqParts: env['NSA_SLC_DQ_PARTS'] === 'f32' ? 'f32' : 'bf16',
   };
 }
 
@@ -228,7 +234,13 @@ export class NsaPrograms {
       ...this.selDefines(),
       ...(this.tuning.slcBulk ? ['-DSLC_BULK'] : []),
       ...(fusedDq ? ['-DSLC_DQ_FUSED'] : []),
+      ...(fusedDq && this.tuning.slcDqParts === 'bf16' ? ['-DSLC_DQ_PARTS_BF16'] : []),
     ]);
+  }
+
+  /** Bytes of one of the fused selected dQ's parts (selected_attention_bwd.cu, part_t). */
+  get selectedDqPartBytes(): number {
+    return this.tuning.slcDqParts === 'bf16' ? 2 : 4;
   }
 
   inverseIndex(fn: 'count' | 'key_totals' | 'scan' | 'chunk_starts' | 'fill'): Kernel {
