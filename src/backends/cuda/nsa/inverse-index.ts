@@ -34,8 +34,10 @@ export class InverseIndex {
     const { kvHeads: H, selectCount: n } = programs.config;
     const N = plan.totalTokens;
     const keys = H * plan.totalBlocks;
-    // Tokens are cut into at most 256 chunks; one thread per (chunk, KV head) walks its chunk in order.
-    this.chunks = Math.max(1, Math.min(256, Math.ceil(N / 64)));
+    // Tokens are cut into chunks of at least 16 (at most 1024 chunks); one thread per (chunk, KV head) walks its
+    // chunk in order. Each step of a walk waits on its counter's read-modify-write, so shorter walks are faster:
+    // 256 chunks took 2.9 ms at 64k tokens, H = 4 (H100).
+    this.chunks = Math.max(1, Math.min(1024, Math.ceil(N / 16)));
     this.chunk = Math.ceil(N / this.chunks);
     this.counts = ctx.alloc(keys * this.chunks * 4, 'inverse index counts');
     this.totals = ctx.alloc(keys * 4, 'inverse index totals');
