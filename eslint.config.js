@@ -3,7 +3,7 @@ import js from '@eslint/js';
 import tseslint from 'typescript-eslint';
 
 export default tseslint.config(
-  { ignores: ['dist/', 'build-check/', 'node_modules/', 'coverage/', '.gpu/'] },
+  { ignores: ['dist/', 'build-check/', 'node_modules/', 'coverage/', '.gpu/', '.base/'] },
   js.configs.recommended,
   ...tseslint.configs.recommended,
   {
