@@ -20,17 +20,7 @@ extern "C" __global__ void nsa_compress_mean(const elem_t *__restrict__ k, const
   const int dim = is_key ? DK : DV;
   const int c0 = (is_key ? threadIdx.x : threadIdx.x - DK / 8) * 8;
   const elem_t *src = is_key ? k : v;
-  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-  for (int r = 0; r < CMP_L; r++) {
-    const uint4 raw = *reinterpret_cast<const uint4 *>(src + ((first + r) * H + h) * dim + c0);
-    const elem_t *x = reinterpret_cast<const elem_t *>(&raw);
-#pragma unroll
-    for (int e = 0; e < 8; e++) acc[e] += elem_to_float(x[e]);
-  }
-  uint4 packed;
-  u32 *words = reinterpret_cast<u32 *>(&packed);
-#pragma unroll
-  for (int e = 0; e < 4; e++) words[e] = pack_elem2(acc[2 * e] / CMP_L, acc[2 * e + 1] / CMP_L);
+  const uint4 packed = mean_of_rows8<CMP_L>(src + (first * H + h) * dim + c0, (i64)H * dim);
   elem_t *dst = is_key ? kc : vc;
   *reinterpret_cast<uint4 *>(dst + (crow * H + h) * dim + c0) = packed;
 }

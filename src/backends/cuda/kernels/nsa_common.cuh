@@ -235,6 +235,25 @@ __device__ __forceinline__ void copy_rows(elem_t *tile, const elem_t *first, i64
   }
 }
 
+/**
+ * phi = mean over L rows of 8 consecutive channels: the rows start at `first` and lie `stride` elements apart;
+ * accumulated in fp32 and rounded once to the element type, 8 of them packed for one 16-byte store.
+ */
+template <int L> __device__ __forceinline__ uint4 mean_of_rows8(const elem_t *first, i64 stride) {
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  for (int r = 0; r < L; r++) {
+    const uint4 raw = *reinterpret_cast<const uint4 *>(first + r * stride);
+    const elem_t *x = reinterpret_cast<const elem_t *>(&raw);
+#pragma unroll
+    for (int e = 0; e < 8; e++) acc[e] += elem_to_float(x[e]);
+  }
+  uint4 packed;
+  u32 *words = reinterpret_cast<u32 *>(&packed);
+#pragma unroll
+  for (int e = 0; e < 4; e++) words[e] = pack_elem2(acc[2 * e] / L, acc[2 * e + 1] / L);
+  return packed;
+}
+
 /** A fragments of a 16-row slice (rows r0..r0+15) of a swizzled [*, KDIM] tile, all KDIM/16 k-steps. */
 template <int KDIM> __device__ __forceinline__ void load_a_fragments(u32 a[KDIM / 16][4], const elem_t *tile, int r0, int lane) {
   const int row = r0 + (lane & 7) + ((lane >> 3) & 1) * 8;

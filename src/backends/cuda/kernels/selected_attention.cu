@@ -17,6 +17,7 @@
 // arithmetic than on the attention (Nsight Compute, H100, 64k: ALU the busiest pipe, 64% issue slots busy,
 // L2 at a third of its throughput).
 #include "nsa_common.cuh"
+#include "nsa_gather_tiles.cuh"
 
 #ifndef SLC_WARPS
 #define SLC_WARPS 2
@@ -30,16 +31,6 @@
 #define BLOCK_N (16 * SLC_WARPS)
 #define THREADS (32 * SLC_WARPS)
 #define ROWS 16
-
-#if defined(SLC_BULK) && defined(NSA_HAS_BULK_COPY)
-#define SLC_USE_BULK 1
-#else
-#define SLC_USE_BULK 0
-#endif
-typedef StageTile<SLC_USE_BULK, DK>::Layout KTile;
-typedef StageTile<SLC_USE_BULK, DV>::Layout VTile;
-#define K_ROW (StageTile<SLC_USE_BULK, DK>::ROW) // elements per key row in shared memory
-#define V_ROW (StageTile<SLC_USE_BULK, DV>::ROW)
 
 extern "C" __global__ void __launch_bounds__(THREADS, SLC_MIN_BLOCKS)
     nsa_selected_attention(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,

@@ -20,6 +20,7 @@
 //                     per token, while here the key tile is already in shared memory and all 64 rows are used
 // P = exp(s - lse_slc), dS = P * (g_slc * dO V^T - delta_slc). Gradients are fp32 and added into their buffers.
 #include "nsa_common.cuh"
+#include "nsa_gather_tiles.cuh"
 
 #define WARPS 4
 #define THREADS (32 * WARPS)
@@ -27,17 +28,7 @@
 #define TILE 64
 
 // SLC_BULK (sm_90): the gathered rows (dQ: the selected keys/values; dK/dV: the choosing queries and their dO)
-// come with one bulk copy per row (as the forward does), into rows padded by 16 bytes; otherwise 16-byte cp.async
-// into swizzled tiles.
-#if defined(SLC_BULK) && defined(NSA_HAS_BULK_COPY)
-#define SLC_USE_BULK 1
-#else
-#define SLC_USE_BULK 0
-#endif
-typedef StageTile<SLC_USE_BULK, DK>::Layout KTile;
-typedef StageTile<SLC_USE_BULK, DV>::Layout VTile;
-#define K_ROW (StageTile<SLC_USE_BULK, DK>::ROW) // elements per key row in shared memory
-#define V_ROW (StageTile<SLC_USE_BULK, DV>::ROW)
+// come with one bulk copy per row (as the forward does): nsa_gather_tiles.cuh.
 #define SUBS ((SEL_L + TILE - 1) / TILE) // dK/dV CTAs (64 keys each) per selection block
 
 extern "C" __global__ void __launch_bounds__(THREADS)
