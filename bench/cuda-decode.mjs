@@ -52,6 +52,16 @@ function printTrace(recs) {
     `      span ${us(span)} us; select ${sel.length}x ${us(mean(sel))} us mean (max ${us(Math.max(...sel))}, last ends ${us(lastSel)}); ` +
       `merge ${mer.length}x ${us(mean(mer))} us mean`,
   );
+  const selects = recs.filter((r) => r.selected && r.select !== undefined);
+  if (selects.length > 0) {
+    const part = (f) => `${us(mean(selects.map(f)))} (max ${us(Math.max(...selects.map(f))).padStart(4)})`;
+    const rounds = selects.map((r) => r.select.rounds);
+    console.log(
+      `      select phases, us mean: counter ${part((r) => r.select.entered - r.attended)}, lse ${part((r) => r.select.lse - r.select.entered)}, ` +
+        `scores ${part((r) => r.select.scores - r.select.lse)}, top-n ${part((r) => r.select.topN - r.select.scores)}, ` +
+        `fence+flag ${part((r) => r.end - r.select.topN)}; rounds of slices ${Math.min(...rounds)}-${Math.max(...rounds)}`,
+    );
+  }
   const buckets = 20;
   const alive = [];
   const waiting = [];

@@ -1,6 +1,7 @@
 // Tries the kernels' launch-shape variants (NSA_FA_WARPS, NSA_SLC_PIPELINE) on the issue's shapes and prints
 // per-stage medians (CUDA events), to choose the defaults. Run from the repo root after `npm run build`:
-//   node bench/cuda-tuning.mjs [--lengths 65536] [--variants 8:2x1x8,NSA_FA_WGMMA=0] [--shapes group,fsa] [--out tuning.json]
+//   node bench/cuda-tuning.mjs [--lengths 65536] [--variants 8:2x1x8,NSA_FA_WGMMA=0] [--shapes group,fsa] [--presets fla,paper]
+//     [--groups 16,4] [--out tuning.json]
 import { writeFileSync } from 'node:fs';
 import { NSAConfig } from '../dist/index.js';
 import { createCudaBackend } from '../dist/backends/cuda/cuda-backend.js';
@@ -19,10 +20,10 @@ const variants = (flag('variants', '8:4x2x3,8:4x1x4,8:4x1x6,8:2x2x6,8:2x1x8')).s
   return { NSA_FA_WARPS: fa, NSA_SLC_PIPELINE: slc };
 });
 const label = (variant) => Object.entries(variant).map(([k, v]) => `${k.replace(/^NSA_/, '')}=${v}`).join(' ');
-const shapes = [
-  { G: 16, preset: 'fla', kernel: 'group' },
-  { G: 16, preset: 'fla', kernel: 'fsa' },
-].filter((shape) => flag('shapes', 'group,fsa').split(',').includes(shape.kernel));
+// --shapes picks the selected kernels, --presets the presets (default fla), --groups G (default 16).
+const shapes = flag('presets', 'fla').split(',').flatMap((preset) =>
+  flag('groups', '16').split(',').map(Number).flatMap((G) =>
+    flag('shapes', 'group,fsa').split(',').map((kernel) => ({ G, preset, kernel }))));
 const rows = [];
 for (const variant of variants) {
   Object.assign(process.env, variant);

@@ -630,7 +630,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
   if (warp == 0) {
     float *ls = cand_s + (list + z) * SEL_N;
     int *lj = cand_j + (list + z) * SEL_N;
-    warp_best_listed(&warp_s[0][0], &warp_j[0][0], (SEL_THREADS / 32) * SEL_N, SEL_N, ls, lj, lane);
+    warp_best_listed<(SEL_THREADS / 32 * SEL_N + 31) / 32>(&warp_s[0][0], &warp_j[0][0], (SEL_THREADS / 32) * SEL_N, SEL_N, ls, lj, lane);
   }
   if (!last_to_finish(counters + (i64)r * H + h, nz, &last_flag)) return;
   if (warp != 0) return;
@@ -647,7 +647,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
   int count = warp_forced_blocks(current, chosen, lane);
   // The rest by score: reuse warp_s[0] / warp_j[0] for the picks.
   const int need = SEL_N - count;
-  const int got = warp_best_listed(all_s, all_j, nz * SEL_N, need, &warp_s[0][0], &warp_j[0][0], lane);
+  const int got = warp_best_listed<4>(all_s, all_j, nz * SEL_N, need, &warp_s[0][0], &warp_j[0][0], lane);
   for (int k = 0; k < got; k++)
     if (lane == count + k) chosen = warp_j[0][k];
   count += got;
@@ -675,7 +675,9 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
  */
 __device__ __noinline__ void fused_select(int r, int h, const int *__restrict__ seq_len, const int *__restrict__ q_seq, const int *__restrict__ q_pos,
                              const float *partial_m, const float *partial_l, int slots, int cmp_slots, const float *slices,
-                             i64 slice_stride, int *block_indices, int Hq, int H, float *work, int work_floats) {
+                             i64 slice_stride, int *block_indices, int Hq, int H, float *work, int work_floats,
+                             unsigned long long *stamps) {
+  const unsigned long long t_entry = stamps != nullptr ? global_ns() : 0;
   const int G = Hq / H;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -735,6 +737,7 @@ __device__ __noinline__ void fused_select(int r, int h, const int *__restrict__ 
     if (lane == 0) lse2[g] = m == NSA_NEG_INF ? NSA_NEG_INF : m + log2f(l);
   }
   for (int j = threadIdx.x; j < ncand; j += THREADS) score[j] = 0.f;
+  const unsigned long long t_lse = stamps != nullptr ? global_ns() : 0;
 
   // Block scores, ns slices a round.
   for (int s0 = 0; s0 < nsv; s0 += ns) {
@@ -772,20 +775,30 @@ __device__ __noinline__ void fused_select(int r, int h, const int *__restrict__ 
     __syncthreads();
   }
 
+  const unsigned long long t_scores = stamps != nullptr ? global_ns() : 0;
   // Top-n: blocks 1 .. current - 2 by score (0, current - 1 and current are forced).
   const int lo = 1;
   const int hi = max(lo, current - 1);
   const int per = (hi - lo + 3) / 4;
-  warp_best_range(score, lo + warp * per, min(hi, lo + (warp + 1) * per), SEL_N, list_s + warp * SEL_N, list_j + warp * SEL_N, lane);
+  // Scanned in shared memory, not through registers as in nsa_decode_select: with the keys in registers the
+  // select took 3 us less but the fused step measured 3% slower with the fla preset (H100, 64k, B = 64).
+  warp_best_range<0>(score, lo + warp * per, min(hi, lo + (warp + 1) * per), SEL_N, list_s + warp * SEL_N, list_j + warp * SEL_N, lane);
   __syncthreads();
   if (warp == 0) {
     int chosen = -1; // lane i keeps the i-th chosen block
     int count = warp_forced_blocks(current, chosen, lane);
-    const int got = warp_best_listed(list_s, list_j, 4 * SEL_N, SEL_N - count, pick_s, pick_j, lane);
+    const int got = warp_best_listed<0>(list_s, list_j, 4 * SEL_N, SEL_N - count, pick_s, pick_j, lane);
     for (int k = 0; k < got; k++)
       if (lane == count + k) chosen = pick_j[k];
     count += got;
     warp_write_ascending(chosen, count, block_indices + ((i64)r * H + h) * SEL_N, lane);
+    if (stamps != nullptr && lane == 0) {
+      stamps[0] = t_entry;
+      stamps[1] = t_lse;
+      stamps[2] = t_scores;
+      stamps[3] = global_ns();
+      stamps[4] = (nsv + ns - 1) / ns; // rounds of slices
+    }
   }
 }
 
@@ -794,10 +807,12 @@ __device__ __noinline__ void fused_select(int r, int h, const int *__restrict__ 
  * counters: [0, 2) the tickets taken so far (64 bits: every launch takes gridDim.x of them, so ticket / gridDim.x
  * is the launch's generation and ticket % gridDim.x its item), [2, 4) unused, then Q * H cmp-chunk counters, Q * H
  * selection flags (generation + 1 once a pair's blocks are chosen), Q * H * gchunks merge counters. With `trace`
- * set, each CTA writes 8 words at trace + 8 * item: item, start, end of its wait (slc items), end of its attention,
- * end of its select or merge, 1 if it selected + 2 if it merged, its SM, its kind (0 cmp, 1 slc, 2 win); times are
- * globaltimer nanoseconds.
+ * set, each CTA writes TRACE_WORDS words at trace + TRACE_WORDS * item: item, start, end of its wait (slc items), end
+ * of its attention, end of its select or merge, 1 if it selected + 2 if it merged, its SM, its kind (0 cmp, 1 slc,
+ * 2 win); a select adds its entry (after the chunk counter), the end of its lse, of its block scores and of its
+ * top-n, and its rounds of slices. Times are globaltimer nanoseconds.
  */
+#define TRACE_WORDS 13
 extern "C" __global__ void __launch_bounds__(THREADS, 3)
     nsa_decode_fused(const elem_t *__restrict__ q, const unsigned long long *__restrict__ seq_ptrs, const int *__restrict__ seq_len,
                      const int *__restrict__ q_seq, const int *__restrict__ q_pos, float *partial_m, float *partial_l,
@@ -865,7 +880,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 3)
     if (last_to_finish(cmp_done + r * H + h, cmp_n * gchunks, &sh.last)) {
       selected = true;
       fused_select(r, h, seq_len, q_seq, q_pos, partial_m, partial_l, slots, cmp_n, slices, slice_stride, block_indices, Hq, H,
-                   reinterpret_cast<float *>(smem_raw), work_floats);
+                   reinterpret_cast<float *>(smem_raw), work_floats, trace != nullptr ? trace + TRACE_WORDS * (i64)item + 8 : nullptr);
       __threadfence();
       __syncthreads();
       if (threadIdx.x == 0) release_flag(sel_flag + r * H + h, target);
@@ -889,7 +904,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 3)
   if (trace != nullptr && threadIdx.x == 0) {
     unsigned int smid;
     asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));
-    unsigned long long *rec = trace + 8 * (i64)item;
+    unsigned long long *rec = trace + TRACE_WORDS * (i64)item;
     rec[0] = item;
     rec[1] = t_start;
     rec[2] = sh.waited;

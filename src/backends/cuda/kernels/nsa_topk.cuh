@@ -27,12 +27,82 @@ __device__ __forceinline__ void warp_reduce_best(float &bs, int &bj, int &at) {
 }
 
 /**
- * The best `need` (score, index) pairs, best first, of those at positions [lo, hi) of s (index_of(position) gives
- * a pair's index), by one warp, to out_s/out_j[0 .. need), padded with (-inf, NO_BLOCK). Taken ones become -inf in
- * s (shared memory the warp owns). Returns how many real pairs it took.
+ * The order-preserving key of a (score, index) pair: a larger key is a better pair (higher score, then lower
+ * index), so a warp finds the best pair with two 32-bit `redux.sync` maxima instead of shuffling three words per
+ * level. 0 is no pair (score -inf or NaN); index in [0, NO_BLOCK].
  */
-template <typename IndexOf>
+__device__ __forceinline__ unsigned long long topk_key(float s, int j) {
+  if (!(s > NSA_NEG_INF)) return 0ull;
+  unsigned u = __float_as_uint(s);
+  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u); // floats in order as unsigned: above 0x007fffff (-inf's) for all
+  return ((unsigned long long)u << 32) | (unsigned)(NO_BLOCK - j);
+}
+__device__ __forceinline__ float topk_key_score(unsigned long long key) {
+  const unsigned u = (unsigned)(key >> 32);
+  return __uint_as_float((u & 0x80000000u) ? (u & 0x7fffffffu) : ~u);
+}
+__device__ __forceinline__ int topk_key_index(unsigned long long key) { return NO_BLOCK - (int)(unsigned)key; }
+
+/** The largest key any lane of the (whole) warp holds, to every lane. */
+__device__ __forceinline__ unsigned long long warp_max_key(unsigned long long key) {
+  const unsigned hi = (unsigned)(key >> 32);
+  const unsigned top = __reduce_max_sync(0xffffffff, hi);
+  const unsigned lo = __reduce_max_sync(0xffffffff, hi == top ? (unsigned)key : 0u);
+  return ((unsigned long long)top << 32) | lo;
+}
+
+/**
+ * The warp's best `need` pairs of the keys its lanes hold (E each, 0 for none; keys are distinct), best first, into
+ * out_s/out_j[0 .. need), padded with (-inf, NO_BLOCK). Each lane keeps its own best; a round takes the warp's
+ * maximum and only the lane it came from looks for its next. Returns how many real pairs it took.
+ */
+template <int E>
+__device__ __forceinline__ int warp_best_keys(unsigned long long (&key)[E], int need, float *out_s, int *out_j, int lane) {
+  unsigned long long mine = 0;
+#pragma unroll
+  for (int e = 0; e < E; e++) mine = key[e] > mine ? key[e] : mine;
+  int k = 0;
+  for (; k < need; k++) {
+    const unsigned long long best = warp_max_key(mine);
+    if (best == 0) break;
+    if (lane == 0) {
+      out_s[k] = topk_key_score(best);
+      out_j[k] = topk_key_index(best);
+    }
+    if (mine == best) { // this lane's: drop it, find the next
+      mine = 0;
+#pragma unroll
+      for (int e = 0; e < E; e++) {
+        if (key[e] == best) key[e] = 0;
+        mine = key[e] > mine ? key[e] : mine;
+      }
+    }
+  }
+  for (int i = k + lane; i < need; i += 32) {
+    out_s[i] = NSA_NEG_INF;
+    out_j[i] = NO_BLOCK;
+  }
+  __syncwarp();
+  return k;
+}
+
+/**
+ * The best `need` (score, index) pairs, best first, of those at positions [lo, hi) of s (index_of(position) gives
+ * a pair's index), by one warp, to out_s/out_j[0 .. need), padded with (-inf, NO_BLOCK). Up to 32 * E positions
+ * go through registers (warp_best_keys); more (or any, with E = 0) are scanned in shared memory each round, and
+ * taken ones become -inf in s (shared memory the warp owns). Returns how many real pairs it took.
+ */
+template <int E, typename IndexOf>
 __device__ __forceinline__ int warp_best_of(float *s, int lo, int hi, IndexOf index_of, int need, float *out_s, int *out_j, int lane) {
+  if (E > 0 && hi - lo <= 32 * E) {
+    unsigned long long key[E > 0 ? E : 1];
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+      const int i = lo + lane + 32 * e;
+      key[e] = i < hi ? topk_key(s[i], index_of(i)) : 0ull;
+    }
+    return warp_best_keys<(E > 0 ? E : 1)>(key, need, out_s, out_j, lane);
+  }
   int k = 0;
   for (; k < need; k++) {
     float bs = NSA_NEG_INF;
@@ -62,46 +132,27 @@ __device__ __forceinline__ int warp_best_of(float *s, int lo, int hi, IndexOf in
 }
 
 /** warp_best_of over the scores score[lo .. hi) of blocks lo .. hi (a block's index is its position). */
+template <int E>
 __device__ __forceinline__ int warp_best_range(float *score, int lo, int hi, int need, float *out_s, int *out_j, int lane) {
-  return warp_best_of(score, lo, hi, [](int i) { return i; }, need, out_s, out_j, lane);
+  return warp_best_of<E>(score, lo, hi, [](int i) { return i; }, need, out_s, out_j, lane);
 }
 
 /** warp_best_of over `count` listed pairs (s[i], jx[i]). */
+template <int E>
 __device__ __forceinline__ int warp_best_listed(float *s, const int *jx, int count, int need, float *out_s, int *out_j, int lane) {
-  return warp_best_of(s, 0, count, [jx](int i) { return jx[i]; }, need, out_s, out_j, lane);
+  return warp_best_of<E>(s, 0, count, [jx](int i) { return jx[i]; }, need, out_s, out_j, lane);
 }
 
 /**
  * The warp's best `need` (score, index) pairs of those in its registers, E per lane, into out_s/out_j[0 .. need),
- * padded with (-inf, NO_BLOCK). Taken entries are overwritten with -inf.
+ * padded with (-inf, NO_BLOCK).
  */
 template <int E>
-__device__ __forceinline__ void warp_best_regs(float (&sc)[E], const int (&jx)[E], int need, float *out_s, int *out_j, int lane) {
-  int k = 0;
-  for (; k < need; k++) {
-    float bs = NSA_NEG_INF;
-    int bj = NO_BLOCK;
+__device__ __forceinline__ void warp_best_regs(const float (&sc)[E], const int (&jx)[E], int need, float *out_s, int *out_j, int lane) {
+  unsigned long long key[E];
 #pragma unroll
-    for (int e = 0; e < E; e++)
-      if (topk_better(sc[e], jx[e], bs, bj)) {
-        bs = sc[e];
-        bj = jx[e];
-      }
-    int unused = 0;
-    warp_reduce_best(bs, bj, unused);
-    if (bs == NSA_NEG_INF) break;
-    if (lane == 0) {
-      out_s[k] = bs;
-      out_j[k] = bj;
-    }
-#pragma unroll
-    for (int e = 0; e < E; e++)
-      if (jx[e] == bj) sc[e] = NSA_NEG_INF;
-  }
-  for (int i = k + lane; i < need; i += 32) {
-    out_s[i] = NSA_NEG_INF;
-    out_j[i] = NO_BLOCK;
-  }
+  for (int e = 0; e < E; e++) key[e] = topk_key(sc[e], jx[e]);
+  warp_best_keys<E>(key, need, out_s, out_j, lane);
 }
 
 /**

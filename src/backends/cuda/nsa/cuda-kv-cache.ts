@@ -55,6 +55,24 @@ function chunkFor(keys: number, rows: number, minCtas: number, smallest: number,
 }
 const ptr = (b: DeviceBuffer): KernelArg => ({ ptr: b.ptr });
 
+/** Words per work item of the fused step's trace (decode.cu's TRACE_WORDS). */
+const TRACE_WORDS = 13;
+
+/** One work item of a traced fused step: globaltimer ns from the first item's start (0 where not reached). */
+export interface DecodeTraceRecord {
+  kind: 'cmp' | 'win' | 'slc';
+  start: number;
+  /** End of the wait for the pair's selection (slc items), else 0. */
+  waited: number;
+  attended: number;
+  end: number;
+  selected: boolean;
+  merged: boolean;
+  sm: number;
+  /** A select's phases: entry (after the chunk counter), ends of its lse, block scores and top-n; rounds of slices. */
+  select: { entered: number; lse: number; scores: number; topN: number; rounds: number } | undefined;
+}
+
 /** A buffer's bytes from `byteOffset` on, for copies into or out of the middle of it (owns nothing). */
 function at(b: DeviceBuffer, byteOffset: number): DeviceBuffer {
   return {
@@ -282,34 +300,38 @@ export class CudaKvCache implements KvCache {
    * writes per work item its kind and globaltimer stamps (ns from the first item's start): start, end of the wait
    * for the selection (slc items, else 0), end of the attention, end; and whether it selected or merged.
    */
-  traceDecodeStep(): { kind: 'cmp' | 'win' | 'slc'; start: number; waited: number; attended: number; end: number; selected: boolean; merged: boolean; sm: number }[] | undefined {
+  traceDecodeStep(): DecodeTraceRecord[] | undefined {
     const step = this.randomStep();
     try {
       if (!step.fused) return undefined;
       const { cmp, win, slc } = step.items;
       const total = cmp + win + slc;
-      const trace = this.ctx.alloc(total * 64, 'decode trace');
+      const trace = this.ctx.alloc(total * TRACE_WORDS * 8, 'decode trace');
       try {
         for (let i = 0; i < 3; i++) step.run(false);
         const [launch] = step.launches(false, trace);
         launch!.launch();
         this.ctx.synchronize();
-        const words = new BigUint64Array(total * 8);
+        const words = new BigUint64Array(total * TRACE_WORDS);
         this.ctx.download(trace, words);
-        const t0 = words.filter((_, i) => i % 8 === 1).reduce((m, t) => (t < m ? t : m));
+        const t0 = words.filter((_, i) => i % TRACE_WORDS === 1).reduce((m, t) => (t < m ? t : m));
         const ns = (t: bigint): number => (t === 0n ? 0 : Number(t - t0));
         const kinds = ['cmp', 'slc', 'win'] as const;
         return Array.from({ length: total }, (_, item) => {
-          const w = words.subarray(item * 8, item * 8 + 8);
+          const w = words.subarray(item * TRACE_WORDS, (item + 1) * TRACE_WORDS);
+          const selected = (w[5]! & 1n) !== 0n;
           return {
             kind: kinds[Number(w[7]!)] ?? 'cmp',
             start: ns(w[1]!),
             waited: ns(w[2]!),
             attended: ns(w[3]!),
             end: ns(w[4]!),
-            selected: (w[5]! & 1n) !== 0n,
+            selected,
             merged: (w[5]! & 2n) !== 0n,
             sm: Number(w[6]!),
+            select: selected
+              ? { entered: ns(w[8]!), lse: ns(w[9]!), scores: ns(w[10]!), topN: ns(w[11]!), rounds: Number(w[12]!) }
+              : undefined,
           };
         });
       } finally {
@@ -523,22 +545,6 @@ class DecodeStep {
     const gchunks = Math.ceil(G / 16);
     const ctaRows = Q * H * gchunks;
     const minCtas = 4 * ctx.device.smCount;
-    // The compressed keys in chunks of >= 256 (each chunk writes a partial output); the selected blocks and the
-    // window, short, in chunks down to two tiles (slc) or one (win) when the batch is small, so that their launches spread.
-    this.chunks = {
-      cmp: chunkFor(maxCompressed, ctaRows, minCtas, 256, 'NSA_DECODE_CMP_CHUNK'),
-      // Two tiles at least, so that a CTA's double buffer overlaps (one-tile chunks measured slower: paper preset,
-      // 64k, H100: slc launch 0.033 -> 0.022 ms at B = 8 with 128 keys; 0.087 -> 0.147 ms at B = 64 with 64).
-      slc: chunkFor(n * selectBlock, ctaRows, minCtas, 128, 'NSA_DECODE_SLC_CHUNK'),
-      // The window shares its launch with the compressed keys: it needs only the CTAs those leave short.
-      win: chunkFor(window, ctaRows, minCtas - ctaRows * Math.ceil(maxCompressed / chunkFor(maxCompressed, ctaRows, minCtas, 256, 'NSA_DECODE_CMP_CHUNK')), 64),
-      dense: chunkFor(maxLength, ctaRows, minCtas, 256),
-    };
-    const cmp = Math.ceil(maxCompressed / this.chunks.cmp);
-    const slc = Math.ceil((n * selectBlock) / this.chunks.slc);
-    const win = Math.ceil(window / this.chunks.win);
-    const dense = Math.ceil(maxLength / this.chunks.dense);
-    this.slots = { cmp, slc, win, nsa: cmp + slc + win, dense };
     // One launch where one CTA per (query, KV head) can select: its scores and a round of at least 8 slices fit in
     // the launch's shared memory, and the pair's slices are few enough.
     const { compressBlock: l, compressStride: d } = config;
@@ -554,6 +560,26 @@ class DecodeStep {
     const wanted = process.env['NSA_DECODE_FUSED'];
     const worth = ctaRows >= ctx.device.smCount && maxSlices * record <= FUSED_MAX_SLICE_FLOATS;
     this.fused = wanted !== '0' && fits && (wanted === '1' || worth);
+    // The fused step has work items enough without splitting the compressed keys finely: at least 512 per chunk
+    // there where that still makes two chunks a row (H100, B = 64, fla preset, 64k: 0.1791 against 0.1858 ms; but
+    // paper preset, 8k, one chunk of 512 against two of 256: 0.1555 against 0.1485 ms).
+    const cmpSmallest = this.fused && maxCompressed >= 1024 ? 512 : 256;
+    // The compressed keys in chunks of >= cmpSmallest (each chunk writes a partial output); the selected blocks and the
+    // window, short, in chunks down to two tiles (slc) or one (win) when the batch is small, so that their launches spread.
+    this.chunks = {
+      cmp: chunkFor(maxCompressed, ctaRows, minCtas, cmpSmallest, 'NSA_DECODE_CMP_CHUNK'),
+      // Two tiles at least, so that a CTA's double buffer overlaps (one-tile chunks measured slower: paper preset,
+      // 64k, H100: slc launch 0.033 -> 0.022 ms at B = 8 with 128 keys; 0.087 -> 0.147 ms at B = 64 with 64).
+      slc: chunkFor(n * selectBlock, ctaRows, minCtas, 128, 'NSA_DECODE_SLC_CHUNK'),
+      // The window shares its launch with the compressed keys: it needs only the CTAs those leave short.
+      win: chunkFor(window, ctaRows, minCtas - ctaRows * Math.ceil(maxCompressed / chunkFor(maxCompressed, ctaRows, minCtas, cmpSmallest, 'NSA_DECODE_CMP_CHUNK')), 64),
+      dense: chunkFor(maxLength, ctaRows, minCtas, 256),
+    };
+    const cmp = Math.ceil(maxCompressed / this.chunks.cmp);
+    const slc = Math.ceil((n * selectBlock) / this.chunks.slc);
+    const win = Math.ceil(window / this.chunks.win);
+    const dense = Math.ceil(maxLength / this.chunks.dense);
+    this.slots = { cmp, slc, win, nsa: cmp + slc + win, dense };
     this.workFloats = workFloats;
     const lag = Number(process.env['NSA_DECODE_LAG']);
     this.lag = Number.isInteger(lag) && lag >= 0 ? Math.min(lag, ctaRows) : ctaRows;
@@ -603,7 +629,7 @@ class DecodeStep {
 
   /**
    * The launches of the NSA step (or of dense attention over the whole cache), in order, by name. `trace` (the
-   * fused step only): 8 words per work item written by the kernel (decode.cu, nsa_decode_fused).
+   * fused step only): TRACE_WORDS words per work item written by the kernel (decode.cu, nsa_decode_fused).
    */
   launches(dense: boolean, trace?: DeviceBuffer): { readonly name: string; readonly launch: () => void }[] {
     const { programs, config, Q, tables, partial, slots, chunks } = this;
