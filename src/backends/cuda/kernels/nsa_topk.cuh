@@ -184,39 +184,3 @@ __device__ __forceinline__ void warp_write_ascending(int chosen, int count, int 
   if (lane < count) dst[rank] = chosen;
   for (int i = count + lane; i < SEL_N; i += 32) dst[i] = -1;
 }
-
-/**
- * Chooses the blocks of a query whose own block is `current` from the scores sc[0 .. current] (>= 0; the chosen
- * ones are overwritten with -inf) and writes them to dst[0 .. SEL_N), ascending, -1 padded. Call with the whole
- * warp; `sc` must be shared memory the warp owns.
- */
-__device__ __forceinline__ void warp_top_n(float *sc, int current, int *dst, int lane) {
-  int chosen = -1; // lane i keeps the i-th chosen block
-  int count = warp_forced_blocks(current, chosen, lane);
-  const int forced[3] = {0, current - 1, current};
-  __syncwarp();
-  if (lane == 0) {
-#pragma unroll
-    for (int f = 0; f < 3; f++)
-      if (forced[f] >= 0) sc[forced[f]] = NSA_NEG_INF; // taken: real scores are >= 0
-  }
-  __syncwarp();
-  while (count < SEL_N) {
-    float bs = NSA_NEG_INF;
-    int bj = NO_BLOCK;
-    for (int j = lane; j <= current; j += 32) {
-      if (topk_better(sc[j], j, bs, bj)) {
-        bs = sc[j];
-        bj = j;
-      }
-    }
-    int unused = 0;
-    warp_reduce_best(bs, bj, unused);
-    if (bs == NSA_NEG_INF) break; // no candidates left
-    if (lane == count) chosen = bj;
-    if (lane == 0) sc[bj] = NSA_NEG_INF;
-    __syncwarp();
-    count++;
-  }
-  warp_write_ascending(chosen, count, dst, lane);
-}

@@ -10,9 +10,13 @@
 // <= 128, 8 warps of 16 rows, row r = position r / G, head r % G). For each tile of 64 compressed keys it
 // recomputes the scores, turns them into the cmp branch's probabilities with the lse of the cmp pass
 // (p = exp(s - lse)), sums them over the G heads (in registers with warp shuffles when G is a power of two,
-// through shared memory otherwise) and spreads them over the selection blocks they overlap (weight overlap / d):
-// scores[P][Ns] live in shared memory. G (GROUP) is compiled in. Then one warp per position takes the forced blocks (0, the block before t's, t's own), then the
-// best others (score descending, lower index on ties), sorts them and writes block_indices [N, H, n].
+// through shared memory otherwise) and spreads them over the selection blocks they overlap (weight overlap / d).
+// G (GROUP) is compiled in. A block's score is final once the tiles holding its compressed keys are done, so the
+// scores live in a ring of SCORE_RING blocks per position, and after each tile the warp owning a position offers
+// it the blocks just finished: each position keeps its best n candidates (score descending, lower index on ties;
+// the forced blocks 0, the block before t's and t's own are not candidates) in a sorted list. At the end the
+// forced blocks and the best of the list make the n blocks, sorted ascending, to block_indices [N, H, n].
+// Shared memory thus does not grow with the sequence, and the top-n work runs between the tiles' loads.
 // The summation order is fixed, so the choice is the same run to run.
 // FA_WGMMA (sm_90a): the scores come from wgmma (two warpgroups of 64 rows, Q and K in 128-byte-swizzled shared
 // tiles, see nsa_wgmma.cuh); the accumulators have the mma.sync fragment layout, so everything after is shared.
@@ -33,6 +37,12 @@
 // Power-of-two G: a warp's 16 rows hold SEGS whole positions (G <= 16) or a sixteenth-multiple of one (G > 16).
 #define SEGS (GROUP >= 16 ? 1 : 16 / GROUP)
 #define PSTRIDE (BLOCK_N + 1) // padded rows of the generic path's probability tile (fewer bank conflicts)
+// Selection blocks one tile of compressed keys can touch, and the per-position ring of block scores: a power of
+// two that holds them and at least 64 final blocks more. Final blocks wait in the ring until OFFER_BATCH of them
+// are there (offering after every tile measured slower at G = 16), so a tile's open blocks always find room.
+#define TILE_BLOCKS (((BLOCK_N - 1) * CMP_D + CMP_L - 1 + SEL_L - 1) / SEL_L + 1)
+#define SCORE_RING (TILE_BLOCKS + 64 <= 128 ? 128 : TILE_BLOCKS + 64 <= 256 ? 256 : 512)
+#define OFFER_BATCH (SCORE_RING - TILE_BLOCKS)
 #if SEL_USE_WGMMA
 typedef WgmmaTile<ROWS, DK> QTile;
 typedef WgmmaTile<BLOCK_N, DK> KTile;
@@ -45,10 +55,41 @@ __device__ __forceinline__ int cmp_visible(int t, int tc) {
   return t < CMP_L - 1 ? 0 : min(tc, (t - CMP_L + 1) / CMP_D + 1);
 }
 
+/**
+ * Offers the final blocks lo .. hi (scores in `ring`, by block modulo SCORE_RING) to a position's list of its best
+ * SEL_N candidates (`list`, topk_key keys best first), by one warp; only blocks 1 .. current - 2 are candidates
+ * (0, current - 1 and current are forced). Every offered block's ring slot is cleared for the block SCORE_RING on.
+ * Every listed block has a lower index than the offered ones, so a new key enters only above the list's last.
+ */
+__device__ __forceinline__ void offer_blocks(float *ring, unsigned long long *list, int lo, int hi, int current, int lane) {
+  if (lo > hi) return;
+  unsigned long long mine = lane < SEL_N ? list[lane] : 0ull; // lane i holds the list's i-th key
+  unsigned long long last = __shfl_sync(0xffffffff, mine, SEL_N - 1);
+  for (int j0 = lo; j0 <= hi; j0 += 32) {
+    const int j = j0 + lane;
+    unsigned long long key = 0ull;
+    if (j <= hi) {
+      float *slot = ring + j % SCORE_RING;
+      if (j >= 1 && j <= current - 2) key = topk_key(*slot, j);
+      *slot = 0.f;
+    }
+    while (__any_sync(0xffffffff, key > last)) {
+      const unsigned long long top = warp_max_key(key > last ? key : 0ull);
+      const int rank = __popc(__ballot_sync(0xffffffff, lane < SEL_N && mine > top));
+      const unsigned long long above = __shfl_up_sync(0xffffffff, mine, 1);
+      if (lane == rank) mine = top;
+      else if (lane > rank && lane < SEL_N) mine = above;
+      if (key == top) key = 0ull;
+      last = __shfl_sync(0xffffffff, mine, SEL_N - 1);
+    }
+  }
+  if (lane < SEL_N) list[lane] = mine;
+}
+
 extern "C" __global__ void __launch_bounds__(THREADS)
     nsa_select_blocks(const elem_t *__restrict__ q, const elem_t *__restrict__ kc, const float *__restrict__ lse_cmp,
                       const int *__restrict__ cu_seqlens, const int *__restrict__ cu_cmp, const int2 *__restrict__ tiles,
-                      int *__restrict__ block_indices, int Hq, int H, int P, int ns_stride, float scale_log2) {
+                      int *__restrict__ block_indices, int Hq, int H, int P, float scale_log2) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
 #if SEL_USE_WGMMA
   elem_t *qsmem = reinterpret_cast<elem_t *>(wgmma_aligned(smem_raw));
@@ -58,7 +99,9 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   elem_t *ksmem = qsmem + ROWS * DK;                                      // 2 stages of BLOCK_N x DK
   // Per-tile head sums: [WARPS][SEGS][BLOCK_N] (power-of-two G) or the probabilities [ROWS][PSTRIDE].
   float *psmem = reinterpret_cast<float *>(ksmem + 2 * BLOCK_N * DK);
-  float *scores = psmem + (POW2_GROUP ? WARPS * SEGS * BLOCK_N : ROWS * PSTRIDE); // P x ns_stride block scores
+  float *ring = psmem + (POW2_GROUP ? WARPS * SEGS * BLOCK_N : ROWS * PSTRIDE); // [P][SCORE_RING] open block scores
+  // [P][SEL_N] each position's best candidates so far as topk_key keys, best first, 0 for none yet.
+  unsigned long long *best = reinterpret_cast<unsigned long long *>(ring + P * SCORE_RING);
 
   const int2 tile = tiles[blockIdx.x];
   const int seq = tile.x;
@@ -74,13 +117,15 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
 
-  for (int i = threadIdx.x; i < P * ns_stride; i += THREADS) scores[i] = 0.f;
+  for (int i = threadIdx.x; i < P * SCORE_RING; i += THREADS) ring[i] = 0.f;
+  for (int i = threadIdx.x; i < P * SEL_N; i += THREADS) best[i] = 0ull;
   load_tile_async<DK, THREADS, QTile>(qsmem, ROWS, [&](int r) -> const elem_t * {
     if (r >= rows) return nullptr;
     return q + ((i64)(seq_start + pos0 + r / G) * Hq + h * G + r % G) * DK;
   });
   cp_async_commit();
 
+  int done_lo = 0; // the first selection block not yet offered to the positions' lists
   const int last = pos0 + npos - 1;
   const int nkeys = cmp_visible(last, tc);
   const int ntiles = (nkeys + BLOCK_N - 1) / BLOCK_N;
@@ -131,30 +176,64 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     zero_frags<BLOCK_N / 8>(s);
     qk_mma<DK, BLOCK_N / 16>(s, qfrag, ktile, 0, lane);
 #endif
+    // p = exp(s - lse); keys past a row's visible ones weigh 0 (only the last tiles have any).
+    if (k0 + BLOCK_N <= min(vis_lo, vis_hi)) {
 #pragma unroll
-    for (int n = 0; n < BLOCK_N / 8; n++) {
+      for (int n = 0; n < BLOCK_N / 8; n++) {
 #pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const int key = k0 + n * 8 + (lane % 4) * 2 + (e & 1);
-        const bool hi = e >= 2;
-        const bool ok = key < (hi ? vis_hi : vis_lo);
-        s[n][e] = ok ? fast_exp2(s[n][e] * scale_log2 - (hi ? lse_hi : lse_lo)) : 0.f;
+        for (int e = 0; e < 4; e++) s[n][e] = fast_exp2(fmaf(s[n][e], scale_log2, -(e >= 2 ? lse_hi : lse_lo)));
+      }
+    } else {
+#pragma unroll
+      for (int n = 0; n < BLOCK_N / 8; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int key = k0 + n * 8 + (lane % 4) * 2 + (e & 1);
+          const bool hi = e >= 2;
+          const bool ok = key < (hi ? vis_hi : vis_lo);
+          s[n][e] = ok ? fast_exp2(fmaf(s[n][e], scale_log2, -(hi ? lse_hi : lse_lo))) : 0.f;
+        }
       }
     }
 #if POW2_GROUP
-    // Sum over the heads of each position with shuffles across the lanes holding its rows (g = lane / 4).
+    // Sum over the heads of each position: its rows sit in the lanes of one quad column (g = lane / 4 picks the
+    // row), LEVELS lane bits of them. A reduce-scatter: each level halves the list a lane keeps and adds the half
+    // its partner kept, so a lane ends with the sums of its own slice of the values (14 shuffles at G >= 16 where
+    // a plain butterfly per value took 48). Values are i = n * PER_N + e; after it, head_sum[j] is the sum of
+    // value ((g & (2^LEVELS - 1)) << log2(KEPT)) | j.
+    constexpr int PER_N = GROUP >= 16 ? 2 : 4;          // values per 8-key group: rows lo + hi added first at G >= 16
+    constexpr int LEVELS = GROUP >= 8 ? 3 : (GROUP == 4 ? 2 : (GROUP == 2 ? 1 : 0));
+    constexpr int COUNT = (BLOCK_N / 8) * PER_N;
+    constexpr int KEPT = COUNT >> LEVELS;
+    float head_sum[COUNT];
 #pragma unroll
     for (int n = 0; n < BLOCK_N / 8; n++) {
 #pragma unroll
-      for (int e = 0; e < (GROUP >= 16 ? 2 : 4); e++) {
-        float v = GROUP >= 16 ? s[n][e] + s[n][e + 2] : s[n][e];
+      for (int e = 0; e < PER_N; e++) head_sum[n * PER_N + e] = GROUP >= 16 ? s[n][e] + s[n][e + 2] : s[n][e];
+    }
 #pragma unroll
-        for (int m = 4; m < 4 * (GROUP >= 8 ? 8 : GROUP); m <<= 1) v += __shfl_xor_sync(0xffffffff, v, m);
-        const int g = lane / 4;
-        if (GROUP >= 16 ? g == 0 : g % GROUP == 0) {
-          const int seg = GROUP >= 16 ? 0 : (e < 2 ? g : g + 8) / GROUP;
-          psmem[(warp * SEGS + seg) * BLOCK_N + n * 8 + (lane % 4) * 2 + (e & 1)] = v;
+    for (int step = 0; step < LEVELS; step++) {
+      const int mask = 4 << (LEVELS - 1 - step);
+      const bool upper = (lane & mask) != 0;
+#pragma unroll
+      for (int i = 0; i < COUNT / 2; i++) {
+        const int half = COUNT >> (step + 1);
+        if (i < half) {
+          const float send = upper ? head_sum[i] : head_sum[i + half];
+          const float keep = upper ? head_sum[i + half] : head_sum[i];
+          head_sum[i] = keep + __shfl_xor_sync(0xffffffff, send, mask);
         }
+      }
+    }
+    {
+      const int g = lane / 4;
+#pragma unroll
+      for (int j = 0; j < KEPT; j++) {
+        const int i = ((g & ((1 << LEVELS) - 1)) * KEPT) | j;
+        const int n = i / PER_N;
+        const int e = i % PER_N;
+        const int seg = GROUP >= 16 ? 0 : (e < 2 ? g : g + 8) / GROUP;
+        psmem[(warp * SEGS + seg) * BLOCK_N + n * 8 + (lane % 4) * 2 + (e & 1)] = head_sum[j];
       }
     }
 #else
@@ -165,7 +244,32 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     }
 #endif
     __syncthreads();
-    // Fold this tile into the block scores: one thread per (position, selection block) the tile touches.
+    // Fold this tile into the block scores. The tile's probability of compressed key i (local) at a position:
+    auto tile_prob = [&](int pos, int i) {
+#if POW2_GROUP
+      if (GROUP >= 16) {
+        float ps = 0.f;
+        for (int w = 0; w < GROUP / 16; w++) ps += psmem[(pos * (GROUP / 16) + w) * BLOCK_N + i];
+        return ps;
+      }
+      return psmem[pos * BLOCK_N + i]; // warp * SEGS + seg == pos
+#else
+      float ps = 0.f;
+      for (int g = 0; g < G; g++) ps += psmem[(pos * G + g) * PSTRIDE + i];
+      return ps;
+#endif
+    };
+#if CMP_L == CMP_D && CMP_D == SEL_L
+    // One compressed key per selection block (fla's l = d = l'): the fold is an add per (position, key), the
+    // same sum as the general form's (its weight overlap / d is 1).
+    const int nk = min(BLOCK_N, nkeys - k0);
+    for (int w = threadIdx.x; w < npos * BLOCK_N; w += THREADS) {
+      const int pos = w / BLOCK_N;
+      const int i = w % BLOCK_N;
+      if (i < nk) ring[pos * SCORE_RING + (k0 + i) % SCORE_RING] += tile_prob(pos, i);
+    }
+#else
+    // One thread per (position, selection block) the tile touches, over the compressed keys overlapping it.
     const int j_first = (k0 * CMP_D) / SEL_L;
     const int j_last = ((min(k0 + BLOCK_N, nkeys) - 1) * CMP_D + CMP_L - 1) / SEL_L;
     const int nj = j_last - j_first + 1;
@@ -179,27 +283,33 @@ extern "C" __global__ void __launch_bounds__(THREADS)
         const int start = i * CMP_D;
         const int overlap = min(start + CMP_L, (j + 1) * SEL_L) - max(start, j * SEL_L);
         if (overlap <= 0) continue;
-        float ps = 0.f;
-#if POW2_GROUP
-        if (GROUP >= 16) {
-          for (int w = 0; w < GROUP / 16; w++) ps += psmem[(pos * (GROUP / 16) + w) * BLOCK_N + (i - k0)];
-        } else {
-          ps = psmem[pos * BLOCK_N + (i - k0)]; // warp * SEGS + seg == pos
-        }
-#else
-        for (int g = 0; g < G; g++) ps += psmem[(pos * G + g) * PSTRIDE + (i - k0)];
-#endif
-        acc += ps * (float)overlap;
+        acc += tile_prob(pos, i - k0) * (float)overlap;
       }
-      scores[pos * ns_stride + j] += acc * (1.f / CMP_D);
+      ring[pos * SCORE_RING + j % SCORE_RING] += acc * (1.f / CMP_D);
     }
+#endif
     __syncthreads();
+    // Blocks whose compressed keys all lie before k0 + BLOCK_N are final; offered OFFER_BATCH or more at a time
+    // (the rest after the last tile).
+    const int done_hi = ((k0 + BLOCK_N) * CMP_D) / SEL_L - 1;
+    if (it + 1 < ntiles && done_hi - done_lo + 1 >= OFFER_BATCH) {
+      for (int pos = warp; pos < npos; pos += WARPS) offer_blocks(ring + pos * SCORE_RING, best + pos * SEL_N, done_lo, done_hi, (pos0 + pos) / SEL_L, lane);
+      done_lo = done_hi + 1;
+    }
   }
 
-  // Top-n: one warp per position.
-  for (int pos = warp; pos < npos; pos += THREADS / 32) {
+  // The rest up to each position's own block (scores of blocks no visible key touched are 0), then the choice.
+  for (int pos = warp; pos < npos; pos += WARPS) {
     const int t = pos0 + pos;
     const int current = t / SEL_L;
-    warp_top_n(scores + pos * ns_stride, current, block_indices + ((i64)(seq_start + t) * H + h) * SEL_N, lane);
+    offer_blocks(ring + pos * SCORE_RING, best + pos * SEL_N, done_lo, current, current, lane);
+    __syncwarp();
+    int chosen = -1; // lane i keeps the i-th chosen block
+    int count = warp_forced_blocks(current, chosen, lane);
+    const unsigned long long key = lane < SEL_N ? best[pos * SEL_N + lane] : 0ull;
+    const unsigned long long taken = __shfl_sync(0xffffffff, key, (lane - count) & 31);
+    if (lane >= count && lane < SEL_N && taken != 0) chosen = topk_key_index(taken);
+    count += min(SEL_N - count, __popc(__ballot_sync(0xffffffff, key != 0)));
+    warp_write_ascending(chosen, count, block_indices + ((i64)(seq_start + t) * H + h) * SEL_N, lane);
   }
 }

@@ -80,9 +80,7 @@ export class ForwardRunner {
     choice: SelectedKernelChoice = 'auto',
   ) {
     const config = programs.config;
-    const probe = buildLayoutPlan(config, cuSeqlens, programs.queryTile, 1);
-    const P = programs.positionsPerSelectTile(probe.maxBlocks);
-    this.plan = P === 1 ? probe : buildLayoutPlan(config, cuSeqlens, programs.queryTile, P);
+    this.plan = buildLayoutPlan(config, cuSeqlens, programs.queryTile, programs.positionsPerSelectTile());
     this.selectedKernel = choice === 'auto' ? (config.groupSize >= GROUP_CENTRIC_MIN_G ? 'group' : 'fsa') : choice;
     const up = (a: Int32Array, what: string): DeviceBuffer => this.keep(ctx.upload(a, what));
     this.tables = {
@@ -183,7 +181,7 @@ export class ForwardRunner {
     if (stage === 'select') programs.selectBlocks.launch({
       grid: [plan.selectTiles.length / 2, H, 1],
       block: [256, 1, 1],
-      sharedBytes: programs.selectSharedBytes(plan.positionsPerTile, plan.maxBlocks),
+      sharedBytes: programs.selectSharedBytes(plan.positionsPerTile),
       args: [
         ptr(inputs.q),
         ptr(kc),
@@ -195,7 +193,6 @@ export class ForwardRunner {
         { i32: Hq },
         { i32: H },
         { i32: plan.positionsPerTile },
-        { i32: plan.maxBlocks },
         { f32: scaleLog2 },
       ],
     });

@@ -9,8 +9,6 @@ export interface LayoutPlan {
   readonly totalTokens: number;
   readonly totalCompressed: number;
   readonly totalBlocks: number;
-  /** The longest sequence's selection-block count (the stride of per-position score rows). */
-  readonly maxBlocks: number;
   readonly cuSeqlens: Int32Array;
   readonly cuCmp: Int32Array;
   readonly cuBlocks: Int32Array;
@@ -34,13 +32,11 @@ export function buildLayoutPlan(
   const N = cuSeqlens[S]!;
   const cuCmp = new Int32Array(S + 1);
   const cuBlocks = new Int32Array(S + 1);
-  let maxBlocks = 1;
   for (let s = 0; s < S; s++) {
     const len = cuSeqlens[s + 1]! - cuSeqlens[s]!;
     cuCmp[s + 1] = cuCmp[s]! + config.compressedLength(len);
     const blocks = config.selectBlockCount(len);
     cuBlocks[s + 1] = cuBlocks[s]! + blocks;
-    maxBlocks = Math.max(maxBlocks, blocks);
   }
   const rowSeq = new Int32Array(N);
   const cmpRowSeq = new Int32Array(cuCmp[S]!);
@@ -55,7 +51,6 @@ export function buildLayoutPlan(
     totalTokens: N,
     totalCompressed: cuCmp[S]!,
     totalBlocks: cuBlocks[S]!,
-    maxBlocks,
     cuSeqlens: Int32Array.from(cuSeqlens),
     cuCmp,
     cuBlocks,

@@ -280,12 +280,26 @@ export class NsaPrograms {
     return 2 * (this.queryTile * dk + 2 * keyTile * dk + 2 * keyTile * dv) + slack;
   }
 
-  /** Q (128 rows), two key stages, the per-tile head sums, and P positions' block scores. */
-  selectSharedBytes(positionsPerTile: number, scoreStride: number): number {
+  /**
+   * Q (128 rows), two key stages, the per-tile head sums, and per position the ring of open block scores and the
+   * list of its best n candidates (select_blocks.cu).
+   */
+  selectSharedBytes(positionsPerTile: number): number {
     const G = this.config.groupSize;
     const headSums = (G & (G - 1)) === 0 ? 8 * Math.max(1, 16 / G) * 64 : 128 * 65;
     const slack = this.tuning.faWgmma ? 1024 : 0; // to align the wgmma tiles for the 128-byte swizzle
-    return 2 * (128 * this.config.headDim + 2 * 64 * this.config.headDim) + 4 * headSums + 4 * positionsPerTile * scoreStride + slack;
+    return 2 * (128 * this.config.headDim + 2 * 64 * this.config.headDim) + 4 * headSums + positionsPerTile * this.selectBytesPerPosition() + slack;
+  }
+
+  /** select_blocks.cu's SCORE_RING floats and SEL_N 8-byte keys per position. */
+  private selectBytesPerPosition(): number {
+    const { compressBlock: l, compressStride: d, selectBlock: lp, selectCount: n } = this.config;
+    const tileBlocks = Math.floor((63 * d + l - 1 + lp - 1) / lp) + 1;
+    const ring = [128, 256, 512].find((r) => tileBlocks + 64 <= r);
+    if (ring === undefined) {
+      throw new UnsupportedConfigError(`cuda backend: compressed tokens every ${d} over selection blocks of ${lp} touch too many blocks per tile (${tileBlocks}; at most 448)`);
+    }
+    return 4 * ring + 8 * n;
   }
 
   /** Q rows and the key/value stages (rows padded by 8 elements for bulk copies), which the warps' merge reuses. */
@@ -307,18 +321,11 @@ export class NsaPrograms {
     return 2 * (64 * dk + 64 * dk + 64 * dv);
   }
 
-  /** Positions per block-selection tile: as many as the G heads and the score rows allow (at least 1). */
-  positionsPerSelectTile(scoreStride: number): number {
+  /** Positions per block-selection tile: as many as the G heads and shared memory allow. */
+  positionsPerSelectTile(): number {
     const byRows = Math.max(1, Math.floor(128 / this.config.groupSize));
-    const fixed = this.selectSharedBytes(0, scoreStride);
-    const byShared = Math.floor((this.ctx.maxSharedBytesOptin - fixed) / (4 * scoreStride));
-    if (byShared < 1) {
-      throw new UnsupportedConfigError(
-        `cuda backend: a sequence of ${scoreStride} selection blocks needs ${fixed + 4 * scoreStride} bytes of shared ` +
-          `memory for block scores; this GPU has ${this.ctx.maxSharedBytesOptin} (use a larger selectBlock)`,
-      );
-    }
-    return Math.min(byRows, byShared);
+    const byShared = Math.floor((this.ctx.maxSharedBytesOptin - this.selectSharedBytes(0)) / this.selectBytesPerPosition());
+    return Math.max(1, Math.min(byRows, byShared));
   }
 
   private cmpDefines(): string[] {
