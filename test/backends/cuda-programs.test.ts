@@ -102,6 +102,38 @@ describe('shared memory of the selected-attention kernels', () => {
   });
 });
 
+describe('shared memory of the block-selection kernel', () => {
+  // select_blocks.cu: Q (128 rows) and two 64-key stages, the per-tile head sums, then per position a ring of
+  // block scores (a power of two holding one tile's blocks and 64 more) and its n best candidates as 8-byte keys.
+  const ringOf = (c: NSAConfig): number => {
+    const tileBlocks = Math.floor((63 * c.compressStride + c.compressBlock - 1 + c.selectBlock - 1) / c.selectBlock) + 1;
+    return [128, 256, 512].find((r) => tileBlocks + 64 <= r)!;
+  };
+  for (const preset of ['fla', 'paper'] as const) {
+    for (const [G, dk] of [[16, 128], [4, 128], [1, 64], [3, 192]] as const) {
+      it(`${preset} preset, G = ${G}, dk = ${dk}: full 128-row tiles whose size does not depend on the sequence`, () => {
+        const c = NSAConfig.preset(preset, { heads: 4 * G, kvHeads: 4, headDim: dk, valueDim: dk === 192 ? 128 : dk });
+        const programs = new NsaPrograms(fakeContext, c, 'bf16', { ...kernelTuning(c, {}, [9, 0]), faWgmma: true });
+        const P = programs.positionsPerSelectTile();
+        const headSums = (G & (G - 1)) === 0 ? 8 * Math.max(1, 16 / G) * 64 : 128 * 65;
+        const bytes = programs.selectSharedBytes(P);
+        expect(bytes).toBe(2 * (128 * dk + 2 * 64 * dk) + 4 * headSums + P * (4 * ringOf(c) + 8 * c.selectCount) + 1024);
+        expect(bytes).toBeLessThanOrEqual(227 * 1024);
+        expect(P).toBe(Math.floor(128 / G));
+      });
+    }
+  }
+
+  it('fits two CTAs an SM at G = 4, dk = 128 with either preset (one, when scores of whole sequences were kept)', () => {
+    for (const preset of ['fla', 'paper'] as const) {
+      const c = NSAConfig.preset(preset, { heads: 32, kvHeads: 8, headDim: 128, valueDim: 128 });
+      const programs = new NsaPrograms(fakeContext, c, 'bf16', { ...kernelTuning(c, {}, [9, 0]), faWgmma: true });
+      // 228 KB an SM on sm_90, 1 KB of it reserved per CTA
+      expect(2 * (programs.selectSharedBytes(programs.positionsPerSelectTile()) + 1024), preset).toBeLessThanOrEqual(228 * 1024);
+    }
+  });
+});
+
 describe('the flash backward kernels', () => {
   afterEach(() => {
     vi.unstubAllEnvs();

@@ -12,10 +12,11 @@
 // (p = exp(s - lse)), sums them over the G heads (in registers with warp shuffles when G is a power of two,
 // through shared memory otherwise) and spreads them over the selection blocks they overlap (weight overlap / d).
 // G (GROUP) is compiled in. A block's score is final once the tiles holding its compressed keys are done, so the
-// scores live in a ring of SCORE_RING blocks per position, and after each tile the warp owning a position offers
-// it the blocks just finished: each position keeps its best n candidates (score descending, lower index on ties;
-// the forced blocks 0, the block before t's and t's own are not candidates) in a sorted list. At the end the
-// forced blocks and the best of the list make the n blocks, sorted ascending, to block_indices [N, H, n].
+// scores live in a ring of SCORE_RING blocks per position, and once OFFER_BATCH final blocks have gathered the
+// warp owning a position offers them to it: each position keeps its best n candidates (score descending, lower
+// index on ties; the forced blocks 0, the block before t's and t's own are not candidates) in a sorted list. At
+// the end the forced blocks and the best of the list make the n blocks, sorted ascending, to block_indices
+// [N, H, n].
 // Shared memory thus does not grow with the sequence, and the top-n work runs between the tiles' loads.
 // The summation order is fixed, so the choice is the same run to run.
 // FA_WGMMA (sm_90a): the scores come from wgmma (two warpgroups of 64 rows, Q and K in 128-byte-swizzled shared
