@@ -298,7 +298,8 @@ export class CudaKvCache implements KvCache {
   /**
    * Diagnostics of the fused step (undefined where the step is three launches): after a few untraced runs, one run
    * writes per work item its kind and globaltimer stamps (ns from the first item's start): start, end of the wait
-   * for the selection (slc items, else 0), end of the attention, end; and whether it selected or merged.
+   * for the selection (slc items, else 0), end of the attention, end; whether it selected or merged; and for a select
+   * the ends of its phases (DecodeTraceRecord).
    */
   traceDecodeStep(): DecodeTraceRecord[] | undefined {
     const step = this.randomStep();
