@@ -25,7 +25,16 @@ describe('kernelTuning', () => {
       slcMinBlocks: 8,
       slcBulk: true,
       slcDqParts: 'bf16',
+      fsaMinBlocks: undefined,
+      selectRing: undefined,
     });
+  });
+
+  it('reads the tuning switches NSA_FSA_MIN_BLOCKS (1..8) and NSA_SELECT_RING (128, 256, 512), ignoring other values', () => {
+    const t = kernelTuning(config(128, 128), { NSA_FSA_MIN_BLOCKS: '4', NSA_SELECT_RING: '512' }, [9, 0]);
+    expect([t.fsaMinBlocks, t.selectRing]).toEqual([4, 512]);
+    const bad = kernelTuning(config(128, 128), { NSA_FSA_MIN_BLOCKS: '9', NSA_SELECT_RING: '300' }, [9, 0]);
+    expect([bad.fsaMinBlocks, bad.selectRing]).toEqual([undefined, undefined]);
   });
 
   it('stores the fused selected dQ parts as bf16 unless NSA_SLC_DQ_PARTS=f32', () => {
@@ -123,6 +132,14 @@ describe('shared memory of the block-selection kernel', () => {
       });
     }
   }
+
+  it('takes a larger ring where NSA_SELECT_RING asks, never a smaller one than a tile needs', () => {
+    const c = NSAConfig.preset('fla', { heads: 64, kvHeads: 4, headDim: 128, valueDim: 128 }); // 65 blocks a tile
+    const bytes = (selectRing?: number): number =>
+      new NsaPrograms(fakeContext, c, 'bf16', { ...kernelTuning(c, {}, [9, 0]), faWgmma: true, selectRing }).selectSharedBytes(8);
+    expect(bytes(512) - bytes()).toBe(8 * 4 * (512 - 256));
+    expect(bytes(128)).toBe(bytes());
+  });
 
   it('fits two CTAs an SM at G = 4, dk = 128 with either preset (one, when scores of whole sequences were kept)', () => {
     for (const preset of ['fla', 'paper'] as const) {

@@ -4,6 +4,7 @@
 // nvcc-check: -DDK=64 -DCMP_L=32 -DCMP_D=16 -DSEL_L=64 -DSEL_N=16 -DGROUP=32
 // nvcc-check: -DDK=128 -DCMP_L=64 -DCMP_D=64 -DSEL_L=64 -DSEL_N=16 -DGROUP=16 -DFA_WGMMA
 // nvcc-check: -DDK=192 -DCMP_L=32 -DCMP_D=16 -DSEL_L=64 -DSEL_N=16 -DGROUP=3 -DNSA_FP16 -DFA_WGMMA
+// nvcc-check: -DDK=128 -DCMP_L=32 -DCMP_D=16 -DSEL_L=64 -DSEL_N=16 -DGROUP=16 -DFA_WGMMA -DSCORE_RING_MIN=512
 //
 // Block scores and top-n, without the [T, Hq, Tc] probability matrix ever reaching global memory.
 // A CTA takes P consecutive query positions of one sequence and all G query heads of one KV head (rows = P*G
@@ -42,7 +43,10 @@
 // two that holds them and at least 64 final blocks more. Final blocks wait in the ring until OFFER_BATCH of them
 // are there (offering after every tile measured slower at G = 16), so a tile's open blocks always find room.
 #define TILE_BLOCKS (((BLOCK_N - 1) * CMP_D + CMP_L - 1 + SEL_L - 1) / SEL_L + 1)
-#define SCORE_RING (TILE_BLOCKS + 64 <= 128 ? 128 : TILE_BLOCKS + 64 <= 256 ? 256 : 512)
+#ifndef SCORE_RING_MIN
+#define SCORE_RING_MIN 128 // the host's NSA_SELECT_RING, for tuning
+#endif
+#define SCORE_RING (TILE_BLOCKS + 64 <= 128 && SCORE_RING_MIN <= 128 ? 128 : TILE_BLOCKS + 64 <= 256 && SCORE_RING_MIN <= 256 ? 256 : 512)
 #define OFFER_BATCH (SCORE_RING - TILE_BLOCKS)
 #if SEL_USE_WGMMA
 typedef WgmmaTile<ROWS, DK> QTile;

@@ -1,5 +1,6 @@
 // nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16
 // nvcc-check: -DDK=64 -DDV=64 -DSEL_L=32 -DSEL_N=8 -DNSA_FP16
+// nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DFSA_MIN_BLOCKS=4
 //
 // Selected attention for small G, FSA's loop order: the outer loop runs over (KV head, key block), and each CTA
 // gathers the queries that selected its block into one MMA tile, so a K/V block is read once per tile of queries
@@ -23,7 +24,12 @@
  * One tile: up to `per_tile` (token, slot) entries of one (h, block), all G heads of each -> rows = entries * G.
  * Writes partial_o [N, Hq, SEL_N, DV] (normalised over the block, element type) and partial_lse [N, Hq, SEL_N].
  */
-extern "C" __global__ void __launch_bounds__(THREADS)
+#ifdef FSA_MIN_BLOCKS
+#define FSA_BOUNDS __launch_bounds__(THREADS, FSA_MIN_BLOCKS) // the host's NSA_FSA_MIN_BLOCKS, for tuning
+#else
+#define FSA_BOUNDS __launch_bounds__(THREADS)
+#endif
+extern "C" __global__ void FSA_BOUNDS
     nsa_fsa_attend(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
                    const int *__restrict__ offsets, const int *__restrict__ tile_offsets, const int2 *__restrict__ entries,
                    const int *__restrict__ block_seq, const int *__restrict__ cu_blocks, const int *__restrict__ cu_seqlens,

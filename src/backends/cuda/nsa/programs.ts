@@ -40,6 +40,16 @@ export interface KernelTuning {
    * bytes of that pass's largest traffic for ~0.02% more relative RMS error in dQ (docs/performance.md).
    */
   readonly slcDqParts: 'f32' | 'bf16';
+  /**
+   * CTAs per SM the FSA-order attention's registers must allow (NSA_FSA_MIN_BLOCKS=1..8), for tuning; unset (the
+   * default), ptxas chooses (137 registers at dk = 128: three CTAs of 128 threads per SM).
+   */
+  readonly fsaMinBlocks?: number | undefined;
+  /**
+   * Smallest ring of block scores per position in the block selection (NSA_SELECT_RING=128|256|512), for tuning:
+   * a larger ring offers final blocks to the top-n lists in larger, rarer batches (select_blocks.cu).
+   */
+  readonly selectRing?: number | undefined;
 }
 
 export function kernelTuning(
@@ -62,6 +72,8 @@ export function kernelTuning(
     slcMinBlocks: match?.[3] !== undefined ? Number(match[3]) : config.headDim <= 128 ? 8 : 4,
     slcBulk: (computeCapability[0] ?? 0) >= 9 && env['NSA_SLC_BULK'] !== '0',
     slcDqParts: env['NSA_SLC_DQ_PARTS'] === 'f32' ? 'f32' : 'bf16',
+    fsaMinBlocks: /^[1-8]$/.test(env['NSA_FSA_MIN_BLOCKS'] ?? '') ? Number(env['NSA_FSA_MIN_BLOCKS']) : undefined,
+    selectRing: ['128', '256', '512'].includes(env['NSA_SELECT_RING'] ?? '') ? Number(env['NSA_SELECT_RING']) : undefined,
   };
 }
 
@@ -129,7 +141,13 @@ export class NsaPrograms {
     return this.kernel(
       'select_blocks.cu',
       'nsa_select_blocks',
-      [...this.cmpDefines(), ...this.selDefines(), `-DGROUP=${this.config.groupSize}`, ...(this.tuning.faWgmma ? ['-DFA_WGMMA'] : [])],
+      [
+        ...this.cmpDefines(),
+        ...this.selDefines(),
+        `-DGROUP=${this.config.groupSize}`,
+        ...(this.tuning.faWgmma ? ['-DFA_WGMMA'] : []),
+        ...(this.tuning.selectRing === undefined ? [] : [`-DSCORE_RING_MIN=${this.tuning.selectRing}`]),
+      ],
       this.tuning.faWgmma,
     );
   }
@@ -145,7 +163,8 @@ export class NsaPrograms {
   }
 
   fsa(fn: 'attend' | 'reduce'): Kernel {
-    return this.kernel('selected_attention_fsa.cu', `nsa_fsa_${fn}`, this.selDefines());
+    const minBlocks = this.tuning.fsaMinBlocks;
+    return this.kernel('selected_attention_fsa.cu', `nsa_fsa_${fn}`, [...this.selDefines(), ...(minBlocks === undefined ? [] : [`-DFSA_MIN_BLOCKS=${minBlocks}`])]);
   }
 
   /**
@@ -295,7 +314,7 @@ export class NsaPrograms {
   private selectBytesPerPosition(): number {
     const { compressBlock: l, compressStride: d, selectBlock: lp, selectCount: n } = this.config;
     const tileBlocks = Math.floor((63 * d + l - 1 + lp - 1) / lp) + 1;
-    const ring = [128, 256, 512].find((r) => tileBlocks + 64 <= r);
+    const ring = [128, 256, 512].find((r) => tileBlocks + 64 <= r && r >= (this.tuning.selectRing ?? 0));
     if (ring === undefined) {
       throw new UnsupportedConfigError(`cuda backend: compressed tokens every ${d} over selection blocks of ${lp} touch too many blocks per tile (${tileBlocks}; at most 448)`);
     }
