@@ -72,6 +72,12 @@ __device__ __forceinline__ int cmp_visible(int t, int tc) {
   return t < CMP_L - 1 ? 0 : min(tc, (t - CMP_L + 1) / CMP_D + 1);
 }
 
+/** The compressed keys a sequence holding len tokens has: one per full block of l, every d tokens. */
+__device__ __forceinline__ int cmp_held(int len) { return len < CMP_L ? 0 : (len - CMP_L) / CMP_D + 1; }
+
+/** The compressed keys a query at position t of a sequence holding len tokens sees. */
+__device__ __forceinline__ int cmp_visible_in(int t, int len) { return cmp_visible(t, cmp_held(len)); }
+
 /** Shared memory of the attention kernels besides the dynamic Q/K/V tiles. */
 struct AttendShared {
   int sel[SEL_N];
@@ -146,7 +152,7 @@ __device__ __forceinline__ void attend_chunk(const Cache &c, const int *block_in
   const int seq = c.q_seq[r];
   const int t = c.q_pos[r];
   const int len = c.seq_len[seq];
-  const int tc = len < CMP_L ? 0 : (len - CMP_L) / CMP_D + 1;
+  const int tc = cmp_held(len);
   const unsigned long long *sp = c.seq_ptrs + (i64)seq * SEQ_WORDS;
   const elem_t *kbase = reinterpret_cast<const elem_t *>(sp[BRANCH == 0 ? 2 : 0]);
   const elem_t *vbase = reinterpret_cast<const elem_t *>(sp[BRANCH == 0 ? 3 : 1]);
@@ -520,8 +526,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
   const int lane = threadIdx.x % 32;
   const int t = q_pos[r];
   const int len = seq_len[q_seq[r]];
-  const int tc = len < CMP_L ? 0 : (len - CMP_L) / CMP_D + 1;
-  const int visible = cmp_visible(t, tc);
+  const int visible = cmp_visible_in(t, len);
 
   // The cmp lse of every head (a warp per head): m and l over the cmp chunks.
   for (int g = warp; g < G; g += SEL_THREADS / 32) {
@@ -683,8 +688,7 @@ __device__ __noinline__ void fused_select(int r, int h, const int *__restrict__ 
   const int lane = threadIdx.x % 32;
   const int t = q_pos[r];
   const int len = seq_len[q_seq[r]];
-  const int tc = len < CMP_L ? 0 : (len - CMP_L) / CMP_D + 1;
-  const int visible = cmp_visible(t, tc);
+  const int visible = cmp_visible_in(t, len);
   const int current = t / SEL_L;
   const int ncand = current + 1;
   float *lse2 = work;

@@ -567,13 +567,14 @@ class DecodeStep {
     const cmpSmallest = this.fused && maxCompressed >= 1024 ? 512 : 256;
     // The compressed keys in chunks of >= cmpSmallest (each chunk writes a partial output); the selected blocks and the
     // window, short, in chunks down to two tiles (slc) or one (win) when the batch is small, so that their launches spread.
+    const cmpChunk = chunkFor(maxCompressed, ctaRows, minCtas, cmpSmallest, 'NSA_DECODE_CMP_CHUNK');
     this.chunks = {
-      cmp: chunkFor(maxCompressed, ctaRows, minCtas, cmpSmallest, 'NSA_DECODE_CMP_CHUNK'),
+      cmp: cmpChunk,
       // Two tiles at least, so that a CTA's double buffer overlaps (one-tile chunks measured slower: paper preset,
       // 64k, H100: slc launch 0.033 -> 0.022 ms at B = 8 with 128 keys; 0.087 -> 0.147 ms at B = 64 with 64).
       slc: chunkFor(n * selectBlock, ctaRows, minCtas, 128, 'NSA_DECODE_SLC_CHUNK'),
       // The window shares its launch with the compressed keys: it needs only the CTAs those leave short.
-      win: chunkFor(window, ctaRows, minCtas - ctaRows * Math.ceil(maxCompressed / chunkFor(maxCompressed, ctaRows, minCtas, cmpSmallest, 'NSA_DECODE_CMP_CHUNK')), 64),
+      win: chunkFor(window, ctaRows, minCtas - ctaRows * Math.ceil(maxCompressed / cmpChunk), 64),
       dense: chunkFor(maxLength, ctaRows, minCtas, 256),
     };
     const cmp = Math.ceil(maxCompressed / this.chunks.cmp);
