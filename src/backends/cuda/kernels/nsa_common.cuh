@@ -452,16 +452,25 @@ __device__ __forceinline__ float merge_warp_states(const float (*merge_m)[16], c
   return acc;
 }
 
-/** The last i in [0, n) with offsets[i] <= b (offsets ascending, offsets[0] <= b): whose range of items holds b. */
+/**
+ * The last i in [0, n) with offsets[i] <= b (offsets ascending, offsets[0] <= b): whose range of items holds b. By a
+ * whole warp, every lane getting the answer: each round its 32 lanes probe evenly spaced offsets and a ballot keeps
+ * the span between the last probe at or below b and the next, so 8192 ranges take 3 dependent loads, not 13 (a
+ * CTA's first work in the kernels that walk the inverse index's items, one CTA per item).
+ */
 __device__ __forceinline__ int range_holding(const int *offsets, int n, int b) {
-  int lo = 0;
+  const int lane = threadIdx.x % 32;
+  int lo = 0; // offsets[lo] <= b, and the answer is in [lo, hi]
   int hi = n - 1;
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) / 2;
-    if (offsets[mid] <= b) lo = mid;
-    else hi = mid - 1;
+  for (;;) {
+    const int step = (hi - lo + 32) / 32; // ceil((hi - lo + 1) / 32)
+    const int probe = lo + lane * step;
+    const unsigned below = __ballot_sync(0xffffffff, probe <= hi && offsets[probe] <= b); // a prefix of the lanes
+    const int last = 31 - __clz(below);                                                     // lane 0 always holds
+    if (step == 1) return lo + last;
+    hi = min(hi, lo + (last + 1) * step - 1);
+    lo += last * step;
   }
-  return lo;
 }
 
 #if defined(CMP_L) && defined(CMP_D)
