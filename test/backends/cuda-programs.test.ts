@@ -16,7 +16,7 @@ function config(dk: number, dv: number): NSAConfig {
 }
 
 describe('kernelTuning', () => {
-  it('defaults to 8 flash warps with wgmma and 2 x 1 selected-attention warps x stages at 8 CTAs per SM, bulk copies on sm_90', () => {
+  it('defaults to 8 flash warps with wgmma, 2 x 1 selected-attention warps x stages at 8 CTAs per SM, bulk copies on sm_90, 4 FSA CTAs per SM', () => {
     expect(kernelTuning(config(128, 128), {}, [9, 0])).toEqual({
       faWarps: 8,
       faWgmma: true,
@@ -25,15 +25,21 @@ describe('kernelTuning', () => {
       slcMinBlocks: 8,
       slcBulk: true,
       slcDqParts: 'bf16',
-      fsaMinBlocks: undefined,
+      fsaMinBlocks: 4,
       selectRing: undefined,
     });
+  });
+
+  it('caps the FSA attention at 4 CTAs per SM for dk = dv = 128 only (shared memory allows 3 at dk = 192; dk = 64 needs no cap)', () => {
+    expect(kernelTuning(config(192, 128), {}, [9, 0]).fsaMinBlocks).toBeUndefined();
+    expect(kernelTuning(config(64, 64), {}, [9, 0]).fsaMinBlocks).toBeUndefined();
+    expect(kernelTuning(config(64, 64), { NSA_FSA_MIN_BLOCKS: '2' }, [9, 0]).fsaMinBlocks).toBe(2);
   });
 
   it('reads the tuning switches NSA_FSA_MIN_BLOCKS (1..8) and NSA_SELECT_RING (128, 256, 512), ignoring other values', () => {
     const t = kernelTuning(config(128, 128), { NSA_FSA_MIN_BLOCKS: '4', NSA_SELECT_RING: '512' }, [9, 0]);
     expect([t.fsaMinBlocks, t.selectRing]).toEqual([4, 512]);
-    const bad = kernelTuning(config(128, 128), { NSA_FSA_MIN_BLOCKS: '9', NSA_SELECT_RING: '300' }, [9, 0]);
+    const bad = kernelTuning(config(192, 128), { NSA_FSA_MIN_BLOCKS: '9', NSA_SELECT_RING: '300' }, [9, 0]);
     expect([bad.fsaMinBlocks, bad.selectRing]).toEqual([undefined, undefined]);
   });
 

@@ -41,8 +41,10 @@ export interface KernelTuning {
    */
   readonly slcDqParts: 'f32' | 'bf16';
   /**
-   * CTAs per SM the FSA-order attention's registers must allow (NSA_FSA_MIN_BLOCKS=1..8), for tuning; unset (the
-   * default), ptxas chooses (137 registers at dk = 128: three CTAs of 128 threads per SM).
+   * CTAs per SM the FSA-order attention's registers must allow (NSA_FSA_MIN_BLOCKS=1..8). Default 4 at dk = dv =
+   * 128: ptxas would take 137 registers, three CTAs per SM, where shared memory holds four; capped at 128 the kernel
+   * was 8-9% faster at G = 4 on an H100 (docs/performance.md). Elsewhere ptxas chooses: at dk = 192 shared memory
+   * allows three CTAs anyway, and at dk = 64 the cap made ptxas spend more registers (78 -> 117), not fewer.
    */
   readonly fsaMinBlocks?: number | undefined;
   /**
@@ -72,7 +74,11 @@ export function kernelTuning(
     slcMinBlocks: match?.[3] !== undefined ? Number(match[3]) : config.headDim <= 128 ? 8 : 4,
     slcBulk: (computeCapability[0] ?? 0) >= 9 && env['NSA_SLC_BULK'] !== '0',
     slcDqParts: env['NSA_SLC_DQ_PARTS'] === 'f32' ? 'f32' : 'bf16',
-    fsaMinBlocks: /^[1-8]$/.test(env['NSA_FSA_MIN_BLOCKS'] ?? '') ? Number(env['NSA_FSA_MIN_BLOCKS']) : undefined,
+    fsaMinBlocks: /^[1-8]$/.test(env['NSA_FSA_MIN_BLOCKS'] ?? '')
+      ? Number(env['NSA_FSA_MIN_BLOCKS'])
+      : config.headDim === 128 && config.valueDim === 128
+        ? 4
+        : undefined,
     selectRing: ['128', '256', '512'].includes(env['NSA_SELECT_RING'] ?? '') ? Number(env['NSA_SELECT_RING']) : undefined,
   };
 }
