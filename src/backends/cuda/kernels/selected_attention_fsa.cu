@@ -122,49 +122,76 @@ extern "C" __global__ void FSA_BOUNDS
   }
 }
 
-/** Merges the n partials of each (token, query head); one warp per (token, head). */
+/** The bits of CPL consecutive partial elements (NVRTC has no <type_traits>). */
+template <int CPL> struct PartialWord;
+template <> struct PartialWord<2> { typedef u32 type; };
+template <> struct PartialWord<4> { typedef uint2 type; };
+
+/**
+ * Merges the n partials of each (token, query head); one warp per (token, head). Lane s < SEL_N takes slot s's
+ * lse (empty slots, block index < 0, and slots that saw no key count -inf), the warp reduces them to the row's
+ * lse, and each lane then takes DV / 32 columns: it issues all n partial loads before the first add, so that a
+ * row costs one round trip to memory, not n (the loads are this kernel's whole time: the partials are read once).
+ */
 extern "C" __global__ void nsa_fsa_reduce(const elem_t *__restrict__ partial_o, const float *__restrict__ partial_lse,
                                           const int *__restrict__ block_indices, const float *__restrict__ gate,
                                           float *__restrict__ out, elem_t *__restrict__ out_final,
                                           float *__restrict__ branch_out, float *__restrict__ lse_out, i64 rows, int Hq,
                                           int H) {
+  static_assert(DV % 64 == 0 && SEL_N <= 32, "a lane takes 2 or 4 columns and a slot");
+  constexpr int CPL = DV / 32; // columns per lane: 2 (one 4-byte load a partial) or 4 (8 bytes)
+  typedef typename PartialWord<CPL>::type word_t;
   const i64 r = (i64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; // token * Hq + hq
   const int lane = threadIdx.x % 32;
   if (r >= rows) return;
   const i64 token = r / Hq;
-  const int hq = (int)(r % Hq);
-  const int h = hq / (Hq / H);
-  const int *sel = block_indices + (token * H + h) * SEL_N;
-  float m = NSA_NEG_INF;
-  for (int s = 0; s < SEL_N; s++)
-    if (sel[s] >= 0) m = fmaxf(m, partial_lse[r * SEL_N + s]);
-  float wsum = 0.f;
-  for (int s = 0; s < SEL_N; s++)
-    if (sel[s] >= 0 && partial_lse[r * SEL_N + s] != NSA_NEG_INF) wsum += __expf(partial_lse[r * SEL_N + s] - m);
-  const float lse = wsum > 0.f ? m + __logf(wsum) : NSA_NEG_INF;
-  if (lane == 0) lse_out[r] = lse;
-  const float g = gate[r * 3 + 1];
-  // Each lane takes pairs of columns (one 4-byte load of two elements per partial).
-  for (int col = 2 * lane; col < DV; col += 64) {
-    float acc0 = 0.f;
-    float acc1 = 0.f;
-    for (int s = 0; s < SEL_N; s++) {
-      if (sel[s] < 0) continue;
-      const float pl = partial_lse[r * SEL_N + s];
-      if (pl == NSA_NEG_INF) continue;
-      const float w = __expf(pl - lse);
-      const elem_t *x = partial_o + (r * SEL_N + s) * DV + col;
-      acc0 += w * elem_to_float(x[0]);
-      acc1 += w * elem_to_float(x[1]);
-    }
+  const int h = (int)(r % Hq) / (Hq / H);
+  float pl = NSA_NEG_INF;
+  if (lane < SEL_N && block_indices[(token * H + h) * SEL_N + lane] >= 0) pl = partial_lse[r * SEL_N + lane];
+  float m = pl;
 #pragma unroll
-    for (int e = 0; e < 2; e++) {
-      const float acc = e == 0 ? acc0 : acc1;
-      const i64 at = r * DV + col + e;
-      if (branch_out != nullptr) branch_out[at] = acc;
-      const float y = out[at] + g * acc;
-      if (out_final != nullptr) out_final[at] = float_to_elem(y);
-      else out[at] = y;
-    }
+  for (int d = 16; d > 0; d /= 2) m = fmaxf(m, __shfl_xor_sync(0xffffffff, m, d));
+  float e = pl != NSA_NEG_INF ? __expf(pl - m) : 0.f;
+#pragma unroll
+  for (int d = 16; d > 0; d /= 2) e += __shfl_xor_sync(0xffffffff, e, d);
+  const float lse = e > 0.f ? m + __logf(e) : NSA_NEG_INF;
+  const float w = pl != NSA_NEG_INF ? __expf(pl - lse) : 0.f; // this lane's slot's weight
+  if (lane == 0) lse_out[r] = lse;
+
+  const int col = lane * CPL;
+  const i64 at = r * DV + col;
+  float y[CPL];
+#pragma unroll
+  for (int c = 0; c < CPL; c++) y[c] = out[at + c]; // in flight with the partials
+  const word_t *src = reinterpret_cast<const word_t *>(partial_o + r * SEL_N * DV + col);
+  word_t parts[SEL_N];
+  float ws[SEL_N];
+#pragma unroll
+  for (int s = 0; s < SEL_N; s++) {
+    ws[s] = __shfl_sync(0xffffffff, w, s);
+    parts[s] = ws[s] > 0.f ? src[s * (DV / CPL)] : word_t{}; // slots not written are not read
+  }
+  float acc[CPL];
+#pragma unroll
+  for (int c = 0; c < CPL; c++) acc[c] = 0.f;
+#pragma unroll
+  for (int s = 0; s < SEL_N; s++) {
+    const elem_t *x = reinterpret_cast<const elem_t *>(&parts[s]);
+#pragma unroll
+    for (int c = 0; c < CPL; c++) acc[c] += ws[s] * elem_to_float(x[c]);
+  }
+  const float g = gate[r * 3 + 1];
+#pragma unroll
+  for (int c = 0; c < CPL; c++) y[c] += g * acc[c];
+  if (branch_out != nullptr) {
+#pragma unroll
+    for (int c = 0; c < CPL; c++) branch_out[at + c] = acc[c];
+  }
+  if (out_final != nullptr) {
+#pragma unroll
+    for (int c = 0; c < CPL; c += 2) *reinterpret_cast<u32 *>(out_final + at + c) = pack_elem2(y[c], y[c + 1]);
+  } else {
+#pragma unroll
+    for (int c = 0; c < CPL; c++) out[at + c] = y[c];
   }
 }
