@@ -7,9 +7,9 @@
 // Keys are numbered h * total_blocks + cu_blocks[sequence] + j. Tokens are cut into C chunks; a stable counting
 // sort places each chunk's pairs after the earlier chunks' pairs of the same key:
 //   nsa_index_count          counts[key * C + chunk], one thread per (chunk, h), walking its tokens in order
-//   nsa_index_key_totals     per-key totals (sum over chunks, in chunk order)
+//   nsa_index_key_totals     per-key totals (sum over chunks), a warp per key
 //   nsa_index_scan           exclusive scans of the totals -> key offsets, and of the tiles they need
-//   nsa_index_chunk_starts   where each (key, chunk) run starts: key offset + earlier chunks' counts
+//   nsa_index_chunk_starts   where each (key, chunk) run starts: key offset + earlier chunks' counts, a warp per key
 //   nsa_index_fill           entries (token, slot), one thread per (chunk, h) again, in token order
 #include "nsa_common.cuh"
 
@@ -32,12 +32,16 @@ extern "C" __global__ void nsa_index_count(const int *__restrict__ block_indices
   }
 }
 
+/** One warp per key: its lanes read consecutive chunks' counts (coalesced), summed in a fixed order. */
 extern "C" __global__ void nsa_index_key_totals(const int *__restrict__ counts, int *__restrict__ totals, int keys, int chunks) {
-  const int key = blockIdx.x * blockDim.x + threadIdx.x;
+  const int key = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
   if (key >= keys) return;
   int sum = 0;
-  for (int c = 0; c < chunks; c++) sum += counts[(i64)key * chunks + c];
-  totals[key] = sum;
+  for (int c = lane; c < chunks; c += 32) sum += counts[(i64)key * chunks + c];
+#pragma unroll
+  for (int d = 16; d > 0; d /= 2) sum += __shfl_xor_sync(0xffffffff, sum, d);
+  if (lane == 0) totals[key] = sum;
 }
 
 /** Exclusive scans of totals -> offsets and of ceil(total / per_tile) -> tile_offsets (n + 1 entries each). */
@@ -78,14 +82,24 @@ extern "C" __global__ void __launch_bounds__(1024)
   }
 }
 
+/** One warp per key: 32 chunks a round, a warp scan of their counts on top of the rounds before. */
 extern "C" __global__ void nsa_index_chunk_starts(const int *__restrict__ counts, const int *__restrict__ offsets,
                                                   int *__restrict__ starts, int keys, int chunks) {
-  const int key = blockIdx.x * blockDim.x + threadIdx.x;
+  const int key = (blockIdx.x * blockDim.x + threadIdx.x) / 32;
+  const int lane = threadIdx.x % 32;
   if (key >= keys) return;
   int at = offsets[key];
-  for (int c = 0; c < chunks; c++) {
-    starts[(i64)key * chunks + c] = at;
-    at += counts[(i64)key * chunks + c];
+  for (int c0 = 0; c0 < chunks; c0 += 32) {
+    const int c = c0 + lane;
+    const int n = c < chunks ? counts[(i64)key * chunks + c] : 0;
+    int inclusive = n;
+#pragma unroll
+    for (int d = 1; d < 32; d *= 2) {
+      const int other = __shfl_up_sync(0xffffffff, inclusive, d);
+      if (lane >= d) inclusive += other;
+    }
+    if (c < chunks) starts[(i64)key * chunks + c] = at + inclusive - n;
+    at += __shfl_sync(0xffffffff, inclusive, 31);
   }
 }
 

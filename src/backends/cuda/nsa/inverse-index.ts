@@ -61,7 +61,7 @@ export class InverseIndex {
     const keys = H * plan.totalBlocks;
     const N = plan.totalTokens;
     const walkers: [number, number, number] = [Math.ceil((chunks * H) / 128), 1, 1];
-    const perKey: [number, number, number] = [Math.ceil(keys / 128), 1, 1];
+    const perKey: [number, number, number] = [Math.ceil(keys / 4), 1, 1]; // a warp per key, 4 a block
     const selection = [ptr(blockIndices), ptr(tables.rowSeq), ptr(tables.cuBlocks)];
     const walk = [{ i32: N }, { i32: H }, { i32: plan.totalBlocks }, { i32: chunk }, { i32: chunks }];
     ctx.memset(this.counts, 0);
