@@ -13,6 +13,42 @@
 //   nsa_index_fill           entries (token, slot), one thread per (chunk, h) again, in token order
 #include "nsa_common.cuh"
 
+/**
+ * The walk shared by count and fill: tokens [c * chunk, end) of KV head h in order, each token's valid slots
+ * (up to its first -1) handed to `visit(t, base, blocks, valid)`, base being the key of the token's block 0. The
+ * next token's slots and base load while this one's are visited.
+ */
+template <typename Visit>
+__device__ __forceinline__ void walk_chunk(const int *__restrict__ block_indices, const int *__restrict__ row_seq,
+                                           const int *__restrict__ cu_blocks, int t0, int end, int H, int h,
+                                           int total_blocks, Visit visit) {
+  int next[SEL_N];
+  int next_base = 0;
+  auto load = [&](int t) {
+    const int *sel = block_indices + ((i64)t * H + h) * SEL_N;
+#pragma unroll
+    for (int s = 0; s < SEL_N; s++) next[s] = t < end ? sel[s] : -1;
+    if (t < end) next_base = h * total_blocks + cu_blocks[row_seq[t]];
+  };
+  load(t0);
+  for (int t = t0; t < end; t++) {
+    int blocks[SEL_N];
+#pragma unroll
+    for (int s = 0; s < SEL_N; s++) blocks[s] = next[s];
+    const int base = next_base;
+    load(t + 1);
+    int valid = SEL_N; // slots before the first -1
+#pragma unroll
+    for (int s = SEL_N - 1; s >= 0; s--) valid = blocks[s] < 0 ? s : valid;
+    visit(t, base, blocks, valid);
+  }
+}
+
+/**
+ * counts[key * C + chunk] (each counter belongs to one thread). A token's blocks are distinct (top-n picks
+ * distinct blocks), so its counters are distinct: all are read, then all written, one round trip a token
+ * instead of one a slot.
+ */
 extern "C" __global__ void nsa_index_count(const int *__restrict__ block_indices, const int *__restrict__ row_seq,
                                            const int *__restrict__ cu_blocks, int *__restrict__ counts, int N, int H,
                                            int total_blocks, int chunk, int chunks) {
@@ -20,16 +56,16 @@ extern "C" __global__ void nsa_index_count(const int *__restrict__ block_indices
   if (idx >= chunks * H) return;
   const int c = idx / H;
   const int h = idx % H;
-  const int end = min(N, (c + 1) * chunk);
-  for (int t = c * chunk; t < end; t++) {
-    const int base = h * total_blocks + cu_blocks[row_seq[t]];
-    const int *sel = block_indices + ((i64)t * H + h) * SEL_N;
-    for (int s = 0; s < SEL_N; s++) {
-      const int j = sel[s];
-      if (j < 0) break;
-      counts[(i64)(base + j) * chunks + c]++;
-    }
-  }
+  walk_chunk(block_indices, row_seq, cu_blocks, c * chunk, min(N, (c + 1) * chunk), H, h, total_blocks,
+             [&](int, int base, const int *blocks, int valid) {
+               int n[SEL_N];
+#pragma unroll
+               for (int s = 0; s < SEL_N; s++) n[s] = s < valid ? counts[(i64)(base + blocks[s]) * chunks + c] : 0;
+#pragma unroll
+               for (int s = 0; s < SEL_N; s++) {
+                 if (s < valid) counts[(i64)(base + blocks[s]) * chunks + c] = n[s] + 1;
+               }
+             });
 }
 
 /** One warp per key: its lanes read consecutive chunks' counts (coalesced), summed in a fixed order. */
@@ -103,6 +139,7 @@ extern "C" __global__ void nsa_index_chunk_starts(const int *__restrict__ counts
   }
 }
 
+/** entries in token order within each (key, chunk) run; the cursors as the counts above (distinct per token). */
 extern "C" __global__ void nsa_index_fill(const int *__restrict__ block_indices, const int *__restrict__ row_seq,
                                           const int *__restrict__ cu_blocks, int *__restrict__ starts,
                                           int2 *__restrict__ entries, int N, int H, int total_blocks, int chunk, int chunks) {
@@ -110,16 +147,17 @@ extern "C" __global__ void nsa_index_fill(const int *__restrict__ block_indices,
   if (idx >= chunks * H) return;
   const int c = idx / H;
   const int h = idx % H;
-  const int end = min(N, (c + 1) * chunk);
-  for (int t = c * chunk; t < end; t++) {
-    const int base = h * total_blocks + cu_blocks[row_seq[t]];
-    const int *sel = block_indices + ((i64)t * H + h) * SEL_N;
-    for (int s = 0; s < SEL_N; s++) {
-      const int j = sel[s];
-      if (j < 0) break;
-      int *cursor = starts + (i64)(base + j) * chunks + c; // this thread's own (key, chunk) cursor
-      entries[*cursor] = make_int2(t, s);
-      (*cursor)++;
-    }
-  }
+  walk_chunk(block_indices, row_seq, cu_blocks, c * chunk, min(N, (c + 1) * chunk), H, h, total_blocks,
+             [&](int t, int base, const int *blocks, int valid) {
+               int at[SEL_N]; // this thread's own (key, chunk) cursors
+#pragma unroll
+               for (int s = 0; s < SEL_N; s++) at[s] = s < valid ? starts[(i64)(base + blocks[s]) * chunks + c] : 0;
+#pragma unroll
+               for (int s = 0; s < SEL_N; s++) {
+                 if (s < valid) {
+                   entries[at[s]] = make_int2(t, s);
+                   starts[(i64)(base + blocks[s]) * chunks + c] = at[s] + 1;
+                 }
+               }
+             });
 }

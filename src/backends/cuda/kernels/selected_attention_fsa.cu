@@ -1,6 +1,7 @@
-// nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16
-// nvcc-check: -DDK=64 -DDV=64 -DSEL_L=32 -DSEL_N=8 -DNSA_FP16
-// nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DFSA_MIN_BLOCKS=4
+// nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DGROUP=4
+// nvcc-check: -DDK=64 -DDV=64 -DSEL_L=32 -DSEL_N=8 -DNSA_FP16 -DGROUP=3
+// nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DGROUP=1 -DFSA_MIN_BLOCKS=4
+// nvcc-check: -DDK=192 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DGROUP=2
 //
 // Selected attention for small G, FSA's loop order: the outer loop runs over (KV head, key block), and each CTA
 // gathers the queries that selected its block into one MMA tile, so a K/V block is read once per tile of queries
@@ -19,6 +20,21 @@
 #define THREADS 128
 #define ROWS 64
 #define BLOCK_N 64
+// GROUP: G, the query heads per KV head (baked in: the row -> (pair, head) arithmetic runs per gathered row).
+
+/**
+ * Rows [0, 64) of a swizzled [64, COLS] tile, two threads a row: thread t copies row t / 2's 16-byte chunks t % 2,
+ * t % 2 + 2, ... from `row` (null: zeros), so that each gathered row's address (an entries lookup) is computed
+ * once, not once a chunk, and each pair of threads fills whole 32-byte sectors.
+ */
+template <int COLS> __device__ __forceinline__ void load_row_pairs_async(elem_t *tile, const elem_t *row) {
+  static_assert(THREADS == 2 * 64, "two threads a row");
+  const int r = threadIdx.x / 2;
+#pragma unroll
+  for (int c = threadIdx.x % 2; c < COLS / 8; c += 2) {
+    cp_async_16(tile + SwizzledTile<COLS>::offset(r, c * 8), row == nullptr ? tile : row + c * 8, row != nullptr);
+  }
+}
 
 /**
  * One tile: up to `per_tile` (token, slot) entries of one (h, block), all G heads of each -> rows = entries * G.
@@ -49,7 +65,7 @@ extern "C" __global__ void FSA_BOUNDS
   const int j = gblock - cu_blocks[seq];
   const int seq_start = cu_seqlens[seq];
   const int seq_len = cu_seqlens[seq + 1] - seq_start;
-  const int G = Hq / H;
+  constexpr int G = GROUP;
   const int e0 = offsets[key] + (b - tile_offsets[key]) * per_tile;
   const int nentries = min(per_tile, offsets[key + 1] - e0);
   const int rows = nentries * G;
@@ -57,11 +73,11 @@ extern "C" __global__ void FSA_BOUNDS
   const int lane = threadIdx.x % 32;
   const int key0 = j * SEL_L; // first token of the block
 
-  load_tile_async<DK, THREADS>(qsmem, ROWS, [&](int r) -> const elem_t * {
-    if (r >= rows) return nullptr;
-    return q + ((i64)entries[e0 + r / G].x * Hq + h * G + r % G) * DK;
-  });
-  cp_async_commit();
+  {
+    const int r = threadIdx.x / 2; // this thread's query row (the key/value rows' addresses need no lookup)
+    load_row_pairs_async<DK>(qsmem, r < rows ? q + ((i64)entries[e0 + r / G].x * Hq + h * G + r % G) * DK : nullptr);
+    cp_async_commit();
+  }
 
   // This thread's two rows and the local positions of their tokens.
   const int r_lo = warp * 16 + lane / 4;

@@ -170,7 +170,11 @@ export class NsaPrograms {
 
   fsa(fn: 'attend' | 'reduce'): Kernel {
     const minBlocks = this.tuning.fsaMinBlocks;
-    return this.kernel('selected_attention_fsa.cu', `nsa_fsa_${fn}`, [...this.selDefines(), ...(minBlocks === undefined ? [] : [`-DFSA_MIN_BLOCKS=${minBlocks}`])]);
+    return this.kernel('selected_attention_fsa.cu', `nsa_fsa_${fn}`, [
+      ...this.selDefines(),
+      `-DGROUP=${this.config.groupSize}`,
+      ...(minBlocks === undefined ? [] : [`-DFSA_MIN_BLOCKS=${minBlocks}`]),
+    ]);
   }
 
   /**
