@@ -115,7 +115,8 @@ export class BackwardRunner {
     this.itemEntries = Math.max(256, 64 * Math.max(1, Math.floor(64 / programs.config.groupSize)));
     // Few compressed key tiles would leave most SMs idle in the cmp dK/dV: split their query walk.
     this.cmpSplits = Math.min(32, Math.max(1, Math.ceil((2 * ctx.device.smCount) / Math.max(1, this.counts.cmpKeyTiles * H))));
-    this.index = new InverseIndex(ctx, programs, plan, forward.deviceTables);
+    // The forward's index (FSA order) holds this selection already: only the work items are the backward's own.
+    this.index = new InverseIndex(ctx, programs, plan, forward.deviceTables, forward.selectionIndex);
     const { headDim: dk, valueDim: dv, selectBlock } = programs.config;
     const partialFloats = Math.max(
       this.cmpSplits > 1 ? this.cmpSplits * plan.totalCompressed * H * (dk + dv) : 0,

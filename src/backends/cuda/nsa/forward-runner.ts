@@ -114,6 +114,11 @@ export class ForwardRunner {
     return this.programs.config;
   }
 
+  /** The inverse index of the last run's selection, where the FSA-order attention built one. */
+  get selectionIndex(): InverseIndex | undefined {
+    return this.fsa?.index;
+  }
+
   /** The index tables on the device (the backward reads them too). */
   get deviceTables(): Readonly<Record<'cuSeqlens' | 'cuCmp' | 'cuBlocks' | 'rowSeq' | 'cmpRowSeq' | 'blockSeq', DeviceBuffer>> {
     return this.tables;

@@ -1,7 +1,8 @@
 // The inverse of a selection on the device (kernels/inverse_index.cu): for each key (KV head, selection block),
 // the (token, slot) pairs that chose it, in token order, built by a stable counting sort so that everything
 // that walks it sums in the same order on every run. The FSA-ordered selected attention and the selected
-// branch's dK/dV both read it.
+// branch's dK/dV both read it; where the forward built one (FSA order), the backward shares its entries and
+// per-key totals and only scans its own work items.
 
 import type { CudaContext } from '../context.js';
 import type { KernelArg } from '../kernel-args.js';
@@ -18,34 +19,53 @@ export class InverseIndex {
   readonly itemOffsets: DeviceBuffer;
   /** [N * H * n] int2 (token, slot), grouped by key. */
   readonly entries: DeviceBuffer;
-  private readonly counts: DeviceBuffer;
+  /** Pairs per key ([keys]), which the item scan reads. */
   private readonly totals: DeviceBuffer;
-  private readonly starts: DeviceBuffer;
-  private readonly chunks: number;
-  private readonly chunk: number;
+  /** The sort's own buffers; undefined when this index shares another's entries. */
+  private readonly sort: { counts: DeviceBuffer; starts: DeviceBuffer; chunks: number; chunk: number } | undefined;
+  /** Where the scan writes the key offsets: `offsets`, or scratch when they are a shared index's. */
+  private readonly scanOffsets: DeviceBuffer;
   private readonly buffers: DeviceBuffer[];
 
+  /**
+   * With `shared` (an index built from the same selection, e.g. the forward's), this one takes its entries,
+   * offsets and totals and `build` only scans its own work items: valid while `shared` holds that selection.
+   */
   constructor(
     private readonly ctx: CudaContext,
     private readonly programs: NsaPrograms,
     private readonly plan: LayoutPlan,
     private readonly tables: { readonly rowSeq: DeviceBuffer; readonly cuBlocks: DeviceBuffer },
+    shared?: InverseIndex,
   ) {
     const { kvHeads: H, selectCount: n } = programs.config;
     const N = plan.totalTokens;
     const keys = H * plan.totalBlocks;
+    this.itemOffsets = ctx.alloc((keys + 1) * 4, 'inverse index item offsets');
+    if (shared !== undefined) {
+      this.entries = shared.entries;
+      this.offsets = shared.offsets;
+      this.totals = shared.totals;
+      this.sort = undefined;
+      this.scanOffsets = ctx.alloc((keys + 1) * 4, 'inverse index offsets (scratch)');
+      this.buffers = [this.itemOffsets, this.scanOffsets];
+      return;
+    }
     // Tokens are cut into chunks of at least 16 (at most 1024 chunks); one thread per (chunk, KV head) walks its
-    // chunk in order. Each step of a walk waits on its counter's read-modify-write, so shorter walks are faster:
+    // chunk in order. Each step of a walk waits on its counters' read-modify-writes, so shorter walks are faster:
     // 256 chunks took 2.9 ms at 64k tokens, H = 4 (H100).
-    this.chunks = Math.max(1, Math.min(1024, Math.ceil(N / 16)));
-    this.chunk = Math.ceil(N / this.chunks);
-    this.counts = ctx.alloc(keys * this.chunks * 4, 'inverse index counts');
+    const chunks = Math.max(1, Math.min(1024, Math.ceil(N / 16)));
+    this.sort = {
+      counts: ctx.alloc(keys * chunks * 4, 'inverse index counts'),
+      starts: ctx.alloc(keys * chunks * 4, 'inverse index starts'),
+      chunks,
+      chunk: Math.ceil(N / chunks),
+    };
     this.totals = ctx.alloc(keys * 4, 'inverse index totals');
     this.offsets = ctx.alloc((keys + 1) * 4, 'inverse index offsets');
-    this.itemOffsets = ctx.alloc((keys + 1) * 4, 'inverse index item offsets');
-    this.starts = ctx.alloc(keys * this.chunks * 4, 'inverse index starts');
     this.entries = ctx.alloc(Math.max(1, N * H * n) * 8, 'inverse index entries');
-    this.buffers = [this.counts, this.totals, this.offsets, this.itemOffsets, this.starts, this.entries];
+    this.scanOffsets = this.offsets;
+    this.buffers = [this.sort.counts, this.sort.starts, this.totals, this.offsets, this.itemOffsets, this.entries];
   }
 
   /** Upper bound of the work items of `entriesPerItem` pairs over all keys (a grid size). */
@@ -54,34 +74,44 @@ export class InverseIndex {
     return H * this.plan.totalBlocks + Math.ceil((this.plan.totalTokens * H * n) / entriesPerItem);
   }
 
-  /** Launches the build from block_indices [N, H, n] (asynchronous). */
+  /**
+   * Launches the build from block_indices [N, H, n] (asynchronous): the sort, then the scans of the per-key
+   * offsets and of the work items of up to `entriesPerItem` pairs; a shared index runs only the item scan.
+   */
   build(blockIndices: DeviceBuffer, entriesPerItem: number): void {
-    const { ctx, programs, plan, tables, chunk, chunks } = this;
+    const { ctx, programs, plan, tables, sort } = this;
     const H = programs.config.kvHeads;
     const keys = H * plan.totalBlocks;
     const N = plan.totalTokens;
-    const walkers: [number, number, number] = [Math.ceil((chunks * H) / 128), 1, 1];
     const perKey: [number, number, number] = [Math.ceil(keys / 4), 1, 1]; // a warp per key, 4 a block
+    const scan = (): void =>
+      programs.inverseIndex('scan').launch({
+        grid: [1, 1, 1],
+        block: [1024, 1, 1],
+        args: [ptr(this.totals), ptr(this.scanOffsets), ptr(this.itemOffsets), { i32: keys }, { i32: entriesPerItem }],
+      });
+    if (sort === undefined) {
+      scan();
+      return;
+    }
+    const { counts, starts, chunk, chunks } = sort;
+    const walkers: [number, number, number] = [Math.ceil((chunks * H) / 128), 1, 1];
     const selection = [ptr(blockIndices), ptr(tables.rowSeq), ptr(tables.cuBlocks)];
     const walk = [{ i32: N }, { i32: H }, { i32: plan.totalBlocks }, { i32: chunk }, { i32: chunks }];
-    ctx.memset(this.counts, 0);
-    programs.inverseIndex('count').launch({ grid: walkers, block: [128, 1, 1], args: [...selection, ptr(this.counts), ...walk] });
+    ctx.memset(counts, 0);
+    programs.inverseIndex('count').launch({ grid: walkers, block: [128, 1, 1], args: [...selection, ptr(counts), ...walk] });
     programs.inverseIndex('key_totals').launch({
       grid: perKey,
       block: [128, 1, 1],
-      args: [ptr(this.counts), ptr(this.totals), { i32: keys }, { i32: chunks }],
+      args: [ptr(counts), ptr(this.totals), { i32: keys }, { i32: chunks }],
     });
-    programs.inverseIndex('scan').launch({
-      grid: [1, 1, 1],
-      block: [1024, 1, 1],
-      args: [ptr(this.totals), ptr(this.offsets), ptr(this.itemOffsets), { i32: keys }, { i32: entriesPerItem }],
-    });
+    scan();
     programs.inverseIndex('chunk_starts').launch({
       grid: perKey,
       block: [128, 1, 1],
-      args: [ptr(this.counts), ptr(this.offsets), ptr(this.starts), { i32: keys }, { i32: chunks }],
+      args: [ptr(counts), ptr(this.offsets), ptr(starts), { i32: keys }, { i32: chunks }],
     });
-    programs.inverseIndex('fill').launch({ grid: walkers, block: [128, 1, 1], args: [...selection, ptr(this.starts), ptr(this.entries), ...walk] });
+    programs.inverseIndex('fill').launch({ grid: walkers, block: [128, 1, 1], args: [...selection, ptr(starts), ptr(this.entries), ...walk] });
   }
 
   dispose(): void {
