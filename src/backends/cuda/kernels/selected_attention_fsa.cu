@@ -107,13 +107,24 @@ extern "C" __global__ void FSA_BOUNDS
     float s[BLOCK_N / 8][4];
     zero_frags<BLOCK_N / 8>(s);
     qk_mma<DK, BLOCK_N / 16>(s, qfrag, ksmem, 0, lane);
+    // Most tiles see the whole block (the tokens after it): no mask. Padding rows (t < 0) are not stored.
+    const int last = key0 + k0 + BLOCK_N - 1;
+    const bool whole = nk == BLOCK_N && __all_sync(0xffffffff, (t_lo < 0 || t_lo >= last) && (t_hi < 0 || t_hi >= last));
+    if (whole) {
 #pragma unroll
-    for (int n = 0; n < BLOCK_N / 8; n++) {
+      for (int n = 0; n < BLOCK_N / 8; n++) {
 #pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const int pos = key0 + k0 + n * 8 + (lane % 4) * 2 + (e & 1);
-        const int t = e < 2 ? t_lo : t_hi;
-        s[n][e] = (t >= 0 && pos - key0 - k0 < nk && pos <= t) ? s[n][e] * scale_log2 : NSA_NEG_INF;
+        for (int e = 0; e < 4; e++) s[n][e] *= scale_log2;
+      }
+    } else {
+#pragma unroll
+      for (int n = 0; n < BLOCK_N / 8; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int pos = key0 + k0 + n * 8 + (lane % 4) * 2 + (e & 1);
+          const int t = e < 2 ? t_lo : t_hi;
+          s[n][e] = (t >= 0 && pos - key0 - k0 < nk && pos <= t) ? s[n][e] * scale_log2 : NSA_NEG_INF;
+        }
       }
     }
     softmax_update<BLOCK_N / 8, DV>(st, s, o);
