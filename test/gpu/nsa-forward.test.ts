@@ -36,7 +36,7 @@ const CASES: Case[] = [
   { name: 'G = 1 (MHA), T = 513', options: { ...base, heads: 2, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [513], dtype: 'bf16', kernels: ['group', 'fsa'] },
   { name: 'G = 2, f16, packed [100, 1, 300, 64, 5]', options: { ...base, selectBlock: 32, selectCount: 5, heads: 4, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [100, 1, 300, 64, 5], dtype: 'f16', kernels: ['group', 'fsa'] },
   { name: 'dk = 64 < dv = 128, G = 16, T = 345', options: { ...base, heads: 16, kvHeads: 1, headDim: 64, valueDim: 128 }, seqlens: [345], dtype: 'bf16', kernels: ['group', 'fsa'] },
-  { name: 'dk = 192, dv = 128, G = 16, T = 400', options: { ...base, heads: 16, kvHeads: 1, headDim: 192, valueDim: 128 }, seqlens: [400], dtype: 'bf16', kernels: ['group'] },
+  { name: 'dk = 192, dv = 128, G = 16, T = 400', options: { ...base, heads: 16, kvHeads: 1, headDim: 192, valueDim: 128 }, seqlens: [400], dtype: 'bf16', kernels: ['group', 'fsa'] },
   { name: "l' = 32 < 64-key tiles, n = 8, G = 8", options: { compressBlock: 16, compressStride: 8, selectBlock: 32, selectCount: 8, window: 40, heads: 8, kvHeads: 1, headDim: 64, valueDim: 64 }, seqlens: [611], dtype: 'bf16', kernels: ['group', 'fsa'] },
   { name: "l' = 128 > 64-key tiles, G = 4", options: { compressBlock: 64, compressStride: 32, selectBlock: 128, selectCount: 4, window: 200, heads: 4, kvHeads: 1, headDim: 64, valueDim: 64 }, seqlens: [900], dtype: 'bf16', kernels: ['group', 'fsa'] },
   { name: 'independent K/V per branch, compressed K/V given', options: { ...base, heads: 8, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [300, 211], dtype: 'bf16', kernels: ['group', 'fsa'], independent: true },
