@@ -231,9 +231,9 @@ export class ForwardRunner {
     }
   }
 
-  /** Device bytes this runner holds (index tables, compressed K/V, FSA buffers). */
+  /** Device bytes this runner holds (index tables, compressed K/V, FSA buffers and inverse index). */
   get bytes(): number {
-    return this.scratch.reduce((sum, b) => sum + b.bytes, 0) + (this.phi?.bytes ?? 0);
+    return this.scratch.reduce((sum, b) => sum + b.bytes, 0) + (this.fsa?.index.bytes ?? 0) + (this.phi?.bytes ?? 0);
   }
 
   dispose(): void {

@@ -114,6 +114,11 @@ export class InverseIndex {
     programs.inverseIndex('fill').launch({ grid: walkers, block: [128, 1, 1], args: [...selection, ptr(starts), ptr(this.entries), ...walk] });
   }
 
+  /** Device bytes this index owns (a shared index's entries and offsets are the other's). */
+  get bytes(): number {
+    return this.buffers.reduce((sum, b) => sum + b.bytes, 0);
+  }
+
   dispose(): void {
     for (const b of this.buffers) b.dispose();
   }
