@@ -5,6 +5,7 @@
 import { writeFileSync } from 'node:fs';
 import { NSAConfig } from '../dist/index.js';
 import { createCudaBackend } from '../dist/backends/cuda/cuda-backend.js';
+import { applyVariant, parseVariants } from './env-variants.mjs';
 
 const args = process.argv.slice(2);
 const flag = (name, fallback) => {
@@ -14,10 +15,10 @@ const flag = (name, fallback) => {
 const lengths = flag('lengths', '65536').split(',').map(Number);
 const timing = { warmup: 2, iterations: 5 };
 // A variant is `faWarps:slcPipeline` (e.g. 8:2x1x8) or environment settings joined by `+` (e.g. NSA_FA_WGMMA=0+NSA_FA_WARPS=4).
-const variants = (flag('variants', '8:4x2x3,8:4x1x4,8:4x1x6,8:2x2x6,8:2x1x8')).split(',').map((v) => {
-  if (v.includes('=')) return Object.fromEntries(v.split('+').map((kv) => kv.split('=')));
+const variants = (flag('variants', '8:4x2x3,8:4x1x4,8:4x1x6,8:2x2x6,8:2x1x8')).split(',').flatMap((v) => {
+  if (v.includes('=')) return parseVariants(v);
   const [fa, slc] = v.split(':');
-  return { NSA_FA_WARPS: fa, NSA_SLC_PIPELINE: slc };
+  return [{ NSA_FA_WARPS: fa, NSA_SLC_PIPELINE: slc }];
 });
 const label = (variant) => Object.entries(variant).map(([k, v]) => `${k.replace(/^NSA_/, '')}=${v}`).join(' ');
 // --shapes picks the selected kernels, --presets the presets (default fla), --groups G (default 16).
@@ -26,7 +27,7 @@ const shapes = flag('presets', 'fla').split(',').flatMap((preset) =>
     flag('shapes', 'group,fsa').split(',').map((kernel) => ({ G, preset, kernel }))));
 const rows = [];
 for (const variant of variants) {
-  Object.assign(process.env, variant);
+  applyVariant(variant); // only this variant's settings over the starting environment
   for (const shape of shapes) {
     const backend = await createCudaBackend({ selectedKernel: shape.kernel });
     for (const T of lengths) {
