@@ -4,12 +4,8 @@
 import { NSAConfig } from '../dist/index.js';
 import { createCudaBackend } from '../dist/backends/cuda/cuda-backend.js';
 import { applyVariant, parseVariants, variantLabel } from './env-variants.mjs';
+import { flag } from './args.mjs';
 
-const args = process.argv.slice(2);
-const flag = (name, fallback) => {
-  const i = args.indexOf(`--${name}`);
-  return i >= 0 ? args[i + 1] : fallback;
-};
 const lengths = flag('lengths', '65536').split(',').map(Number);
 const groups = flag('groups', '16,4').split(',').map(Number);
 const presets = flag('presets', 'fla,paper').split(',');

@@ -11,17 +11,13 @@
 import { NSAConfig, createKvCache } from '../dist/index.js';
 import { createCudaBackend } from '../dist/backends/cuda/cuda-backend.js';
 import { decodeBytesPerHead } from '../dist/nsa/decode/types.js';
+import { flag, hasFlag } from './args.mjs';
 
-const args = process.argv.slice(2);
-const flag = (name, fallback) => {
-  const i = args.indexOf(`--${name}`);
-  return i >= 0 ? args[i + 1] : fallback;
-};
 const batches = flag('batches', '1,8,64').split(',').map(Number);
 const contexts = flag('contexts', '8192,65536,131072').split(',').map(Number);
 const presets = flag('presets', 'paper,fla').split(',');
-const launches = args.includes('--launches');
-const tracing = args.includes('--trace');
+const launches = hasFlag('launches');
+const tracing = hasFlag('trace');
 const us = (ns) => (ns / 1000).toFixed(1);
 const mean = (xs) => (xs.length === 0 ? 0 : xs.reduce((a, b) => a + b, 0) / xs.length);
 const quantile = (xs, q) => {

@@ -6,12 +6,8 @@ import { execFileSync } from 'node:child_process';
 import { writeFileSync } from 'node:fs';
 import { NSAConfig } from '../dist/index.js';
 import { createCudaBackend } from '../dist/backends/cuda/cuda-backend.js';
+import { flag } from './args.mjs';
 
-const args = process.argv.slice(2);
-const flag = (name, fallback) => {
-  const i = args.indexOf(`--${name}`);
-  return i >= 0 ? args[i + 1] : fallback;
-};
 const lengths = flag('lengths', '8192,16384,32768,65536').split(',').map(Number);
 const outFile = flag('out', undefined);
 const groups = flag('groups', '16,4').split(',').map(Number);

@@ -5,13 +5,9 @@
 import { writeFileSync } from 'node:fs';
 import { NSAConfig } from '../dist/index.js';
 import { createCudaBackend } from '../dist/backends/cuda/cuda-backend.js';
-import { applyVariant, parseVariants } from './env-variants.mjs';
+import { applyVariant, parseVariants, variantLabel } from './env-variants.mjs';
+import { flag } from './args.mjs';
 
-const args = process.argv.slice(2);
-const flag = (name, fallback) => {
-  const i = args.indexOf(`--${name}`);
-  return i >= 0 ? args[i + 1] : fallback;
-};
 const lengths = flag('lengths', '65536').split(',').map(Number);
 const timing = { warmup: 2, iterations: 5 };
 // A variant is `faWarps:slcPipeline` (e.g. 8:2x1x8) or environment settings joined by `+` (e.g. NSA_FA_WGMMA=0+NSA_FA_WARPS=4).
@@ -20,7 +16,6 @@ const variants = (flag('variants', '8:4x2x3,8:4x1x4,8:4x1x6,8:2x2x6,8:2x1x8')).s
   const [fa, slc] = v.split(':');
   return [{ NSA_FA_WARPS: fa, NSA_SLC_PIPELINE: slc }];
 });
-const label = (variant) => Object.entries(variant).map(([k, v]) => `${k.replace(/^NSA_/, '')}=${v}`).join(' ');
 // --shapes picks the selected kernels, --presets the presets (default fla), --groups G (default 16).
 const shapes = flag('presets', 'fla').split(',').flatMap((preset) =>
   flag('groups', '16').split(',').map(Number).flatMap((G) =>
@@ -40,7 +35,7 @@ for (const variant of variants) {
       const row = { ...variant, ...shape, T, total, dense, stages: Object.fromEntries(Object.entries(stages).map(([k, v]) => [k, v.medianMs])) };
       rows.push(row);
       console.log(
-        `${label(variant)} G=${shape.G} ${shape.preset.padEnd(5)} ${shape.kernel.padEnd(5)} T=${T}: total ${total.toFixed(2)} ms` +
+        `${variantLabel(variant)} G=${shape.G} ${shape.preset.padEnd(5)} ${shape.kernel.padEnd(5)} T=${T}: total ${total.toFixed(2)} ms` +
           (dense === undefined ? '' : ` dense ${dense.toFixed(2)}`) +
           ' | ' + Object.entries(row.stages).map(([k, v]) => `${k} ${v.toFixed(2)}`).join(' '),
       );

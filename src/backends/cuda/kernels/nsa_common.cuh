@@ -473,6 +473,25 @@ __device__ __forceinline__ int range_holding(const int *offsets, int n, int b) {
   }
 }
 
+/** Where the selection block of an inverse-index key (h * total_blocks + global block) lies. */
+struct IndexKey {
+  int h;         // its KV head
+  int j;         // the block's number in its sequence
+  int seq_start; // the sequence's first token
+  int seq_len;   // the sequence's tokens
+};
+__device__ __forceinline__ IndexKey index_key(int key, int total_blocks, const int *__restrict__ block_seq,
+                                              const int *__restrict__ cu_blocks, const int *__restrict__ cu_seqlens) {
+  IndexKey k;
+  k.h = key / total_blocks;
+  const int gblock = key % total_blocks;
+  const int seq = block_seq[gblock];
+  k.j = gblock - cu_blocks[seq];
+  k.seq_start = cu_seqlens[seq];
+  k.seq_len = cu_seqlens[seq + 1] - k.seq_start;
+  return k;
+}
+
 #if defined(CMP_L) && defined(CMP_D)
 /** The compressed blocks [*first, *last] of a sequence of tc that cover local token tau (i*d <= tau < i*d + l). */
 __device__ __forceinline__ void blocks_covering(int tau, int tc, int *first, int *last) {

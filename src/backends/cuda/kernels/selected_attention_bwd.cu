@@ -284,12 +284,11 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   const int b = blockIdx.x;
   if (b >= item_offsets[nkeys_total]) return;
   const int key = range_holding(item_offsets, nkeys_total, b); // the key whose item range holds b
-  const int h = key / total_blocks;
-  const int gblock = key % total_blocks;
-  const int seq = block_seq[gblock];
-  const int j = gblock - cu_blocks[seq];
-  const int seq_start = cu_seqlens[seq];
-  const int seq_len = cu_seqlens[seq + 1] - seq_start;
+  const IndexKey ik = index_key(key, total_blocks, block_seq, cu_blocks, cu_seqlens);
+  const int h = ik.h;
+  const int j = ik.j;
+  const int seq_start = ik.seq_start;
+  const int seq_len = ik.seq_len;
   const int key0 = j * SEL_L + blockIdx.y * TILE; // first local token of this CTA's keys
   if (key0 >= min((j + 1) * SEL_L, seq_len)) return;
   const int nk = min(TILE, min((j + 1) * SEL_L, seq_len) - key0);

@@ -59,12 +59,11 @@ extern "C" __global__ void FSA_BOUNDS
   const int b = blockIdx.x;
   if (b >= tile_offsets[nkeys_total]) return; // the grid is an upper bound on the tiles
   const int key = range_holding(tile_offsets, nkeys_total, b); // the key whose tile range holds b
-  const int h = key / total_blocks;
-  const int gblock = key % total_blocks;
-  const int seq = block_seq[gblock];
-  const int j = gblock - cu_blocks[seq];
-  const int seq_start = cu_seqlens[seq];
-  const int seq_len = cu_seqlens[seq + 1] - seq_start;
+  const IndexKey ik = index_key(key, total_blocks, block_seq, cu_blocks, cu_seqlens);
+  const int h = ik.h;
+  const int j = ik.j;
+  const int seq_start = ik.seq_start;
+  const int seq_len = ik.seq_len;
   constexpr int G = GROUP;
   const int e0 = offsets[key] + (b - tile_offsets[key]) * per_tile;
   const int nentries = min(per_tile, offsets[key + 1] - e0);

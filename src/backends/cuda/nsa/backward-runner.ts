@@ -89,7 +89,7 @@ export class BackwardRunner {
   /** Partial sums of the split cmp dK/dV and of the selected dK/dV's work items (one after the other). */
   private readonly partial: DeviceBuffer;
   readonly selectedDq: SelectedDqMode;
-  /** The fused selected dQ's parts [N, Hq, n, subs, dk] (fp32), when selectedDq is 'fused'. */
+  /** The fused selected dQ's parts [N, Hq, n, subs, dk] (bf16, or fp32 with NSA_SLC_DQ_PARTS=f32), when selectedDq is 'fused'. */
   private readonly partialQ: DeviceBuffer | undefined;
 
   constructor(
