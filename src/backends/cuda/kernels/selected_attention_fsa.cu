@@ -165,13 +165,12 @@ struct FsaKey {
 __device__ __forceinline__ FsaKey fsa_key(int key, const int *__restrict__ offsets, const int *__restrict__ tile_offsets,
                                           const int *__restrict__ block_seq, const int *__restrict__ cu_blocks,
                                           const int *__restrict__ cu_seqlens, int total_blocks) {
+  const IndexKey ik = index_key(key, total_blocks, block_seq, cu_blocks, cu_seqlens);
   FsaKey f;
-  f.h = key / total_blocks;
-  const int gblock = key % total_blocks;
-  const int seq = block_seq[gblock];
-  f.seq_start = cu_seqlens[seq];
-  f.key0 = (gblock - cu_blocks[seq]) * SEL_L;
-  f.nk = min(SEL_L, cu_seqlens[seq + 1] - f.seq_start - f.key0);
+  f.h = ik.h;
+  f.seq_start = ik.seq_start;
+  f.key0 = ik.j * SEL_L;
+  f.nk = min(SEL_L, ik.seq_len - f.key0);
   f.tile0 = tile_offsets[key];
   f.tile_end = tile_offsets[key + 1];
   f.e_begin = offsets[key];
