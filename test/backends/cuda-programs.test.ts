@@ -26,8 +26,16 @@ describe('kernelTuning', () => {
       slcBulk: true,
       slcDqParts: 'bf16',
       fsaMinBlocks: 4,
+      fsaPersistent: false,
       selectRing: undefined,
     });
+  });
+
+  it('runs the FSA attention as persistent CTAs (3 per SM at dk = dv = 128) only with NSA_FSA_PERSISTENT=1 and blocks of <= 64 keys', () => {
+    const on = kernelTuning(config(128, 128), { NSA_FSA_PERSISTENT: '1' }, [9, 0]);
+    expect([on.fsaPersistent, on.fsaMinBlocks]).toEqual([true, 3]);
+    const wide = new NSAConfig({ heads: 16, kvHeads: 4, headDim: 128, valueDim: 128, selectBlock: 128, compressBlock: 64, compressStride: 64 });
+    expect(kernelTuning(wide, { NSA_FSA_PERSISTENT: '1' }, [9, 0]).fsaPersistent).toBe(false);
   });
 
   it('caps the FSA attention at 4 CTAs per SM for dk = dv = 128 only (shared memory allows 3 at dk = 192; dk = 64 needs no cap)', () => {

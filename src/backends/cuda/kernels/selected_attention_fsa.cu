@@ -2,6 +2,7 @@
 // nvcc-check: -DDK=64 -DDV=64 -DSEL_L=32 -DSEL_N=8 -DNSA_FP16 -DGROUP=3
 // nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DGROUP=1 -DFSA_MIN_BLOCKS=4
 // nvcc-check: -DDK=192 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DGROUP=2
+// nvcc-check: -DDK=128 -DDV=128 -DSEL_L=32 -DSEL_N=16 -DGROUP=4 -DFSA_MIN_BLOCKS=3
 //
 // Selected attention for small G, FSA's loop order: the outer loop runs over (KV head, key block), and each CTA
 // gathers the queries that selected its block into one MMA tile, so a K/V block is read once per tile of queries
@@ -147,6 +148,171 @@ extern "C" __global__ void FSA_BOUNDS
     }
   }
 }
+
+#if SEL_L <= BLOCK_N
+/** Where one key's (KV head h, selection block) tiles and pairs lie, and its block's place in its sequence. */
+struct FsaKey {
+  int h;
+  int seq_start; // first token of the block's sequence
+  int key0;      // the block's first key, local to the sequence
+  int nk;        // its keys inside the sequence (<= SEL_L)
+  int tile0;     // its first tile
+  int tile_end;  // one past its last tile
+  int e_begin;   // its first (token, slot) pair
+  int e_end;     // one past its last pair
+};
+
+__device__ __forceinline__ FsaKey fsa_key(int key, const int *__restrict__ offsets, const int *__restrict__ tile_offsets,
+                                          const int *__restrict__ block_seq, const int *__restrict__ cu_blocks,
+                                          const int *__restrict__ cu_seqlens, int total_blocks) {
+  const IndexKey ik = index_key(key, total_blocks, block_seq, cu_blocks, cu_seqlens);
+  FsaKey f;
+  f.h = ik.h;
+  f.seq_start = ik.seq_start;
+  f.key0 = ik.j * SEL_L;
+  f.nk = min(SEL_L, ik.seq_len - f.key0);
+  f.tile0 = tile_offsets[key];
+  f.tile_end = tile_offsets[key + 1];
+  f.e_begin = offsets[key];
+  f.e_end = offsets[key + 1];
+  return f;
+}
+
+/**
+ * nsa_fsa_attend's tiles by persistent CTAs (the host's NSA_FSA_PERSISTENT=1; blocks of at most 64 keys): CTA c
+ * takes tiles [c T / grid, (c + 1) T / grid) of the T tiles in order, so that consecutive tiles mostly share their
+ * key. The key's K/V block stays in shared memory until the key changes, and each warp gathers its 16 query rows of
+ * the next tile while this one computes: its A fragments are in registers once loaded, and thread t always fills
+ * row t / 2, so a warp's rows are its own (no block-wide barrier between tiles of one key). The token of a
+ * thread's next row is loaded a tile ahead, so that no gather waits on its lookup.
+ */
+extern "C" __global__ void FSA_BOUNDS
+    nsa_fsa_attend_persistent(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
+                              const int *__restrict__ offsets, const int *__restrict__ tile_offsets,
+                              const int2 *__restrict__ entries, const int *__restrict__ block_seq,
+                              const int *__restrict__ cu_blocks, const int *__restrict__ cu_seqlens,
+                              elem_t *__restrict__ partial_o, float *__restrict__ partial_lse, int Hq, int H,
+                              int total_blocks, int per_tile, float scale_log2) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  elem_t *qsmem = reinterpret_cast<elem_t *>(smem_raw); // ROWS x DK
+  elem_t *ksmem = qsmem + ROWS * DK;                    // BLOCK_N x DK
+  elem_t *vsmem = ksmem + BLOCK_N * DK;                 // BLOCK_N x DV
+  constexpr int G = GROUP;
+  const int nkeys_total = H * total_blocks;
+  const int total = tile_offsets[nkeys_total];
+  const int b_begin = (int)((i64)total * blockIdx.x / gridDim.x);
+  const int b_end = (int)((i64)total * (blockIdx.x + 1) / gridDim.x);
+  if (b_begin >= b_end) return;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int my_row = threadIdx.x / 2; // the query row this thread gathers
+
+  // The token of this thread's row in tile b of key f, -1 past the tile's rows.
+  auto token_of = [&](const FsaKey &f, int b) -> int {
+    const int e0 = f.e_begin + (b - f.tile0) * per_tile;
+    const int rows = min(per_tile, f.e_end - e0) * G;
+    return my_row < rows ? entries[e0 + my_row / G].x : -1;
+  };
+  auto gather_rows = [&](const FsaKey &f, int token) {
+    load_row_pairs_async<DK>(qsmem, token >= 0 ? q + ((i64)token * Hq + f.h * G + my_row % G) * DK : nullptr);
+  };
+  auto load_block = [&](const FsaKey &f) {
+    load_tile_async<DK, THREADS>(ksmem, BLOCK_N, [&](int r) -> const elem_t * {
+      return r < f.nk ? k + ((i64)(f.seq_start + f.key0 + r) * H + f.h) * DK : nullptr;
+    });
+    load_tile_async<DV, THREADS>(vsmem, BLOCK_N, [&](int r) -> const elem_t * {
+      return r < f.nk ? v + ((i64)(f.seq_start + f.key0 + r) * H + f.h) * DV : nullptr;
+    });
+  };
+
+  int key = range_holding(tile_offsets, nkeys_total, b_begin);
+  FsaKey f = fsa_key(key, offsets, tile_offsets, block_seq, cu_blocks, cu_seqlens, total_blocks);
+  load_block(f);
+  gather_rows(f, token_of(f, b_begin));
+  cp_async_commit();
+  bool block_fresh = true;
+  int next_token = b_begin + 1 < min(b_end, f.tile_end) ? token_of(f, b_begin + 1) : -1;
+
+  for (int b = b_begin; b < b_end; b++) {
+    cp_async_wait<0>();
+    if (block_fresh) __syncthreads(); // the K/V block came from every thread
+    else __syncwarp();                // this warp's rows came from its own lanes
+    block_fresh = false;
+    const int e0 = f.e_begin + (b - f.tile0) * per_tile;
+    const int rows = min(per_tile, f.e_end - e0) * G;
+    const int r_lo = warp * 16 + lane / 4;
+    const int r_hi = r_lo + 8;
+    const int2 ent_lo = r_lo < rows ? entries[e0 + r_lo / G] : make_int2(-1, 0);
+    const int2 ent_hi = r_hi < rows ? entries[e0 + r_hi / G] : make_int2(-1, 0);
+    u32 qfrag[DK / 16][4];
+    load_a_fragments<DK>(qfrag, qsmem, warp * 16, lane);
+    __syncwarp(); // every lane has read its fragments before the rows are refilled
+    const bool next_same_key = b + 1 < min(b_end, f.tile_end);
+    if (next_same_key) gather_rows(f, next_token);
+    cp_async_commit();
+    next_token = b + 2 < min(b_end, f.tile_end) ? token_of(f, b + 2) : -1;
+
+    const int t_lo = ent_lo.x >= 0 ? ent_lo.x - f.seq_start : -1;
+    const int t_hi = ent_hi.x >= 0 ? ent_hi.x - f.seq_start : -1;
+    float o[DV / 8][4];
+    zero_frags<DV / 8>(o);
+    SoftmaxRows st;
+    st.init();
+    float s[BLOCK_N / 8][4];
+    zero_frags<BLOCK_N / 8>(s);
+    qk_mma<DK, BLOCK_N / 16>(s, qfrag, ksmem, 0, lane);
+    const int last = f.key0 + BLOCK_N - 1;
+    const bool whole = f.nk == BLOCK_N && __all_sync(0xffffffff, (t_lo < 0 || t_lo >= last) && (t_hi < 0 || t_hi >= last));
+    if (whole) {
+#pragma unroll
+      for (int n = 0; n < BLOCK_N / 8; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) s[n][e] *= scale_log2;
+      }
+    } else {
+#pragma unroll
+      for (int n = 0; n < BLOCK_N / 8; n++) {
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int pos = f.key0 + n * 8 + (lane % 4) * 2 + (e & 1);
+          const int t = e < 2 ? t_lo : t_hi;
+          s[n][e] = (t >= 0 && pos - f.key0 < f.nk && pos <= t) ? s[n][e] * scale_log2 : NSA_NEG_INF;
+        }
+      }
+    }
+    softmax_update<BLOCK_N / 8, DV>(st, s, o);
+    pv_mma<DV, BLOCK_N / 16>(o, s, vsmem, 0, lane);
+#pragma unroll
+    for (int hh = 0; hh < 2; hh++) {
+      float lse;
+      const float l = softmax_finish_row(st, hh, &lse);
+      const int r = hh == 0 ? r_lo : r_hi;
+      const int2 ent = hh == 0 ? ent_lo : ent_hi;
+      if (r >= rows) continue;
+      const i64 prow = ((i64)ent.x * Hq + f.h * G + r % G) * SEL_N + ent.y;
+      if (lane % 4 == 0) partial_lse[prow] = lse;
+      const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+      for (int n = 0; n < DV / 8; n++) {
+        const int col = n * 8 + (lane % 4) * 2;
+        *reinterpret_cast<u32 *>(partial_o + prow * DV + col) = pack_elem2(o[n][2 * hh] * inv, o[n][2 * hh + 1] * inv);
+      }
+    }
+
+    if (!next_same_key && b + 1 < b_end) {
+      // The next tile is the next key's (keys nobody chose have no tiles): a new block, loaded by every thread.
+      while (tile_offsets[key + 1] <= b + 1) key++;
+      f = fsa_key(key, offsets, tile_offsets, block_seq, cu_blocks, cu_seqlens, total_blocks);
+      __syncthreads(); // every warp is done with the old block
+      load_block(f);
+      gather_rows(f, token_of(f, b + 1));
+      cp_async_commit();
+      block_fresh = true;
+      next_token = b + 2 < min(b_end, f.tile_end) ? token_of(f, b + 2) : -1;
+    }
+  }
+}
+#endif
 
 /** The bits of CPL consecutive partial elements (NVRTC has no <type_traits>). */
 template <int CPL> struct PartialWord;

@@ -250,8 +250,12 @@ export class ForwardRunner {
     const N = plan.totalTokens;
     const perTile = Math.max(1, Math.floor(64 / G)); // positions per tile: their G heads fill 64 MMA rows
     index.build(outputs.blockIndices, perTile);
-    programs.fsa('attend').launch({
-      grid: [index.itemUpperBound(perTile), 1, 1],
+    // Persistent: as many CTAs as fit at once (each takes a contiguous run of the tiles the device counted).
+    const persistent = programs.tuning.fsaPersistent === true;
+    const resident = this.ctx.device.smCount * (programs.tuning.fsaMinBlocks ?? 2);
+    const tiles = index.itemUpperBound(perTile);
+    programs.fsa(persistent ? 'attend_persistent' : 'attend').launch({
+      grid: [persistent ? Math.min(tiles, resident) : tiles, 1, 1],
       block: [128, 1, 1],
       sharedBytes: programs.fsaSharedBytes(),
       args: [

@@ -48,6 +48,12 @@ export interface KernelTuning {
    */
   readonly fsaMinBlocks?: number | undefined;
   /**
+   * The FSA-order attention as persistent CTAs (NSA_FSA_PERSISTENT=1; blocks of at most 64 keys): each takes a
+   * contiguous run of tiles, keeps the key's K/V block while the key lasts and gathers the next tile's query rows
+   * while this one computes. Experimental, default off.
+   */
+  readonly fsaPersistent?: boolean | undefined;
+  /**
    * Smallest ring of block scores per position in the block selection (NSA_SELECT_RING=128|256|512), for tuning:
    * a larger ring offers final blocks to the top-n lists in larger, rarer batches (select_blocks.cu).
    */
@@ -77,8 +83,9 @@ export function kernelTuning(
     fsaMinBlocks: /^[1-8]$/.test(env['NSA_FSA_MIN_BLOCKS'] ?? '')
       ? Number(env['NSA_FSA_MIN_BLOCKS'])
       : config.headDim === 128 && config.valueDim === 128
-        ? 4
+        ? (env['NSA_FSA_PERSISTENT'] === '1' ? 3 : 4) // the persistent form's loop state takes 168 registers
         : undefined,
+    fsaPersistent: env['NSA_FSA_PERSISTENT'] === '1' && config.selectBlock <= 64,
     selectRing: ['128', '256', '512'].includes(env['NSA_SELECT_RING'] ?? '') ? Number(env['NSA_SELECT_RING']) : undefined,
   };
 }
@@ -168,7 +175,7 @@ export class NsaPrograms {
     ]);
   }
 
-  fsa(fn: 'attend' | 'reduce'): Kernel {
+  fsa(fn: 'attend' | 'attend_persistent' | 'reduce'): Kernel {
     const minBlocks = this.tuning.fsaMinBlocks;
     return this.kernel('selected_attention_fsa.cu', `nsa_fsa_${fn}`, [
       ...this.selDefines(),
