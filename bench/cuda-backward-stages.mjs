@@ -1,6 +1,6 @@
 // Per-stage medians of the cuda backward (CUDA events), forward stages for comparison. Run after `npm run build`:
 //   node bench/cuda-backward-stages.mjs [--lengths 65536] [--groups 16,4] [--presets fla,paper]
-//     [--variants NSA_FSA_PERSISTENT=1,NSA_FA_BWD_WGS=2x2]   (environment variants, bench/env-variants.mjs)
+//     [--variants ,NSA_FSA_PERSISTENT=0,NSA_FA_BWD_WGS=2x2]   (environment variants, bench/env-variants.mjs)
 import { NSAConfig } from '../dist/index.js';
 import { createCudaBackend } from '../dist/backends/cuda/cuda-backend.js';
 import { applyVariant, parseVariants, variantLabel } from './env-variants.mjs';

@@ -16,7 +16,7 @@ function config(dk: number, dv: number): NSAConfig {
 }
 
 describe('kernelTuning', () => {
-  it('defaults to 8 flash warps with wgmma, 2 x 1 selected-attention warps x stages at 8 CTAs per SM, bulk copies on sm_90, 4 FSA CTAs per SM', () => {
+  it('defaults to 8 flash warps with wgmma, 2 x 1 selected-attention warps x stages at 8 CTAs per SM, bulk copies on sm_90, persistent FSA CTAs at 3 per SM', () => {
     expect(kernelTuning(config(128, 128), {}, [9, 0])).toEqual({
       faWarps: 8,
       faWgmma: true,
@@ -25,20 +25,20 @@ describe('kernelTuning', () => {
       slcMinBlocks: 8,
       slcBulk: true,
       slcDqParts: 'bf16',
-      fsaMinBlocks: 4,
-      fsaPersistent: false,
+      fsaMinBlocks: 3,
+      fsaPersistent: true,
       selectRing: undefined,
     });
   });
 
-  it('runs the FSA attention as persistent CTAs (3 per SM at dk = dv = 128) only with NSA_FSA_PERSISTENT=1 and blocks of <= 64 keys', () => {
-    const on = kernelTuning(config(128, 128), { NSA_FSA_PERSISTENT: '1' }, [9, 0]);
-    expect([on.fsaPersistent, on.fsaMinBlocks]).toEqual([true, 3]);
+  it('runs the FSA attention as persistent CTAs (3 per SM at dk = dv = 128) for blocks of <= 64 keys unless NSA_FSA_PERSISTENT=0', () => {
+    const off = kernelTuning(config(128, 128), { NSA_FSA_PERSISTENT: '0' }, [9, 0]);
+    expect([off.fsaPersistent, off.fsaMinBlocks]).toEqual([false, 4]);
     const wide = new NSAConfig({ heads: 16, kvHeads: 4, headDim: 128, valueDim: 128, selectBlock: 128, compressBlock: 64, compressStride: 64 });
-    expect(kernelTuning(wide, { NSA_FSA_PERSISTENT: '1' }, [9, 0]).fsaPersistent).toBe(false);
+    expect([kernelTuning(wide, {}, [9, 0]).fsaPersistent, kernelTuning(wide, {}, [9, 0]).fsaMinBlocks]).toEqual([false, 4]);
   });
 
-  it('caps the FSA attention at 4 CTAs per SM for dk = dv = 128 only (shared memory allows 3 at dk = 192; dk = 64 needs no cap)', () => {
+  it('caps the FSA attention at 3 or 4 CTAs per SM for dk = dv = 128 only (shared memory allows 3 at dk = 192; dk = 64 needs no cap)', () => {
     expect(kernelTuning(config(192, 128), {}, [9, 0]).fsaMinBlocks).toBeUndefined();
     expect(kernelTuning(config(64, 64), {}, [9, 0]).fsaMinBlocks).toBeUndefined();
     expect(kernelTuning(config(64, 64), { NSA_FSA_MIN_BLOCKS: '2' }, [9, 0]).fsaMinBlocks).toBe(2);

@@ -136,6 +136,14 @@ describe.skipIf(fake === undefined)('CUDA runtime over a fake libcuda + libnvrtc
     y.dispose();
   });
 
+  it('asks the driver how many CTAs an SM holds, opting in to the shared memory first', () => {
+    expect(fill.residentBlocksPerSM(128, 0)).toBe(16);
+    // 100 KiB is above the default limit: without the opt-in the driver would count 0 CTAs.
+    expect(fill.residentBlocksPerSM(128, 100 * 1024)).toBe(2);
+    expect(fake?.maxDynamicShared('smoke_fill_bf16')).toBeGreaterThanOrEqual(100 * 1024);
+    expect(() => fill.residentBlocksPerSM(2048, 0)).toThrow(CudaError);
+  });
+
   it('turns out-of-memory into DeviceOutOfMemoryError, trims the pool to fit, and keeps working', () => {
     expect(() => ctx.alloc(2 ** 50, '1 PiB')).toThrow(DeviceOutOfMemoryError);
     ctx.alloc(MiB, 'after 1 PiB').dispose();

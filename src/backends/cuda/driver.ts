@@ -67,6 +67,7 @@ interface RawDriver {
   cuModuleUnload: Fn<[module: CUmodule]>;
   cuModuleGetFunction: Fn<[fn: Out, module: CUmodule, name: string]>;
   cuFuncSetAttribute: Fn<[fn: CUfunction, attrib: number, value: number]>;
+  cuOccupancyMaxActiveBlocksPerMultiprocessor: Fn<[blocks: Out, fn: CUfunction, blockSize: number, sharedBytes: number]>;
   cuLaunchKernel: Fn<[fn: CUfunction, ...dims: Dim6, shared: number, stream: CUstream, params: readonly Uint8Array[] | null, extra: null]>;
   cuStreamCreate: Fn<[stream: Out, flags: number]>;
   cuStreamDestroy_v2: Fn<[stream: CUstream]>;
@@ -133,6 +134,9 @@ function bind(lib: LibraryHandle): RawDriver {
     cuModuleUnload: f('CUresult cuModuleUnload(CUmodule hmod)'),
     cuModuleGetFunction: f('CUresult cuModuleGetFunction(_Out_ CUfunction *hfunc, CUmodule hmod, const char *name)'),
     cuFuncSetAttribute: f('CUresult cuFuncSetAttribute(CUfunction hfunc, int attrib, int value)'),
+    cuOccupancyMaxActiveBlocksPerMultiprocessor: f(
+      'CUresult cuOccupancyMaxActiveBlocksPerMultiprocessor(_Out_ int *numBlocks, CUfunction func, int blockSize, size_t dynamicSMemSize)',
+    ),
     // kernelParams: Koffi turns a JS array of Buffers into a C array of pointers to each Buffer's bytes, which is
     // exactly `void **kernelParams` (one pointer per kernel argument); the driver copies the values during the call.
     cuLaunchKernel: f(
@@ -312,6 +316,12 @@ export class CudaDriver {
     this.check('cuFuncSetAttribute', this.c.cuFuncSetAttribute(fn, attrib, value), kernel);
   }
 
+  /** How many CTAs of `fn` with this block size and dynamic shared memory one SM holds at once. */
+  occupancyBlocksPerSM(fn: CUfunction, blockSize: number, sharedBytes: number, kernel: string): number {
+    const call = 'cuOccupancyMaxActiveBlocksPerMultiprocessor';
+    return this.outInt(call, (o) => this.c.cuOccupancyMaxActiveBlocksPerMultiprocessor(o, fn, blockSize, sharedBytes), kernel);
+  }
+
   /** `params` holds one Buffer per kernel argument (see kernel-args.ts); null for a kernel without arguments. */
   launchKernel(fn: CUfunction, grid: Dim3, block: Dim3, sharedBytes: number, stream: CUstream, params: readonly Uint8Array[] | null, kernel: string): void {
     const result = this.c.cuLaunchKernel(fn, grid[0], grid[1], grid[2], block[0], block[1], block[2], sharedBytes, stream, params, null);
@@ -389,9 +399,9 @@ export class CudaDriver {
     return this.graphFns;
   }
 
-  private outInt(call: string, run: (out: Out) => number): number {
+  private outInt(call: string, run: (out: Out) => number, kernel?: string): number {
     const out: Out = [0];
-    this.check(call, run(out));
+    this.check(call, run(out), kernel);
     return outNumber(out);
   }
 

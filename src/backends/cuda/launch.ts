@@ -50,6 +50,7 @@ export const OPT_IN_ABOVE = 32 * 1024;
 
 export class Kernel {
   private sharedLimit = OPT_IN_ABOVE;
+  private readonly residentBlocks = new Map<string, number>();
 
   constructor(
     private readonly target: LaunchTarget,
@@ -68,6 +69,23 @@ export class Kernel {
     if (shared > this.sharedLimit) this.raiseSharedLimit(shared);
     const params = kernelParamPointers(packKernelArgs(config.args, this.name));
     this.target.driver.launchKernel(this.fn, config.grid, config.block, shared, this.target.stream, params, this.name);
+  }
+
+  /**
+   * How many CTAs of this kernel one SM holds at once with `blockSize` threads and `sharedBytes` of dynamic shared
+   * memory (the driver's occupancy calculator: registers, shared memory, __launch_bounds__): the grid of a
+   * persistent kernel.
+   */
+  residentBlocksPerSM(blockSize: number, sharedBytes: number): number {
+    const key = `${blockSize}:${sharedBytes}`;
+    let blocks = this.residentBlocks.get(key);
+    if (blocks === undefined) {
+      this.target.beforeLaunch(this.name);
+      if (sharedBytes > this.sharedLimit) this.raiseSharedLimit(sharedBytes);
+      blocks = this.target.driver.occupancyBlocksPerSM(this.fn, blockSize, sharedBytes, this.name);
+      this.residentBlocks.set(key, blocks);
+    }
+    return blocks;
   }
 
   private raiseSharedLimit(bytes: number): void {

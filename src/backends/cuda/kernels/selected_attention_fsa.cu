@@ -179,7 +179,7 @@ __device__ __forceinline__ FsaKey fsa_key(int key, const int *__restrict__ offse
 }
 
 /**
- * nsa_fsa_attend's tiles by persistent CTAs (the host's NSA_FSA_PERSISTENT=1; blocks of at most 64 keys): CTA c
+ * nsa_fsa_attend's tiles by persistent CTAs (the host's default for blocks of at most 64 keys): CTA c
  * takes tiles [c T / grid, (c + 1) T / grid) of the T tiles in order, so that consecutive tiles mostly share their
  * key. The key's K/V block stays in shared memory until the key changes, and each warp gathers its 16 query rows of
  * the next tile while this one computes: its A fragments are in registers once loaded, and thread t always fills

@@ -252,12 +252,14 @@ export class ForwardRunner {
     index.build(outputs.blockIndices, perTile);
     // Persistent: as many CTAs as fit at once (each takes a contiguous run of the tiles the device counted).
     const persistent = programs.tuning.fsaPersistent === true;
-    const resident = this.ctx.device.smCount * (programs.tuning.fsaMinBlocks ?? 2);
+    const attend = programs.fsa(persistent ? 'attend_persistent' : 'attend');
     const tiles = index.itemUpperBound(perTile);
-    programs.fsa(persistent ? 'attend_persistent' : 'attend').launch({
-      grid: [persistent ? Math.min(tiles, resident) : tiles, 1, 1],
+    const sharedBytes = programs.fsaSharedBytes();
+    const resident = persistent ? this.ctx.device.smCount * Math.max(1, attend.residentBlocksPerSM(128, sharedBytes)) : tiles;
+    attend.launch({
+      grid: [Math.min(tiles, resident), 1, 1],
       block: [128, 1, 1],
-      sharedBytes: programs.fsaSharedBytes(),
+      sharedBytes,
       args: [
         ptr(q),
         ptr(k),

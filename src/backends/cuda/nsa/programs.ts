@@ -48,9 +48,9 @@ export interface KernelTuning {
    */
   readonly fsaMinBlocks?: number | undefined;
   /**
-   * The FSA-order attention as persistent CTAs (NSA_FSA_PERSISTENT=1; blocks of at most 64 keys): each takes a
-   * contiguous run of tiles, keeps the key's K/V block while the key lasts and gathers the next tile's query rows
-   * while this one computes. Experimental, default off.
+   * The FSA-order attention as persistent CTAs (blocks of at most 64 keys; NSA_FSA_PERSISTENT=0 turns it off): each
+   * takes a contiguous run of tiles, keeps the key's K/V block while the key lasts and gathers the next tile's query
+   * rows while this one computes. Measured 8-12% faster than a CTA per tile at G = 4 (docs/performance.md).
    */
   readonly fsaPersistent?: boolean | undefined;
   /**
@@ -68,6 +68,7 @@ export function kernelTuning(
   const fa = env['NSA_FA_WARPS'] === '4' ? 4 : 8;
   // NSA_SLC_PIPELINE=WxS or WxSxB: W warps, S pipeline stages, B CTAs per SM.
   const match = /^([24])x([1-6])(?:x([1-8]))?$/.exec(env['NSA_SLC_PIPELINE'] ?? '');
+  const fsaPersistent = env['NSA_FSA_PERSISTENT'] !== '0' && config.selectBlock <= 64;
   const hopper = computeCapability[0] === 9; // wgmma is sm_90a's alone: neither Ampere nor Blackwell has it
   return {
     faWarps: fa,
@@ -83,9 +84,9 @@ export function kernelTuning(
     fsaMinBlocks: /^[1-8]$/.test(env['NSA_FSA_MIN_BLOCKS'] ?? '')
       ? Number(env['NSA_FSA_MIN_BLOCKS'])
       : config.headDim === 128 && config.valueDim === 128
-        ? (env['NSA_FSA_PERSISTENT'] === '1' ? 3 : 4) // the persistent form's loop state takes 168 registers
+        ? (fsaPersistent ? 3 : 4) // the persistent form's loop state takes 168 registers
         : undefined,
-    fsaPersistent: env['NSA_FSA_PERSISTENT'] === '1' && config.selectBlock <= 64,
+    fsaPersistent,
     selectRing: ['128', '256', '512'].includes(env['NSA_SELECT_RING'] ?? '') ? Number(env['NSA_SELECT_RING']) : undefined,
   };
 }
