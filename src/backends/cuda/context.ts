@@ -254,6 +254,13 @@ export class CudaContext implements LaunchTarget {
     return this.pool.stats();
   }
 
+  /** Device bytes an allocation can take: the driver's free memory and the blocks the pool keeps for reuse. */
+  availableBytes(): number {
+    this.assertLive();
+    this.activate();
+    return this.driver.memGetInfo().free + this.pool.stats().bytesCached;
+  }
+
   /** Frees the pool's cached blocks; returns the bytes freed. */
   trim(): number {
     this.assertLive();

@@ -124,7 +124,7 @@ export class BackwardRunner {
     );
     this.partial = this.keep(ctx.alloc(Math.max(1, partialFloats) * 4, 'backward partial sums'));
     const partialQBytes = N * Hq * programs.config.selectCount * Math.ceil(selectBlock / TILE) * dk * programs.selectedDqPartBytes;
-    this.selectedDq = selectedDqMode(partialQBytes, availableDeviceBytes(ctx));
+    this.selectedDq = selectedDqMode(partialQBytes, ctx.availableBytes());
     this.partialQ = this.selectedDq === 'fused' ? this.keep(ctx.alloc(Math.max(4, partialQBytes), 'selected dQ parts')) : undefined;
   }
 
@@ -284,11 +284,6 @@ export class BackwardRunner {
     this.buffers.push(b);
     return b;
   }
-}
-
-/** Device bytes an allocation can take: the driver's free memory and the blocks the pool keeps for reuse. */
-function availableDeviceBytes(ctx: CudaContext): number {
-  return ctx.driver.memGetInfo().free + ctx.memoryStats().bytesCached;
 }
 
 /** (sequence, start) pairs of tiles of `size` rows of each sequence under the offsets `cu`. */

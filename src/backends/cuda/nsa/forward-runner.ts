@@ -20,6 +20,25 @@ export type SelectedKernelChoice = 'auto' | 'group' | 'fsa';
 /** From this G on, 'auto' picks the group-centric selected attention (measured: docs/performance.md). */
 export const GROUP_CENTRIC_MIN_G = 16;
 
+/**
+ * The device bytes the FSA-order selected attention keeps: a half-precision partial output and an fp32 lse per
+ * (token, head, slot), and the inverse index's entries (8 bytes per (token, KV head, slot)).
+ */
+export function fsaScratchBytes(config: NSAConfig, totalTokens: number): number {
+  const { heads: Hq, kvHeads: H, valueDim: dv, selectCount: n } = config;
+  return totalTokens * n * (Hq * (dv * 2 + 4) + H * 8);
+}
+
+/**
+ * What 'auto' picks: the FSA order below GROUP_CENTRIC_MIN_G where its scratch leaves a quarter of the available
+ * device memory free, else the group-centric kernel (no scratch). At G = 4, Hq = 32, n = 16, dv = 128 the scratch
+ * is 131 KiB per token: a 256k-token batch (34 GB) takes the FSA order on an 80 GB GPU, a 512k-token one (69 GB)
+ * the group-centric kernel.
+ */
+export function autoSelectedKernel(groupSize: number, scratchBytes: number, availableBytes: number): 'group' | 'fsa' {
+  return groupSize < GROUP_CENTRIC_MIN_G && scratchBytes <= 0.75 * availableBytes ? 'fsa' : 'group';
+}
+
 export const FORWARD_STAGES = ['compress', 'cmp+win', 'select', 'selected'] as const;
 export type ForwardStage = (typeof FORWARD_STAGES)[number];
 
@@ -81,7 +100,8 @@ export class ForwardRunner {
   ) {
     const config = programs.config;
     this.plan = buildLayoutPlan(config, cuSeqlens, programs.queryTile, programs.positionsPerSelectTile());
-    this.selectedKernel = choice === 'auto' ? (config.groupSize >= GROUP_CENTRIC_MIN_G ? 'group' : 'fsa') : choice;
+    this.selectedKernel =
+      choice === 'auto' ? autoSelectedKernel(config.groupSize, fsaScratchBytes(config, this.plan.totalTokens), ctx.availableBytes()) : choice;
     const up = (a: Int32Array, what: string): DeviceBuffer => this.keep(ctx.upload(a, what));
     this.tables = {
       cuSeqlens: up(this.plan.cuSeqlens, 'cu_seqlens'),
