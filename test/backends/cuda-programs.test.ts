@@ -89,6 +89,29 @@ describe('the wgmma flash-attention switch', () => {
   }
 });
 
+describe("the cmp + win launch's stash of the cmp output", () => {
+  it('keeps the query tile of fp32 cmp outputs in shared memory where it fits beside the tiles (227 KB on Hopper)', () => {
+    for (const [dk, dv] of SUPPORTED_HEAD_DIMS) {
+      for (const faWgmma of [true, false]) {
+        for (const faWarps of [4, 8] as const) {
+          const tuning: KernelTuning = { ...kernelTuning(config(dk, dv), {}, [9, 0]), faWarps, faWgmma };
+          const programs = new NsaPrograms(fakeContext, config(dk, dv), 'bf16', tuning);
+          const tiles = programs.flashSharedBytes(0);
+          const stash = 4 * 16 * faWarps * dv;
+          const fits = tiles + stash <= 227 * 1024;
+          expect(programs.cmpStash, `dk ${dk} dv ${dv} wgmma ${faWgmma} warps ${faWarps}`).toBe(fits);
+          expect(programs.flashSharedBytes(3)).toBe(tiles + (fits ? stash : 0));
+          expect(programs.flashSharedBytes(3)).toBeLessThanOrEqual(227 * 1024);
+        }
+      }
+    }
+    const hopper128 = new NsaPrograms(fakeContext, config(128, 128), 'bf16', kernelTuning(config(128, 128), {}, [9, 0]));
+    expect(hopper128.cmpStash).toBe(true); // the default launch at dk = dv = 128: 225 KB
+    const hopper192 = new NsaPrograms(fakeContext, config(192, 128), 'bf16', kernelTuning(config(192, 128), {}, [9, 0]));
+    expect(hopper192.cmpStash).toBe(false);
+  });
+});
+
 describe('shared memory of the selected-attention kernels', () => {
   const tunings: KernelTuning[] = [];
   for (const slcWarps of [2, 4] as const) {

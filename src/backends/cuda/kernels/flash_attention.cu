@@ -4,6 +4,8 @@
 // nvcc-check: -DDK=128 -DDV=128 -DNSA_MODE=0 -DFA_WGMMA
 // nvcc-check: -DDK=64 -DDV=64 -DNSA_MODE=3 -DCMP_L=32 -DCMP_D=16 -DWINDOW=512 -DNSA_FP16 -DFA_WGMMA
 // nvcc-check: -DDK=192 -DDV=128 -DNSA_MODE=3 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512 -DFA_WGMMA -DFA_WARPS=4
+// nvcc-check: -DDK=128 -DDV=128 -DNSA_MODE=3 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512 -DFA_WGMMA -DCMP_STASH
+// nvcc-check: -DDK=64 -DDV=64 -DNSA_MODE=3 -DCMP_L=32 -DCMP_D=16 -DWINDOW=512 -DCMP_STASH
 //
 // FlashAttention-2 style tiles: a CTA takes 16 * FA_WARPS query rows of one query head (a warp per 16 rows; 128
 // rows by default, so each key tile fetched into shared memory serves twice the rows of 64) and streams key
@@ -14,7 +16,9 @@
 //   NSA_MODE 2  sliding window (win): keys (t - w, t]
 //   NSA_MODE 3  cmp then win in one CTA (the query tile stays on chip; the gated sum of both goes to `out`)
 // Each phase writes its lse (natural log) and, when asked, its ungated output, and adds gate * o into `out`
-// (fp32, [N, Hq, DV]); phase 0 of a launch overwrites `out` unless `accumulate` is set.
+// (fp32, [N, Hq, DV]); phase 0 of a launch overwrites `out` unless `accumulate` is set. With CMP_STASH (mode 3,
+// set by the host where shared memory allows) the cmp phase's gate * o waits in shared memory for the win phase,
+// which writes the sum once: `out` is written once per launch instead of written, read back and written again.
 // Sequences are packed: cu_seqlens gives token offsets, cu_cmp the compressed-token offsets; `tiles` lists
 // (sequence, first local row) per CTA, heaviest first.
 //
@@ -165,9 +169,22 @@ template <int PHASE> __device__ __forceinline__ void mask_scores(float s[BLOCK_N
   }
 }
 
+/**
+ * Where a phase's gated output goes besides `out`: with CMP_STASH the cmp phase puts gate * o into `stash` (fp32,
+ * BLOCK_M rows of DV, XOR-swizzled so that a warp's float2 stores hit distinct banks) instead of adding it to `out`,
+ * and the win phase adds it back before its one write. A thread reads back only what it wrote itself (both phases
+ * give a thread the same rows and columns), so no barrier is needed.
+ */
+enum StashUse { STASH_NONE = 0, STASH_PUT = 1, STASH_TAKE = 2 };
+
+__device__ __forceinline__ int stash_index(int row_in_tile, int col) {
+  return row_in_tile * DV + (col ^ ((row_in_tile & 3) << 3));
+}
+
 /** Epilogue: normalises this thread's two rows, writes their lse and (ungated) branch output, adds gate * o to out. */
 __device__ __forceinline__ void write_phase_output(const Pointers &p, const PhaseTile &t, const SoftmaxRows &st,
-                                                   const float o[DV / 8][4], int gate_index, bool overwrite, int hq, int Hq) {
+                                                   const float o[DV / 8][4], int gate_index, bool overwrite, int hq, int Hq,
+                                                   float *stash = nullptr, StashUse stash_use = STASH_NONE) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int h = 0; h < 2; h++) {
@@ -185,8 +202,18 @@ __device__ __forceinline__ void write_phase_output(const Pointers &p, const Phas
       const float x0 = o[n][2 * h] * inv;
       const float x1 = o[n][2 * h + 1] * inv;
       if (p.branch_out != nullptr) *reinterpret_cast<float2 *>(p.branch_out + row * DV + col) = make_float2(x0, x1);
+      float2 *kept = stash_use == STASH_NONE ? nullptr : reinterpret_cast<float2 *>(stash + stash_index(row_local - t.q0, col));
+      if (stash_use == STASH_PUT) {
+        *kept = make_float2(gate * x0, gate * x1); // the same value 0 + gate * x the write to out would hold
+        continue;
+      }
       float2 *dst = reinterpret_cast<float2 *>(p.out + row * DV + col);
       float2 acc = overwrite ? make_float2(0.f, 0.f) : *dst;
+      if (stash_use == STASH_TAKE) {
+        const float2 c = *kept;
+        acc.x += c.x;
+        acc.y += c.y;
+      }
       acc.x += gate * x0;
       acc.y += gate * x1;
       *dst = acc;
@@ -203,7 +230,8 @@ __device__ __forceinline__ void write_phase_output(const Pointers &p, const Phas
  */
 template <int PHASE>
 __device__ __forceinline__ void run_phase(const Pointers p, int gate_index, bool overwrite, const QOperand &qop, elem_t *ksmem,
-                                          elem_t *vsmem, const PhaseTile t, int hq, int Hq, int H, float scale_log2) {
+                                          elem_t *vsmem, const PhaseTile t, int hq, int Hq, int H, float scale_log2,
+                                          float *stash = nullptr, StashUse stash_use = STASH_NONE) {
   const elem_t *qrows = qop.tile;
   const int wg_row0 = (threadIdx.x / 128) * 64;
   float o[DV / 8][4];
@@ -285,7 +313,7 @@ __device__ __forceinline__ void run_phase(const Pointers p, int gate_index, bool
     wgmma_fence_operands<DV / 8>(o);
     __syncthreads(); // the last stages are read; the next phase may refill them
   }
-  write_phase_output(p, t, st, o, gate_index, overwrite, hq, Hq);
+  write_phase_output(p, t, st, o, gate_index, overwrite, hq, Hq, stash, stash_use);
 }
 #else
 /**
@@ -294,7 +322,8 @@ __device__ __forceinline__ void run_phase(const Pointers p, int gate_index, bool
  */
 template <int PHASE>
 __device__ __forceinline__ void run_phase(const Pointers p, int gate_index, bool overwrite, const QOperand &qop, elem_t *ksmem,
-                                          elem_t *vsmem, const PhaseTile t, int hq, int Hq, int H, float scale_log2) {
+                                          elem_t *vsmem, const PhaseTile t, int hq, int Hq, int H, float scale_log2,
+                                          float *stash = nullptr, StashUse stash_use = STASH_NONE) {
   const int lane = threadIdx.x % 32;
   float o[DV / 8][4];
   zero_frags<DV / 8>(o);
@@ -324,7 +353,7 @@ __device__ __forceinline__ void run_phase(const Pointers p, int gate_index, bool
     pv_mma<DV, BLOCK_N / 16>(o, s, vs, 0, lane);
     __syncthreads();
   }
-  write_phase_output(p, t, st, o, gate_index, overwrite, hq, Hq);
+  write_phase_output(p, t, st, o, gate_index, overwrite, hq, Hq, stash, stash_use);
 }
 #endif
 
@@ -343,6 +372,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
 #endif
   elem_t *ksmem = qsmem + BLOCK_M * DK;
   elem_t *vsmem = ksmem + 2 * BLOCK_N * DK;
+#if NSA_MODE == 3 && defined(CMP_STASH)
+  float *stash = reinterpret_cast<float *>(vsmem + 2 * BLOCK_N * DV); // BLOCK_M x DV: the cmp phase's gate * o
+  constexpr StashUse CMP_USE = STASH_PUT, WIN_USE = STASH_TAKE;
+  constexpr bool WIN_WRITES_FIRST = true; // out was not touched by the cmp phase
+#else
+  float *stash = nullptr;
+  constexpr StashUse CMP_USE = STASH_NONE, WIN_USE = STASH_NONE;
+  constexpr bool WIN_WRITES_FIRST = NSA_MODE == 2;
+#endif
 
   const int2 tile = tiles[blockIdx.x];
   const int seq = tile.x;
@@ -373,12 +411,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
 #if NSA_MODE == 1 || NSA_MODE == 3
   Pointers pc{q, kc, vc, gate, out, out_cmp, lse_cmp};
   run_phase<PHASE_CMP>(pc, 0, !accumulate, qfrag, ksmem, vsmem, phase_tile<PHASE_CMP>(q0, seq_start, c_start, seq_len, tc, kvh), hq,
-                       Hq, H, scale_log2);
+                       Hq, H, scale_log2, stash, CMP_USE);
 #endif
 #if NSA_MODE == 2 || NSA_MODE == 3
   Pointers pw{q, k, v, gate, out, out_win, lse_win};
-  run_phase<PHASE_WIN>(pw, 2, NSA_MODE == 2 && !accumulate, qfrag, ksmem, vsmem,
-                       phase_tile<PHASE_WIN>(q0, seq_start, seq_start, seq_len, tc, kvh), hq, Hq, H, scale_log2);
+  run_phase<PHASE_WIN>(pw, 2, WIN_WRITES_FIRST && !accumulate, qfrag, ksmem, vsmem,
+                       phase_tile<PHASE_WIN>(q0, seq_start, seq_start, seq_len, tc, kvh), hq, Hq, H, scale_log2, stash, WIN_USE);
 #endif
 #endif
 }

@@ -181,7 +181,7 @@ export class ForwardRunner {
     if (stage === 'cmp+win') programs.flash(3).launch({
       grid: [plan.queryTiles.length / 2, Hq, 1],
       block: [2 * programs.queryTile, 1, 1],
-      sharedBytes: programs.flashSharedBytes(),
+      sharedBytes: programs.flashSharedBytes(3),
       args: [
         ptr(inputs.q),
         ptr(inputs.kWin ?? inputs.k),

@@ -146,9 +146,19 @@ export class NsaPrograms {
         `-DFA_WARPS=${this.tuning.faWarps}`,
         ...(this.tuning.faWgmma ? ['-DFA_WGMMA'] : []),
         ...(mode === 0 ? [] : [...this.cmpDefines(), `-DWINDOW=${this.config.window}`]),
+        ...(mode === 3 && this.cmpStash ? ['-DCMP_STASH'] : []),
       ],
       this.tuning.faWgmma,
     );
+  }
+
+  /**
+   * Whether the cmp + win launch keeps the cmp phase's gated output in shared memory for the win phase (one write of
+   * `out` instead of a write, a read and a write): where the query tile's fp32 rows fit beside the tiles, e.g.
+   * dk = dv = 128 on Hopper (225 of 227 KB) but not dk = 192.
+   */
+  get cmpStash(): boolean {
+    return this.flashTileBytes() + this.cmpStashBytes() <= this.ctx.maxSharedBytesOptin;
   }
 
   get selectBlocks(): Kernel {
@@ -310,11 +320,20 @@ export class NsaPrograms {
   }
 
   /** Dynamic shared memory of each kernel (bytes). */
-  flashSharedBytes(): number {
+  /** The flash kernel's dynamic shared memory for `mode` (0 dense, 3 cmp then win; see flash()). */
+  flashSharedBytes(mode: 0 | 3 = 0): number {
+    return this.flashTileBytes() + (mode === 3 && this.cmpStash ? this.cmpStashBytes() : 0);
+  }
+
+  private flashTileBytes(): number {
     const { headDim: dk, valueDim: dv } = this.config;
     // wgmma: key tiles of 128, and 1 KB of slack to align the tiles for the 128-byte swizzle.
     const [keyTile, slack] = this.tuning.faWgmma ? [128, 1024] : [64, 0];
     return 2 * (this.queryTile * dk + 2 * keyTile * dk + 2 * keyTile * dv) + slack;
+  }
+
+  private cmpStashBytes(): number {
+    return 4 * this.queryTile * this.config.valueDim;
   }
 
   /**
