@@ -27,8 +27,14 @@ describe('kernelTuning', () => {
       slcDqParts: 'bf16',
       fsaMinBlocks: 3,
       fsaPersistent: true,
+      cmpWinDqFused: true,
       selectRing: undefined,
     });
+  });
+
+  it('runs the cmp and win dQ as one launch unless NSA_FA_BWD_DQ_FUSED=0', () => {
+    expect(kernelTuning(config(128, 128), { NSA_FA_BWD_DQ_FUSED: '0' }, [9, 0]).cmpWinDqFused).toBe(false);
+    expect(kernelTuning(config(192, 128), { NSA_FA_BWD_DQ_FUSED: '1' }, [8, 0]).cmpWinDqFused).toBe(true);
   });
 
   it('runs the FSA attention as persistent CTAs (3 per SM at dk = dv = 128) for blocks of <= 64 keys unless NSA_FSA_PERSISTENT=0', () => {

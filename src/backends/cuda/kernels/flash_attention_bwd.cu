@@ -6,6 +6,8 @@
 // nvcc-check: -DDK=64 -DDV=64 -DNSA_MODE=1 -DCMP_L=32 -DCMP_D=16 -DWINDOW=512 -DNSA_FP16 -DFA_WGMMA -DFB_DQ_WG=2
 // nvcc-check: -DDK=128 -DDV=64 -DNSA_MODE=2 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512 -DFA_WGMMA -DFB_DKDV_WG=2
 // nvcc-check: -DDK=192 -DDV=128 -DNSA_MODE=2 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512 -DFA_WGMMA -DFB_DKDV_WG=2
+// nvcc-check: -DDK=128 -DDV=128 -DNSA_MODE=3 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512 -DFA_WGMMA
+// nvcc-check: -DDK=192 -DDV=128 -DNSA_MODE=3 -DCMP_L=32 -DCMP_D=16 -DWINDOW=512 -DNSA_FP16
 //
 // Backward of the flash-attention branches (FlashAttention-2's algorithm, split in two kernels so that no
 // gradient is summed with atomics and every run gives the same bits):
@@ -16,6 +18,8 @@
 //                          in registers, written once
 //   nsa_flash_bwd_dq       a CTA owns 64 query rows of one head (64 per warpgroup with wgmma) and walks their key
 //                          tiles of 64: dQ += dS K * scale
+//   nsa_flash_bwd_dq_cmp_win  (NSA_MODE 3) the same for the cmp keys, then the window's, into one accumulator:
+//                          Q and dO are read once and dq written once for both branches
 // with P = exp(s - lse) from the forward's lse and dS = P * (g_b * dO V^T - delta_b). NSA_MODE picks the key
 // set as in flash_attention.cu: 0 dense causal (the baseline, gate 1), 1 compressed (cmp), 2 sliding window (win).
 // Outputs are fp32 and added (+=) into the gradient buffers when `accumulate` is set; each row is owned by one
@@ -82,25 +86,22 @@ __device__ __forceinline__ int cmp_visible(int t, int tc) {
 }
 
 /** Whether query row t (local) sees key `key` (a local token, or a compressed index in mode 1). */
-__device__ __forceinline__ bool visible(int t, int key, int tc) {
-#if NSA_MODE == 1
-  return key < cmp_visible(t, tc);
-#elif NSA_MODE == 2
-  return key <= t && key > t - WINDOW;
-#else
+template <int MODE> __device__ __forceinline__ bool visible_in(int t, int key, int tc) {
+  if (MODE == 1) return key < cmp_visible(t, tc);
+  if (MODE == 2) return key <= t && key > t - WINDOW;
   return key <= t;
-#endif
 }
 
 /** Whether every row of [t_first, t_last] sees every key of [key_first, key_last] (the tile needs no mask). */
-__device__ __forceinline__ bool all_visible(int t_first, int t_last, int key_first, int key_last, int tc) {
-#if NSA_MODE == 1
-  return key_last < cmp_visible(t_first, tc);
-#elif NSA_MODE == 2
-  return key_last <= t_first && key_first > t_last - WINDOW;
-#else
+template <int MODE> __device__ __forceinline__ bool all_visible_in(int t_first, int t_last, int key_first, int key_last, int tc) {
+  if (MODE == 1) return key_last < cmp_visible(t_first, tc);
+  if (MODE == 2) return key_last <= t_first && key_first > t_last - WINDOW;
   return key_last <= t_first;
-#endif
+}
+
+__device__ __forceinline__ bool visible(int t, int key, int tc) { return visible_in<NSA_MODE>(t, key, tc); }
+__device__ __forceinline__ bool all_visible(int t_first, int t_last, int key_first, int key_last, int tc) {
+  return all_visible_in<NSA_MODE>(t_first, t_last, key_first, key_last, tc);
 }
 
 /** The first local query row that can see key `key`, and one past the last. */
@@ -192,6 +193,7 @@ extern "C" __global__ void nsa_bwd_preprocess(const elem_t *__restrict__ dout, c
   }
 }
 
+#if NSA_MODE != 3
 /**
  * dK, dV of DKDV_KEYS keys (a warp per 16) of KV head blockIdx.y. q [N, Hq, DK], dout [N, Hq, DV], lse/gate/delta
  * per (row, head); keys k/v are [rows, H, D] with local key i at row key_base + i (compressed rows in mode 1).
@@ -400,6 +402,8 @@ extern "C" __global__ void __launch_bounds__(DKDV_THREADS)
   }
 }
 
+#endif
+
 /** target[i] += sum over splits s (in order) of partial[s * n + i]. */
 extern "C" __global__ void nsa_bwd_reduce_splits(const float *__restrict__ partial, float *__restrict__ target, i64 n, int splits) {
   for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
@@ -409,65 +413,78 @@ extern "C" __global__ void nsa_bwd_reduce_splits(const float *__restrict__ parti
   }
 }
 
-/** dQ of DQ_ROWS query rows (a warp per 16) of query head blockIdx.y over the branch's keys; adds into dq (fp32). */
-extern "C" __global__ void __launch_bounds__(DQ_THREADS)
-    nsa_flash_bwd_dq(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
-                     const elem_t *__restrict__ dout, const float *__restrict__ lse, const float *__restrict__ gate,
-                     const float *__restrict__ delta, float *__restrict__ dq, const int *__restrict__ cu_seqlens,
-                     const int *__restrict__ cu_keys, const int2 *__restrict__ tiles, int Hq, int H, int branch,
-                     float scale_log2, float scale, int accumulate) {
-  extern __shared__ __align__(128) unsigned char smem_raw[];
-  elem_t *qsmem = smem_tiles(smem_raw);     // DQ_ROWS x DK
-  elem_t *dosmem = qsmem + DQ_ROWS * DK;    // DQ_ROWS x DV
-  elem_t *ksmem = dosmem + DQ_ROWS * DV;    // 2 x TILE x DK
-  elem_t *vsmem = ksmem + 2 * TILE * DK;    // 2 x TILE x DV
+/** What a dQ phase reads of its branch: keys and values, the forward's lse, the gate column, the key offsets. */
+struct DqBranch {
+  const elem_t *k;
+  const elem_t *v;
+  const float *lse;
+  int branch;   // column of gate and delta: 0 cmp, 1 slc, 2 win
+  int key_base; // the sequence's first key row (tokens, or compressed tokens in mode 1)
+  int nkeys;
+};
 
-  const int2 tile = tiles[blockIdx.x];
-  const int seq = tile.x;
-  const int q0 = tile.y;
-  const int hq = blockIdx.y;
-  const int G = Hq / H;
-  const int h = hq / G;
-  const int seq_start = cu_seqlens[seq];
-  const int seq_len = cu_seqlens[seq + 1] - seq_start;
-  const int key_base = cu_keys[seq];
-  const int nkeys = cu_keys[seq + 1] - key_base;
+/** The dQ CTA's query tile: DQ_ROWS rows of query head hq, Q and dO staged in shared memory. */
+struct DqTile {
+  int q0;
+  int q1;
+  int seq_start;
+  int seq_len;
+  int hq;
+  int h;
+};
+
+/** The keys [first, end) of a branch that a dQ tile's rows may see, in `ntiles` tiles of TILE. */
+struct DqKeys {
+  int first;
+  int end;
+  int ntiles;
+};
+
+template <int MODE> __device__ __forceinline__ DqKeys dq_keys(const DqTile &t, int nkeys) {
+  const int first = MODE == 2 ? max(0, t.q0 - WINDOW + 1) : 0;
+  const int end = MODE == 1 ? cmp_visible(t.q1 - 1, nkeys) : t.q1;
+  return {first, end, end > first ? (end - first + TILE - 1) / TILE : 0};
+}
+
+/** Starts the copy of key tile `it` of a branch into stage `stage` (committed). */
+__device__ __forceinline__ void dq_issue(const DqBranch &b, const DqKeys &keys, const DqTile &t, int it, int stage, elem_t *ksmem,
+                                         elem_t *vsmem, int H) {
+  const int kt = keys.first + it * TILE;
+  const i64 krow0 = (i64)(b.key_base + kt) * H + t.h;
+  copy_rows<TILE, DK, WalkKTile, DQ_THREADS>(ksmem + stage * TILE * DK, b.k + krow0 * DK, (i64)H * DK, keys.end - kt);
+  copy_rows<TILE, DV, WalkVTile, DQ_THREADS>(vsmem + stage * TILE * DV, b.v + krow0 * DV, (i64)H * DV, keys.end - kt);
+  cp_async_commit();
+}
+
+/**
+ * dq_acc += dS K over the keys of one branch (MODE 1 cmp, 2 win, 0 dense) for this CTA's rows, walking key tiles of
+ * TILE through two shared stages, tile it in stage (stage0 + it) & 1. Q and dO are in qsmem/dosmem (their copies
+ * may still be in flight: the first iteration waits for them). With `first_issued` the caller started tile 0
+ * already; `next` (if any) starts the next phase's first tile during this one's last iteration, in the stage this
+ * one does not read then, so that the next phase starts without waiting for memory.
+ */
+template <int MODE, typename Next>
+__device__ __forceinline__ void dq_phase(float dq_acc[DK / 8][4], const DqBranch b, const DqKeys keys, const DqTile &t,
+                                         const float *__restrict__ gate, const float *__restrict__ delta, const elem_t *qsmem,
+                                         const elem_t *dosmem, elem_t *ksmem, elem_t *vsmem, int Hq, int H, float scale_log2,
+                                         int stage0, bool first_issued, Next next) {
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const int q1 = min(q0 + DQ_ROWS, seq_len);
+  const int seq_len = t.seq_len;
+  const int nkeys = b.nkeys;
+  const int kfirst = keys.first;
+  const int kend = keys.end;
+  const int ntiles = keys.ntiles;
+  auto issue = [&](int it) { dq_issue(b, keys, t, it, (stage0 + it) & 1, ksmem, vsmem, H); };
+  if (ntiles > 0 && !first_issued) issue(0);
 
-  const i64 qrow0 = (i64)(seq_start + q0) * Hq + hq;
-  copy_rows<DQ_ROWS, DK, DqQTile, DQ_THREADS>(qsmem, q + qrow0 * DK, (i64)Hq * DK, seq_len - q0);
-  copy_rows<DQ_ROWS, DV, DqDoTile, DQ_THREADS>(dosmem, dout + qrow0 * DV, (i64)Hq * DV, seq_len - q0);
-  cp_async_commit();
-
-  // Keys the tile's rows may see.
-#if NSA_MODE == 1
-  const int kfirst = 0;
-  const int kend = cmp_visible(q1 - 1, nkeys);
-#elif NSA_MODE == 2
-  const int kfirst = max(0, q0 - WINDOW + 1);
-  const int kend = q1;
-#else
-  const int kfirst = 0;
-  const int kend = q1;
-#endif
-  const int ntiles = kend > kfirst ? (kend - kfirst + TILE - 1) / TILE : 0;
-  auto issue = [&](int it) {
-    const int kt = kfirst + it * TILE;
-    const i64 krow0 = (i64)(key_base + kt) * H + h;
-    copy_rows<TILE, DK, WalkKTile, DQ_THREADS>(ksmem + (it & 1) * TILE * DK, k + krow0 * DK, (i64)H * DK, kend - kt);
-    copy_rows<TILE, DV, WalkVTile, DQ_THREADS>(vsmem + (it & 1) * TILE * DV, v + krow0 * DV, (i64)H * DV, kend - kt);
-    cp_async_commit();
-  };
-  if (ntiles > 0) issue(0);
-
-  const int t_w = q0 + warp * 16; // this warp's 16 rows
+  const int t_w = t.q0 + warp * 16; // this warp's 16 rows
   const int t_lo = t_w + lane / 4;
   const int t_hi = t_lo + 8;
-  auto row_of = [&](int t) { return (i64)(seq_start + t) * Hq + hq; };
-  const float lse_lo = t_lo < seq_len ? lse[row_of(t_lo)] * NSA_LOG2E : NSA_NEG_INF;
-  const float lse_hi = t_hi < seq_len ? lse[row_of(t_hi)] * NSA_LOG2E : NSA_NEG_INF;
+  auto row_of = [&](int r) { return (i64)(t.seq_start + r) * Hq + t.hq; };
+  const int branch = b.branch;
+  const float lse_lo = t_lo < seq_len ? b.lse[row_of(t_lo)] * NSA_LOG2E : NSA_NEG_INF;
+  const float lse_hi = t_hi < seq_len ? b.lse[row_of(t_hi)] * NSA_LOG2E : NSA_NEG_INF;
   const float g_lo = t_lo < seq_len ? (gate == nullptr ? 1.f : gate[row_of(t_lo) * 3 + branch]) : 0.f;
   const float g_hi = t_hi < seq_len ? (gate == nullptr ? 1.f : gate[row_of(t_hi) * 3 + branch]) : 0.f;
   const float d_lo = t_lo < seq_len ? delta[row_of(t_lo) * 3 + branch] : 0.f;
@@ -475,7 +492,7 @@ extern "C" __global__ void __launch_bounds__(DQ_THREADS)
   // P = 2^(S scale_log2 - lse) in place, for this warp's 16 rows x key tile kt (zero where a row does not see a key,
   // or past the end).
   auto probabilities = [&](float s[TILE / 8][4], int kt) {
-    const bool full = t_w + 15 < seq_len && kt + TILE <= kend && all_visible(t_w, t_w + 15, kt, kt + TILE - 1, nkeys);
+    const bool full = t_w + 15 < seq_len && kt + TILE <= kend && all_visible_in<MODE>(t_w, t_w + 15, kt, kt + TILE - 1, nkeys);
 #pragma unroll
     for (int n = 0; n < TILE / 8; n++) {
 #pragma unroll
@@ -485,8 +502,8 @@ extern "C" __global__ void __launch_bounds__(DQ_THREADS)
         float p = fast_exp2(fmaf(s[n][e], scale_log2, -l2));
         if (!full) {
           const int key = kt + n * 8 + (lane % 4) * 2 + (e & 1);
-          const int t = hi ? t_hi : t_lo;
-          if (!(t < seq_len && key < kend && l2 != NSA_NEG_INF && visible(t, key, nkeys))) p = 0.f;
+          const int r = hi ? t_hi : t_lo;
+          if (!(r < seq_len && key < kend && l2 != NSA_NEG_INF && visible_in<MODE>(r, key, nkeys))) p = 0.f;
         }
         s[n][e] = p;
       }
@@ -504,20 +521,19 @@ extern "C" __global__ void __launch_bounds__(DQ_THREADS)
     }
   };
 
-  float dq_acc[DK / 8][4];
-  zero_frags<DK / 8>(dq_acc);
 #if FB_USE_WGMMA
   const int wg_row0 = (threadIdx.x / 128) * 64; // this warpgroup's rows in the tile
   // Iteration it: key tile it landed; every warp finished the previous iteration's MMAs (each waits for its wgmma
   // before the barrier), so the other stage refills while this one is multiplied.
   for (int it = 0; it < ntiles; it++) {
     const int kt = kfirst + it * TILE;
-    const elem_t *ks = ksmem + (it & 1) * TILE * DK;
-    const elem_t *vs = vsmem + (it & 1) * TILE * DV;
+    const elem_t *ks = ksmem + ((stage0 + it) & 1) * TILE * DK;
+    const elem_t *vs = vsmem + ((stage0 + it) & 1) * TILE * DV;
     cp_async_wait<0>();
     fence_proxy_async_shared(); // cp.async writes, before wgmma reads them through the async proxy
     __syncthreads();
     if (it + 1 < ntiles) issue(it + 1);
+    else next((stage0 + it + 1) & 1);
     float s[TILE / 8][4];
     float dp[TILE / 8][4];
     wgmma_s_and_dp<DQ_ROWS>(s, dp, qsmem, ks, dosmem, vs, wg_row0); // S done; dP may still run
@@ -539,13 +555,13 @@ extern "C" __global__ void __launch_bounds__(DQ_THREADS)
   u32 qfrag[DK / 16][4];
   for (int it = 0; it < ntiles; it++) {
     if (it + 1 < ntiles) issue(it + 1);
-    else cp_async_commit();
+    else if (!next((stage0 + it + 1) & 1)) cp_async_commit(); // one group either way: wait<1> leaves it in flight
     cp_async_wait<1>();
     __syncthreads();
     if (it == 0) load_a_fragments<DK>(qfrag, qsmem, warp * 16, lane);
     const int kt = kfirst + it * TILE;
-    const elem_t *ks = ksmem + (it & 1) * TILE * DK;
-    const elem_t *vs = vsmem + (it & 1) * TILE * DV;
+    const elem_t *ks = ksmem + ((stage0 + it) & 1) * TILE * DK;
+    const elem_t *vs = vsmem + ((stage0 + it) & 1) * TILE * DV;
     float s[TILE / 8][4];
     zero_frags<TILE / 8>(s);
     qk_mma<DK, TILE / 16>(s, qfrag, ks, 0, lane);
@@ -558,12 +574,33 @@ extern "C" __global__ void __launch_bounds__(DQ_THREADS)
     __syncthreads();
   }
 #endif
+}
 
+/** The dQ CTA's prologue: its tile, and the copies of its Q and dO rows into shared memory (committed, in flight). */
+__device__ __forceinline__ DqTile dq_begin(const elem_t *__restrict__ q, const elem_t *__restrict__ dout, const int *__restrict__ cu_seqlens,
+                                           const int2 *__restrict__ tiles, int Hq, int H, elem_t *qsmem, elem_t *dosmem) {
+  const int2 tile = tiles[blockIdx.x];
+  const int seq_start = cu_seqlens[tile.x];
+  const int seq_len = cu_seqlens[tile.x + 1] - seq_start;
+  const int hq = blockIdx.y;
+  const DqTile t{tile.y, min(tile.y + DQ_ROWS, seq_len), seq_start, seq_len, hq, hq / (Hq / H)};
+  const i64 qrow0 = (i64)(seq_start + t.q0) * Hq + hq;
+  copy_rows<DQ_ROWS, DK, DqQTile, DQ_THREADS>(qsmem, q + qrow0 * DK, (i64)Hq * DK, seq_len - t.q0);
+  copy_rows<DQ_ROWS, DV, DqDoTile, DQ_THREADS>(dosmem, dout + qrow0 * DV, (i64)Hq * DV, seq_len - t.q0);
+  cp_async_commit();
+  return t;
+}
+
+/** dq (fp32) = (accumulate ? dq : 0) + dq_acc * scale for this thread's two rows. */
+__device__ __forceinline__ void dq_write(float *__restrict__ dq, const float dq_acc[DK / 8][4], const DqTile &t, int Hq, float scale,
+                                         int accumulate) {
+  const int lane = threadIdx.x % 32;
+  const int t_lo = t.q0 + (int)(threadIdx.x / 32) * 16 + lane / 4;
 #pragma unroll
   for (int hh = 0; hh < 2; hh++) {
-    const int t = hh == 0 ? t_lo : t_hi;
-    if (t >= seq_len) continue;
-    const i64 row = row_of(t);
+    const int r = t_lo + 8 * hh;
+    if (r >= t.seq_len) continue;
+    const i64 row = (i64)(t.seq_start + r) * Hq + t.hq;
 #pragma unroll
     for (int n = 0; n < DK / 8; n++) {
       const int col = n * 8 + (lane % 4) * 2;
@@ -575,3 +612,64 @@ extern "C" __global__ void __launch_bounds__(DQ_THREADS)
     }
   }
 }
+
+#if NSA_MODE != 3
+/** dQ of DQ_ROWS query rows (a warp per 16) of query head blockIdx.y over the branch's keys; adds into dq (fp32). */
+extern "C" __global__ void __launch_bounds__(DQ_THREADS)
+    nsa_flash_bwd_dq(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
+                     const elem_t *__restrict__ dout, const float *__restrict__ lse, const float *__restrict__ gate,
+                     const float *__restrict__ delta, float *__restrict__ dq, const int *__restrict__ cu_seqlens,
+                     const int *__restrict__ cu_keys, const int2 *__restrict__ tiles, int Hq, int H, int branch,
+                     float scale_log2, float scale, int accumulate) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  elem_t *qsmem = smem_tiles(smem_raw);     // DQ_ROWS x DK
+  elem_t *dosmem = qsmem + DQ_ROWS * DK;    // DQ_ROWS x DV
+  elem_t *ksmem = dosmem + DQ_ROWS * DV;    // 2 x TILE x DK
+  elem_t *vsmem = ksmem + 2 * TILE * DK;    // 2 x TILE x DV
+  const DqTile t = dq_begin(q, dout, cu_seqlens, tiles, Hq, H, qsmem, dosmem);
+  const int seq = tiles[blockIdx.x].x;
+  const DqBranch b{k, v, lse, branch, cu_keys[seq], cu_keys[seq + 1] - cu_keys[seq]};
+  float dq_acc[DK / 8][4];
+  zero_frags<DK / 8>(dq_acc);
+  dq_phase<NSA_MODE>(dq_acc, b, dq_keys<NSA_MODE>(t, b.nkeys), t, gate, delta, qsmem, dosmem, ksmem, vsmem, Hq, H, scale_log2, 0, false,
+                     [](int) { return false; });
+  dq_write(dq, dq_acc, t, Hq, scale, accumulate);
+}
+#else
+/**
+ * dQ of the cmp and win branches in one pass (NSA_MODE 3): the CTA's Q and dO rows are loaded once, both branches'
+ * dS K go into one accumulator, and dq is written once, instead of two launches each reading Q and dO and adding
+ * into dq. kc/vc are the compressed keys and values (rows under cu_cmp), k/v the window's (rows under cu_seqlens).
+ */
+extern "C" __global__ void __launch_bounds__(DQ_THREADS)
+    nsa_flash_bwd_dq_cmp_win(const elem_t *__restrict__ q, const elem_t *__restrict__ kc, const elem_t *__restrict__ vc,
+                             const elem_t *__restrict__ k, const elem_t *__restrict__ v, const elem_t *__restrict__ dout,
+                             const float *__restrict__ lse_cmp, const float *__restrict__ lse_win, const float *__restrict__ gate,
+                             const float *__restrict__ delta, float *__restrict__ dq, const int *__restrict__ cu_seqlens,
+                             const int *__restrict__ cu_cmp, const int2 *__restrict__ tiles, int Hq, int H, float scale_log2,
+                             float scale, int accumulate) {
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  elem_t *qsmem = smem_tiles(smem_raw);     // DQ_ROWS x DK
+  elem_t *dosmem = qsmem + DQ_ROWS * DK;    // DQ_ROWS x DV
+  elem_t *ksmem = dosmem + DQ_ROWS * DV;    // 2 x TILE x DK
+  elem_t *vsmem = ksmem + 2 * TILE * DK;    // 2 x TILE x DV
+  const DqTile t = dq_begin(q, dout, cu_seqlens, tiles, Hq, H, qsmem, dosmem);
+  const int seq = tiles[blockIdx.x].x;
+  float dq_acc[DK / 8][4];
+  zero_frags<DK / 8>(dq_acc);
+  const DqBranch cmp{kc, vc, lse_cmp, 0, cu_cmp[seq], cu_cmp[seq + 1] - cu_cmp[seq]};
+  const DqBranch win{k, v, lse_win, 2, t.seq_start, t.seq_len};
+  const DqKeys cmp_keys = dq_keys<1>(t, cmp.nkeys);
+  const DqKeys win_keys = dq_keys<2>(t, win.nkeys);
+  // The window's first tile loads during the cmp phase's last iteration, into the stage that iteration does not
+  // read (with no cmp keys, the window phase starts it itself); each iteration's barrier keeps the stages apart.
+  const int win_stage0 = cmp_keys.ntiles & 1;
+  dq_phase<1>(dq_acc, cmp, cmp_keys, t, gate, delta, qsmem, dosmem, ksmem, vsmem, Hq, H, scale_log2, 0, false, [&](int stage) {
+    if (win_keys.ntiles > 0) dq_issue(win, win_keys, t, 0, stage, ksmem, vsmem, H);
+    return win_keys.ntiles > 0;
+  });
+  dq_phase<2>(dq_acc, win, win_keys, t, gate, delta, qsmem, dosmem, ksmem, vsmem, Hq, H, scale_log2, win_stage0, cmp_keys.ntiles > 0,
+              [](int) { return false; });
+  dq_write(dq, dq_acc, t, Hq, scale, accumulate);
+}
+#endif

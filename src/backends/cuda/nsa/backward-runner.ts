@@ -39,6 +39,7 @@ export interface DeviceNsaGradients {
 
 export type BackwardStage =
   | 'preprocess'
+  | 'cmp+win dq'
   | 'cmp dq'
   | 'cmp dkdv'
   | 'win dq'
@@ -162,9 +163,24 @@ export class BackwardRunner {
       { name: 'cmp' as const, mode: 1 as const, branch: 0, k: kc, v: vc, lse: fwd.lseCmp, cuKeys: tables.cuCmp, keyTiles: this.cmpKeyTiles, nKeyTiles: this.counts.cmpKeyTiles, keyRows: plan.totalCompressed * H, dk: grads.dkc, dv: grads.dvc },
       { name: 'win' as const, mode: 2 as const, branch: 2, k: inputs.kWin ?? inputs.k, v: inputs.vWin ?? inputs.v, lse: fwd.lseWin, cuKeys: tables.cuSeqlens, keyTiles: this.keyTiles, nKeyTiles: this.counts.keyTiles, keyRows: N * H, dk: grads.dkWin ?? grads.dk, dv: grads.dvWin ?? grads.dv },
     ];
+    const dqFused = programs.tuning.cmpWinDqFused === true;
+    if (dqFused) {
+      const win = branches[1]!;
+      stages.push(['cmp+win dq', () =>
+        programs.flashBackward(3, 'dq_cmp_win').launch({
+          grid: [this.counts.queryTiles, Hq, 1],
+          block: [programs.flashBackwardThreads('dq', 3), 1, 1],
+          sharedBytes: programs.flashBackwardSharedBytes('dq', 3),
+          args: [
+            ptr(inputs.q), ptr(kc), ptr(vc), ptr(win.k), ptr(win.v), ptr(dOut), ptr(fwd.lseCmp), ptr(fwd.lseWin), ptr(inputs.gate),
+            ptr(this.delta), ptr(grads.dq), ptr(tables.cuSeqlens), ptr(tables.cuCmp), ptr(this.queryTiles), ...common,
+            { f32: scaleLog2 }, { f32: config.scale }, { i32: 1 },
+          ],
+        })]);
+    }
     for (const b of branches) {
       const tail = [...common, { i32: b.branch }, { f32: scaleLog2 }, { f32: config.scale }, { i32: 1 }];
-      stages.push([`${b.name} dq`, () =>
+      if (!dqFused) stages.push([`${b.name} dq`, () =>
         programs.flashBackward(b.mode, 'dq').launch({
           grid: [this.counts.queryTiles, Hq, 1],
           block: [programs.flashBackwardThreads('dq', b.mode), 1, 1],

@@ -54,6 +54,11 @@ export interface KernelTuning {
    */
   readonly fsaPersistent?: boolean | undefined;
   /**
+   * The cmp and win branches' dQ in one launch (nsa_flash_bwd_dq_cmp_win: Q and dO read once, dq written once),
+   * the default; NSA_FA_BWD_DQ_FUSED=0 runs one launch per branch.
+   */
+  readonly cmpWinDqFused?: boolean | undefined;
+  /**
    * Smallest ring of block scores per position in the block selection (NSA_SELECT_RING=128|256|512), for tuning:
    * a larger ring offers final blocks to the top-n lists in larger, rarer batches (select_blocks.cu).
    */
@@ -87,6 +92,7 @@ export function kernelTuning(
         ? (fsaPersistent ? 3 : 4) // the persistent form's loop state takes 168 registers
         : undefined,
     fsaPersistent,
+    cmpWinDqFused: env['NSA_FA_BWD_DQ_FUSED'] !== '0',
     selectRing: ['128', '256', '512'].includes(env['NSA_SELECT_RING'] ?? '') ? Number(env['NSA_SELECT_RING']) : undefined,
   };
 }
@@ -228,7 +234,8 @@ export class NsaPrograms {
   // Backward ------------------------------------------------------------------------------------------------
 
   /** Flash backward of mode 0 (dense), 1 (cmp) or 2 (win): preprocess, dq or dkdv. */
-  flashBackward(mode: 0 | 1 | 2, fn: 'preprocess' | 'dq' | 'dkdv' | 'reduce_splits'): Kernel {
+  /** Mode 3 (cmp then win) has the fused dQ alone: fn 'dq_cmp_win'. */
+  flashBackward(mode: 0 | 1 | 2 | 3, fn: 'preprocess' | 'dq' | 'dkdv' | 'reduce_splits' | 'dq_cmp_win'): Kernel {
     const name = fn === 'preprocess' || fn === 'reduce_splits' ? `nsa_bwd_${fn}` : `nsa_flash_bwd_${fn}`;
     const wg = this.flashBackwardWarpgroups(mode);
     return this.kernel(
@@ -249,10 +256,10 @@ export class NsaPrograms {
    * uses it (sm_90), unless NSA_FA_BWD_WGMMA=0. Two dK/dV warpgroups (128 keys) halve the query-row traffic; two dQ
    * warpgroups pay off over the dense baseline's long key walks, one over the cmp and win branches' short ones
    * (H100, docs/performance.md). NSA_FA_BWD_WGS=AxB sets A (dQ) and B (dK/dV) warpgroups, each 1 or 2, in every mode.
-   * Modes 1 and 2 always take the same shapes: the backward runner lists their tiles once.
+   * Modes 1, 2 and 3 always take the same shapes: the backward runner lists their tiles once.
    */
   flashBackwardWarpgroups(
-    mode: 0 | 1 | 2,
+    mode: 0 | 1 | 2 | 3,
     env: Readonly<Record<string, string | undefined>> = process.env,
   ): { dq: 1 | 2; dkdv: 1 | 2 } | undefined {
     if (!this.tuning.faWgmma || env['NSA_FA_BWD_WGMMA'] === '0') return undefined;
@@ -262,13 +269,13 @@ export class NsaPrograms {
   }
 
   /** Query rows (dq) or keys (dkdv) a flash-backward CTA of mode `mode` owns: the size of the tiles its launch lists. */
-  flashBackwardTile(fn: 'dq' | 'dkdv', mode: 0 | 1 | 2): number {
+  flashBackwardTile(fn: 'dq' | 'dkdv', mode: 0 | 1 | 2 | 3): number {
     const wg = this.flashBackwardWarpgroups(mode);
     return wg === undefined ? 64 : 64 * wg[fn];
   }
 
   /** Threads of a flash-backward CTA: a warp per 16 of its rows (dq) or keys (dkdv). */
-  flashBackwardThreads(fn: 'dq' | 'dkdv', mode: 0 | 1 | 2): number {
+  flashBackwardThreads(fn: 'dq' | 'dkdv', mode: 0 | 1 | 2 | 3): number {
     return 2 * this.flashBackwardTile(fn, mode);
   }
 
@@ -303,7 +310,7 @@ export class NsaPrograms {
    * its query/dO rows and two stages of 64 keys/values; wgmma adds 1 KB of slack to align the tiles for the
    * 128-byte swizzle.
    */
-  flashBackwardSharedBytes(fn: 'dq' | 'dkdv', mode: 0 | 1 | 2): number {
+  flashBackwardSharedBytes(fn: 'dq' | 'dkdv', mode: 0 | 1 | 2 | 3): number {
     const { headDim: dk, valueDim: dv } = this.config;
     const slack = this.flashBackwardWarpgroups(mode) === undefined ? 0 : 1024;
     return 2 * (this.flashBackwardTile(fn, mode) + 2 * 64) * (dk + dv) + slack;
@@ -319,7 +326,6 @@ export class NsaPrograms {
     return 2 * 16 * (dk + dv) + Math.max(2 * 64 * (dk + dv + 2 * pad), 4 * 4 * 16 * dk);
   }
 
-  /** Dynamic shared memory of each kernel (bytes). */
   /** The flash kernel's dynamic shared memory for `mode` (0 dense, 3 cmp then win; see flash()). */
   flashSharedBytes(mode: 0 | 3 = 0): number {
     return this.flashTileBytes() + (mode === 3 && this.cmpStash ? this.cmpStashBytes() : 0);
