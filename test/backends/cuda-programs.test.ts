@@ -199,14 +199,16 @@ describe('the flash backward kernels', () => {
     vi.unstubAllEnvs();
   });
 
-  it('take wgmma where the forward does (2 dK/dV warpgroups; 2 dQ warpgroups dense, 1 for cmp/win), NSA_FA_BWD_WGS=AxB, NSA_FA_BWD_WGMMA=0', () => {
+  it('take wgmma where the forward does (2 dK/dV warpgroups, 1 for win; 2 dQ warpgroups dense, 1 for cmp/win), NSA_FA_BWD_WGS=AxB, NSA_FA_BWD_WGMMA=0', () => {
     const hopper = new NsaPrograms(fakeContext, config(128, 128), 'bf16', kernelTuning(config(128, 128), {}, [9, 0]));
     expect(hopper.flashBackwardWarpgroups(0, {})).toEqual({ dq: 2, dkdv: 2 });
     expect(hopper.flashBackwardWarpgroups(1, {})).toEqual({ dq: 1, dkdv: 2 });
-    expect(hopper.flashBackwardWarpgroups(2, {})).toEqual({ dq: 1, dkdv: 2 });
+    expect(hopper.flashBackwardWarpgroups(2, {})).toEqual({ dq: 1, dkdv: 1 });
+    expect(hopper.flashBackwardWarpgroups(3, {})).toEqual({ dq: 1, dkdv: 2 });
     expect(hopper.flashBackwardWarpgroups(0, { NSA_FA_BWD_WGS: '1x1' })).toEqual({ dq: 1, dkdv: 1 });
     expect(hopper.flashBackwardWarpgroups(2, { NSA_FA_BWD_WGS: '2x1' })).toEqual({ dq: 2, dkdv: 1 });
-    expect(hopper.flashBackwardWarpgroups(2, { NSA_FA_BWD_WGS: '3x1' })).toEqual({ dq: 1, dkdv: 2 });
+    expect(hopper.flashBackwardWarpgroups(2, { NSA_FA_BWD_WGS: '3x1' })).toEqual({ dq: 1, dkdv: 1 });
+    expect(hopper.flashBackwardWarpgroups(2, { NSA_FA_BWD_WGS: '1x2' })).toEqual({ dq: 1, dkdv: 2 });
     expect(hopper.flashBackwardWarpgroups(0, { NSA_FA_BWD_WGMMA: '0', NSA_FA_BWD_WGS: '2x2' })).toBeUndefined();
     const ampere = new NsaPrograms(fakeContext, config(128, 128), 'bf16', kernelTuning(config(128, 128), {}, [8, 0]));
     expect(ampere.flashBackwardWarpgroups(0, { NSA_FA_BWD_WGS: '2x2' })).toBeUndefined();

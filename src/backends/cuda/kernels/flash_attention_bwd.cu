@@ -576,6 +576,21 @@ __device__ __forceinline__ void dq_phase(float dq_acc[DK / 8][4], const DqBranch
 #endif
 }
 
+/** A dQ CTA's shared tiles: its Q and dO rows, and two stages of the walked keys and values. */
+struct DqSmem {
+  elem_t *q;    // DQ_ROWS x DK
+  elem_t *dout; // DQ_ROWS x DV
+  elem_t *k;    // 2 x TILE x DK
+  elem_t *v;    // 2 x TILE x DV
+};
+
+__device__ __forceinline__ DqSmem dq_smem(unsigned char *raw) {
+  elem_t *q = smem_tiles(raw);
+  elem_t *dout = q + DQ_ROWS * DK;
+  elem_t *k = dout + DQ_ROWS * DV;
+  return {q, dout, k, k + 2 * TILE * DK};
+}
+
 /** The dQ CTA's prologue: its tile, and the copies of its Q and dO rows into shared memory (committed, in flight). */
 __device__ __forceinline__ DqTile dq_begin(const elem_t *__restrict__ q, const elem_t *__restrict__ dout, const int *__restrict__ cu_seqlens,
                                            const int2 *__restrict__ tiles, int Hq, int H, elem_t *qsmem, elem_t *dosmem) {
@@ -622,16 +637,13 @@ extern "C" __global__ void __launch_bounds__(DQ_THREADS)
                      const int *__restrict__ cu_keys, const int2 *__restrict__ tiles, int Hq, int H, int branch,
                      float scale_log2, float scale, int accumulate) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  elem_t *qsmem = smem_tiles(smem_raw);     // DQ_ROWS x DK
-  elem_t *dosmem = qsmem + DQ_ROWS * DK;    // DQ_ROWS x DV
-  elem_t *ksmem = dosmem + DQ_ROWS * DV;    // 2 x TILE x DK
-  elem_t *vsmem = ksmem + 2 * TILE * DK;    // 2 x TILE x DV
-  const DqTile t = dq_begin(q, dout, cu_seqlens, tiles, Hq, H, qsmem, dosmem);
+  const DqSmem m = dq_smem(smem_raw);
+  const DqTile t = dq_begin(q, dout, cu_seqlens, tiles, Hq, H, m.q, m.dout);
   const int seq = tiles[blockIdx.x].x;
   const DqBranch b{k, v, lse, branch, cu_keys[seq], cu_keys[seq + 1] - cu_keys[seq]};
   float dq_acc[DK / 8][4];
   zero_frags<DK / 8>(dq_acc);
-  dq_phase<NSA_MODE>(dq_acc, b, dq_keys<NSA_MODE>(t, b.nkeys), t, gate, delta, qsmem, dosmem, ksmem, vsmem, Hq, H, scale_log2, 0, false,
+  dq_phase<NSA_MODE>(dq_acc, b, dq_keys<NSA_MODE>(t, b.nkeys), t, gate, delta, m.q, m.dout, m.k, m.v, Hq, H, scale_log2, 0, false,
                      [](int) { return false; });
   dq_write(dq, dq_acc, t, Hq, scale, accumulate);
 }
@@ -649,11 +661,8 @@ extern "C" __global__ void __launch_bounds__(DQ_THREADS)
                              const int *__restrict__ cu_cmp, const int2 *__restrict__ tiles, int Hq, int H, float scale_log2,
                              float scale, int accumulate) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  elem_t *qsmem = smem_tiles(smem_raw);     // DQ_ROWS x DK
-  elem_t *dosmem = qsmem + DQ_ROWS * DK;    // DQ_ROWS x DV
-  elem_t *ksmem = dosmem + DQ_ROWS * DV;    // 2 x TILE x DK
-  elem_t *vsmem = ksmem + 2 * TILE * DK;    // 2 x TILE x DV
-  const DqTile t = dq_begin(q, dout, cu_seqlens, tiles, Hq, H, qsmem, dosmem);
+  const DqSmem m = dq_smem(smem_raw);
+  const DqTile t = dq_begin(q, dout, cu_seqlens, tiles, Hq, H, m.q, m.dout);
   const int seq = tiles[blockIdx.x].x;
   float dq_acc[DK / 8][4];
   zero_frags<DK / 8>(dq_acc);
@@ -664,11 +673,11 @@ extern "C" __global__ void __launch_bounds__(DQ_THREADS)
   // The window's first tile loads during the cmp phase's last iteration, into the stage that iteration does not
   // read (with no cmp keys, the window phase starts it itself); each iteration's barrier keeps the stages apart.
   const int win_stage0 = cmp_keys.ntiles & 1;
-  dq_phase<1>(dq_acc, cmp, cmp_keys, t, gate, delta, qsmem, dosmem, ksmem, vsmem, Hq, H, scale_log2, 0, false, [&](int stage) {
-    if (win_keys.ntiles > 0) dq_issue(win, win_keys, t, 0, stage, ksmem, vsmem, H);
+  dq_phase<1>(dq_acc, cmp, cmp_keys, t, gate, delta, m.q, m.dout, m.k, m.v, Hq, H, scale_log2, 0, false, [&](int stage) {
+    if (win_keys.ntiles > 0) dq_issue(win, win_keys, t, 0, stage, m.k, m.v, H);
     return win_keys.ntiles > 0;
   });
-  dq_phase<2>(dq_acc, win, win_keys, t, gate, delta, qsmem, dosmem, ksmem, vsmem, Hq, H, scale_log2, win_stage0, cmp_keys.ntiles > 0,
+  dq_phase<2>(dq_acc, win, win_keys, t, gate, delta, m.q, m.dout, m.k, m.v, Hq, H, scale_log2, win_stage0, cmp_keys.ntiles > 0,
               [](int) { return false; });
   dq_write(dq, dq_acc, t, Hq, scale, accumulate);
 }

@@ -46,6 +46,33 @@ template <int COLS> __device__ __forceinline__ void load_row_pairs_async(elem_t 
 #else
 #define FSA_BOUNDS __launch_bounds__(THREADS)
 #endif
+/**
+ * Scales the scores of a tile of keys tile0 .. tile0 + nk - 1 (of BLOCK_N columns) to log2 units, and masks the keys
+ * a row may not see (after its token t, or past nk) and padding rows (t < 0) with -inf. Most tiles see the whole
+ * block (the tokens after it): then no mask at all.
+ */
+__device__ __forceinline__ void scale_and_mask(float s[BLOCK_N / 8][4], int tile0, int nk, int t_lo, int t_hi, float scale_log2, int lane) {
+  const int last = tile0 + BLOCK_N - 1;
+  const bool whole = nk == BLOCK_N && __all_sync(0xffffffff, (t_lo < 0 || t_lo >= last) && (t_hi < 0 || t_hi >= last));
+  if (whole) {
+#pragma unroll
+    for (int n = 0; n < BLOCK_N / 8; n++) {
+#pragma unroll
+      for (int e = 0; e < 4; e++) s[n][e] *= scale_log2;
+    }
+    return;
+  }
+#pragma unroll
+  for (int n = 0; n < BLOCK_N / 8; n++) {
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const int pos = tile0 + n * 8 + (lane % 4) * 2 + (e & 1);
+      const int t = e < 2 ? t_lo : t_hi;
+      s[n][e] = (t >= 0 && pos - tile0 < nk && pos <= t) ? s[n][e] * scale_log2 : NSA_NEG_INF;
+    }
+  }
+}
+
 extern "C" __global__ void FSA_BOUNDS
     nsa_fsa_attend(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
                    const int *__restrict__ offsets, const int *__restrict__ tile_offsets, const int2 *__restrict__ entries,
@@ -107,26 +134,7 @@ extern "C" __global__ void FSA_BOUNDS
     float s[BLOCK_N / 8][4];
     zero_frags<BLOCK_N / 8>(s);
     qk_mma<DK, BLOCK_N / 16>(s, qfrag, ksmem, 0, lane);
-    // Most tiles see the whole block (the tokens after it): no mask. Padding rows (t < 0) are not stored.
-    const int last = key0 + k0 + BLOCK_N - 1;
-    const bool whole = nk == BLOCK_N && __all_sync(0xffffffff, (t_lo < 0 || t_lo >= last) && (t_hi < 0 || t_hi >= last));
-    if (whole) {
-#pragma unroll
-      for (int n = 0; n < BLOCK_N / 8; n++) {
-#pragma unroll
-        for (int e = 0; e < 4; e++) s[n][e] *= scale_log2;
-      }
-    } else {
-#pragma unroll
-      for (int n = 0; n < BLOCK_N / 8; n++) {
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-          const int pos = key0 + k0 + n * 8 + (lane % 4) * 2 + (e & 1);
-          const int t = e < 2 ? t_lo : t_hi;
-          s[n][e] = (t >= 0 && pos - key0 - k0 < nk && pos <= t) ? s[n][e] * scale_log2 : NSA_NEG_INF;
-        }
-      }
-    }
+    scale_and_mask(s, key0 + k0, nk, t_lo, t_hi, scale_log2, lane);
     softmax_update<BLOCK_N / 8, DV>(st, s, o);
     pv_mma<DV, BLOCK_N / 16>(o, s, vsmem, 0, lane);
     __syncthreads();
@@ -261,25 +269,7 @@ extern "C" __global__ void FSA_BOUNDS
     float s[BLOCK_N / 8][4];
     zero_frags<BLOCK_N / 8>(s);
     qk_mma<DK, BLOCK_N / 16>(s, qfrag, ksmem, 0, lane);
-    const int last = f.key0 + BLOCK_N - 1;
-    const bool whole = f.nk == BLOCK_N && __all_sync(0xffffffff, (t_lo < 0 || t_lo >= last) && (t_hi < 0 || t_hi >= last));
-    if (whole) {
-#pragma unroll
-      for (int n = 0; n < BLOCK_N / 8; n++) {
-#pragma unroll
-        for (int e = 0; e < 4; e++) s[n][e] *= scale_log2;
-      }
-    } else {
-#pragma unroll
-      for (int n = 0; n < BLOCK_N / 8; n++) {
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-          const int pos = f.key0 + n * 8 + (lane % 4) * 2 + (e & 1);
-          const int t = e < 2 ? t_lo : t_hi;
-          s[n][e] = (t >= 0 && pos - f.key0 < f.nk && pos <= t) ? s[n][e] * scale_log2 : NSA_NEG_INF;
-        }
-      }
-    }
+    scale_and_mask(s, f.key0, f.nk, t_lo, t_hi, scale_log2, lane);
     softmax_update<BLOCK_N / 8, DV>(st, s, o);
     pv_mma<DV, BLOCK_N / 16>(o, s, vsmem, 0, lane);
 #pragma unroll

@@ -253,10 +253,12 @@ export class NsaPrograms {
   /**
    * Warpgroups per CTA of the flash backward's wgmma path in mode 0, 1 or 2 (dQ: 64 query rows each, dK/dV: 64 keys
    * each), or undefined where it runs mma.sync (a warp per 16 rows or keys, 64 per CTA). wgmma wherever the forward
-   * uses it (sm_90), unless NSA_FA_BWD_WGMMA=0. Two dK/dV warpgroups (128 keys) halve the query-row traffic; two dQ
-   * warpgroups pay off over the dense baseline's long key walks, one over the cmp and win branches' short ones
-   * (H100, docs/performance.md). NSA_FA_BWD_WGS=AxB sets A (dQ) and B (dK/dV) warpgroups, each 1 or 2, in every mode.
-   * Modes 1, 2 and 3 always take the same shapes: the backward runner lists their tiles once.
+   * uses it (sm_90), unless NSA_FA_BWD_WGMMA=0. Two dK/dV warpgroups (128 keys) halve the query-row traffic, which
+   * pays over the dense and compressed keys' long query walks; the window's keys (each seen by at most w + 127 rows)
+   * measured faster with one (two CTAs an SM). Two dQ warpgroups pay off over the dense baseline's long key walks,
+   * one over the cmp and win branches' short ones (H100, docs/performance.md). NSA_FA_BWD_WGS=AxB sets A (dQ) and
+   * B (dK/dV) warpgroups, each 1 or 2, in every mode. Modes 1, 2 and 3 take the same dQ shape: the backward runner
+   * lists their query tiles once (and the cmp and win key tiles each with its own mode's size).
    */
   flashBackwardWarpgroups(
     mode: 0 | 1 | 2 | 3,
@@ -265,7 +267,7 @@ export class NsaPrograms {
     if (!this.tuning.faWgmma || env['NSA_FA_BWD_WGMMA'] === '0') return undefined;
     const match = /^([12])x([12])$/.exec(env['NSA_FA_BWD_WGS'] ?? '');
     if (match) return { dq: Number(match[1]) as 1 | 2, dkdv: Number(match[2]) as 1 | 2 };
-    return { dq: mode === 0 ? 2 : 1, dkdv: 2 };
+    return { dq: mode === 0 ? 2 : 1, dkdv: mode === 2 ? 1 : 2 };
   }
 
   /** Query rows (dq) or keys (dkdv) a flash-backward CTA of mode `mode` owns: the size of the tiles its launch lists. */
