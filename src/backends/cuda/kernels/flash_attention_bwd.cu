@@ -195,7 +195,7 @@ extern "C" __global__ void nsa_bwd_preprocess(const elem_t *__restrict__ dout, c
 
 #if NSA_MODE != 3
 /**
- * dK, dV of DKDV_KEYS keys (a warp per 16) of KV head blockIdx.y. q [N, Hq, DK], dout [N, Hq, DV], lse/gate/delta
+ * dK, dV of DKDV_KEYS keys (a warp per 16) of one KV head. q [N, Hq, DK], dout [N, Hq, DV], lse/gate/delta
  * per (row, head); keys k/v are [rows, H, D] with local key i at row key_base + i (compressed rows in mode 1).
  */
 extern "C" __global__ void __launch_bounds__(DKDV_THREADS)
@@ -214,10 +214,26 @@ extern "C" __global__ void __launch_bounds__(DKDV_THREADS)
   elem_t *dobuf = qbuf + 2 * TILE * DK;      // 2 stages of TILE x DV
   __shared__ __align__(16) float row_lse[2][TILE], row_gate[2][TILE], row_delta[2][TILE];
 
-  const int2 tile = tiles[blockIdx.x];
+#if NSA_MODE == 2
+  // The window's key tiles all have about the same work, and neighbouring tiles of one head share most of their
+  // query rows: block order (tile fastest) keeps those reads close together in L2.
+  const int tile_index = blockIdx.x;
+  const int h = blockIdx.y;
+  const int split = blockIdx.z;
+#else
+  // The launch is (key tiles, KV heads, splits) and the tiles are listed heaviest first (earliest keys: the most
+  // query rows see them). CTAs start in block order, x fastest, so the CTA takes the tile from the slowest-varying
+  // part of its linear index: every head's and split's share of the heaviest tiles starts first and the light ones
+  // fill the tail (longest work first), where x-fastest order started some heavy CTAs last (cmp dK/dV at 64k:
+  // 5.06 -> 4.10 ms at G = 4, 10.76 -> 7.84 ms at G = 16, fla; H100).
+  const int linear = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  const int tile_index = linear / (gridDim.y * gridDim.z);
+  const int h = linear % gridDim.y;
+  const int split = (linear / gridDim.y) % gridDim.z;
+#endif
+  const int2 tile = tiles[tile_index];
   const int seq = tile.x;
   const int k0 = tile.y;
-  const int h = blockIdx.y;
   const int G = Hq / H;
   const int seq_start = cu_seqlens[seq];
   const int seq_len = cu_seqlens[seq + 1] - seq_start;
@@ -245,8 +261,8 @@ extern "C" __global__ void __launch_bounds__(DKDV_THREADS)
   const int nq = last_end > qstart ? (last_end - qstart + TILE - 1) / TILE : 0;
   const int iters = G * nq;
   const int per_split = (iters + gridDim.z - 1) / gridDim.z;
-  const int it_end = min(iters, (int)(blockIdx.z + 1) * per_split);
-  const int it_begin = blockIdx.z * per_split;
+  const int it_end = min(iters, (split + 1) * per_split);
+  const int it_begin = split * per_split;
   // Stage the query rows, dO rows and row terms of iteration `it` (head, query tile) into buffer `st`; the next
   // iteration's copies run while this one computes.
   auto issue = [&](int it, int st) {
@@ -372,8 +388,8 @@ extern "C" __global__ void __launch_bounds__(DKDV_THREADS)
   float *dv_dst = dv;
   bool add = accumulate;
   if (gridDim.z > 1) {
-    dk_dst = partial_k + blockIdx.z * key_rows * DK;
-    dv_dst = partial_v + blockIdx.z * key_rows * DV;
+    dk_dst = partial_k + split * key_rows * DK;
+    dv_dst = partial_v + split * key_rows * DV;
     add = false;
   }
 #pragma unroll
@@ -425,6 +441,7 @@ struct DqBranch {
 
 /** The dQ CTA's query tile: DQ_ROWS rows of query head hq, Q and dO staged in shared memory. */
 struct DqTile {
+  int seq;
   int q0;
   int q1;
   int seq_start;
@@ -595,10 +612,10 @@ __device__ __forceinline__ DqSmem dq_smem(unsigned char *raw) {
 __device__ __forceinline__ DqTile dq_begin(const elem_t *__restrict__ q, const elem_t *__restrict__ dout, const int *__restrict__ cu_seqlens,
                                            const int2 *__restrict__ tiles, int Hq, int H, elem_t *qsmem, elem_t *dosmem) {
   const int2 tile = tiles[blockIdx.x];
+  const int hq = blockIdx.y;
   const int seq_start = cu_seqlens[tile.x];
   const int seq_len = cu_seqlens[tile.x + 1] - seq_start;
-  const int hq = blockIdx.y;
-  const DqTile t{tile.y, min(tile.y + DQ_ROWS, seq_len), seq_start, seq_len, hq, hq / (Hq / H)};
+  const DqTile t{tile.x, tile.y, min(tile.y + DQ_ROWS, seq_len), seq_start, seq_len, hq, hq / (Hq / H)};
   const i64 qrow0 = (i64)(seq_start + t.q0) * Hq + hq;
   copy_rows<DQ_ROWS, DK, DqQTile, DQ_THREADS>(qsmem, q + qrow0 * DK, (i64)Hq * DK, seq_len - t.q0);
   copy_rows<DQ_ROWS, DV, DqDoTile, DQ_THREADS>(dosmem, dout + qrow0 * DV, (i64)Hq * DV, seq_len - t.q0);
@@ -639,7 +656,7 @@ extern "C" __global__ void __launch_bounds__(DQ_THREADS)
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const DqSmem m = dq_smem(smem_raw);
   const DqTile t = dq_begin(q, dout, cu_seqlens, tiles, Hq, H, m.q, m.dout);
-  const int seq = tiles[blockIdx.x].x;
+  const int seq = t.seq;
   const DqBranch b{k, v, lse, branch, cu_keys[seq], cu_keys[seq + 1] - cu_keys[seq]};
   float dq_acc[DK / 8][4];
   zero_frags<DK / 8>(dq_acc);
@@ -663,7 +680,7 @@ extern "C" __global__ void __launch_bounds__(DQ_THREADS)
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const DqSmem m = dq_smem(smem_raw);
   const DqTile t = dq_begin(q, dout, cu_seqlens, tiles, Hq, H, m.q, m.dout);
-  const int seq = tiles[blockIdx.x].x;
+  const int seq = t.seq;
   float dq_acc[DK / 8][4];
   zero_frags<DK / 8>(dq_acc);
   const DqBranch cmp{kc, vc, lse_cmp, 0, cu_cmp[seq], cu_cmp[seq + 1] - cu_cmp[seq]};
