@@ -234,7 +234,9 @@ export class NsaPrograms {
   // Backward ------------------------------------------------------------------------------------------------
 
   /** Flash backward of mode 0 (dense), 1 (cmp) or 2 (win): preprocess, dq or dkdv. */
-  /** Mode 3 (cmp then win) has the fused dQ alone: fn 'dq_cmp_win'. */
+  /** The flash backward's kernels of mode 0, 1 or 2; mode 3 (cmp then win) has the one-launch dQ alone. */
+  flashBackward(mode: 0 | 1 | 2, fn: 'preprocess' | 'dq' | 'dkdv' | 'reduce_splits'): Kernel;
+  flashBackward(mode: 3, fn: 'dq_cmp_win'): Kernel;
   flashBackward(mode: 0 | 1 | 2 | 3, fn: 'preprocess' | 'dq' | 'dkdv' | 'reduce_splits' | 'dq_cmp_win'): Kernel {
     const name = fn === 'preprocess' || fn === 'reduce_splits' ? `nsa_bwd_${fn}` : `nsa_flash_bwd_${fn}`;
     const wg = this.flashBackwardWarpgroups(mode);
