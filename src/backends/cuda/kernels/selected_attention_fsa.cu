@@ -73,6 +73,33 @@ __device__ __forceinline__ void scale_and_mask(float s[BLOCK_N / 8][4], int tile
   }
 }
 
+/**
+ * A tile's epilogue: for this thread's two rows (tile rows r_lo, r_hi; entries (token, slot) ent_lo, ent_hi) of KV
+ * head h, the lse and the normalised output of this key block into the (token, head, slot) partials. Padding rows
+ * (r >= rows) write nothing.
+ */
+__device__ __forceinline__ void write_partials(const SoftmaxRows &st, const float o[DV / 8][4], int r_lo, int r_hi, int2 ent_lo,
+                                               int2 ent_hi, int rows, int h, int Hq, elem_t *partial_o, float *partial_lse,
+                                               int lane) {
+  constexpr int G = GROUP;
+#pragma unroll
+  for (int hh = 0; hh < 2; hh++) {
+    float lse;
+    const float l = softmax_finish_row(st, hh, &lse);
+    const int r = hh == 0 ? r_lo : r_hi;
+    const int2 ent = hh == 0 ? ent_lo : ent_hi;
+    if (r >= rows) continue;
+    const i64 prow = ((i64)ent.x * Hq + h * G + r % G) * SEL_N + ent.y;
+    if (lane % 4 == 0) partial_lse[prow] = lse;
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+    for (int n = 0; n < DV / 8; n++) {
+      const int col = n * 8 + (lane % 4) * 2;
+      *reinterpret_cast<u32 *>(partial_o + prow * DV + col) = pack_elem2(o[n][2 * hh] * inv, o[n][2 * hh + 1] * inv);
+    }
+  }
+}
+
 extern "C" __global__ void FSA_BOUNDS
     nsa_fsa_attend(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
                    const int *__restrict__ offsets, const int *__restrict__ tile_offsets, const int2 *__restrict__ entries,
@@ -139,22 +166,7 @@ extern "C" __global__ void FSA_BOUNDS
     pv_mma<DV, BLOCK_N / 16>(o, s, vsmem, 0, lane);
     __syncthreads();
   }
-#pragma unroll
-  for (int hh = 0; hh < 2; hh++) {
-    float lse;
-    const float l = softmax_finish_row(st, hh, &lse);
-    const int r = hh == 0 ? r_lo : r_hi;
-    const int2 ent = hh == 0 ? ent_lo : ent_hi;
-    if (r >= rows) continue;
-    const i64 prow = ((i64)ent.x * Hq + h * G + r % G) * SEL_N + ent.y;
-    if (lane % 4 == 0) partial_lse[prow] = lse;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
-#pragma unroll
-    for (int n = 0; n < DV / 8; n++) {
-      const int col = n * 8 + (lane % 4) * 2;
-      *reinterpret_cast<u32 *>(partial_o + prow * DV + col) = pack_elem2(o[n][2 * hh] * inv, o[n][2 * hh + 1] * inv);
-    }
-  }
+  write_partials(st, o, r_lo, r_hi, ent_lo, ent_hi, rows, h, Hq, partial_o, partial_lse, lane);
 }
 
 #if SEL_L <= BLOCK_N
@@ -272,22 +284,7 @@ extern "C" __global__ void FSA_BOUNDS
     scale_and_mask(s, f.key0, f.nk, t_lo, t_hi, scale_log2, lane);
     softmax_update<BLOCK_N / 8, DV>(st, s, o);
     pv_mma<DV, BLOCK_N / 16>(o, s, vsmem, 0, lane);
-#pragma unroll
-    for (int hh = 0; hh < 2; hh++) {
-      float lse;
-      const float l = softmax_finish_row(st, hh, &lse);
-      const int r = hh == 0 ? r_lo : r_hi;
-      const int2 ent = hh == 0 ? ent_lo : ent_hi;
-      if (r >= rows) continue;
-      const i64 prow = ((i64)ent.x * Hq + f.h * G + r % G) * SEL_N + ent.y;
-      if (lane % 4 == 0) partial_lse[prow] = lse;
-      const float inv = l > 0.f ? 1.f / l : 0.f;
-#pragma unroll
-      for (int n = 0; n < DV / 8; n++) {
-        const int col = n * 8 + (lane % 4) * 2;
-        *reinterpret_cast<u32 *>(partial_o + prow * DV + col) = pack_elem2(o[n][2 * hh] * inv, o[n][2 * hh + 1] * inv);
-      }
-    }
+    write_partials(st, o, r_lo, r_hi, ent_lo, ent_hi, rows, f.h, Hq, partial_o, partial_lse, lane);
 
     if (!next_same_key && b + 1 < b_end) {
       // The next tile is the next key's (keys nobody chose have no tiles): a new block, loaded by every thread.
