@@ -11,6 +11,7 @@ import { bf16ToF32, f32Bits, f32ToBf16 } from '../../src/tensor/dtype.js';
 import { CudaContext } from '../../src/backends/cuda/context.js';
 import { cudaAvailability } from '../../src/backends/cuda/libraries.js';
 import type { Kernel } from '../../src/backends/cuda/launch.js';
+import { encodeTiledTensorMap } from '../../src/backends/cuda/tensor-map.js';
 import { buildFakeCuda } from './fake-cuda.js';
 
 const fake = buildFakeCuda();
@@ -142,6 +143,20 @@ describe.skipIf(fake === undefined)('CUDA runtime over a fake libcuda + libnvrtc
     expect(fill.residentBlocksPerSM(128, 100 * 1024)).toBe(2);
     expect(fake?.maxDynamicShared('smoke_fill_bf16')).toBeGreaterThanOrEqual(100 * 1024);
     expect(() => fill.residentBlocksPerSM(2048, 0)).toThrow(CudaError);
+  });
+
+  it('encodes a tiled tensor map through a 64-byte aligned host buffer, every argument crossing Koffi as C sees it', () => {
+    const x = ctx.alloc(1024 * 1024, 'tensor');
+    const map = encodeTiledTensorMap(ctx.driver, { ptr: x.ptr, dtype: 'bf16', dims: [192, 100, 3], strides: [384, 38400], box: [64, 64, 1], swizzle: '128B' }, 'q');
+    expect(map.length).toBe(128);
+    const words = new BigUint64Array(map.buffer, map.byteOffset, 16);
+    expect(words[0]).toBe(x.ptr);
+    // bf16 = 9, rank 3, swizzle 128B = 3, L2 promotion 128 B = 2, no interleave, zero fill
+    expect(words[1]).toBe(9n | (3n << 8n) | (3n << 16n) | (2n << 24n));
+    const dimBox = (dim: number, box: number): bigint => BigInt(dim) | (BigInt(box) << 40n) | (1n << 56n);
+    expect([words[2], words[3], words[4]]).toEqual([dimBox(192, 64), dimBox(100, 64), dimBox(3, 1)]);
+    expect([words[7], words[8]]).toEqual([384n, 38400n]);
+    x.dispose();
   });
 
   it('turns out-of-memory into DeviceOutOfMemoryError, trims the pool to fit, and keeps working', () => {

@@ -35,6 +35,16 @@ describe('packKernelArgs', () => {
     for (const [i, offset] of packed.offsets.entries()) expect(offset % (packed.sizes[i] ?? 1)).toBe(0);
   });
 
+  it('places a by-value struct (a 128-byte tensor map) at a 64-byte boundary, its bytes as given', () => {
+    const map = Uint8Array.from({ length: 128 }, (_, i) => i);
+    const packed = packKernelArgs([{ i32: 3 }, { bytes: map }, { ptr: 16n }, { bytes: Uint8Array.of(9, 8, 7, 6) }]);
+    expect(packed.sizes).toEqual([4, 128, 8, 4]);
+    expect(packed.offsets).toEqual([0, 64, 192, 200]);
+    expect([...packed.bytes.subarray(64, 192)]).toEqual([...map]);
+    expect([...packed.bytes.subarray(200, 204)]).toEqual([9, 8, 7, 6]);
+    expect(() => packKernelArgs([{ bytes: new Uint8Array(0) }], 'my_kernel')).toThrow(/argument 0 of kernel my_kernel \(bytes\)/);
+  });
+
   it('accepts numbers for 64-bit integers', () => {
     expect(packKernelArgs([{ i64: -3 }, { u64: 2 ** 40 }]).bytes.readBigInt64LE(0)).toBe(-3n);
   });

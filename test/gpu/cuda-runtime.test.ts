@@ -1,6 +1,6 @@
 // The CUDA runtime layer on a real GPU: NVRTC compile of kernels/smoke.cu and the cubin cache, launches over 10M
-// bf16 elements checked exactly, out-of-memory recovery, a bad launch reported with the kernel's name, dynamic
-// shared memory above 48 KiB, and CUDA-event timing. Skips, saying why, where no GPU, driver or NVRTC is present.
+// bf16 elements checked exactly, a TMA box copy (sm_90), out-of-memory recovery, a bad launch reported with the
+// kernel's name, dynamic shared memory above 48 KiB, and CUDA-event timing. Skips, saying why, where no GPU, driver or NVRTC is present.
 import { mkdtempSync, readFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -10,6 +10,8 @@ import { bf16ToF32, f32ToBf16 } from '../../src/tensor/dtype.js';
 import { CudaContext, type CudaModule } from '../../src/backends/cuda/context.js';
 import { cudaAvailability } from '../../src/backends/cuda/libraries.js';
 import type { DeviceBuffer } from '../../src/backends/cuda/memory.js';
+import { kernelSource } from '../../src/backends/cuda/nsa/kernel-source.js';
+import { encodeTiledTensorMap } from '../../src/backends/cuda/tensor-map.js';
 
 const availability = cudaAvailability();
 if (!availability.available) {
@@ -96,6 +98,33 @@ describe.skipIf(!availability.available)('CUDA runtime on a GPU', () => {
     expect(archModule.arch).toMatch(/^sm_\d+a$/);
     ctx.kernel(archModule, 'smoke_fill_bf16').launch({ grid: [1, 1, 1], block: [32, 1, 1], args: [{ ptr: scratch.ptr }, { f32: 1 }, { i32: 32 }] });
     ctx.synchronize();
+  });
+
+  it('copies a 64 x 64 box through a TMA tensor map (128-byte swizzle: the wgmma tile layout), zeros past the end', () => {
+    if (ctx.device.computeCapability[0] < 9) return; // TMA is sm_90's
+    const rows = 100;
+    const cols = 192;
+    const value = (r: number, c: number): number => (r * 7 + c * 3) % 251; // exact in bf16
+    const host = new Uint16Array(rows * cols);
+    for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) host[r * cols + c] = f32ToBf16(value(r, c));
+    const x = ctx.upload(host, 'tma source');
+    const out = ctx.alloc(64 * 64 * 2, 'tma box');
+    const map = encodeTiledTensorMap(ctx.driver, { ptr: x.ptr, dtype: 'bf16', dims: [cols, rows], strides: [cols * 2], box: [64, 64], swizzle: '128B' }, 'tma source');
+    const tma = ctx.module('tma_smoke', kernelSource('tma_smoke.cu'));
+    const [x0, y0] = [64, 40]; // rows 100 .. 103 of the box lie past the end
+    ctx.kernel(tma, 'tma_smoke_box').launch({ grid: [1, 1, 1], block: [128, 1, 1], args: [{ bytes: map }, { ptr: out.ptr }, { i32: x0 }, { i32: y0 }] });
+    const got = new Uint16Array(64 * 64);
+    ctx.download(out, got);
+    let wrong = 0;
+    for (let r = 0; r < 64; r++) {
+      for (let c = 0; c < 64; c++) {
+        const want = y0 + r < rows ? value(y0 + r, x0 + c) : 0;
+        if (bf16ToF32(got[r * 64 + c]!) !== want) wrong++;
+      }
+    }
+    expect(wrong).toBe(0);
+    x.dispose();
+    out.dispose();
   });
 
   it('turns out-of-memory into DeviceOutOfMemoryError and allocates afterwards', () => {

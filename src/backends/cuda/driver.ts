@@ -89,6 +89,35 @@ interface RawGraphs {
   cuGraphDestroy: Fn<[graph: CUgraph]>;
 }
 
+interface RawTensorMaps {
+  cuTensorMapEncodeTiled: Fn<
+    [
+      map: Uint8Array,
+      dtype: number,
+      rank: number,
+      address: DevicePtr,
+      dims: BigUint64Array,
+      strides: BigUint64Array,
+      box: Uint32Array,
+      elementStrides: Uint32Array,
+      interleave: number,
+      swizzle: number,
+      l2Promotion: number,
+      oobFill: number,
+    ]
+  >;
+}
+
+function bindTensorMaps(lib: LibraryHandle): RawTensorMaps {
+  return {
+    cuTensorMapEncodeTiled: lib.func(
+      'CUresult cuTensorMapEncodeTiled(void *tensorMap, int tensorDataType, uint32_t tensorRank, CUdeviceptr globalAddress, ' +
+        'const uint64_t *globalDim, const uint64_t *globalStrides, const uint32_t *boxDim, const uint32_t *elementStrides, ' +
+        'int interleave, int swizzle, int l2Promotion, int oobFill)',
+    ),
+  };
+}
+
 function bindGraphs(lib: LibraryHandle): RawGraphs {
   for (const handle of ['CUgraph', 'CUgraphExec']) opaqueHandle(handle);
   const f = (prototype: string) => lib.func(prototype);
@@ -173,6 +202,7 @@ function firstFunc(lib: LibraryHandle, prototypes: readonly string[]): ReturnTyp
 /** The typed driver: one method per call, each throwing CudaError (or DeviceOutOfMemoryError) on failure. */
 export class CudaDriver {
   private graphFns: RawGraphs | null | undefined;
+  private tensorMapFns: RawTensorMaps | null | undefined;
 
   private constructor(
     private readonly c: RawDriver,
@@ -320,6 +350,36 @@ export class CudaDriver {
   occupancyBlocksPerSM(fn: CUfunction, blockSize: number, sharedBytes: number, kernel: string): number {
     const call = 'cuOccupancyMaxActiveBlocksPerMultiprocessor';
     return this.outInt(call, (o) => this.c.cuOccupancyMaxActiveBlocksPerMultiprocessor(o, fn, blockSize, sharedBytes), kernel);
+  }
+
+  /**
+   * cuTensorMapEncodeTiled (CUDA 12+, for sm_90's TMA): writes the 128-byte tensor map into `map`, which must be 64-byte
+   * aligned in host memory (tensor-map.ts takes care of that). The enums are cuda.h's values.
+   */
+  tensorMapEncodeTiled(
+    map: Uint8Array,
+    dtype: number,
+    address: DevicePtr,
+    dims: BigUint64Array,
+    strides: BigUint64Array,
+    box: Uint32Array,
+    elementStrides: Uint32Array,
+    swizzle: number,
+    l2Promotion: number,
+    what: string,
+  ): void {
+    if (this.tensorMapFns === undefined) {
+      try {
+        this.tensorMapFns = bindTensorMaps(this.lib);
+      } catch {
+        this.tensorMapFns = null;
+      }
+    }
+    if (this.tensorMapFns === null) {
+      throw new BackendUnavailableError('cuda', `cuTensorMapEncodeTiled (${what}): ${this.path} does not export it (CUDA 12 or later does)`);
+    }
+    const result = this.tensorMapFns.cuTensorMapEncodeTiled(map, dtype, dims.length, address, dims, strides, box, elementStrides, 0, swizzle, l2Promotion, 0);
+    this.check('cuTensorMapEncodeTiled', result, what);
   }
 
   /** `params` holds one Buffer per kernel argument (see kernel-args.ts); null for a kernel without arguments. */

@@ -14,10 +14,12 @@ export type KernelArg =
   | { readonly i64: number | bigint }
   | { readonly u64: number | bigint }
   | { readonly f32: number }
-  | { readonly f64: number };
+  | { readonly f64: number }
+  /** A struct passed by value, as its bytes: e.g. a 128-byte CUtensorMap for a `const __grid_constant__` parameter. */
+  | { readonly bytes: Uint8Array };
 
 export interface PackedKernelArgs {
-  /** All argument values, little-endian, each at an offset that is a multiple of its size. */
+  /** All argument values, little-endian, each at an offset that is a multiple of its alignment (alignOf). */
   readonly bytes: Buffer;
   readonly offsets: readonly number[];
   readonly sizes: readonly number[];
@@ -27,11 +29,12 @@ export function packKernelArgs(args: readonly KernelArg[], kernel = 'kernel'): P
   const sizes = args.map(sizeOf);
   const offsets: number[] = [];
   let end = 0;
-  for (const size of sizes) {
-    const offset = Math.ceil(end / size) * size;
+  args.forEach((arg, i) => {
+    const align = alignOf(arg);
+    const offset = Math.ceil(end / align) * align;
     offsets.push(offset);
-    end = offset + size;
-  }
+    end = offset + (sizes[i] ?? 0);
+  });
   const bytes = Buffer.alloc(end);
   args.forEach((arg, i) => write(bytes, offsets[i] ?? 0, arg, `argument ${i} of kernel ${kernel}`));
   return { bytes, offsets, sizes };
@@ -50,11 +53,21 @@ const TWO_64 = 1n << 64n;
 const TWO_63 = 1n << 63n;
 
 function sizeOf(arg: KernelArg): number {
+  if ('bytes' in arg) return arg.bytes.length;
   return 'i32' in arg || 'u32' in arg || 'f32' in arg ? 4 : 8;
 }
 
+/** Scalars align to their size; a by-value struct to 64 bytes (a CUtensorMap's alignment) or, if shorter, 8. */
+function alignOf(arg: KernelArg): number {
+  if ('bytes' in arg) return arg.bytes.length >= 64 ? 64 : 8;
+  return sizeOf(arg);
+}
+
 function write(bytes: Buffer, offset: number, arg: KernelArg, what: string): void {
-  if ('ptr' in arg) bytes.writeBigUInt64LE(bigIntIn(arg.ptr, 0n, TWO_64, `${what} (pointer)`), offset);
+  if ('bytes' in arg) {
+    if (arg.bytes.length === 0) throw new InputValueError(`${what} (bytes): an empty struct`);
+    bytes.set(arg.bytes, offset);
+  } else if ('ptr' in arg) bytes.writeBigUInt64LE(bigIntIn(arg.ptr, 0n, TWO_64, `${what} (pointer)`), offset);
   else if ('i32' in arg) bytes.writeInt32LE(intIn(arg.i32, -(2 ** 31), 2 ** 31, `${what} (i32)`), offset);
   else if ('u32' in arg) bytes.writeUInt32LE(intIn(arg.u32, 0, 2 ** 32, `${what} (u32)`), offset);
   else if ('i64' in arg) bytes.writeBigInt64LE(bigIntIn(arg.i64, -TWO_63, TWO_63, `${what} (i64)`), offset);

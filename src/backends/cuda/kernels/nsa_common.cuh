@@ -148,6 +148,17 @@ __device__ __forceinline__ void bulk_copy_g2s(void *smem, const void *gmem, u32 
                "l"(gmem), "r"(bytes), "r"(smem_addr(bar))
                : "memory");
 }
+/**
+ * TMA: copies the box at element coordinates (x, y) (x innermost) of the 2-D tensor `map` describes (a
+ * `const __grid_constant__` kernel parameter, tensor-map.ts) into `smem`, laid out (and swizzled) as the map says,
+ * completing on `bar`; elements past the tensor's end arrive as zeros. One thread issues it.
+ */
+__device__ __forceinline__ void tma_load_2d(void *smem, const void *map, int x, int y, unsigned long long *bar) {
+  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(
+                   smem_addr(smem)),
+               "l"(map), "r"(x), "r"(y), "r"(smem_addr(bar))
+               : "memory");
+}
 /** bulk_copy_g2s under an L2 cache policy. */
 __device__ __forceinline__ void bulk_copy_g2s_hinted(void *smem, const void *gmem, u32 bytes, unsigned long long *bar,
                                                      unsigned long long policy) {
