@@ -28,8 +28,21 @@ describe('kernelTuning', () => {
       fsaMinBlocks: 3,
       fsaPersistent: true,
       cmpWinDqFused: true,
+      faBwdTma: { dq: true, dkdv: true },
+      faBwdStages: undefined,
       selectRing: undefined,
     });
+  });
+
+  it('takes the pipelined (TMA) flash backward on sm_90 unless NSA_FA_BWD_TMA=0, or for one walk with =dq / =dkdv; reads NSA_FA_BWD_STAGES', () => {
+    const tma = (env: Record<string, string>, cc = [9, 0]): KernelTuning['faBwdTma'] => kernelTuning(config(128, 128), env, cc).faBwdTma;
+    expect(tma({ NSA_FA_BWD_TMA: '1' })).toEqual({ dq: true, dkdv: true });
+    expect(tma({ NSA_FA_BWD_TMA: '0' })).toEqual({ dq: false, dkdv: false });
+    expect(tma({ NSA_FA_BWD_TMA: 'dq' })).toEqual({ dq: true, dkdv: false });
+    expect(tma({ NSA_FA_BWD_TMA: 'dkdv' })).toEqual({ dq: false, dkdv: true });
+    expect(tma({}, [8, 0])).toBeUndefined();
+    expect(kernelTuning(config(128, 128), { NSA_FA_BWD_STAGES: '4' }, [9, 0]).faBwdStages).toBe(4);
+    expect(kernelTuning(config(128, 128), { NSA_FA_BWD_STAGES: '5' }, [9, 0]).faBwdStages).toBeUndefined();
   });
 
   it('runs the cmp and win dQ as one launch unless NSA_FA_BWD_DQ_FUSED=0', () => {
@@ -223,20 +236,36 @@ describe('the flash backward kernels', () => {
           expect(mma.flashBackwardSharedBytes(fn, mode)).toBe(2 * 64 * 3 * (dk + dv));
         }
       }
-      const wgmma = new NsaPrograms(fakeContext, config(dk, dv), 'bf16', kernelTuning(config(dk, dv), {}, [9, 0]));
-      for (const [dqWg, dkdvWg] of [[1, 1], [2, 2], [2, 1], [1, 2]] as const) {
-        vi.stubEnv('NSA_FA_BWD_WGS', `${dqWg}x${dkdvWg}`);
-        for (const mode of [0, 1, 2] as const) {
-          for (const [fn, wg] of [['dq', dqWg], ['dkdv', dkdvWg]] as const) {
-            expect([wgmma.flashBackwardTile(fn, mode), wgmma.flashBackwardThreads(fn, mode)]).toEqual([64 * wg, 128 * wg]);
-            const bytes = wgmma.flashBackwardSharedBytes(fn, mode);
-            expect(bytes).toBe(2 * (64 * wg + 2 * 64) * (dk + dv) + 1024);
-            expect(bytes).toBeLessThanOrEqual(227 * 1024);
+      for (const tma of ['0', '1'] as const) {
+        const wgmma = new NsaPrograms(fakeContext, config(dk, dv), 'bf16', kernelTuning(config(dk, dv), { NSA_FA_BWD_TMA: tma }, [9, 0]));
+        for (const [dqWg, dkdvWg] of [[1, 1], [2, 2], [2, 1], [1, 2]] as const) {
+          vi.stubEnv('NSA_FA_BWD_WGS', `${dqWg}x${dkdvWg}`);
+          for (const mode of [0, 1, 2] as const) {
+            for (const [fn, wg] of [['dq', dqWg], ['dkdv', dkdvWg]] as const) {
+              expect([wgmma.flashBackwardTile(fn, mode), wgmma.flashBackwardThreads(fn, mode)]).toEqual([64 * wg, 128 * wg]);
+              // The pipelined kernels' ring: 3 stages with two warpgroups, 2 with one; dk = 192's dK/dV is not pipelined.
+              const pipelined = tma === '1' && !(fn === 'dkdv' && dk > 128);
+              expect(wgmma.flashBackwardStages(fn, mode)).toBe(pipelined ? (wg === 2 ? 3 : 2) : undefined);
+              const stages = pipelined && wg === 2 ? 3 : 2;
+              const bytes = wgmma.flashBackwardSharedBytes(fn, mode);
+              expect(bytes).toBe(2 * (64 * wg + stages * 64) * (dk + dv) + 1024);
+              expect(bytes).toBeLessThanOrEqual(227 * 1024 - 4096);
+            }
           }
         }
       }
     });
   }
+
+  it('never takes more pipeline stages than shared memory holds (NSA_FA_BWD_STAGES=4 at dk = 192, two warpgroups: 3)', () => {
+    const wide = new NsaPrograms(fakeContext, config(192, 128), 'bf16', kernelTuning(config(192, 128), { NSA_FA_BWD_STAGES: '4' }, [9, 0]));
+    vi.stubEnv('NSA_FA_BWD_WGS', '2x2');
+    expect(wide.flashBackwardStages('dq', 3)).toBe(3);
+    expect(wide.flashBackwardSharedBytes('dq', 3)).toBeLessThanOrEqual(227 * 1024 - 4096);
+    vi.stubEnv('NSA_FA_BWD_WGS', '1x1');
+    expect(wide.flashBackwardStages('dq', 1)).toBe(4);
+    expect(wide.flashBackwardStages('dkdv', 1)).toBeUndefined();
+  });
 });
 
 describe('selectedDqMode', () => {

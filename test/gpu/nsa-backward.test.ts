@@ -8,6 +8,7 @@ import { createCudaBackend, type CudaBackend } from '../../src/backends/cuda/cud
 import { nsaReferenceBackward } from '../../src/reference/nsa-backward.js';
 import { nsaReferenceForward } from '../../src/reference/nsa-forward.js';
 import { nsaForward } from '../../src/nsa/operator.js';
+import { validateNsaInputs } from '../../src/nsa/validate.js';
 import { randomInputs } from '../../src/nsa/random-inputs.js';
 import type { NsaGradients } from '../../src/nsa/types.js';
 import { Tensor } from '../../src/tensor/tensor.js';
@@ -76,6 +77,29 @@ if (!availability.available) {
       backend = (await createCudaBackend()) as CudaBackend;
     });
     afterAll(() => backend.dispose());
+
+    // Dense causal attention is the window branch with w >= T: with gates (0, 0, 1) the reference NSA backward's dq,
+    // dk and dv are dense attention's gradients.
+    const DENSE = [
+      { name: 'G = 4, D = 128, packed [333, 1, 366]', options: { heads: 8, kvHeads: 2, headDim: 128, valueDim: 128 }, seqlens: [333, 1, 366] },
+      { name: 'G = 1, D = 64, T = 257', options: { heads: 2, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [257] },
+    ];
+    for (const [i, c] of DENSE.entries()) {
+      it(`dense causal backward (the benchmark baseline), ${c.name}, against the float64 reference`, () => {
+        const config = new NSAConfig({ ...c.options, window: 1024 });
+        const cuSeqlens = [0];
+        for (const len of c.seqlens) cuSeqlens.push(cuSeqlens[cuSeqlens.length - 1]! + len);
+        const inputs = randomInputs({ config, cuSeqlens, dtype: 'bf16', seed: 40 + i });
+        const dO = Tensor.randn([...inputs.q.shape.slice(0, 3), config.valueDim], 'bf16', 60 + i);
+        const gpu = backend.denseAttentionBackward(validateNsaInputs(inputs, config), dO);
+        const ref = referenceInputs(inputs, cuSeqlens, config);
+        const windowOnly = { ...ref, g: ref.g.map((_, j) => (j % 3 === 2 ? 1 : 0)) };
+        const want = nsaReferenceBackward(config, windowOnly, nsaReferenceForward(config, windowOnly), dO.toFloat64());
+        expectRelativeRms(gpu.dq, want.dq, 'dense dq', TOL);
+        expectRelativeRms(gpu.dk, want.dk, 'dense dk', TOL);
+        expectRelativeRms(gpu.dv, want.dv, 'dense dv', TOL);
+      });
+    }
 
     for (const [i, c] of CASES.entries()) {
       it(c.name, async () => {

@@ -10,6 +10,7 @@ import type { FloatDType } from '../../tensor/dtype.js';
 import { Tensor } from '../../tensor/tensor.js';
 import type { Backend, BackendForwardResult, BenchmarkProblem, SavedForBackward, TimingOptions, TimingResult } from '../backend.js';
 import { CudaContext } from './context.js';
+import type { KernelArg } from './kernel-args.js';
 import type { DeviceBuffer } from './memory.js';
 import {
   FORWARD_STAGES,
@@ -159,10 +160,13 @@ export class CudaBackend implements Backend {
       const inputs = this.randomInputs(problem, dtype, scope);
       const dense = this.denseLauncher(problem.config, dtype, problem.cuSeqlens, inputs, scope);
       if (!options.backward) return this.timed(dense.run, options);
-      const backward = this.denseBackwardLauncher(problem, dtype, inputs, dense, scope);
+      const N = problem.cuSeqlens[problem.cuSeqlens.length - 1]!;
+      const dO = scope.alloc(this.ctx, N * problem.config.heads * problem.config.valueDim * 2, 'dense dO');
+      new DeviceRandom(this.ctx, dtype).normal(dO, N * problem.config.heads * problem.config.valueDim, problem.seed + 9);
+      const backward = this.denseBackwardLauncher(problem.config, problem.cuSeqlens, dtype, inputs, dense, dO, scope);
       return this.timed(() => {
         dense.run();
-        backward();
+        backward.run();
       }, options);
     } finally {
       scope.dispose();
@@ -183,6 +187,36 @@ export class CudaBackend implements Backend {
       this.ctx.download(dense.out, o);
       this.ctx.download(dense.lse, lse);
       return { o, lse };
+    } finally {
+      scope.dispose();
+    }
+  }
+
+  /**
+   * The gradients of denseAttention's o for the upstream gradient dOut [N, Hq, Dv] (dq [N, Hq, Dk], dk [N, H, Dk],
+   * dv [N, H, Dv], fp32), with this backend's flash backward kernels: the bench baseline's backward, for its tests.
+   */
+  denseAttentionBackward(request: NsaRequest, dOut: Tensor): { dq: Float32Array; dk: Float32Array; dv: Float32Array } {
+    const dtype: HalfDType = request.inputs.q.dtype === 'f16' ? 'f16' : 'bf16';
+    const scope = new BufferScope();
+    try {
+      const inputs = this.uploadInputs(request, dtype, scope);
+      const { config, cuSeqlens } = request;
+      const N = cuSeqlens[cuSeqlens.length - 1]!;
+      const dense = this.denseLauncher(config, dtype, cuSeqlens, inputs, scope);
+      const dO = scope.add(this.ctx.upload(dOut.cast(dtype).data, 'dense dO'));
+      const backward = this.denseBackwardLauncher(config, cuSeqlens, dtype, inputs, dense, dO, scope);
+      dense.run();
+      backward.run();
+      const grads = {
+        dq: new Float32Array(N * config.heads * config.headDim),
+        dk: new Float32Array(N * config.kvHeads * config.headDim),
+        dv: new Float32Array(N * config.kvHeads * config.valueDim),
+      };
+      this.ctx.download(backward.dq, grads.dq);
+      this.ctx.download(backward.dk, grads.dk);
+      this.ctx.download(backward.dv, grads.dv);
+      return grads;
     } finally {
       scope.dispose();
     }
@@ -278,18 +312,17 @@ export class CudaBackend implements Backend {
 
   /** dO of the dense kernel's output, then its backward (the baseline of fwd+bwd timings). */
   private denseBackwardLauncher(
-    problem: BenchmarkProblem,
+    config: NSAConfig,
+    cuSeqlens: readonly number[],
     dtype: HalfDType,
     inputs: DeviceNsaInputs,
     dense: { out: DeviceBuffer; lse: DeviceBuffer },
+    dO: DeviceBuffer,
     scope: BufferScope,
-  ): () => void {
-    const { config, cuSeqlens } = problem;
+  ): { run: () => void; dq: DeviceBuffer; dk: DeviceBuffer; dv: DeviceBuffer } {
     const programs = this.programsFor(config, dtype);
     const N = cuSeqlens[cuSeqlens.length - 1]!;
     const { heads: Hq, kvHeads: H, headDim: dk, valueDim: dv } = config;
-    const dO = scope.alloc(this.ctx, N * Hq * dv * 2, 'dense dO');
-    new DeviceRandom(this.ctx, dtype).normal(dO, N * Hq * dv, problem.seed + 9);
     const delta = scope.alloc(this.ctx, N * Hq * 3 * 4, 'dense delta');
     const dq = scope.alloc(this.ctx, N * Hq * dk * 4, 'dense dq');
     const dkBuf = scope.alloc(this.ctx, N * H * dk * 4, 'dense dk');
@@ -302,7 +335,11 @@ export class CudaBackend implements Backend {
     const none = { ptr: 0n };
     const p = (b: DeviceBuffer): { ptr: bigint } => ({ ptr: b.ptr });
     const tail = [{ i32: Hq }, { i32: H }, { i32: 0 }, { f32: config.scale * Math.LOG2E }, { f32: config.scale }, { i32: 0 }];
-    return () => {
+    // The pipelined (`_tma`) launches take tensor maps of what they walk after their other arguments.
+    const qMaps = (): KernelArg[] => programs.flashBackwardTensorMaps('q', inputs.q.ptr, dO.ptr, N);
+    const dqMaps = programs.flashBackwardStages('dq', 0) === undefined ? [] : [...qMaps(), ...programs.flashBackwardTensorMaps('kv', inputs.k.ptr, inputs.v.ptr, N)];
+    const dkdvMaps = programs.flashBackwardStages('dkdv', 0) === undefined ? [] : qMaps();
+    const run = (): void => {
       programs.flashBackward(0, 'preprocess').launch({
         grid: [Math.ceil((N * Hq) / 4), 1, 1],
         block: [128, 1, 1],
@@ -312,15 +349,16 @@ export class CudaBackend implements Backend {
         grid: [queryTiles.length / 2, Hq, 1],
         block: [programs.flashBackwardThreads('dq', 0), 1, 1],
         sharedBytes: programs.flashBackwardSharedBytes('dq', 0),
-        args: [p(inputs.q), p(inputs.k), p(inputs.v), p(dO), p(dense.lse), none, p(delta), p(dq), p(cu), p(cu), p(qt), ...tail],
+        args: [p(inputs.q), p(inputs.k), p(inputs.v), p(dO), p(dense.lse), none, p(delta), p(dq), p(cu), p(cu), p(qt), ...tail, ...dqMaps],
       });
       programs.flashBackward(0, 'dkdv').launch({
         grid: [keyTiles.length / 2, H, 1],
         block: [programs.flashBackwardThreads('dkdv', 0), 1, 1],
         sharedBytes: programs.flashBackwardSharedBytes('dkdv', 0),
-        args: [p(inputs.q), p(inputs.k), p(inputs.v), p(dO), p(dense.lse), none, p(delta), p(dkBuf), p(dvBuf), p(cu), p(cu), p(kt), ...tail, none, none, { i64: N * H }],
+        args: [p(inputs.q), p(inputs.k), p(inputs.v), p(dO), p(dense.lse), none, p(delta), p(dkBuf), p(dvBuf), p(cu), p(cu), p(kt), ...tail, none, none, { i64: N * H }, ...dkdvMaps],
       });
     };
+    return { run, dq, dk: dkBuf, dv: dvBuf };
   }
 
   private allocateGradients(config: NSAConfig, runner: ForwardRunner, inputs: DeviceNsaInputs, scope: BufferScope): DeviceNsaGradients {

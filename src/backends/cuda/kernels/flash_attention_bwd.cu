@@ -3,7 +3,7 @@
 // nvcc-check: -DDK=192 -DDV=128 -DNSA_MODE=2 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512
 // nvcc-check: -DDK=128 -DDV=128 -DNSA_MODE=0 -DFA_WGMMA
 // nvcc-check: -DDK=128 -DDV=128 -DNSA_MODE=0 -DFA_WGMMA -DFB_DQ_WG=2 -DFB_DKDV_WG=2
-// nvcc-check: -DDK=64 -DDV=64 -DNSA_MODE=1 -DCMP_L=32 -DCMP_D=16 -DWINDOW=512 -DNSA_FP16 -DFA_WGMMA -DFB_DQ_WG=2
+// nvcc-check: -DDK=64 -DDV=64 -DNSA_MODE=1 -DCMP_L=32 -DCMP_D=16 -DWINDOW=512 -DNSA_FP16 -DFA_WGMMA -DFB_DQ_WG=2 -DFB_STAGES=2
 // nvcc-check: -DDK=128 -DDV=64 -DNSA_MODE=2 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512 -DFA_WGMMA -DFB_DKDV_WG=2
 // nvcc-check: -DDK=192 -DDV=128 -DNSA_MODE=2 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512 -DFA_WGMMA -DFB_DKDV_WG=2
 // nvcc-check: -DDK=128 -DDV=128 -DNSA_MODE=3 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512 -DFA_WGMMA
@@ -150,8 +150,8 @@ __device__ __forceinline__ void wgmma_rs_mn(float d[N / 8][4], const u32 a[4], c
  * this warpgroup's.
  */
 template <int A_ROWS>
-__device__ __forceinline__ void wgmma_s_and_dp(float s[TILE / 8][4], float dp[TILE / 8][4], const elem_t *a_s, const elem_t *b_s,
-                                               const elem_t *a_p, const elem_t *b_p, int row0) {
+__device__ __forceinline__ void wgmma_s_and_dp_issue(float s[TILE / 8][4], float dp[TILE / 8][4], const elem_t *a_s, const elem_t *b_s,
+                                                     const elem_t *a_p, const elem_t *b_p, int row0) {
   wgmma_fence();
 #pragma unroll
   for (int ks = 0; ks < DK / 16; ks++) wgmma_ss<TILE>(s, wgmma_desc_kmajor<A_ROWS>(a_s, row0, ks), wgmma_desc_kmajor<TILE>(b_s, 0, ks), ks > 0);
@@ -159,6 +159,11 @@ __device__ __forceinline__ void wgmma_s_and_dp(float s[TILE / 8][4], float dp[TI
 #pragma unroll
   for (int ks = 0; ks < DV / 16; ks++) wgmma_ss<TILE>(dp, wgmma_desc_kmajor<A_ROWS>(a_p, row0, ks), wgmma_desc_kmajor<TILE>(b_p, 0, ks), ks > 0);
   wgmma_commit();
+}
+template <int A_ROWS>
+__device__ __forceinline__ void wgmma_s_and_dp(float s[TILE / 8][4], float dp[TILE / 8][4], const elem_t *a_s, const elem_t *b_s,
+                                               const elem_t *a_p, const elem_t *b_p, int row0) {
+  wgmma_s_and_dp_issue<A_ROWS>(s, dp, a_s, b_s, a_p, b_p, row0);
   wgmma_wait<1>();
   wgmma_fence_operands<TILE / 8>(s);
 }
@@ -194,6 +199,127 @@ extern "C" __global__ void nsa_bwd_preprocess(const elem_t *__restrict__ dout, c
 }
 
 #if NSA_MODE != 3
+/** A dK/dV CTA's work: its key tile, KV head and split, and the (head, query tile) iterations it walks. */
+struct DkdvWork {
+  int k0;        // the tile's first key (local)
+  int h;         // KV head
+  int split;     // gridDim.z index
+  int seq_start; // the sequence's first token row
+  int seq_len;
+  int key_base;  // the sequence's first key row (tokens, or compressed tokens in mode 1)
+  int nkeys;
+  int qstart;    // the first query tile's first row (local)
+  int nq;        // query tiles per head: iteration it is head h * G + it / nq, tile it % nq
+  int it_begin;  // this split's iterations [it_begin, it_end)
+  int it_end;
+};
+
+__device__ __forceinline__ DkdvWork dkdv_work(const int *__restrict__ cu_seqlens, const int *__restrict__ cu_keys,
+                                              const int2 *__restrict__ tiles, int G) {
+  DkdvWork w;
+#if NSA_MODE == 2
+  // The window's key tiles all have about the same work, and neighbouring tiles of one head share most of their
+  // query rows: block order (tile fastest) keeps those reads close together in L2.
+  const int tile_index = blockIdx.x;
+  w.h = blockIdx.y;
+  w.split = blockIdx.z;
+#else
+  // The launch is (key tiles, KV heads, splits) and the tiles are listed heaviest first (earliest keys: the most
+  // query rows see them). CTAs start in block order, x fastest, so the CTA takes the tile from the slowest-varying
+  // part of its linear index: every head's and split's share of the heaviest tiles starts first and the light ones
+  // fill the tail (longest work first), where x-fastest order started some heavy CTAs last (cmp dK/dV at 64k:
+  // 5.06 -> 4.10 ms at G = 4, 10.76 -> 7.84 ms at G = 16, fla; H100).
+  const int linear = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
+  const int tile_index = linear / (gridDim.y * gridDim.z);
+  w.h = linear % gridDim.y;
+  w.split = (linear / gridDim.y) % gridDim.z;
+#endif
+  const int2 tile = tiles[tile_index];
+  const int seq = tile.x;
+  w.k0 = tile.y;
+  w.seq_start = cu_seqlens[seq];
+  w.seq_len = cu_seqlens[seq + 1] - w.seq_start;
+  w.key_base = cu_keys[seq];
+  w.nkeys = cu_keys[seq + 1] - w.key_base;
+  int first, unused, last_end;
+  rows_seeing(w.k0, w.seq_len, &first, &unused);
+  rows_seeing(min(w.k0 + DKDV_KEYS, w.nkeys) - 1, w.seq_len, &unused, &last_end);
+  w.qstart = (first / TILE) * TILE;
+  w.nq = last_end > w.qstart ? (last_end - w.qstart + TILE - 1) / TILE : 0;
+  const int iters = G * w.nq;
+  const int per_split = (iters + gridDim.z - 1) / gridDim.z;
+  w.it_end = min(iters, (w.split + 1) * per_split);
+  w.it_begin = w.split * per_split;
+  return w;
+}
+
+/**
+ * P^T = 2^(S^T scale_log2 - lse lse_mul) in place, for a warp's 16 keys from key_w x the 64 rows of query tile q0
+ * (zero where a row does not see a key, or past the end); lse_row: the tile's 64 lse values.
+ */
+__device__ __forceinline__ void dkdv_probabilities(float pt[TILE / 8][4], const float *lse_row, float lse_mul, int q0, int key_w,
+                                                   int seq_len, int nkeys, float scale_log2, int lane) {
+  const bool full = q0 + TILE <= seq_len && key_w + 15 < nkeys && all_visible(q0, q0 + TILE - 1, key_w, key_w + 15, nkeys);
+  const int key_lo = key_w + lane / 4;
+#pragma unroll
+  for (int n = 0; n < TILE / 8; n++) {
+    const int rl = n * 8 + (lane % 4) * 2; // local query row of elements 0 and 2 (1 and 3: rl + 1)
+    const float2 l2 = *reinterpret_cast<const float2 *>(&lse_row[rl]);
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const bool odd = e & 1;
+      float p = fast_exp2(fmaf(pt[n][e], scale_log2, -(odd ? l2.y : l2.x) * lse_mul));
+      if (!full) {
+        const int t = q0 + rl + odd;
+        const int key = e < 2 ? key_lo : key_lo + 8;
+        if (!(t < seq_len && key < nkeys && visible(t, key, nkeys))) p = 0.f;
+      }
+      pt[n][e] = p;
+    }
+  }
+}
+
+/**
+ * Writes a warp's 16 keys' dK (times scale) and dV from the C fragments: added into dk/dv when `accumulate`, or
+ * into this split's partial when the work is split.
+ */
+__device__ __forceinline__ void dkdv_write(const float dk_acc[DK / 8][4], const float dv_acc[DV / 8][4], const DkdvWork &w, int key_w,
+                                           int H, float *__restrict__ dk, float *__restrict__ dv, float *__restrict__ partial_k,
+                                           float *__restrict__ partial_v, i64 key_rows, bool accumulate, float scale, int lane) {
+  float *dk_dst = dk;
+  float *dv_dst = dv;
+  bool add = accumulate;
+  if (gridDim.z > 1) {
+    dk_dst = partial_k + w.split * key_rows * DK;
+    dv_dst = partial_v + w.split * key_rows * DV;
+    add = false;
+  }
+#pragma unroll
+  for (int hh = 0; hh < 2; hh++) {
+    const int key = key_w + lane / 4 + hh * 8;
+    if (key >= w.nkeys) continue;
+    const i64 krow = (i64)(w.key_base + key) * H + w.h;
+#pragma unroll
+    for (int n = 0; n < DK / 8; n++) {
+      const int col = n * 8 + (lane % 4) * 2;
+      float2 *dst = reinterpret_cast<float2 *>(dk_dst + krow * DK + col);
+      float2 acc = add ? *dst : make_float2(0.f, 0.f);
+      acc.x += dk_acc[n][2 * hh] * scale;
+      acc.y += dk_acc[n][2 * hh + 1] * scale;
+      *dst = acc;
+    }
+#pragma unroll
+    for (int n = 0; n < DV / 8; n++) {
+      const int col = n * 8 + (lane % 4) * 2;
+      float2 *dst = reinterpret_cast<float2 *>(dv_dst + krow * DV + col);
+      float2 acc = add ? *dst : make_float2(0.f, 0.f);
+      acc.x += dv_acc[n][2 * hh];
+      acc.y += dv_acc[n][2 * hh + 1];
+      *dst = acc;
+    }
+  }
+}
+
 /**
  * dK, dV of DKDV_KEYS keys (a warp per 16) of one KV head. q [N, Hq, DK], dout [N, Hq, DV], lse/gate/delta
  * per (row, head); keys k/v are [rows, H, D] with local key i at row key_base + i (compressed rows in mode 1).
@@ -214,55 +340,29 @@ extern "C" __global__ void __launch_bounds__(DKDV_THREADS)
   elem_t *dobuf = qbuf + 2 * TILE * DK;      // 2 stages of TILE x DV
   __shared__ __align__(16) float row_lse[2][TILE], row_gate[2][TILE], row_delta[2][TILE];
 
-#if NSA_MODE == 2
-  // The window's key tiles all have about the same work, and neighbouring tiles of one head share most of their
-  // query rows: block order (tile fastest) keeps those reads close together in L2.
-  const int tile_index = blockIdx.x;
-  const int h = blockIdx.y;
-  const int split = blockIdx.z;
-#else
-  // The launch is (key tiles, KV heads, splits) and the tiles are listed heaviest first (earliest keys: the most
-  // query rows see them). CTAs start in block order, x fastest, so the CTA takes the tile from the slowest-varying
-  // part of its linear index: every head's and split's share of the heaviest tiles starts first and the light ones
-  // fill the tail (longest work first), where x-fastest order started some heavy CTAs last (cmp dK/dV at 64k:
-  // 5.06 -> 4.10 ms at G = 4, 10.76 -> 7.84 ms at G = 16, fla; H100).
-  const int linear = blockIdx.x + gridDim.x * (blockIdx.y + gridDim.y * blockIdx.z);
-  const int tile_index = linear / (gridDim.y * gridDim.z);
-  const int h = linear % gridDim.y;
-  const int split = (linear / gridDim.y) % gridDim.z;
-#endif
-  const int2 tile = tiles[tile_index];
-  const int seq = tile.x;
-  const int k0 = tile.y;
   const int G = Hq / H;
-  const int seq_start = cu_seqlens[seq];
-  const int seq_len = cu_seqlens[seq + 1] - seq_start;
-  const int key_base = cu_keys[seq];
-  const int nkeys = cu_keys[seq + 1] - key_base;
+  const DkdvWork w = dkdv_work(cu_seqlens, cu_keys, tiles, G);
+  const int seq_start = w.seq_start;
+  const int seq_len = w.seq_len;
+  const int nkeys = w.nkeys;
+  const int k0 = w.k0;
+  const int h = w.h;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
 
-  copy_rows<DKDV_KEYS, DK, DkdvKTile, DKDV_THREADS>(ksmem, k + ((i64)(key_base + k0) * H + h) * DK, (i64)H * DK, nkeys - k0);
-  copy_rows<DKDV_KEYS, DV, DkdvVTile, DKDV_THREADS>(vsmem, v + ((i64)(key_base + k0) * H + h) * DV, (i64)H * DV, nkeys - k0);
+  copy_rows<DKDV_KEYS, DK, DkdvKTile, DKDV_THREADS>(ksmem, k + ((i64)(w.key_base + k0) * H + h) * DK, (i64)H * DK, nkeys - k0);
+  copy_rows<DKDV_KEYS, DV, DkdvVTile, DKDV_THREADS>(vsmem, v + ((i64)(w.key_base + k0) * H + h) * DV, (i64)H * DV, nkeys - k0);
   cp_async_commit();
 
   float dk_acc[DK / 8][4];
   float dv_acc[DV / 8][4];
   zero_frags<DK / 8>(dk_acc);
   zero_frags<DV / 8>(dv_acc);
-  int first, unused, last_end;
-  rows_seeing(k0, seq_len, &first, &unused);
-  rows_seeing(min(k0 + DKDV_KEYS, nkeys) - 1, seq_len, &unused, &last_end);
-  const int key_w = k0 + warp * 16;   // this warp's 16 keys
-  const int key_lo = key_w + lane / 4; // the two keys this thread's C fragments hold
-  const int key_hi = key_lo + 8;
-
-  const int qstart = (first / TILE) * TILE;
-  const int nq = last_end > qstart ? (last_end - qstart + TILE - 1) / TILE : 0;
-  const int iters = G * nq;
-  const int per_split = (iters + gridDim.z - 1) / gridDim.z;
-  const int it_end = min(iters, (split + 1) * per_split);
-  const int it_begin = split * per_split;
+  const int key_w = k0 + warp * 16; // this warp's 16 keys
+  const int qstart = w.qstart;
+  const int nq = w.nq;
+  const int it_begin = w.it_begin;
+  const int it_end = w.it_end;
   // Stage the query rows, dO rows and row terms of iteration `it` (head, query tile) into buffer `st`; the next
   // iteration's copies run while this one computes.
   auto issue = [&](int it, int st) {
@@ -281,26 +381,8 @@ extern "C" __global__ void __launch_bounds__(DKDV_THREADS)
       row_delta[st][threadIdx.x] = in ? delta[row * 3 + branch] : 0.f;
     }
   };
-  // P^T = 2^(S^T scale_log2 - lse) in place, for this warp's 16 keys x the 64 rows of query tile q0 (zero where a
-  // row does not see a key, or past the end).
   auto probabilities = [&](float pt[TILE / 8][4], int q0, int st) {
-    const bool full = q0 + TILE <= seq_len && key_w + 15 < nkeys && all_visible(q0, q0 + TILE - 1, key_w, key_w + 15, nkeys);
-#pragma unroll
-    for (int n = 0; n < TILE / 8; n++) {
-      const int rl = n * 8 + (lane % 4) * 2; // local query row of elements 0 and 2 (1 and 3: rl + 1)
-      const float2 l2 = *reinterpret_cast<const float2 *>(&row_lse[st][rl]);
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const bool odd = e & 1;
-        float p = fast_exp2(fmaf(pt[n][e], scale_log2, -(odd ? l2.y : l2.x)));
-        if (!full) {
-          const int t = q0 + rl + odd;
-          const int key = e < 2 ? key_lo : key_hi;
-          if (!(t < seq_len && key < nkeys && visible(t, key, nkeys))) p = 0.f;
-        }
-        pt[n][e] = p;
-      }
-    }
+    dkdv_probabilities(pt, row_lse[st], 1.f, q0, key_w, seq_len, nkeys, scale_log2, lane);
   };
   // dS^T = P^T (g dP^T - delta) into dpt, and P^T g in place (for dV += (P^T g) dO).
   auto gradients = [&](float pt[TILE / 8][4], float dpt[TILE / 8][4], int st) {
@@ -383,41 +465,181 @@ extern "C" __global__ void __launch_bounds__(DKDV_THREADS)
 
   cp_async_wait<0>(); // (no query tile: the K/V copies are still pending)
 
-  // Write this warp's 16 keys (to this split's partial when the work is split).
-  float *dk_dst = dk;
-  float *dv_dst = dv;
-  bool add = accumulate;
-  if (gridDim.z > 1) {
-    dk_dst = partial_k + split * key_rows * DK;
-    dv_dst = partial_v + split * key_rows * DV;
-    add = false;
-  }
-#pragma unroll
-  for (int hh = 0; hh < 2; hh++) {
-    const int key = hh == 0 ? key_lo : key_hi;
-    if (key >= nkeys) continue;
-    const i64 krow = (i64)(key_base + key) * H + h;
-#pragma unroll
-    for (int n = 0; n < DK / 8; n++) {
-      const int col = n * 8 + (lane % 4) * 2;
-      float2 *dst = reinterpret_cast<float2 *>(dk_dst + krow * DK + col);
-      float2 acc = add ? *dst : make_float2(0.f, 0.f);
-      acc.x += dk_acc[n][2 * hh] * scale;
-      acc.y += dk_acc[n][2 * hh + 1] * scale;
-      *dst = acc;
-    }
-#pragma unroll
-    for (int n = 0; n < DV / 8; n++) {
-      const int col = n * 8 + (lane % 4) * 2;
-      float2 *dst = reinterpret_cast<float2 *>(dv_dst + krow * DV + col);
-      float2 acc = add ? *dst : make_float2(0.f, 0.f);
-      acc.x += dv_acc[n][2 * hh];
-      acc.y += dv_acc[n][2 * hh + 1];
-      *dst = acc;
-    }
-  }
+  dkdv_write(dk_acc, dv_acc, w, key_w, H, dk, dv, partial_k, partial_v, key_rows, accumulate, scale, lane);
 }
 
+#endif
+
+#if NSA_MODE != 3
+#ifndef FB_STAGES
+#define FB_STAGES 3
+#endif
+/**
+ * nsa_flash_bwd_dkdv on sm_90 with an asynchronous pipeline (the host's NSA_FA_BWD_TMA; same arguments, plus
+ * q_map and do_map: 3-D tensor maps [rows][Hq][cols] with boxes of 64 columns x 1 head x TILE rows, 128-byte
+ * swizzle, tensor-map.ts). A stage's query and dO tiles arrive by TMA and its row terms by 4-byte cp.async, all
+ * completing on the stage's mbarrier, so no thread issues or waits for copies of tiles it does not multiply and no
+ * __syncthreads couples the warps: the last warp done with a stage refills it, FB_STAGES - 1 iterations ahead.
+ * With two warpgroups they take turns issuing their S^T and dP^T products (two named barriers: FlashAttention-3's
+ * ping-pong), so one's softmax terms run while the other's products hold the tensor cores. Within a warpgroup,
+ * dV += (P^T g) dO is issued before dS^T is computed and runs under it.
+ */
+extern "C" __global__ void __launch_bounds__(DKDV_THREADS)
+    nsa_flash_bwd_dkdv_tma(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
+                           const elem_t *__restrict__ dout, const float *__restrict__ lse, const float *__restrict__ gate,
+                           const float *__restrict__ delta, float *__restrict__ dk, float *__restrict__ dv,
+                           const int *__restrict__ cu_seqlens, const int *__restrict__ cu_keys, const int2 *__restrict__ tiles,
+                           int Hq, int H, int branch, float scale_log2, float scale, int accumulate,
+                           float *__restrict__ partial_k, float *__restrict__ partial_v, i64 key_rows,
+                           const __grid_constant__ TensorMapBytes q_map, const __grid_constant__ TensorMapBytes do_map) {
+#if FB_USE_WGMMA && defined(NSA_HAS_BULK_COPY)
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  elem_t *ksmem = smem_tiles(smem_raw);          // DKDV_KEYS x DK
+  elem_t *vsmem = ksmem + DKDV_KEYS * DK;        // DKDV_KEYS x DV
+  elem_t *qbuf = vsmem + DKDV_KEYS * DV;         // FB_STAGES x TILE x DK
+  elem_t *dobuf = qbuf + FB_STAGES * TILE * DK;  // FB_STAGES x TILE x DV
+  __shared__ __align__(16) float row_lse[FB_STAGES][TILE], row_gate[FB_STAGES][TILE], row_delta[FB_STAGES][TILE];
+  __shared__ __align__(8) unsigned long long stage_full[FB_STAGES];
+  __shared__ int stage_done[FB_STAGES]; // warps done with the stage's current iteration
+
+  const int G = Hq / H;
+  const DkdvWork w = dkdv_work(cu_seqlens, cu_keys, tiles, G);
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int count = max(0, w.it_end - w.it_begin);
+  constexpr int WARPS = DKDV_THREADS / 32;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < FB_STAGES; s++) {
+      mbarrier_init(&stage_full[s], 33); // the TMA's expect_tx arrival and the loading warp's 32 cp.async arrivals
+      stage_done[s] = 0;
+    }
+    mbarrier_init_fence();
+  }
+  __syncthreads();
+  // One warp stages iteration `it` (head, query tile) into stage `st`. Rows past the sequence load whatever follows
+  // it (zeros past the tensor); their probabilities are masked to zero, and their row terms arrive as zeros.
+  auto fill = [&](int it, int st) {
+    const int hq = w.h * G + it / w.nq;
+    const int q0 = w.qstart + (it % w.nq) * TILE;
+    if (lane == 0) {
+      mbarrier_arrive_expect_tx(&stage_full[st], TILE * (DK + DV) * (u32)sizeof(elem_t));
+#pragma unroll
+      for (int c = 0; c < DK / 64; c++) tma_load_3d(qbuf + st * TILE * DK + c * TILE * 64, &q_map, c * 64, hq, w.seq_start + q0, &stage_full[st]);
+#pragma unroll
+      for (int c = 0; c < DV / 64; c++) tma_load_3d(dobuf + st * TILE * DV + c * TILE * 64, &do_map, c * 64, hq, w.seq_start + q0, &stage_full[st]);
+    }
+    const i64 row0 = (i64)(w.seq_start + q0) * Hq + hq;
+#pragma unroll
+    for (int r = lane; r < TILE; r += 32) {
+      const bool in = q0 + r < w.seq_len;
+      const i64 row = in ? row0 + (i64)r * Hq : 0;
+      cp_async_4(&row_lse[st][r], lse + row, in);
+      cp_async_4(&row_gate[st][r], gate == nullptr ? lse : gate + row * 3 + branch, in && gate != nullptr);
+      cp_async_4(&row_delta[st][r], delta + row * 3 + branch, in);
+    }
+    cp_async_mbarrier_arrive(&stage_full[st]);
+  };
+  if (warp == 0) {
+    for (int j = 0; j < min(FB_STAGES, count); j++) fill(w.it_begin + j, j);
+  }
+  copy_rows<DKDV_KEYS, DK, DkdvKTile, DKDV_THREADS>(ksmem, k + ((i64)(w.key_base + w.k0) * H + w.h) * DK, (i64)H * DK, w.nkeys - w.k0);
+  copy_rows<DKDV_KEYS, DV, DkdvVTile, DKDV_THREADS>(vsmem, v + ((i64)(w.key_base + w.k0) * H + w.h) * DV, (i64)H * DV, w.nkeys - w.k0);
+  cp_async_commit();
+  cp_async_wait<0>();
+  fence_proxy_async_shared(); // cp.async writes, before wgmma reads them through the async proxy
+  __syncthreads();
+
+  float dk_acc[DK / 8][4];
+  float dv_acc[DV / 8][4];
+  zero_frags<DK / 8>(dk_acc);
+  zero_frags<DV / 8>(dv_acc);
+  const int wg = threadIdx.x / 128;
+  const int key_w = w.k0 + warp * 16; // this warp's 16 keys
+  const bool gated = gate != nullptr;
+#if FB_DKDV_WG == 2
+  // Turns: warpgroup i waits on barrier 1 + i before issuing its first products and then opens the other's;
+  // warpgroup 0 goes first. Both walk the same iterations, so every arrival is matched (warpgroup 1 skips its last).
+  if (wg == 1 && count > 0) named_barrier_arrive(1, 256);
+#endif
+  for (int j = 0; j < count; j++) {
+    const int it = w.it_begin + j;
+    const int st = j % FB_STAGES;
+    const int q0 = w.qstart + (it % w.nq) * TILE;
+    const elem_t *qs = qbuf + st * TILE * DK;
+    const elem_t *dos = dobuf + st * TILE * DV;
+    mbarrier_wait(&stage_full[st], (j / FB_STAGES) & 1);
+    float pt[TILE / 8][4];
+    float dpt[TILE / 8][4];
+#if FB_DKDV_WG == 2
+    named_barrier_sync(1 + wg, 256);
+#endif
+    wgmma_s_and_dp_issue<DKDV_KEYS>(pt, dpt, ksmem, qs, vsmem, dos, wg * 64);
+#if FB_DKDV_WG == 2
+    if (wg == 0 || j + 1 < count) named_barrier_arrive(2 - wg, 256);
+#endif
+    wgmma_wait<1>();
+    wgmma_fence_operands<TILE / 8>(pt);
+    dkdv_probabilities(pt, row_lse[st], NSA_LOG2E, q0, key_w, w.seq_len, w.nkeys, scale_log2, lane);
+    // dV += (P^T g) dO, running while dS^T = P^T (g dP^T - delta) is computed.
+    u32 pa[TILE / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < TILE / 16; kk++) {
+      float lo[4], hi[4];
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int rl = kk * 16 + (lane % 4) * 2 + (e & 1);
+        lo[e] = pt[2 * kk][e] * (gated ? row_gate[st][rl] : 1.f);
+        hi[e] = pt[2 * kk + 1][e] * (gated ? row_gate[st][rl + 8] : 1.f);
+      }
+      pack_a(pa[kk], lo, hi);
+    }
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < TILE / 16; kk++) wgmma_rs_mn<DV, TILE>(dv_acc, pa[kk], dos, kk);
+    wgmma_commit();
+    wgmma_wait<1>(); // dP^T, committed before the dV products, has landed
+    wgmma_fence_operands<TILE / 8>(dpt);
+    u32 da[TILE / 16][4];
+#pragma unroll
+    for (int n = 0; n < TILE / 8; n++) {
+      const int rl = n * 8 + (lane % 4) * 2;
+      const float2 g = gated ? *reinterpret_cast<const float2 *>(&row_gate[st][rl]) : make_float2(1.f, 1.f);
+      const float2 d = *reinterpret_cast<const float2 *>(&row_delta[st][rl]);
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const bool odd = e & 1;
+        dpt[n][e] = pt[n][e] * fmaf(odd ? g.y : g.x, dpt[n][e], -(odd ? d.y : d.x));
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < TILE / 16; kk++) pack_a(da[kk], dpt[2 * kk], dpt[2 * kk + 1]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < TILE / 16; kk++) wgmma_rs_mn<DK, TILE>(dk_acc, da[kk], qs, kk);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operands<DV / 8>(dv_acc);
+    wgmma_fence_operands<DK / 8>(dk_acc);
+    // This warp is done with stage st (its products have completed, its row-term reads are in registers); the
+    // last warp to say so refills it.
+    __syncwarp();
+    int last = 0;
+    if (lane == 0) {
+      __threadfence_block();
+      last = atomicAdd(&stage_done[st], 1) == WARPS - 1;
+      if (last) {
+        stage_done[st] = 0;
+        __threadfence_block();
+      }
+    }
+    if (__shfl_sync(0xffffffff, last, 0) && j + FB_STAGES < count) {
+      fence_proxy_async_shared();
+      fill(it + FB_STAGES, st);
+    }
+  }
+  dkdv_write(dk_acc, dv_acc, w, key_w, H, dk, dv, partial_k, partial_v, key_rows, accumulate, scale, lane);
+#endif
+}
 #endif
 
 /** target[i] += sum over splits s (in order) of partial[s * n + i]. */
@@ -463,6 +685,65 @@ template <int MODE> __device__ __forceinline__ DqKeys dq_keys(const DqTile &t, i
   return {first, end, end > first ? (end - first + TILE - 1) / TILE : 0};
 }
 
+/** A dQ thread's row terms of one branch for its two rows (t_lo, t_lo + 8): lse in log2 units, gate, delta. */
+struct DqRowTerms {
+  float lse_lo, lse_hi, g_lo, g_hi, d_lo, d_hi;
+};
+
+__device__ __forceinline__ DqRowTerms dq_row_terms(const DqBranch &b, const DqTile &t, const float *__restrict__ gate,
+                                                   const float *__restrict__ delta, int Hq) {
+  const int t_lo = t.q0 + (int)(threadIdx.x / 32) * 16 + (threadIdx.x % 32) / 4;
+  const int t_hi = t_lo + 8;
+  auto row_of = [&](int r) { return (i64)(t.seq_start + r) * Hq + t.hq; };
+  const int branch = b.branch;
+  DqRowTerms r;
+  r.lse_lo = t_lo < t.seq_len ? b.lse[row_of(t_lo)] * NSA_LOG2E : NSA_NEG_INF;
+  r.lse_hi = t_hi < t.seq_len ? b.lse[row_of(t_hi)] * NSA_LOG2E : NSA_NEG_INF;
+  r.g_lo = t_lo < t.seq_len ? (gate == nullptr ? 1.f : gate[row_of(t_lo) * 3 + branch]) : 0.f;
+  r.g_hi = t_hi < t.seq_len ? (gate == nullptr ? 1.f : gate[row_of(t_hi) * 3 + branch]) : 0.f;
+  r.d_lo = t_lo < t.seq_len ? delta[row_of(t_lo) * 3 + branch] : 0.f;
+  r.d_hi = t_hi < t.seq_len ? delta[row_of(t_hi) * 3 + branch] : 0.f;
+  return r;
+}
+
+/**
+ * P = 2^(S scale_log2 - lse) in place, for a warp's 16 rows from t_w x key tile kt (zero where a row does not see a
+ * key, or past the end).
+ */
+template <int MODE>
+__device__ __forceinline__ void dq_probabilities(float s[TILE / 8][4], const DqRowTerms &r, int t_w, int seq_len, int kt, int kend, int nkeys,
+                                                 float scale_log2, int lane) {
+  const int t_lo = t_w + lane / 4;
+  const bool full = t_w + 15 < seq_len && kt + TILE <= kend && all_visible_in<MODE>(t_w, t_w + 15, kt, kt + TILE - 1, nkeys);
+#pragma unroll
+  for (int n = 0; n < TILE / 8; n++) {
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const bool hi = e >= 2;
+      const float l2 = hi ? r.lse_hi : r.lse_lo;
+      float p = fast_exp2(fmaf(s[n][e], scale_log2, -l2));
+      if (!full) {
+        const int key = kt + n * 8 + (lane % 4) * 2 + (e & 1);
+        const int row = hi ? t_lo + 8 : t_lo;
+        if (!(row < seq_len && key < kend && l2 != NSA_NEG_INF && visible_in<MODE>(row, key, nkeys))) p = 0.f;
+      }
+      s[n][e] = p;
+    }
+  }
+}
+
+/** dS = P (g dP - delta) into s. */
+__device__ __forceinline__ void dq_gradients(float s[TILE / 8][4], const float dp[TILE / 8][4], const DqRowTerms &r) {
+#pragma unroll
+  for (int n = 0; n < TILE / 8; n++) {
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const bool hi = e >= 2;
+      s[n][e] *= fmaf(hi ? r.g_hi : r.g_lo, dp[n][e], -(hi ? r.d_hi : r.d_lo));
+    }
+  }
+}
+
 /** Starts the copy of key tile `it` of a branch into stage `stage` (committed). */
 __device__ __forceinline__ void dq_issue(const DqBranch &b, const DqKeys &keys, const DqTile &t, int it, int stage, elem_t *ksmem,
                                          elem_t *vsmem, int H) {
@@ -496,47 +777,9 @@ __device__ __forceinline__ void dq_phase(float dq_acc[DK / 8][4], const DqBranch
   if (ntiles > 0 && !first_issued) issue(0);
 
   const int t_w = t.q0 + warp * 16; // this warp's 16 rows
-  const int t_lo = t_w + lane / 4;
-  const int t_hi = t_lo + 8;
-  auto row_of = [&](int r) { return (i64)(t.seq_start + r) * Hq + t.hq; };
-  const int branch = b.branch;
-  const float lse_lo = t_lo < seq_len ? b.lse[row_of(t_lo)] * NSA_LOG2E : NSA_NEG_INF;
-  const float lse_hi = t_hi < seq_len ? b.lse[row_of(t_hi)] * NSA_LOG2E : NSA_NEG_INF;
-  const float g_lo = t_lo < seq_len ? (gate == nullptr ? 1.f : gate[row_of(t_lo) * 3 + branch]) : 0.f;
-  const float g_hi = t_hi < seq_len ? (gate == nullptr ? 1.f : gate[row_of(t_hi) * 3 + branch]) : 0.f;
-  const float d_lo = t_lo < seq_len ? delta[row_of(t_lo) * 3 + branch] : 0.f;
-  const float d_hi = t_hi < seq_len ? delta[row_of(t_hi) * 3 + branch] : 0.f;
-  // P = 2^(S scale_log2 - lse) in place, for this warp's 16 rows x key tile kt (zero where a row does not see a key,
-  // or past the end).
-  auto probabilities = [&](float s[TILE / 8][4], int kt) {
-    const bool full = t_w + 15 < seq_len && kt + TILE <= kend && all_visible_in<MODE>(t_w, t_w + 15, kt, kt + TILE - 1, nkeys);
-#pragma unroll
-    for (int n = 0; n < TILE / 8; n++) {
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const bool hi = e >= 2;
-        const float l2 = hi ? lse_hi : lse_lo;
-        float p = fast_exp2(fmaf(s[n][e], scale_log2, -l2));
-        if (!full) {
-          const int key = kt + n * 8 + (lane % 4) * 2 + (e & 1);
-          const int r = hi ? t_hi : t_lo;
-          if (!(r < seq_len && key < kend && l2 != NSA_NEG_INF && visible_in<MODE>(r, key, nkeys))) p = 0.f;
-        }
-        s[n][e] = p;
-      }
-    }
-  };
-  // dS = P (g dP - delta) into s.
-  auto gradients = [&](float s[TILE / 8][4], const float dp[TILE / 8][4]) {
-#pragma unroll
-    for (int n = 0; n < TILE / 8; n++) {
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const bool hi = e >= 2;
-        s[n][e] *= fmaf(hi ? g_hi : g_lo, dp[n][e], -(hi ? d_hi : d_lo));
-      }
-    }
-  };
+  const DqRowTerms r = dq_row_terms(b, t, gate, delta, Hq);
+  auto probabilities = [&](float s[TILE / 8][4], int kt) { dq_probabilities<MODE>(s, r, t_w, seq_len, kt, kend, nkeys, scale_log2, lane); };
+  auto gradients = [&](float s[TILE / 8][4], const float dp[TILE / 8][4]) { dq_gradients(s, dp, r); };
 
 #if FB_USE_WGMMA
   const int wg_row0 = (threadIdx.x / 128) * 64; // this warpgroup's rows in the tile
@@ -609,16 +852,21 @@ __device__ __forceinline__ DqSmem dq_smem(unsigned char *raw) {
 }
 
 /** The dQ CTA's prologue: its tile, and the copies of its Q and dO rows into shared memory (committed, in flight). */
-__device__ __forceinline__ DqTile dq_begin(const elem_t *__restrict__ q, const elem_t *__restrict__ dout, const int *__restrict__ cu_seqlens,
-                                           const int2 *__restrict__ tiles, int Hq, int H, elem_t *qsmem, elem_t *dosmem) {
+/** The dQ CTA's query tile: tiles[blockIdx.x] of query head blockIdx.y. */
+__device__ __forceinline__ DqTile dq_tile(const int *__restrict__ cu_seqlens, const int2 *__restrict__ tiles, int Hq, int H) {
   const int2 tile = tiles[blockIdx.x];
   const int hq = blockIdx.y;
   const int seq_start = cu_seqlens[tile.x];
   const int seq_len = cu_seqlens[tile.x + 1] - seq_start;
-  const DqTile t{tile.x, tile.y, min(tile.y + DQ_ROWS, seq_len), seq_start, seq_len, hq, hq / (Hq / H)};
-  const i64 qrow0 = (i64)(seq_start + t.q0) * Hq + hq;
-  copy_rows<DQ_ROWS, DK, DqQTile, DQ_THREADS>(qsmem, q + qrow0 * DK, (i64)Hq * DK, seq_len - t.q0);
-  copy_rows<DQ_ROWS, DV, DqDoTile, DQ_THREADS>(dosmem, dout + qrow0 * DV, (i64)Hq * DV, seq_len - t.q0);
+  return DqTile{tile.x, tile.y, min(tile.y + DQ_ROWS, seq_len), seq_start, seq_len, hq, hq / (Hq / H)};
+}
+
+__device__ __forceinline__ DqTile dq_begin(const elem_t *__restrict__ q, const elem_t *__restrict__ dout, const int *__restrict__ cu_seqlens,
+                                           const int2 *__restrict__ tiles, int Hq, int H, elem_t *qsmem, elem_t *dosmem) {
+  const DqTile t = dq_tile(cu_seqlens, tiles, Hq, H);
+  const i64 qrow0 = (i64)(t.seq_start + t.q0) * Hq + t.hq;
+  copy_rows<DQ_ROWS, DK, DqQTile, DQ_THREADS>(qsmem, q + qrow0 * DK, (i64)Hq * DK, t.seq_len - t.q0);
+  copy_rows<DQ_ROWS, DV, DqDoTile, DQ_THREADS>(dosmem, dout + qrow0 * DV, (i64)Hq * DV, t.seq_len - t.q0);
   cp_async_commit();
   return t;
 }
@@ -644,6 +892,209 @@ __device__ __forceinline__ void dq_write(float *__restrict__ dq, const float dq_
     }
   }
 }
+
+#if FB_USE_WGMMA && defined(NSA_HAS_BULK_COPY)
+#ifndef FB_DQ_STAGES
+#define FB_DQ_STAGES 2
+#endif
+/** One branch's key walk in the pipelined dQ: its keys and the tensor maps of its K and V ([rows][H][cols]). */
+struct DqWalk {
+  DqBranch b;
+  DqKeys keys;
+  const TensorMapBytes *k_map;
+  const TensorMapBytes *v_map;
+};
+
+/**
+ * The pipelined dQ's ring of key/value stages: tiles 0 .. n0 - 1 come from the first walk, the rest from the second
+ * (mode 3: the cmp keys, then the window's), tile j in stage j % FB_DQ_STAGES. Plain fields, so that no walk is
+ * picked by a runtime index (which would put the struct in local memory).
+ */
+struct DqRing {
+  elem_t *k; // FB_DQ_STAGES x TILE x DK
+  elem_t *v; // FB_DQ_STAGES x TILE x DV
+  unsigned long long *full;
+  int *done;
+  int n0;    // the first walk's tiles
+  int total; // all tiles
+  int row0;  // key row (tokens, or compressed tokens) of each walk's first tile
+  int row1;
+  int h;
+  const TensorMapBytes *k_map0;
+  const TensorMapBytes *v_map0;
+  const TensorMapBytes *k_map1;
+  const TensorMapBytes *v_map1;
+};
+
+/** Starts tile j's TMA copies into stage st (one thread). */
+__device__ __forceinline__ void dq_ring_fill(const DqRing &g, int j, int st) {
+  const bool second = j >= g.n0;
+  const int row = second ? g.row1 + (j - g.n0) * TILE : g.row0 + j * TILE;
+  const TensorMapBytes *k_map = second ? g.k_map1 : g.k_map0;
+  const TensorMapBytes *v_map = second ? g.v_map1 : g.v_map0;
+  mbarrier_arrive_expect_tx(&g.full[st], TILE * (DK + DV) * (u32)sizeof(elem_t));
+#pragma unroll
+  for (int c = 0; c < DK / 64; c++) tma_load_3d(g.k + st * TILE * DK + c * TILE * 64, k_map, c * 64, g.h, row, &g.full[st]);
+#pragma unroll
+  for (int c = 0; c < DV / 64; c++) tma_load_3d(g.v + st * TILE * DV + c * TILE * 64, v_map, c * 64, g.h, row, &g.full[st]);
+}
+
+/**
+ * dq_acc += dS K over ring tiles [j0, j1), the keys of walk w (MODE 0, 1 or 2), for this CTA's rows (Q and dO in
+ * shared memory). Each warp marks a stage done after its products; the last refills it FB_DQ_STAGES tiles ahead.
+ * With two warpgroups they take turns issuing S and dP (named barriers 1 and 2, warpgroup 0 first).
+ */
+template <int MODE>
+__device__ __forceinline__ void dq_ring_walk(float dq_acc[DK / 8][4], const DqRing &g, int j0, int j1, const DqWalk &w, const DqTile &t,
+                                             const float *__restrict__ gate, const float *__restrict__ delta, const elem_t *qsmem,
+                                             const elem_t *dosmem, int Hq, float scale_log2) {
+  constexpr int WARPS = DQ_THREADS / 32;
+  const int warp = threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int wg = threadIdx.x / 128;
+  const int t_w = t.q0 + warp * 16;
+  const DqRowTerms r = dq_row_terms(w.b, t, gate, delta, Hq);
+  for (int j = j0; j < j1; j++) {
+    const int st = j % FB_DQ_STAGES;
+    const int kt = w.keys.first + (j - j0) * TILE;
+    const elem_t *ks = g.k + st * TILE * DK;
+    const elem_t *vs = g.v + st * TILE * DV;
+    mbarrier_wait(&g.full[st], (j / FB_DQ_STAGES) & 1);
+    float s[TILE / 8][4];
+    float dp[TILE / 8][4];
+#if FB_DQ_WG == 2
+    named_barrier_sync(1 + wg, 256);
+#endif
+    wgmma_s_and_dp_issue<DQ_ROWS>(s, dp, qsmem, ks, dosmem, vs, wg * 64);
+#if FB_DQ_WG == 2
+    if (wg == 0 || j + 1 < g.total) named_barrier_arrive(2 - wg, 256);
+#endif
+    wgmma_wait<1>();
+    wgmma_fence_operands<TILE / 8>(s);
+    dq_probabilities<MODE>(s, r, t_w, t.seq_len, kt, w.keys.end, w.b.nkeys, scale_log2, lane);
+    wgmma_wait<0>();
+    wgmma_fence_operands<TILE / 8>(dp);
+    dq_gradients(s, dp, r);
+    u32 da[TILE / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < TILE / 16; kk++) pack_a(da[kk], s[2 * kk], s[2 * kk + 1]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < TILE / 16; kk++) wgmma_rs_mn<DK, TILE>(dq_acc, da[kk], ks, kk);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operands<DK / 8>(dq_acc);
+    __syncwarp();
+    if (lane == 0) {
+      __threadfence_block();
+      if (atomicAdd(&g.done[st], 1) == WARPS - 1) {
+        g.done[st] = 0;
+        __threadfence_block();
+        if (j + FB_DQ_STAGES < g.total) {
+          fence_proxy_async_shared();
+          dq_ring_fill(g, j + FB_DQ_STAGES, st);
+        }
+      }
+    }
+  }
+}
+
+/**
+ * The pipelined dQ (NSA_FA_BWD_TMA, sm_90): the CTA's Q and dO rows and every key/value tile arrive by TMA, tiles
+ * through an FB_DQ_STAGES ring of mbarrier stages, so no thread issues or waits for copies of tiles it does not
+ * multiply and no __syncthreads couples the warps. MODE_B < 0: one branch (walk a); else walk a (cmp) then b (win).
+ */
+template <int MODE_A, int MODE_B>
+__device__ __forceinline__ void dq_pipelined(float dq_acc[DK / 8][4], unsigned char *smem_raw, const DqTile &t, const DqWalk &a, const DqWalk &b,
+                                             const TensorMapBytes *q_map, const TensorMapBytes *do_map, const float *__restrict__ gate,
+                                             const float *__restrict__ delta, int Hq, float scale_log2) {
+  elem_t *qsmem = smem_tiles(smem_raw);
+  elem_t *dosmem = qsmem + DQ_ROWS * DK;
+  elem_t *kbuf = dosmem + DQ_ROWS * DV;
+  __shared__ __align__(8) unsigned long long stage_full[FB_DQ_STAGES];
+  __shared__ __align__(8) unsigned long long rows_full;
+  __shared__ int stage_done[FB_DQ_STAGES];
+  const int na = a.keys.ntiles;
+  const DqRing g{kbuf, kbuf + FB_DQ_STAGES * TILE * DK, stage_full, stage_done, na, na + (MODE_B >= 0 ? b.keys.ntiles : 0),
+                 a.b.key_base + a.keys.first, b.b.key_base + b.keys.first, t.h, a.k_map, a.v_map, b.k_map, b.v_map};
+  if (threadIdx.x == 0) {
+    mbarrier_init(&rows_full, 1);
+    for (int st = 0; st < FB_DQ_STAGES; st++) {
+      mbarrier_init(&stage_full[st], 1);
+      stage_done[st] = 0;
+    }
+    mbarrier_init_fence();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    // Q and dO: 64-row boxes into the [DQ_ROWS][64] column blocks (rows past the sequence are masked, and not written).
+    mbarrier_arrive_expect_tx(&rows_full, DQ_ROWS * (DK + DV) * (u32)sizeof(elem_t));
+#pragma unroll
+    for (int rb = 0; rb < DQ_ROWS / 64; rb++) {
+      const int row = t.seq_start + t.q0 + rb * 64;
+#pragma unroll
+      for (int c = 0; c < DK / 64; c++) tma_load_3d(qsmem + c * DQ_ROWS * 64 + rb * 64 * 64, q_map, c * 64, t.hq, row, &rows_full);
+#pragma unroll
+      for (int c = 0; c < DV / 64; c++) tma_load_3d(dosmem + c * DQ_ROWS * 64 + rb * 64 * 64, do_map, c * 64, t.hq, row, &rows_full);
+    }
+    for (int j = 0; j < min(FB_DQ_STAGES, g.total); j++) dq_ring_fill(g, j, j);
+  }
+#if FB_DQ_WG == 2
+  if (threadIdx.x / 128 == 1 && g.total > 0) named_barrier_arrive(1, 256); // warpgroup 0 takes the first turn
+#endif
+  mbarrier_wait(&rows_full, 0);
+  dq_ring_walk<MODE_A>(dq_acc, g, 0, na, a, t, gate, delta, qsmem, dosmem, Hq, scale_log2);
+  if constexpr (MODE_B >= 0) dq_ring_walk<MODE_B>(dq_acc, g, na, g.total, b, t, gate, delta, qsmem, dosmem, Hq, scale_log2);
+}
+#endif
+
+#if NSA_MODE != 3
+/** nsa_flash_bwd_dq with the TMA pipeline (dq_pipelined); q/do/k/v maps as in tensor-map.ts, boxes 64 x 1 x 64. */
+extern "C" __global__ void __launch_bounds__(DQ_THREADS)
+    nsa_flash_bwd_dq_tma(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
+                         const elem_t *__restrict__ dout, const float *__restrict__ lse, const float *__restrict__ gate,
+                         const float *__restrict__ delta, float *__restrict__ dq, const int *__restrict__ cu_seqlens,
+                         const int *__restrict__ cu_keys, const int2 *__restrict__ tiles, int Hq, int H, int branch,
+                         float scale_log2, float scale, int accumulate, const __grid_constant__ TensorMapBytes q_map,
+                         const __grid_constant__ TensorMapBytes do_map, const __grid_constant__ TensorMapBytes k_map,
+                         const __grid_constant__ TensorMapBytes v_map) {
+#if FB_USE_WGMMA && defined(NSA_HAS_BULK_COPY)
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const DqTile t = dq_tile(cu_seqlens, tiles, Hq, H);
+  const DqBranch b{k, v, lse, branch, cu_keys[t.seq], cu_keys[t.seq + 1] - cu_keys[t.seq]};
+  const DqWalk walk{b, dq_keys<NSA_MODE>(t, b.nkeys), &k_map, &v_map};
+  float dq_acc[DK / 8][4];
+  zero_frags<DK / 8>(dq_acc);
+  dq_pipelined<NSA_MODE, -1>(dq_acc, smem_raw, t, walk, walk, &q_map, &do_map, gate, delta, Hq, scale_log2);
+  dq_write(dq, dq_acc, t, Hq, scale, accumulate);
+#endif
+}
+#else
+/** nsa_flash_bwd_dq_cmp_win with the TMA pipeline (dq_pipelined): the cmp keys' tiles, then the window's, one ring. */
+extern "C" __global__ void __launch_bounds__(DQ_THREADS)
+    nsa_flash_bwd_dq_cmp_win_tma(const elem_t *__restrict__ q, const elem_t *__restrict__ kc, const elem_t *__restrict__ vc,
+                                 const elem_t *__restrict__ k, const elem_t *__restrict__ v, const elem_t *__restrict__ dout,
+                                 const float *__restrict__ lse_cmp, const float *__restrict__ lse_win, const float *__restrict__ gate,
+                                 const float *__restrict__ delta, float *__restrict__ dq, const int *__restrict__ cu_seqlens,
+                                 const int *__restrict__ cu_cmp, const int2 *__restrict__ tiles, int Hq, int H, float scale_log2,
+                                 float scale, int accumulate, const __grid_constant__ TensorMapBytes q_map,
+                                 const __grid_constant__ TensorMapBytes do_map, const __grid_constant__ TensorMapBytes kc_map,
+                                 const __grid_constant__ TensorMapBytes vc_map, const __grid_constant__ TensorMapBytes k_map,
+                                 const __grid_constant__ TensorMapBytes v_map) {
+#if FB_USE_WGMMA && defined(NSA_HAS_BULK_COPY)
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  const DqTile t = dq_tile(cu_seqlens, tiles, Hq, H);
+  const DqBranch cmp{kc, vc, lse_cmp, 0, cu_cmp[t.seq], cu_cmp[t.seq + 1] - cu_cmp[t.seq]};
+  const DqBranch win{k, v, lse_win, 2, t.seq_start, t.seq_len};
+  const DqWalk cmp_walk{cmp, dq_keys<1>(t, cmp.nkeys), &kc_map, &vc_map};
+  const DqWalk win_walk{win, dq_keys<2>(t, win.nkeys), &k_map, &v_map};
+  float dq_acc[DK / 8][4];
+  zero_frags<DK / 8>(dq_acc);
+  dq_pipelined<1, 2>(dq_acc, smem_raw, t, cmp_walk, win_walk, &q_map, &do_map, gate, delta, Hq, scale_log2);
+  dq_write(dq, dq_acc, t, Hq, scale, accumulate);
+#endif
+}
+#endif
 
 #if NSA_MODE != 3
 /** dQ of DQ_ROWS query rows (a warp per 16) of query head blockIdx.y over the branch's keys; adds into dq (fp32). */

@@ -117,6 +117,11 @@ template <int COLS> struct PaddedTile {
 // Bulk copies (sm_90): one instruction moves a whole row global -> shared and completes on an mbarrier, so a tile
 // of gathered rows costs one instruction per row instead of address arithmetic per 16 bytes.
 
+/** A CUtensorMap's bytes (tensor-map.ts), passed by value as a `const __grid_constant__` kernel parameter. */
+struct __align__(64) TensorMapBytes {
+  unsigned long long opaque[16];
+};
+
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define NSA_HAS_BULK_COPY 1
 __device__ __forceinline__ void mbarrier_init(unsigned long long *bar, int count) {
@@ -158,6 +163,28 @@ __device__ __forceinline__ void tma_load_2d(void *smem, const void *map, int x, 
                    smem_addr(smem)),
                "l"(map), "r"(x), "r"(y), "r"(smem_addr(bar))
                : "memory");
+}
+/** tma_load_2d's 3-D form: the box at element coordinates (x, y, z), x innermost. */
+__device__ __forceinline__ void tma_load_3d(void *smem, const void *map, int x, int y, int z, unsigned long long *bar) {
+  asm volatile("cp.async.bulk.tensor.3d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4}], [%5];\n" ::"r"(
+                   smem_addr(smem)),
+               "l"(map), "r"(x), "r"(y), "r"(z), "r"(smem_addr(bar))
+               : "memory");
+}
+/** Copies 4 bytes global -> shared asynchronously (zeros where !valid); completes with cp.async's groups or an mbarrier. */
+__device__ __forceinline__ void cp_async_4(void *smem, const void *gmem, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(valid ? 4 : 0) : "memory");
+}
+/** One arrival on `bar` once this thread's earlier cp.async copies have landed (the barrier's count includes it). */
+__device__ __forceinline__ void cp_async_mbarrier_arrive(unsigned long long *bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
+/** Named barriers (ids 1..15; 0 is __syncthreads): wait for `threads` arrivals, or arrive without waiting. */
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 /** bulk_copy_g2s under an L2 cache policy. */
 __device__ __forceinline__ void bulk_copy_g2s_hinted(void *smem, const void *gmem, u32 bytes, unsigned long long *bar,

@@ -5,11 +5,6 @@
 // Nothing on the NSA path uses it yet. Before sm_90 (no TMA) it does nothing.
 #include "nsa_common.cuh"
 
-/** A CUtensorMap's bytes, passed by value. */
-struct __align__(64) TensorMapBytes {
-  unsigned long long opaque[16];
-};
-
 extern "C" __global__ void tma_smoke_box(const __grid_constant__ TensorMapBytes map, elem_t *__restrict__ out, int x0, int y0) {
 #if defined(NSA_HAS_BULK_COPY)
   __shared__ __align__(1024) elem_t tile[64 * 64];

@@ -164,8 +164,14 @@ export class BackwardRunner {
       { name: 'win' as const, mode: 2 as const, branch: 2, k: inputs.kWin ?? inputs.k, v: inputs.vWin ?? inputs.v, lse: fwd.lseWin, cuKeys: tables.cuSeqlens, keyTiles: this.keyTiles, nKeyTiles: this.counts.keyTiles, keyRows: N * H, dk: grads.dkWin ?? grads.dk, dv: grads.dvWin ?? grads.dv },
     ];
     const dqFused = programs.tuning.cmpWinDqFused === true;
+    // The pipelined (`_tma`) launches read their walked tiles through tensor maps, passed after the other arguments.
+    const qMaps = (walk: 'dq' | 'dkdv', mode: 0 | 1 | 2 | 3): KernelArg[] =>
+      programs.flashBackwardStages(walk, mode) === undefined ? [] : programs.flashBackwardTensorMaps('q', inputs.q.ptr, dOut.ptr, N);
+    const kvMaps = (mode: 1 | 2 | 3, b: (typeof branches)[number]): KernelArg[] =>
+      programs.flashBackwardStages('dq', mode) === undefined ? [] : programs.flashBackwardTensorMaps('kv', b.k.ptr, b.v.ptr, b.mode === 1 ? plan.totalCompressed : N);
     if (dqFused) {
       const win = branches[1]!;
+      const maps = [...qMaps('dq', 3), ...kvMaps(3, branches[0]!), ...kvMaps(3, win)];
       stages.push(['cmp+win dq', () =>
         programs.flashBackward(3, 'dq_cmp_win').launch({
           grid: [this.counts.queryTiles, Hq, 1],
@@ -174,24 +180,26 @@ export class BackwardRunner {
           args: [
             ptr(inputs.q), ptr(kc), ptr(vc), ptr(win.k), ptr(win.v), ptr(dOut), ptr(fwd.lseCmp), ptr(fwd.lseWin), ptr(inputs.gate),
             ptr(this.delta), ptr(grads.dq), ptr(tables.cuSeqlens), ptr(tables.cuCmp), ptr(this.queryTiles), ...common,
-            { f32: scaleLog2 }, { f32: config.scale }, { i32: 1 },
+            { f32: scaleLog2 }, { f32: config.scale }, { i32: 1 }, ...maps,
           ],
         })]);
     }
     for (const b of branches) {
       const tail = [...common, { i32: b.branch }, { f32: scaleLog2 }, { f32: config.scale }, { i32: 1 }];
+      const dqMaps = dqFused ? [] : [...qMaps('dq', b.mode), ...kvMaps(b.mode, b)];
       if (!dqFused) stages.push([`${b.name} dq`, () =>
         programs.flashBackward(b.mode, 'dq').launch({
           grid: [this.counts.queryTiles, Hq, 1],
           block: [programs.flashBackwardThreads('dq', b.mode), 1, 1],
           sharedBytes: programs.flashBackwardSharedBytes('dq', b.mode),
-          args: [ptr(inputs.q), ptr(b.k), ptr(b.v), ptr(dOut), ptr(b.lse), ptr(inputs.gate), ptr(this.delta), ptr(grads.dq), ptr(tables.cuSeqlens), ptr(b.cuKeys), ptr(this.queryTiles), ...tail],
+          args: [ptr(inputs.q), ptr(b.k), ptr(b.v), ptr(dOut), ptr(b.lse), ptr(inputs.gate), ptr(this.delta), ptr(grads.dq), ptr(tables.cuSeqlens), ptr(b.cuKeys), ptr(this.queryTiles), ...tail, ...dqMaps],
         })]);
       if (b.nKeyTiles === 0) continue;
       // Few key tiles (the compressed ones) would leave most SMs idle: split their query walk and sum in order.
       const splits = b.mode === 1 ? this.cmpSplits : 1;
       const pk = splits > 1 ? this.partial : undefined;
       const pvOffset = splits * b.keyRows * config.headDim * 4;
+      const maps = qMaps('dkdv', b.mode);
       stages.push([`${b.name} dkdv`, () => {
         programs.flashBackward(b.mode, 'dkdv').launch({
           grid: [b.nKeyTiles, H, splits],
@@ -201,6 +209,7 @@ export class BackwardRunner {
             ptr(inputs.q), ptr(b.k), ptr(b.v), ptr(dOut), ptr(b.lse), ptr(inputs.gate), ptr(this.delta), ptr(b.dk), ptr(b.dv),
             ptr(tables.cuSeqlens), ptr(b.cuKeys), ptr(b.keyTiles), ...tail,
             pk === undefined ? NULL : { ptr: pk.ptr }, pk === undefined ? NULL : { ptr: pk.ptr + BigInt(pvOffset) }, { i64: b.keyRows },
+            ...maps,
           ],
         });
         if (pk === undefined) return;

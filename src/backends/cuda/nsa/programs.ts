@@ -5,7 +5,10 @@
 import type { NSAConfig } from '../../../config/nsa-config.js';
 import { UnsupportedConfigError } from '../../../errors.js';
 import type { CudaContext, CudaModule } from '../context.js';
+import type { DevicePtr } from '../driver.js';
+import type { KernelArg } from '../kernel-args.js';
 import type { Kernel } from '../launch.js';
+import { encodeTiledTensorMap } from '../tensor-map.js';
 import { kernelSource } from './kernel-source.js';
 
 export type HalfDType = 'bf16' | 'f16';
@@ -59,6 +62,15 @@ export interface KernelTuning {
    */
   readonly cmpWinDqFused?: boolean | undefined;
   /**
+   * The flash backward's kernels in their pipelined form (`_tma` entries, sm_90 wgmma path): the walked tiles arrive
+   * by TMA through a ring of mbarrier stages, and two warpgroups of a CTA take turns at the tensor cores.
+   * On by default on sm_90 for both dK/dV and dQ; NSA_FA_BWD_TMA=dkdv or =dq keeps one, =0 neither (the cp.async
+   * kernels). NSA_FA_BWD_STAGES=2|3|4 sets the ring's stages (default 3 with two warpgroups, 2 with one, so that two
+   * CTAs still fit an SM; never more than shared memory holds).
+   */
+  readonly faBwdTma?: { readonly dq: boolean; readonly dkdv: boolean } | undefined;
+  readonly faBwdStages?: number | undefined;
+  /**
    * Smallest ring of block scores per position in the block selection (NSA_SELECT_RING=128|256|512), for tuning:
    * a larger ring offers final blocks to the top-n lists in larger, rarer batches (select_blocks.cu).
    */
@@ -93,6 +105,8 @@ export function kernelTuning(
         : undefined,
     fsaPersistent,
     cmpWinDqFused: env['NSA_FA_BWD_DQ_FUSED'] !== '0',
+    faBwdTma: hopper ? { dq: !['0', 'dkdv'].includes(env['NSA_FA_BWD_TMA'] ?? ''), dkdv: !['0', 'dq'].includes(env['NSA_FA_BWD_TMA'] ?? '') } : undefined,
+    faBwdStages: /^[234]$/.test(env['NSA_FA_BWD_STAGES'] ?? '') ? Number(env['NSA_FA_BWD_STAGES']) : undefined,
     selectRing: ['128', '256', '512'].includes(env['NSA_SELECT_RING'] ?? '') ? Number(env['NSA_SELECT_RING']) : undefined,
   };
 }
@@ -238,18 +252,60 @@ export class NsaPrograms {
   flashBackward(mode: 0 | 1 | 2, fn: 'preprocess' | 'dq' | 'dkdv' | 'reduce_splits'): Kernel;
   flashBackward(mode: 3, fn: 'dq_cmp_win'): Kernel;
   flashBackward(mode: 0 | 1 | 2 | 3, fn: 'preprocess' | 'dq' | 'dkdv' | 'reduce_splits' | 'dq_cmp_win'): Kernel {
-    const name = fn === 'preprocess' || fn === 'reduce_splits' ? `nsa_bwd_${fn}` : `nsa_flash_bwd_${fn}`;
+    const walk = fn === 'dkdv' ? 'dkdv' : fn === 'dq' || fn === 'dq_cmp_win' ? 'dq' : undefined;
+    const stages = walk === undefined ? undefined : this.flashBackwardStages(walk, mode);
+    const name = fn === 'preprocess' || fn === 'reduce_splits' ? `nsa_bwd_${fn}` : `nsa_flash_bwd_${fn}${stages === undefined ? '' : '_tma'}`;
     const wg = this.flashBackwardWarpgroups(mode);
+    // Both stage counts are compiled in, so that one module (per mode) serves the dQ and dK/dV launches alike.
+    const dqStages = this.flashBackwardStages('dq', mode);
+    const dkdvStages = mode === 3 ? undefined : this.flashBackwardStages('dkdv', mode);
     return this.kernel(
       'flash_attention_bwd.cu',
       name,
       [
         `-DNSA_MODE=${mode}`,
         ...(wg === undefined ? [] : ['-DFA_WGMMA', `-DFB_DQ_WG=${wg.dq}`, `-DFB_DKDV_WG=${wg.dkdv}`]),
+        ...(dkdvStages === undefined ? [] : [`-DFB_STAGES=${dkdvStages}`]),
+        ...(dqStages === undefined ? [] : [`-DFB_DQ_STAGES=${dqStages}`]),
         ...(mode === 0 ? [] : [...this.cmpDefines(), `-DWINDOW=${this.config.window}`]),
       ],
       wg !== undefined,
     );
+  }
+
+  /**
+   * Stages of the pipelined (`_tma`) form of the flash backward's dQ or dK/dV launch in a mode, or undefined where
+   * that launch takes the cp.async form (no wgmma, NSA_FA_BWD_TMA off for it, or dk/dv = 192's dK/dV). A pipelined
+   * launch takes tensor maps after its other arguments (flashBackwardTensorMaps).
+   */
+  flashBackwardStages(walk: 'dq' | 'dkdv', mode: 0 | 1 | 2 | 3): number | undefined {
+    const wg = this.flashBackwardWarpgroups(mode);
+    if (wg === undefined || this.tuning.faBwdTma?.[walk] !== true || (walk === 'dkdv' && mode === 3)) return undefined;
+    // dk = 192's dK/dV accumulators leave too few registers for the overlapped products (ptxas spills, serialises).
+    if (walk === 'dkdv' && this.config.headDim > 128) return undefined;
+    const { headDim: dk, valueDim: dv } = this.config;
+    const stageBytes = 2 * 64 * (dk + dv);
+    // Room beside the owned rows, the 1 KB alignment slack and the kernels' static shared memory (under 4 KB).
+    const fit = Math.floor((this.ctx.maxSharedBytesOptin - 1024 - 4096 - wg[walk] * stageBytes) / stageBytes);
+    return Math.max(2, Math.min(this.tuning.faBwdStages ?? (wg[walk] === 2 ? 3 : 2), fit));
+  }
+
+  /**
+   * Tensor maps of [rows, heads, cols] tensors for the pipelined flash backward, in boxes of 64 columns x 1 head x
+   * 64 rows, 128-byte swizzled (the wgmma tile layout): q and dO ([N, Hq, dk|dv]), or keys and values
+   * ([rows, H, dk|dv]).
+   */
+  flashBackwardTensorMaps(pair: 'q' | 'kv', first: DevicePtr, second: DevicePtr, rows: number): [KernelArg, KernelArg] {
+    const { heads: Hq, kvHeads: H, headDim: dk, valueDim: dv } = this.config;
+    const heads = pair === 'q' ? Hq : H;
+    const map = (ptr: DevicePtr, cols: number, what: string): KernelArg => ({
+      bytes: encodeTiledTensorMap(
+        this.ctx.driver,
+        { ptr, dtype: this.dtype, dims: [cols, heads, Math.max(1, rows)], strides: [cols * 2, heads * cols * 2], box: [64, 1, 64], swizzle: '128B' },
+        what,
+      ),
+    });
+    return pair === 'q' ? [map(first, dk, 'q'), map(second, dv, 'dO')] : [map(first, dk, 'keys'), map(second, dv, 'values')];
   }
 
   /**
@@ -310,14 +366,15 @@ export class NsaPrograms {
   }
 
   /**
-   * Shared memory of a flash backward kernel: dK/dV holds its key/value rows and two stages of 64 query/dO rows, dQ
-   * its query/dO rows and two stages of 64 keys/values; wgmma adds 1 KB of slack to align the tiles for the
-   * 128-byte swizzle.
+   * Shared memory of a flash backward kernel (two stages, or flashBackwardStages): dK/dV holds its key/value rows
+   * and stages of 64 query/dO rows, dQ its query/dO rows and stages of 64 keys/values; wgmma adds 1 KB of slack to
+   * align the tiles for the 128-byte swizzle.
    */
   flashBackwardSharedBytes(fn: 'dq' | 'dkdv', mode: 0 | 1 | 2 | 3): number {
     const { headDim: dk, valueDim: dv } = this.config;
     const slack = this.flashBackwardWarpgroups(mode) === undefined ? 0 : 1024;
-    return 2 * (this.flashBackwardTile(fn, mode) + 2 * 64) * (dk + dv) + slack;
+    const stages = this.flashBackwardStages(fn, mode) ?? 2;
+    return 2 * (this.flashBackwardTile(fn, mode) + stages * 64) * (dk + dv) + slack;
   }
 
   selectedBackwardSharedBytes(fn: 'dq' | 'dkdv', fusedDq = false): number {
