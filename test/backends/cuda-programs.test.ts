@@ -30,6 +30,7 @@ describe('kernelTuning', () => {
       cmpWinDqFused: true,
       faBwdTma: { dq: true, dkdv: true },
       faBwdStages: undefined,
+      faBwdDqOverlap: false,
       selectRing: undefined,
     });
   });

@@ -7,6 +7,7 @@
 // nvcc-check: -DDK=128 -DDV=64 -DNSA_MODE=2 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512 -DFA_WGMMA -DFB_DKDV_WG=2
 // nvcc-check: -DDK=192 -DDV=128 -DNSA_MODE=2 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512 -DFA_WGMMA -DFB_DKDV_WG=2
 // nvcc-check: -DDK=128 -DDV=128 -DNSA_MODE=3 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512 -DFA_WGMMA
+// nvcc-check: -DDK=128 -DDV=128 -DNSA_MODE=3 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512 -DFA_WGMMA -DFB_DQ_OVERLAP -DFB_DQ_STAGES=3
 // nvcc-check: -DDK=192 -DDV=128 -DNSA_MODE=3 -DCMP_L=32 -DCMP_D=16 -DWINDOW=512 -DNSA_FP16
 //
 // Backward of the flash-attention branches (FlashAttention-2's algorithm, split in two kernels so that no
@@ -954,36 +955,21 @@ __device__ __forceinline__ void dq_ring_walk(float dq_acc[DK / 8][4], const DqRi
   const int wg = threadIdx.x / 128;
   const int t_w = t.q0 + warp * 16;
   const DqRowTerms r = dq_row_terms(w.b, t, gate, delta, Hq);
-  for (int j = j0; j < j1; j++) {
+  // Starts S = Q K_j^T and dP = dO V_j^T once tile j has landed (in turn with the other warpgroup).
+  auto issue = [&](int j, float s[TILE / 8][4], float dp[TILE / 8][4]) {
     const int st = j % FB_DQ_STAGES;
-    const int kt = w.keys.first + (j - j0) * TILE;
-    const elem_t *ks = g.k + st * TILE * DK;
-    const elem_t *vs = g.v + st * TILE * DV;
     mbarrier_wait(&g.full[st], (j / FB_DQ_STAGES) & 1);
-    float s[TILE / 8][4];
-    float dp[TILE / 8][4];
 #if FB_DQ_WG == 2
     named_barrier_sync(1 + wg, 256);
 #endif
-    wgmma_s_and_dp_issue<DQ_ROWS>(s, dp, qsmem, ks, dosmem, vs, wg * 64);
+    wgmma_s_and_dp_issue<DQ_ROWS>(s, dp, qsmem, g.k + st * TILE * DK, dosmem, g.v + st * TILE * DV, wg * 64);
 #if FB_DQ_WG == 2
     if (wg == 0 || j + 1 < g.total) named_barrier_arrive(2 - wg, 256);
 #endif
-    wgmma_wait<1>();
-    wgmma_fence_operands<TILE / 8>(s);
-    dq_probabilities<MODE>(s, r, t_w, t.seq_len, kt, w.keys.end, w.b.nkeys, scale_log2, lane);
-    wgmma_wait<0>();
-    wgmma_fence_operands<TILE / 8>(dp);
-    dq_gradients(s, dp, r);
-    u32 da[TILE / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < TILE / 16; kk++) pack_a(da[kk], s[2 * kk], s[2 * kk + 1]);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < TILE / 16; kk++) wgmma_rs_mn<DK, TILE>(dq_acc, da[kk], ks, kk);
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_fence_operands<DK / 8>(dq_acc);
+  };
+  // This warp is done with tile j's stage (its products have completed); the last warp to say so refills it.
+  auto release = [&](int j) {
+    const int st = j % FB_DQ_STAGES;
     __syncwarp();
     if (lane == 0) {
       __threadfence_block();
@@ -996,7 +982,55 @@ __device__ __forceinline__ void dq_ring_walk(float dq_acc[DK / 8][4], const DqRi
         }
       }
     }
+  };
+  // dS = P (g dP - delta) from the landed S and dP, then dQ += dS K_j (committed, not waited for).
+  auto finish = [&](int j, float s[TILE / 8][4], float dp[TILE / 8][4]) {
+    const int st = j % FB_DQ_STAGES;
+    dq_probabilities<MODE>(s, r, t_w, t.seq_len, w.keys.first + (j - j0) * TILE, w.keys.end, w.b.nkeys, scale_log2, lane);
+    wgmma_wait<0>();
+    wgmma_fence_operands<TILE / 8>(dp);
+    dq_gradients(s, dp, r);
+    u32 da[TILE / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < TILE / 16; kk++) pack_a(da[kk], s[2 * kk], s[2 * kk + 1]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < TILE / 16; kk++) wgmma_rs_mn<DK, TILE>(dq_acc, da[kk], g.k + st * TILE * DK, kk);
+    wgmma_commit();
+  };
+#if FB_DQ_OVERLAP
+  // FlashAttention-3's intra-warpgroup overlap: tile j + 1's S and dP are issued right behind tile j's dQ product,
+  // so the tensor cores have them while this warpgroup computes; a stage is released one tile later, once the dQ
+  // product that reads its keys has completed (wait<1> leaves only dP_j pending).
+  float s[TILE / 8][4];
+  float dp[TILE / 8][4];
+  if (j0 < j1) issue(j0, s, dp);
+  for (int j = j0; j < j1; j++) {
+    wgmma_wait<1>(); // dQ_{j-1} and S_j
+    wgmma_fence_operands<TILE / 8>(s);
+    wgmma_fence_operands<DK / 8>(dq_acc);
+    if (j > j0) release(j - 1);
+    finish(j, s, dp);
+    if (j + 1 < j1) issue(j + 1, s, dp);
   }
+  if (j0 < j1) {
+    wgmma_wait<0>();
+    wgmma_fence_operands<DK / 8>(dq_acc);
+    release(j1 - 1);
+  }
+#else
+  for (int j = j0; j < j1; j++) {
+    float s[TILE / 8][4];
+    float dp[TILE / 8][4];
+    issue(j, s, dp);
+    wgmma_wait<1>();
+    wgmma_fence_operands<TILE / 8>(s);
+    finish(j, s, dp);
+    wgmma_wait<0>();
+    wgmma_fence_operands<DK / 8>(dq_acc);
+    release(j);
+  }
+#endif
 }
 
 /**
