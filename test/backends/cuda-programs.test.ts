@@ -30,7 +30,6 @@ describe('kernelTuning', () => {
       cmpWinDqFused: true,
       faBwdTma: { dq: true, dkdv: true },
       faBwdStages: undefined,
-      faBwdDqOverlap: false,
       selectRing: undefined,
     });
   });

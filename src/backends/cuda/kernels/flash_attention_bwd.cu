@@ -7,7 +7,6 @@
 // nvcc-check: -DDK=128 -DDV=64 -DNSA_MODE=2 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512 -DFA_WGMMA -DFB_DKDV_WG=2
 // nvcc-check: -DDK=192 -DDV=128 -DNSA_MODE=2 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512 -DFA_WGMMA -DFB_DKDV_WG=2
 // nvcc-check: -DDK=128 -DDV=128 -DNSA_MODE=3 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512 -DFA_WGMMA
-// nvcc-check: -DDK=128 -DDV=128 -DNSA_MODE=3 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512 -DFA_WGMMA -DFB_DQ_OVERLAP -DFB_DQ_STAGES=3
 // nvcc-check: -DDK=192 -DDV=128 -DNSA_MODE=3 -DCMP_L=32 -DCMP_D=16 -DWINDOW=512 -DNSA_FP16
 //
 // Backward of the flash-attention branches (FlashAttention-2's algorithm, split in two kernels so that no
@@ -998,27 +997,6 @@ __device__ __forceinline__ void dq_ring_walk(float dq_acc[DK / 8][4], const DqRi
     for (int kk = 0; kk < TILE / 16; kk++) wgmma_rs_mn<DK, TILE>(dq_acc, da[kk], g.k + st * TILE * DK, kk);
     wgmma_commit();
   };
-#if FB_DQ_OVERLAP
-  // FlashAttention-3's intra-warpgroup overlap: tile j + 1's S and dP are issued right behind tile j's dQ product,
-  // so the tensor cores have them while this warpgroup computes; a stage is released one tile later, once the dQ
-  // product that reads its keys has completed (wait<1> leaves only dP_j pending).
-  float s[TILE / 8][4];
-  float dp[TILE / 8][4];
-  if (j0 < j1) issue(j0, s, dp);
-  for (int j = j0; j < j1; j++) {
-    wgmma_wait<1>(); // dQ_{j-1} and S_j
-    wgmma_fence_operands<TILE / 8>(s);
-    wgmma_fence_operands<DK / 8>(dq_acc);
-    if (j > j0) release(j - 1);
-    finish(j, s, dp);
-    if (j + 1 < j1) issue(j + 1, s, dp);
-  }
-  if (j0 < j1) {
-    wgmma_wait<0>();
-    wgmma_fence_operands<DK / 8>(dq_acc);
-    release(j1 - 1);
-  }
-#else
   for (int j = j0; j < j1; j++) {
     float s[TILE / 8][4];
     float dp[TILE / 8][4];
@@ -1030,7 +1008,6 @@ __device__ __forceinline__ void dq_ring_walk(float dq_acc[DK / 8][4], const DqRi
     wgmma_fence_operands<DK / 8>(dq_acc);
     release(j);
   }
-#endif
 }
 
 /**

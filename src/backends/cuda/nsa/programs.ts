@@ -71,11 +71,6 @@ export interface KernelTuning {
   readonly faBwdTma?: { readonly dq: boolean; readonly dkdv: boolean } | undefined;
   readonly faBwdStages?: number | undefined;
   /**
-   * The pipelined dQ issues the next key tile's S and dP behind this tile's dQ product (FlashAttention-3's
-   * intra-warpgroup overlap; NSA_FA_BWD_DQ_OVERLAP=1), releasing each stage one tile later.
-   */
-  readonly faBwdDqOverlap?: boolean | undefined;
-  /**
    * Smallest ring of block scores per position in the block selection (NSA_SELECT_RING=128|256|512), for tuning:
    * a larger ring offers final blocks to the top-n lists in larger, rarer batches (select_blocks.cu).
    */
@@ -112,7 +107,6 @@ export function kernelTuning(
     cmpWinDqFused: env['NSA_FA_BWD_DQ_FUSED'] !== '0',
     faBwdTma: hopper ? { dq: !['0', 'dkdv'].includes(env['NSA_FA_BWD_TMA'] ?? ''), dkdv: !['0', 'dq'].includes(env['NSA_FA_BWD_TMA'] ?? '') } : undefined,
     faBwdStages: /^[234]$/.test(env['NSA_FA_BWD_STAGES'] ?? '') ? Number(env['NSA_FA_BWD_STAGES']) : undefined,
-    faBwdDqOverlap: env['NSA_FA_BWD_DQ_OVERLAP'] === '1',
     selectRing: ['128', '256', '512'].includes(env['NSA_SELECT_RING'] ?? '') ? Number(env['NSA_SELECT_RING']) : undefined,
   };
 }
@@ -272,7 +266,7 @@ export class NsaPrograms {
         `-DNSA_MODE=${mode}`,
         ...(wg === undefined ? [] : ['-DFA_WGMMA', `-DFB_DQ_WG=${wg.dq}`, `-DFB_DKDV_WG=${wg.dkdv}`]),
         ...(dkdvStages === undefined ? [] : [`-DFB_STAGES=${dkdvStages}`]),
-        ...(dqStages === undefined ? [] : [`-DFB_DQ_STAGES=${dqStages}`, ...(this.tuning.faBwdDqOverlap === true ? ['-DFB_DQ_OVERLAP'] : [])]),
+        ...(dqStages === undefined ? [] : [`-DFB_DQ_STAGES=${dqStages}`]),
         ...(mode === 0 ? [] : [...this.cmpDefines(), `-DWINDOW=${this.config.window}`]),
       ],
       wg !== undefined,
