@@ -280,6 +280,7 @@ export class CudaBackend implements Backend {
     const out = scope.alloc(this.ctx, N * config.heads * config.valueDim * 4, 'dense output');
     const lse = scope.alloc(this.ctx, N * config.heads * 4, 'dense lse');
     const kernel = programs.flash(0);
+    const maps = programs.flashTma ? programs.flashTensorMaps(inputs.q.ptr, inputs.k.ptr, inputs.v.ptr, N) : [];
     const none = { ptr: 0n };
     const run = (): void =>
       kernel.launch({
@@ -305,6 +306,7 @@ export class CudaBackend implements Backend {
           { i32: config.kvHeads },
           { f32: config.scale * Math.LOG2E },
           { i32: 0 },
+          ...maps,
         ],
       });
     return { run, out, lse };

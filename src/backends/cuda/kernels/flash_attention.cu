@@ -5,6 +5,8 @@
 // nvcc-check: -DDK=64 -DDV=64 -DNSA_MODE=3 -DCMP_L=32 -DCMP_D=16 -DWINDOW=512 -DNSA_FP16 -DFA_WGMMA
 // nvcc-check: -DDK=192 -DDV=128 -DNSA_MODE=3 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512 -DFA_WGMMA -DFA_WARPS=4
 // nvcc-check: -DDK=128 -DDV=128 -DNSA_MODE=3 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512 -DFA_WGMMA -DCMP_STASH
+// nvcc-check: -DDK=128 -DDV=128 -DNSA_MODE=3 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512 -DFA_WGMMA -DCMP_STASH -DFA_PINGPONG
+// nvcc-check: -DDK=128 -DDV=64 -DNSA_MODE=1 -DCMP_L=32 -DCMP_D=16 -DWINDOW=512 -DFA_WGMMA -DFA_WARPS=4
 // nvcc-check: -DDK=64 -DDV=64 -DNSA_MODE=3 -DCMP_L=32 -DCMP_D=16 -DWINDOW=512 -DCMP_STASH
 //
 // FlashAttention-2 style tiles: a CTA takes 16 * FA_WARPS query rows of one query head (a warp per 16 rows; 128
@@ -356,6 +358,269 @@ __device__ __forceinline__ void run_phase(const Pointers p, int gate_index, bool
   write_phase_output(p, t, st, o, gate_index, overwrite, hq, Hq, stash, stash_use);
 }
 #endif
+
+#if FA_USE_WGMMA && defined(NSA_HAS_BULK_COPY)
+/**
+ * The pipelined forward's (nsa_flash_attention_tma) rings of key and value tiles: tile j of the launch (the first
+ * phase's tiles, then the second's) in stage j & 1 of each ring, loaded by TMA from the phase's tensor maps
+ * ([rows][H][cols], boxes 64 x 1 x 64); a stage is refilled with tile j + 2 by the last warp done with tile j.
+ * K_j is done once Q K_j^T has landed, V_j once P_j V_j has.
+ */
+struct FaRing {
+  elem_t *k; // 2 x BLOCK_N x DK
+  elem_t *v; // 2 x BLOCK_N x DV
+  unsigned long long *kfull;
+  unsigned long long *vfull;
+  int *kdone;
+  int *vdone;
+  int n0;    // the first phase's tiles
+  int total; // all tiles
+  int row0;  // key row of each phase's first tile
+  int row1;
+  int h;
+  const TensorMapBytes *k_map0;
+  const TensorMapBytes *v_map0;
+  const TensorMapBytes *k_map1;
+  const TensorMapBytes *v_map1;
+};
+
+/** Starts tile j's TMA copies into its stage of the K ring (or the V ring with IS_V); one thread. */
+template <bool IS_V> __device__ __forceinline__ void fa_ring_fill(const FaRing &g, int j) {
+  constexpr int D = IS_V ? DV : DK;
+  const int st = j & 1;
+  const bool second = j >= g.n0;
+  const int row = second ? g.row1 + (j - g.n0) * BLOCK_N : g.row0 + j * BLOCK_N;
+  const TensorMapBytes *map = IS_V ? (second ? g.v_map1 : g.v_map0) : (second ? g.k_map1 : g.k_map0);
+  elem_t *dst = (IS_V ? g.v : g.k) + st * BLOCK_N * D;
+  unsigned long long *bar = (IS_V ? g.vfull : g.kfull) + st;
+  mbarrier_arrive_expect_tx(bar, BLOCK_N * D * (u32)sizeof(elem_t));
+#pragma unroll
+  for (int c = 0; c < D / 64; c++) {
+#pragma unroll
+    for (int rb = 0; rb < BLOCK_N / 64; rb++) tma_load_3d(dst + c * BLOCK_N * 64 + rb * 64 * 64, map, c * 64, g.h, row + rb * 64, bar);
+  }
+}
+
+/** This warp is done with tile j of the K (or V) ring; the last of the CTA's warps refills the stage with tile j + 2. */
+template <bool IS_V> __device__ __forceinline__ void fa_ring_release(const FaRing &g, int j) {
+  int *done = (IS_V ? g.vdone : g.kdone) + (j & 1);
+  __syncwarp();
+  if (threadIdx.x % 32 == 0) {
+    __threadfence_block();
+    if (atomicAdd(done, 1) == FA_WARPS - 1) {
+      *done = 0;
+      __threadfence_block();
+      if (j + 2 < g.total) {
+        fence_proxy_async_shared();
+        fa_ring_fill<IS_V>(g, j + 2);
+      }
+    }
+  }
+}
+
+__device__ __forceinline__ void fa_ring_wait(unsigned long long *full, int j) { mbarrier_wait(full + (j & 1), (j >> 1) & 1); }
+
+#if FA_WARPS == 8 && defined(FA_PINGPONG)
+// The two warpgroups take turns issuing their products (named barriers 1 and 2; warpgroup 0 first, its last
+// turn's opening consumed at the end of the kernel), so one's softmax runs while the other's products hold the
+// tensor cores.
+__device__ __forceinline__ void fa_turn_begin() { named_barrier_sync(1 + threadIdx.x / 128, 256); }
+__device__ __forceinline__ void fa_turn_end() { named_barrier_arrive(2 - threadIdx.x / 128, 256); }
+#else
+__device__ __forceinline__ void fa_turn_begin() {}
+__device__ __forceinline__ void fa_turn_end() {}
+#endif
+
+/**
+ * run_phase (wgmma) over the rings: the phase's tiles are ring tiles [j0, j0 + t.ntiles). The same software
+ * pipeline within a warpgroup (Q K_{j+1}^T issued before P_j V_j), without a __syncthreads per tile.
+ */
+template <int PHASE>
+__device__ __forceinline__ void run_phase_tma(const Pointers p, int gate_index, bool overwrite, const elem_t *qrows, const FaRing &g,
+                                              int j0, const PhaseTile t, int hq, int Hq, float scale_log2, float *stash = nullptr,
+                                              StashUse stash_use = STASH_NONE) {
+  const int wg_row0 = (threadIdx.x / 128) * 64;
+  float o[DV / 8][4];
+  zero_frags<DV / 8>(o);
+  SoftmaxRows st;
+  st.init();
+  auto issue_qk = [&](float s[BLOCK_N / 8][4], int j) {
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < DK / 16; ks++) {
+      wgmma_ss<BLOCK_N>(s, wgmma_desc_kmajor<BLOCK_M>(qrows, wg_row0, ks), wgmma_desc_kmajor<BLOCK_N>(g.k + (j & 1) * BLOCK_N * DK, 0, ks),
+                        ks > 0);
+    }
+    wgmma_commit();
+  };
+  const int n = t.ntiles;
+  if (n > 0) {
+    float s[BLOCK_N / 8][4];
+    float rescale[2];
+    u32 pa[BLOCK_N / 16][4];
+    auto pack_p = [&]() {
+#pragma unroll
+      for (int kk = 0; kk < BLOCK_N / 16; kk++) {
+        pa[kk][0] = pack_elem2(s[2 * kk][0], s[2 * kk][1]);
+        pa[kk][1] = pack_elem2(s[2 * kk][2], s[2 * kk][3]);
+        pa[kk][2] = pack_elem2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        pa[kk][3] = pack_elem2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+      }
+    };
+    auto issue_pv = [&](int j) {
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < BLOCK_N / 16; kk++) wgmma_rs<DV, 1>(o, pa[kk], wgmma_desc_mnmajor<BLOCK_N>(g.v + (j & 1) * BLOCK_N * DV, kk), 1);
+      wgmma_commit();
+    };
+    fa_ring_wait(g.kfull, j0);
+    fa_turn_begin();
+    issue_qk(s, j0);
+    fa_turn_end();
+    wgmma_wait<0>();
+    wgmma_fence_operands<BLOCK_N / 8>(s);
+    fa_ring_release<false>(g, j0);
+    mask_scores<PHASE>(s, t, 0);
+    softmax_scores<BLOCK_N / 8>(st, s, rescale, scale_log2); // o is still zero: nothing to rescale
+    // As in run_phase, the last tile is peeled off so that every wgmma of the loop is unconditional.
+    for (int i = 0; i + 1 < n; i++) {
+      const int j = j0 + i;
+      fa_ring_wait(g.kfull, j + 1);
+      fa_ring_wait(g.vfull, j);
+      pack_p();
+      fa_turn_begin();
+      issue_qk(s, j + 1);
+      issue_pv(j);
+      fa_turn_end();
+      wgmma_wait<1>(); // the scores of tile j + 1; P V may still run
+      wgmma_fence_operands<BLOCK_N / 8>(s);
+      fa_ring_release<false>(g, j + 1);
+      mask_scores<PHASE>(s, t, i + 1);
+      softmax_scores<BLOCK_N / 8>(st, s, rescale, scale_log2);
+      wgmma_wait<0>();
+      wgmma_fence_operands<DV / 8>(o);
+      fa_ring_release<true>(g, j);
+      rescale_rows<DV>(o, rescale);
+    }
+    fa_ring_wait(g.vfull, j0 + n - 1);
+    pack_p();
+    fa_turn_begin();
+    issue_pv(j0 + n - 1);
+    fa_turn_end();
+    wgmma_wait<0>();
+    wgmma_fence_operands<DV / 8>(o);
+    fa_ring_release<true>(g, j0 + n - 1);
+  }
+  write_phase_output(p, t, st, o, gate_index, overwrite, hq, Hq, stash, stash_use);
+}
+#endif
+
+/**
+ * nsa_flash_attention on sm_90 with the TMA rings (run_phase_tma; the host's NSA_FA_TMA): the same arguments, then
+ * the tensor maps of q ([N][Hq][DK]) and of the keys and values it walks (k/v: [N][H][D] raw rows, kc/vc:
+ * [Nc][H][D] compressed rows; a mode's unused maps may be any valid map), boxes 64 x 1 x 64, 128-byte swizzle.
+ */
+extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
+    nsa_flash_attention_tma(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
+                            const elem_t *__restrict__ kc, const elem_t *__restrict__ vc, const float *__restrict__ gate,
+                            float *__restrict__ out, float *__restrict__ out_cmp, float *__restrict__ out_win,
+                            float *__restrict__ lse_cmp, float *__restrict__ lse_win, const int *__restrict__ cu_seqlens,
+                            const int *__restrict__ cu_cmp, const int2 *__restrict__ tiles, int Hq, int H, float scale_log2,
+                            int accumulate, const __grid_constant__ TensorMapBytes q_map, const __grid_constant__ TensorMapBytes k_map,
+                            const __grid_constant__ TensorMapBytes v_map, const __grid_constant__ TensorMapBytes kc_map,
+                            const __grid_constant__ TensorMapBytes vc_map) {
+#if FA_USE_WGMMA && defined(NSA_HAS_BULK_COPY)
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  elem_t *qsmem = reinterpret_cast<elem_t *>(wgmma_aligned(smem_raw));
+  elem_t *ksmem = qsmem + BLOCK_M * DK;
+  elem_t *vsmem = ksmem + 2 * BLOCK_N * DK;
+#if NSA_MODE == 3 && defined(CMP_STASH)
+  float *stash = reinterpret_cast<float *>(vsmem + 2 * BLOCK_N * DV); // BLOCK_M x DV: the cmp phase's gate * o
+  constexpr StashUse CMP_USE = STASH_PUT, WIN_USE = STASH_TAKE;
+  constexpr bool WIN_WRITES_FIRST = true; // out was not touched by the cmp phase
+#else
+  float *stash = nullptr;
+  constexpr StashUse CMP_USE = STASH_NONE, WIN_USE = STASH_NONE;
+  constexpr bool WIN_WRITES_FIRST = NSA_MODE == 2;
+#endif
+  __shared__ __align__(8) unsigned long long q_full, k_full[2], v_full[2];
+  __shared__ int k_done[2], v_done[2];
+
+  const int2 tile = tiles[blockIdx.x];
+  const int seq = tile.x;
+  const int q0 = tile.y;
+  const int hq = blockIdx.y;
+  const int seq_start = cu_seqlens[seq];
+  const int seq_len = cu_seqlens[seq + 1] - seq_start;
+  const int kvh = hq / (Hq / H);
+#if NSA_MODE == 0
+  const PhaseTile t0 = phase_tile<PHASE_DENSE>(q0, seq_start, seq_start, seq_len, 0, kvh);
+  const PhaseTile t1 = t0;
+  const TensorMapBytes *maps0[2] = {&k_map, &v_map};
+#else
+  const int c_start = cu_cmp[seq];
+  const int tc = cu_cmp[seq + 1] - c_start;
+#if NSA_MODE == 1 || NSA_MODE == 3
+  const PhaseTile t0 = phase_tile<PHASE_CMP>(q0, seq_start, c_start, seq_len, tc, kvh);
+  const TensorMapBytes *maps0[2] = {&kc_map, &vc_map};
+#else
+  const PhaseTile t0 = phase_tile<PHASE_WIN>(q0, seq_start, seq_start, seq_len, tc, kvh);
+  const TensorMapBytes *maps0[2] = {&k_map, &v_map};
+#endif
+  const PhaseTile t1 = phase_tile<PHASE_WIN>(q0, seq_start, seq_start, seq_len, tc, kvh);
+#endif
+  const int total = t0.ntiles + (NSA_MODE == 3 ? t1.ntiles : 0);
+  const FaRing g{ksmem, vsmem, k_full, v_full, k_done, v_done, t0.ntiles, total, t0.key_base + t0.keys.first,
+                 t1.key_base + t1.keys.first, kvh, maps0[0], maps0[1], &k_map, &v_map};
+  if (threadIdx.x == 0) {
+    mbarrier_init(&q_full, 1);
+    for (int st = 0; st < 2; st++) {
+      mbarrier_init(&k_full[st], 1);
+      mbarrier_init(&v_full[st], 1);
+      k_done[st] = 0;
+      v_done[st] = 0;
+    }
+    mbarrier_init_fence();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    // Q: 64-row boxes into the [BLOCK_M][64] column blocks (rows past the sequence are computed, never written).
+    mbarrier_arrive_expect_tx(&q_full, BLOCK_M * DK * (u32)sizeof(elem_t));
+#pragma unroll
+    for (int c = 0; c < DK / 64; c++) {
+#pragma unroll
+      for (int rb = 0; rb < BLOCK_M / 64; rb++) tma_load_3d(qsmem + c * BLOCK_M * 64 + rb * 64 * 64, &q_map, c * 64, hq, seq_start + q0 + rb * 64, &q_full);
+    }
+    for (int j = 0; j < min(2, total); j++) {
+      fa_ring_fill<false>(g, j);
+      fa_ring_fill<true>(g, j);
+    }
+  }
+#if FA_WARPS == 8 && defined(FA_PINGPONG)
+  if (threadIdx.x >= 128) named_barrier_arrive(1, 256); // warpgroup 0 takes the first turn
+#endif
+  mbarrier_wait(&q_full, 0);
+
+#if NSA_MODE == 0
+  Pointers p{q, k, v, nullptr, out, nullptr, lse_cmp};
+  run_phase_tma<PHASE_DENSE>(p, -1, !accumulate, qsmem, g, 0, t0, hq, Hq, scale_log2);
+#elif NSA_MODE == 1
+  Pointers pc{q, kc, vc, gate, out, out_cmp, lse_cmp};
+  run_phase_tma<PHASE_CMP>(pc, 0, !accumulate, qsmem, g, 0, t0, hq, Hq, scale_log2);
+#elif NSA_MODE == 2
+  Pointers pw{q, k, v, gate, out, out_win, lse_win};
+  run_phase_tma<PHASE_WIN>(pw, 2, WIN_WRITES_FIRST && !accumulate, qsmem, g, 0, t0, hq, Hq, scale_log2);
+#else
+  Pointers pc{q, kc, vc, gate, out, out_cmp, lse_cmp};
+  run_phase_tma<PHASE_CMP>(pc, 0, !accumulate, qsmem, g, 0, t0, hq, Hq, scale_log2, stash, CMP_USE);
+  Pointers pw{q, k, v, gate, out, out_win, lse_win};
+  run_phase_tma<PHASE_WIN>(pw, 2, WIN_WRITES_FIRST && !accumulate, qsmem, g, t0.ntiles, t1, hq, Hq, scale_log2, stash, WIN_USE);
+#endif
+#if FA_WARPS == 8 && defined(FA_PINGPONG)
+  if (threadIdx.x < 128) named_barrier_sync(1, 256); // warpgroup 1's last opening
+#endif
+#endif
+}
 
 extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
     nsa_flash_attention(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,

@@ -62,6 +62,13 @@ export interface KernelTuning {
    */
   readonly cmpWinDqFused?: boolean | undefined;
   /**
+   * The flash forward as nsa_flash_attention_tma (sm_90 wgmma path; NSA_FA_TMA=0 turns it off): Q, key and value
+   * tiles by TMA through rings of mbarrier stages instead of every thread's cp.async and a __syncthreads per tile.
+   * NSA_FA_PINGPONG=1 makes its two warpgroups take turns issuing their products.
+   */
+  readonly faTma?: boolean | undefined;
+  readonly faPingpong?: boolean | undefined;
+  /**
    * The flash backward's kernels in their pipelined form (`_tma` entries, sm_90 wgmma path): the walked tiles arrive
    * by TMA through a ring of mbarrier stages, and two warpgroups of a CTA take turns at the tensor cores.
    * On by default on sm_90 for both dK/dV and dQ; NSA_FA_BWD_TMA=dkdv or =dq keeps one, =0 neither (the cp.async
@@ -105,6 +112,8 @@ export function kernelTuning(
         : undefined,
     fsaPersistent,
     cmpWinDqFused: env['NSA_FA_BWD_DQ_FUSED'] !== '0',
+    faTma: hopper && env['NSA_FA_WGMMA'] !== '0' && env['NSA_FA_TMA'] !== '0',
+    faPingpong: env['NSA_FA_PINGPONG'] === '1',
     faBwdTma: hopper ? { dq: !['0', 'dkdv'].includes(env['NSA_FA_BWD_TMA'] ?? ''), dkdv: !['0', 'dq'].includes(env['NSA_FA_BWD_TMA'] ?? '') } : undefined,
     faBwdStages: /^[234]$/.test(env['NSA_FA_BWD_STAGES'] ?? '') ? Number(env['NSA_FA_BWD_STAGES']) : undefined,
     selectRing: ['128', '256', '512'].includes(env['NSA_SELECT_RING'] ?? '') ? Number(env['NSA_SELECT_RING']) : undefined,
@@ -160,16 +169,33 @@ export class NsaPrograms {
   flash(mode: 0 | 1 | 2 | 3): Kernel {
     return this.kernel(
       'flash_attention.cu',
-      'nsa_flash_attention',
+      this.flashTma ? 'nsa_flash_attention_tma' : 'nsa_flash_attention',
       [
         `-DNSA_MODE=${mode}`,
         `-DFA_WARPS=${this.tuning.faWarps}`,
         ...(this.tuning.faWgmma ? ['-DFA_WGMMA'] : []),
+        ...(this.flashTma && this.tuning.faPingpong === true ? ['-DFA_PINGPONG'] : []),
         ...(mode === 0 ? [] : [...this.cmpDefines(), `-DWINDOW=${this.config.window}`]),
         ...(mode === 3 && this.cmpStash ? ['-DCMP_STASH'] : []),
       ],
       this.tuning.faWgmma,
     );
+  }
+
+  /** Whether flash() is nsa_flash_attention_tma, whose launches take flashTensorMaps after their other arguments. */
+  get flashTma(): boolean {
+    return this.tuning.faWgmma && this.tuning.faTma === true;
+  }
+
+  /**
+   * The tensor maps nsa_flash_attention_tma reads through, in its argument order: q [N, Hq, dk], the raw keys and
+   * values [N, H, dk|dv], and the compressed ones [Nc, H, dk|dv] (the raw ones' maps stand in where there are none).
+   */
+  flashTensorMaps(q: DevicePtr, k: DevicePtr, v: DevicePtr, rows: number, kc?: DevicePtr, vc?: DevicePtr, cmpRows = 0): KernelArg[] {
+    const qMap = this.tileMap(q, this.config.headDim, this.config.heads, rows, 'q');
+    const raw = this.flashBackwardTensorMaps('kv', k, v, rows);
+    const cmp = kc === undefined || vc === undefined || cmpRows === 0 ? raw : this.flashBackwardTensorMaps('kv', kc, vc, cmpRows);
+    return [qMap, ...raw, ...cmp];
   }
 
   /**
@@ -297,15 +323,15 @@ export class NsaPrograms {
    */
   flashBackwardTensorMaps(pair: 'q' | 'kv', first: DevicePtr, second: DevicePtr, rows: number): [KernelArg, KernelArg] {
     const { heads: Hq, kvHeads: H, headDim: dk, valueDim: dv } = this.config;
-    const heads = pair === 'q' ? Hq : H;
-    const map = (ptr: DevicePtr, cols: number, what: string): KernelArg => ({
-      bytes: encodeTiledTensorMap(
-        this.ctx.driver,
-        { ptr, dtype: this.dtype, dims: [cols, heads, Math.max(1, rows)], strides: [cols * 2, heads * cols * 2], box: [64, 1, 64], swizzle: '128B' },
-        what,
-      ),
-    });
-    return pair === 'q' ? [map(first, dk, 'q'), map(second, dv, 'dO')] : [map(first, dk, 'keys'), map(second, dv, 'values')];
+    return pair === 'q'
+      ? [this.tileMap(first, dk, Hq, rows, 'q'), this.tileMap(second, dv, Hq, rows, 'dO')]
+      : [this.tileMap(first, dk, H, rows, 'keys'), this.tileMap(second, dv, H, rows, 'values')];
+  }
+
+  /** The tensor map of a [rows, heads, cols] tensor in boxes of 64 columns x 1 head x 64 rows, 128-byte swizzled. */
+  private tileMap(ptr: DevicePtr, cols: number, heads: number, rows: number, what: string): KernelArg {
+    const spec = { ptr, dtype: this.dtype, dims: [cols, heads, Math.max(1, rows)], strides: [cols * 2, heads * cols * 2], box: [64, 1, 64], swizzle: '128B' } as const;
+    return { bytes: encodeTiledTensorMap(this.ctx.driver, spec, what) };
   }
 
   /**
