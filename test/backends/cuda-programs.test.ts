@@ -29,18 +29,18 @@ describe('kernelTuning', () => {
       fsaPersistent: true,
       cmpWinDqFused: true,
       faTma: true,
-      faPingpong: false,
+      faPingpong: true,
       faBwdTma: { dq: true, dkdv: true },
       faBwdStages: undefined,
       selectRing: undefined,
     });
   });
 
-  it('takes the TMA flash forward on sm_90 with wgmma unless NSA_FA_TMA=0 (or NSA_FA_WGMMA=0); ping-pong with NSA_FA_PINGPONG=1', () => {
+  it('takes the TMA flash forward on sm_90 with wgmma unless NSA_FA_TMA=0 (or NSA_FA_WGMMA=0); ping-pong unless NSA_FA_PINGPONG=0', () => {
     expect(kernelTuning(config(128, 128), { NSA_FA_TMA: '0' }, [9, 0]).faTma).toBe(false);
     expect(kernelTuning(config(128, 128), { NSA_FA_WGMMA: '0' }, [9, 0]).faTma).toBe(false);
     expect(kernelTuning(config(128, 128), {}, [8, 0]).faTma).toBe(false);
-    expect(kernelTuning(config(128, 128), { NSA_FA_PINGPONG: '1' }, [9, 0]).faPingpong).toBe(true);
+    expect(kernelTuning(config(128, 128), { NSA_FA_PINGPONG: '0' }, [9, 0]).faPingpong).toBe(false);
     expect(new NsaPrograms(fakeContext, config(128, 128), 'bf16', { ...kernelTuning(config(128, 128), {}, [9, 0]), faWgmma: false }).flashTma).toBe(false);
   });
 

@@ -516,7 +516,8 @@ __device__ __forceinline__ void run_phase_tma(const Pointers p, int gate_index, 
 #endif
 
 /**
- * nsa_flash_attention on sm_90 with the TMA rings (run_phase_tma; the host's NSA_FA_TMA): the same arguments, then
+ * nsa_flash_attention on sm_90 with the TMA rings (run_phase_tma; the host's NSA_FA_TMA, FA_PINGPONG unless
+ * NSA_FA_PINGPONG=0): the same arguments, then
  * the tensor maps of q ([N][Hq][DK]) and of the keys and values it walks (k/v: [N][H][D] raw rows, kc/vc:
  * [Nc][H][D] compressed rows; a mode's unused maps may be any valid map), boxes 64 x 1 x 64, 128-byte swizzle.
  */

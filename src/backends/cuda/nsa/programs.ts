@@ -64,7 +64,8 @@ export interface KernelTuning {
   /**
    * The flash forward as nsa_flash_attention_tma (sm_90 wgmma path; NSA_FA_TMA=0 turns it off): Q, key and value
    * tiles by TMA through rings of mbarrier stages instead of every thread's cp.async and a __syncthreads per tile.
-   * NSA_FA_PINGPONG=1 makes its two warpgroups take turns issuing their products.
+   * Its two warpgroups take turns issuing their products (FlashAttention-3's ping-pong; NSA_FA_PINGPONG=0 lets them
+   * issue freely).
    */
   readonly faTma?: boolean | undefined;
   readonly faPingpong?: boolean | undefined;
@@ -113,7 +114,7 @@ export function kernelTuning(
     fsaPersistent,
     cmpWinDqFused: env['NSA_FA_BWD_DQ_FUSED'] !== '0',
     faTma: hopper && env['NSA_FA_WGMMA'] !== '0' && env['NSA_FA_TMA'] !== '0',
-    faPingpong: env['NSA_FA_PINGPONG'] === '1',
+    faPingpong: env['NSA_FA_PINGPONG'] !== '0',
     faBwdTma: hopper ? { dq: !['0', 'dkdv'].includes(env['NSA_FA_BWD_TMA'] ?? ''), dkdv: !['0', 'dq'].includes(env['NSA_FA_BWD_TMA'] ?? '') } : undefined,
     faBwdStages: /^[234]$/.test(env['NSA_FA_BWD_STAGES'] ?? '') ? Number(env['NSA_FA_BWD_STAGES']) : undefined,
     selectRing: ['128', '256', '512'].includes(env['NSA_SELECT_RING'] ?? '') ? Number(env['NSA_SELECT_RING']) : undefined,
