@@ -278,6 +278,24 @@ describe('the flash backward kernels', () => {
   });
 });
 
+describe('the tensor maps of the TMA kernels', () => {
+  it('are encoded once per (buffer, shape) and reused by later launches on the same buffers', () => {
+    const encode = vi.fn();
+    const ctx = { ...fakeContext, driver: { tensorMapEncodeTiled: encode } } as unknown as CudaContext;
+    const programs = new NsaPrograms(ctx, config(128, 64), 'bf16', kernelTuning(config(128, 64), {}, [9, 0]));
+    const first = programs.flashTensorMaps(0x1000n, 0x2000n, 0x3000n, 500);
+    expect(first).toHaveLength(5); // q, k, v, and k, v again where there are no compressed keys
+    expect(encode).toHaveBeenCalledTimes(3);
+    expect(programs.flashTensorMaps(0x1000n, 0x2000n, 0x3000n, 500)).toEqual(first);
+    expect(encode).toHaveBeenCalledTimes(3);
+    programs.flashTensorMaps(0x1000n, 0x2000n, 0x3000n, 501); // another length: new maps
+    expect(encode).toHaveBeenCalledTimes(6);
+    // q [N, Hq, dk] with Hq = 16, and the values' map [N, H, dv] with dv = 64.
+    expect(encode.mock.calls[0]!.slice(3, 5)).toEqual([BigUint64Array.from([128n, 16n, 500n]), BigUint64Array.from([256n, 16n * 256n])]);
+    expect(encode.mock.calls[2]!.slice(3, 5)).toEqual([BigUint64Array.from([64n, 1n, 500n]), BigUint64Array.from([128n, 128n])]);
+  });
+});
+
 describe('selectedDqMode', () => {
   const GiB = 2 ** 30;
   it('fuses dQ into the dK/dV pass where its parts leave a quarter of the free memory', () => {

@@ -143,6 +143,7 @@ export function checkCudaSupport(config: NSAConfig): void {
 /** The compiled kernels of one (config, dtype), created lazily and memoised by the context. */
 export class NsaPrograms {
   private readonly kernels = new Map<string, Kernel>();
+  private readonly tileMaps = new Map<string, Uint8Array>();
   constructor(
     private readonly ctx: CudaContext,
     readonly config: NSAConfig,
@@ -329,10 +330,21 @@ export class NsaPrograms {
       : [this.tileMap(first, dk, H, rows, 'keys'), this.tileMap(second, dv, H, rows, 'values')];
   }
 
-  /** The tensor map of a [rows, heads, cols] tensor in boxes of 64 columns x 1 head x 64 rows, 128-byte swizzled. */
+  /**
+   * The tensor map of a [rows, heads, cols] tensor in boxes of 64 columns x 1 head x 64 rows, 128-byte swizzled. A
+   * map is a pure function of these values, so encodings are memoised: a forward or backward re-run on the same
+   * buffers (a benchmark, a training step) does not pay the driver call and the argument packing per launch.
+   */
   private tileMap(ptr: DevicePtr, cols: number, heads: number, rows: number, what: string): KernelArg {
-    const spec = { ptr, dtype: this.dtype, dims: [cols, heads, Math.max(1, rows)], strides: [cols * 2, heads * cols * 2], box: [64, 1, 64], swizzle: '128B' } as const;
-    return { bytes: encodeTiledTensorMap(this.ctx.driver, spec, what) };
+    const key = `${ptr}:${cols}:${heads}:${rows}`;
+    let bytes = this.tileMaps.get(key);
+    if (bytes === undefined) {
+      const spec = { ptr, dtype: this.dtype, dims: [cols, heads, Math.max(1, rows)], strides: [cols * 2, heads * cols * 2], box: [64, 1, 64], swizzle: '128B' } as const;
+      bytes = encodeTiledTensorMap(this.ctx.driver, spec, what);
+      if (this.tileMaps.size >= 256) this.tileMaps.clear();
+      this.tileMaps.set(key, bytes);
+    }
+    return { bytes };
   }
 
   /**
