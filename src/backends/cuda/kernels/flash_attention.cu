@@ -28,6 +28,10 @@
 // wgmma straight from shared memory (Q and K K-major, V transposed, all in 128-byte-swizzled column blocks), over key
 // tiles of 128; P stays in registers as the A operand of P V. The softmax, masks and epilogue are the same code as
 // the mma.sync path, because wgmma's accumulator layout per warp is mma.sync's C fragment layout (nsa_wgmma.cuh).
+//
+// nsa_flash_attention_tma (sm_90 with wgmma, the host's default there) is the same kernel with Q, K and V loaded by
+// TMA through K and V rings of mbarrier stages (no __syncthreads per tile), and the two warpgroups taking turns at
+// the tensor cores (FA_PINGPONG).
 #include "nsa_common.cuh"
 #include "nsa_wgmma.cuh"
 #if defined(FA_WGMMA) && defined(NSA_HAS_WGMMA)

@@ -33,6 +33,10 @@
 // 2 for the dense dQ, 1 for the cmp/win dQ). Each iteration waits for its wgmma before the next tile's barrier, so
 // the other stage refills while this one is multiplied. dK = 192 takes dK += dS^T Q as 128 + 64 columns. The
 // elementwise code is the mma.sync path's: wgmma's accumulator layout per warp is mma.sync's C fragment layout.
+//
+// The _tma kernels (nsa_flash_bwd_dkdv_tma, nsa_flash_bwd_dq_tma, nsa_flash_bwd_dq_cmp_win_tma; sm_90, the host's
+// default there) compute the same with the walked tiles arriving by TMA through rings of FB_STAGES / FB_DQ_STAGES
+// mbarrier stages, no __syncthreads per tile, and two warpgroups taking turns at the tensor cores.
 #include "nsa_common.cuh"
 #include "nsa_wgmma.cuh"
 #if defined(FA_WGMMA) && defined(NSA_HAS_WGMMA)
