@@ -363,6 +363,25 @@ __device__ __forceinline__ void run_phase(const Pointers p, int gate_index, bool
 }
 #endif
 
+// How mode 3 uses the stash (CMP_STASH): the cmp phase puts its gate * o there and the win phase adds it to its one
+// write of `out`; without it the cmp phase writes `out` and the win phase adds to it.
+#if NSA_MODE == 3 && defined(CMP_STASH)
+constexpr StashUse CMP_USE = STASH_PUT, WIN_USE = STASH_TAKE;
+constexpr bool WIN_WRITES_FIRST = true; // out was not touched by the cmp phase
+#else
+constexpr StashUse CMP_USE = STASH_NONE, WIN_USE = STASH_NONE;
+constexpr bool WIN_WRITES_FIRST = NSA_MODE == 2;
+#endif
+
+/** The stash (BLOCK_M x DV fp32: the cmp phase's gate * o) after the value stages, or null without CMP_STASH. */
+__device__ __forceinline__ float *cmp_stash(elem_t *vsmem) {
+#if NSA_MODE == 3 && defined(CMP_STASH)
+  return reinterpret_cast<float *>(vsmem + 2 * BLOCK_N * DV);
+#else
+  return nullptr;
+#endif
+}
+
 #if FA_USE_WGMMA && defined(NSA_HAS_BULK_COPY)
 /**
  * The pipelined forward's (nsa_flash_attention_tma) rings of key and value tiles: tile j of the launch (the first
@@ -407,18 +426,8 @@ template <bool IS_V> __device__ __forceinline__ void fa_ring_fill(const FaRing &
 
 /** This warp is done with tile j of the K (or V) ring; the last of the CTA's warps refills the stage with tile j + 2. */
 template <bool IS_V> __device__ __forceinline__ void fa_ring_release(const FaRing &g, int j) {
-  int *done = (IS_V ? g.vdone : g.kdone) + (j & 1);
-  __syncwarp();
-  if (threadIdx.x % 32 == 0) {
-    __threadfence_block();
-    if (atomicAdd(done, 1) == FA_WARPS - 1) {
-      *done = 0;
-      __threadfence_block();
-      if (j + 2 < g.total) {
-        fence_proxy_async_shared();
-        fa_ring_fill<IS_V>(g, j + 2);
-      }
-    }
+  if (ring_stage_release((IS_V ? g.vdone : g.kdone) + (j & 1), FA_WARPS) && threadIdx.x % 32 == 0 && j + 2 < g.total) {
+    fa_ring_fill<IS_V>(g, j + 2);
   }
 }
 
@@ -539,15 +548,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
   elem_t *qsmem = reinterpret_cast<elem_t *>(wgmma_aligned(smem_raw));
   elem_t *ksmem = qsmem + BLOCK_M * DK;
   elem_t *vsmem = ksmem + 2 * BLOCK_N * DK;
-#if NSA_MODE == 3 && defined(CMP_STASH)
-  float *stash = reinterpret_cast<float *>(vsmem + 2 * BLOCK_N * DV); // BLOCK_M x DV: the cmp phase's gate * o
-  constexpr StashUse CMP_USE = STASH_PUT, WIN_USE = STASH_TAKE;
-  constexpr bool WIN_WRITES_FIRST = true; // out was not touched by the cmp phase
-#else
-  float *stash = nullptr;
-  constexpr StashUse CMP_USE = STASH_NONE, WIN_USE = STASH_NONE;
-  constexpr bool WIN_WRITES_FIRST = NSA_MODE == 2;
-#endif
+  float *stash = cmp_stash(vsmem);
   __shared__ __align__(8) unsigned long long q_full, k_full[2], v_full[2];
   __shared__ int k_done[2], v_done[2];
 
@@ -642,15 +643,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
 #endif
   elem_t *ksmem = qsmem + BLOCK_M * DK;
   elem_t *vsmem = ksmem + 2 * BLOCK_N * DK;
-#if NSA_MODE == 3 && defined(CMP_STASH)
-  float *stash = reinterpret_cast<float *>(vsmem + 2 * BLOCK_N * DV); // BLOCK_M x DV: the cmp phase's gate * o
-  constexpr StashUse CMP_USE = STASH_PUT, WIN_USE = STASH_TAKE;
-  constexpr bool WIN_WRITES_FIRST = true; // out was not touched by the cmp phase
-#else
-  float *stash = nullptr;
-  constexpr StashUse CMP_USE = STASH_NONE, WIN_USE = STASH_NONE;
-  constexpr bool WIN_WRITES_FIRST = NSA_MODE == 2;
-#endif
+  float *stash = cmp_stash(vsmem);
 
   const int2 tile = tiles[blockIdx.x];
   const int seq = tile.x;

@@ -181,6 +181,19 @@ __device__ __forceinline__ void pack_a(u32 a[4], const float lo[4], const float 
   a[3] = pack_elem2(hi[2], hi[3]);
 }
 
+/** dst[c] = (add ? dst[c] : 0) + acc * scale over a thread's C-fragment columns of its row hh (0: lane / 4, 1: + 8). */
+template <int D>
+__device__ __forceinline__ void store_row_frags(float *__restrict__ dst, const float acc[D / 8][4], int hh, float scale, bool add, int lane) {
+#pragma unroll
+  for (int n = 0; n < D / 8; n++) {
+    float2 *p = reinterpret_cast<float2 *>(dst + n * 8 + (lane % 4) * 2);
+    float2 sum = add ? *p : make_float2(0.f, 0.f);
+    sum.x += acc[n][2 * hh] * scale;
+    sum.y += acc[n][2 * hh + 1] * scale;
+    *p = sum;
+  }
+}
+
 extern "C" __global__ void nsa_bwd_preprocess(const elem_t *__restrict__ dout, const float *__restrict__ o0,
                                               const float *__restrict__ o1, const float *__restrict__ o2,
                                               const float *__restrict__ gate, float *__restrict__ dg,
@@ -303,24 +316,8 @@ __device__ __forceinline__ void dkdv_write(const float dk_acc[DK / 8][4], const 
     const int key = key_w + lane / 4 + hh * 8;
     if (key >= w.nkeys) continue;
     const i64 krow = (i64)(w.key_base + key) * H + w.h;
-#pragma unroll
-    for (int n = 0; n < DK / 8; n++) {
-      const int col = n * 8 + (lane % 4) * 2;
-      float2 *dst = reinterpret_cast<float2 *>(dk_dst + krow * DK + col);
-      float2 acc = add ? *dst : make_float2(0.f, 0.f);
-      acc.x += dk_acc[n][2 * hh] * scale;
-      acc.y += dk_acc[n][2 * hh + 1] * scale;
-      *dst = acc;
-    }
-#pragma unroll
-    for (int n = 0; n < DV / 8; n++) {
-      const int col = n * 8 + (lane % 4) * 2;
-      float2 *dst = reinterpret_cast<float2 *>(dv_dst + krow * DV + col);
-      float2 acc = add ? *dst : make_float2(0.f, 0.f);
-      acc.x += dv_acc[n][2 * hh];
-      acc.y += dv_acc[n][2 * hh + 1];
-      *dst = acc;
-    }
+    store_row_frags<DK>(dk_dst + krow * DK, dk_acc, hh, scale, add, lane);
+    store_row_frags<DV>(dv_dst + krow * DV, dv_acc, hh, 1.f, add, lane);
   }
 }
 
@@ -626,20 +623,7 @@ extern "C" __global__ void __launch_bounds__(DKDV_THREADS)
     wgmma_fence_operands<DK / 8>(dk_acc);
     // This warp is done with stage st (its products have completed, its row-term reads are in registers); the
     // last warp to say so refills it.
-    __syncwarp();
-    int last = 0;
-    if (lane == 0) {
-      __threadfence_block();
-      last = atomicAdd(&stage_done[st], 1) == WARPS - 1;
-      if (last) {
-        stage_done[st] = 0;
-        __threadfence_block();
-      }
-    }
-    if (__shfl_sync(0xffffffff, last, 0) && j + FB_STAGES < count) {
-      fence_proxy_async_shared();
-      fill(it + FB_STAGES, st);
-    }
+    if (ring_stage_release(&stage_done[st], WARPS) && j + FB_STAGES < count) fill(it + FB_STAGES, st);
   }
   dkdv_write(dk_acc, dv_acc, w, key_w, H, dk, dv, partial_k, partial_v, key_rows, accumulate, scale, lane);
 #endif
@@ -885,15 +869,7 @@ __device__ __forceinline__ void dq_write(float *__restrict__ dq, const float dq_
     const int r = t_lo + 8 * hh;
     if (r >= t.seq_len) continue;
     const i64 row = (i64)(t.seq_start + r) * Hq + t.hq;
-#pragma unroll
-    for (int n = 0; n < DK / 8; n++) {
-      const int col = n * 8 + (lane % 4) * 2;
-      float2 *dst = reinterpret_cast<float2 *>(dq + row * DK + col);
-      float2 acc = accumulate ? *dst : make_float2(0.f, 0.f);
-      acc.x += dq_acc[n][2 * hh] * scale;
-      acc.y += dq_acc[n][2 * hh + 1] * scale;
-      *dst = acc;
-    }
+    store_row_frags<DK>(dq + row * DK, dq_acc, hh, scale, accumulate, lane);
   }
 }
 
@@ -973,18 +949,7 @@ __device__ __forceinline__ void dq_ring_walk(float dq_acc[DK / 8][4], const DqRi
   // This warp is done with tile j's stage (its products have completed); the last warp to say so refills it.
   auto release = [&](int j) {
     const int st = j % FB_DQ_STAGES;
-    __syncwarp();
-    if (lane == 0) {
-      __threadfence_block();
-      if (atomicAdd(&g.done[st], 1) == WARPS - 1) {
-        g.done[st] = 0;
-        __threadfence_block();
-        if (j + FB_DQ_STAGES < g.total) {
-          fence_proxy_async_shared();
-          dq_ring_fill(g, j + FB_DQ_STAGES, st);
-        }
-      }
-    }
+    if (ring_stage_release(&g.done[st], WARPS) && lane == 0 && j + FB_DQ_STAGES < g.total) dq_ring_fill(g, j + FB_DQ_STAGES, st);
   };
   // dS = P (g dP - delta) from the landed S and dP, then dQ += dS K_j (committed, not waited for).
   auto finish = [&](int j, float s[TILE / 8][4], float dp[TILE / 8][4]) {

@@ -186,6 +186,25 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
 __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
+/**
+ * A warp's report that it is done with a ring stage, whose `done` counter counts the warps that are: true (on every
+ * lane) for the warp that completes the count, which resets it and may then refill the stage. The fences order the
+ * warps' earlier reads of the stage before the refill's writes.
+ */
+__device__ __forceinline__ bool ring_stage_release(int *done, int warps) {
+  __syncwarp();
+  int last = 0;
+  if (threadIdx.x % 32 == 0) {
+    __threadfence_block();
+    last = atomicAdd(done, 1) == warps - 1;
+    if (last) {
+      *done = 0;
+      __threadfence_block();
+      fence_proxy_async_shared(); // then the copy engine writes the stage
+    }
+  }
+  return __shfl_sync(0xffffffff, last, 0) != 0;
+}
 /** bulk_copy_g2s under an L2 cache policy. */
 __device__ __forceinline__ void bulk_copy_g2s_hinted(void *smem, const void *gmem, u32 bytes, unsigned long long *bar,
                                                      unsigned long long policy) {
