@@ -294,6 +294,22 @@ describe('the tensor maps of the TMA kernels', () => {
     expect(encode.mock.calls[0]!.slice(3, 5)).toEqual([BigUint64Array.from([128n, 16n, 500n]), BigUint64Array.from([256n, 16n * 256n])]);
     expect(encode.mock.calls[2]!.slice(3, 5)).toEqual([BigUint64Array.from([64n, 1n, 500n]), BigUint64Array.from([128n, 128n])]);
   });
+
+  it('are passed only to the pipelined launches: none for the cp.async kernels, q and dO (and, for dQ, each key set) for the _tma ones', () => {
+    const encode = vi.fn();
+    const ctx = { ...fakeContext, driver: { tensorMapEncodeTiled: encode } } as unknown as CudaContext;
+    const off = new NsaPrograms(ctx, config(128, 128), 'bf16', kernelTuning(config(128, 128), { NSA_FA_TMA: '0', NSA_FA_BWD_TMA: '0' }, [9, 0]));
+    expect(off.flashTensorMaps(0x1000n, 0x2000n, 0x3000n, 500)).toEqual([]);
+    expect(off.flashBackwardTensorMaps('dq', 3, 0x1000n, 0x4000n, 500, [{ k: 0x2000n, v: 0x3000n, rows: 500 }])).toEqual([]);
+    expect(encode).not.toHaveBeenCalled();
+    const on = new NsaPrograms(ctx, config(128, 128), 'bf16', kernelTuning(config(128, 128), {}, [9, 0]));
+    const cmp = { k: 0x5000n, v: 0x6000n, rows: 8 };
+    const win = { k: 0x2000n, v: 0x3000n, rows: 500 };
+    expect(on.flashBackwardTensorMaps('dq', 3, 0x1000n, 0x4000n, 500, [cmp, win])).toHaveLength(6);
+    expect(on.flashBackwardTensorMaps('dkdv', 1, 0x1000n, 0x4000n, 500, [cmp])).toHaveLength(2);
+    const wide = new NsaPrograms(ctx, config(192, 128), 'bf16', kernelTuning(config(192, 128), {}, [9, 0]));
+    expect(wide.flashBackwardTensorMaps('dkdv', 1, 0x1000n, 0x4000n, 500)).toEqual([]); // dk = 192's dK/dV: cp.async
+  });
 });
 
 describe('selectedDqMode', () => {

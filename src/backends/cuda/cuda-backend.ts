@@ -10,7 +10,6 @@ import type { FloatDType } from '../../tensor/dtype.js';
 import { Tensor } from '../../tensor/tensor.js';
 import type { Backend, BackendForwardResult, BenchmarkProblem, SavedForBackward, TimingOptions, TimingResult } from '../backend.js';
 import { CudaContext } from './context.js';
-import type { KernelArg } from './kernel-args.js';
 import type { DeviceBuffer } from './memory.js';
 import {
   FORWARD_STAGES,
@@ -280,7 +279,7 @@ export class CudaBackend implements Backend {
     const out = scope.alloc(this.ctx, N * config.heads * config.valueDim * 4, 'dense output');
     const lse = scope.alloc(this.ctx, N * config.heads * 4, 'dense lse');
     const kernel = programs.flash(0);
-    const maps = programs.flashTma ? programs.flashTensorMaps(inputs.q.ptr, inputs.k.ptr, inputs.v.ptr, N) : [];
+    const maps = programs.flashTensorMaps(inputs.q.ptr, inputs.k.ptr, inputs.v.ptr, N);
     const none = { ptr: 0n };
     const run = (): void =>
       kernel.launch({
@@ -337,10 +336,8 @@ export class CudaBackend implements Backend {
     const none = { ptr: 0n };
     const p = (b: DeviceBuffer): { ptr: bigint } => ({ ptr: b.ptr });
     const tail = [{ i32: Hq }, { i32: H }, { i32: 0 }, { f32: config.scale * Math.LOG2E }, { f32: config.scale }, { i32: 0 }];
-    // The pipelined (`_tma`) launches take tensor maps of what they walk after their other arguments.
-    const qMaps = (): KernelArg[] => programs.flashBackwardTensorMaps('q', inputs.q.ptr, dO.ptr, N);
-    const dqMaps = programs.flashBackwardStages('dq', 0) === undefined ? [] : [...qMaps(), ...programs.flashBackwardTensorMaps('kv', inputs.k.ptr, inputs.v.ptr, N)];
-    const dkdvMaps = programs.flashBackwardStages('dkdv', 0) === undefined ? [] : qMaps();
+    const dqMaps = programs.flashBackwardTensorMaps('dq', 0, inputs.q.ptr, dO.ptr, N, [{ k: inputs.k.ptr, v: inputs.v.ptr, rows: N }]);
+    const dkdvMaps = programs.flashBackwardTensorMaps('dkdv', 0, inputs.q.ptr, dO.ptr, N);
     const run = (): void => {
       programs.flashBackward(0, 'preprocess').launch({
         grid: [Math.ceil((N * Hq) / 4), 1, 1],

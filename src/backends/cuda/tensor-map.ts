@@ -5,8 +5,8 @@
 // instruction per box instead of every thread issuing 16-byte copies.
 //
 // The host encodes the map (cuTensorMapEncodeTiled) and passes its bytes by value as a `const __grid_constant__`
-// kernel parameter ({ bytes } in kernel-args.ts). Experimental: no NSA kernel uses it yet; the GPU runtime test
-// round-trips a box through shared memory.
+// kernel parameter ({ bytes } in kernel-args.ts). The flash kernels' `_tma` forms read their tiles this way
+// (programs.ts builds and memoises their maps); the GPU runtime test round-trips a box through shared memory.
 import { InputValueError } from '../../errors.js';
 import type { CudaDriver, DevicePtr } from './driver.js';
 import koffi from 'koffi';

@@ -396,37 +396,20 @@ struct FaRing {
   unsigned long long *vfull;
   int *kdone;
   int *vdone;
-  int n0;    // the first phase's tiles
-  int total; // all tiles
-  int row0;  // key row of each phase's first tile
-  int row1;
-  int h;
-  const TensorMapBytes *k_map0;
-  const TensorMapBytes *v_map0;
-  const TensorMapBytes *k_map1;
-  const TensorMapBytes *v_map1;
+  RingWalks w; // tiles of BLOCK_N keys
 };
 
 /** Starts tile j's TMA copies into its stage of the K ring (or the V ring with IS_V); one thread. */
 template <bool IS_V> __device__ __forceinline__ void fa_ring_fill(const FaRing &g, int j) {
   constexpr int D = IS_V ? DV : DK;
-  const int st = j & 1;
-  const bool second = j >= g.n0;
-  const int row = second ? g.row1 + (j - g.n0) * BLOCK_N : g.row0 + j * BLOCK_N;
-  const TensorMapBytes *map = IS_V ? (second ? g.v_map1 : g.v_map0) : (second ? g.k_map1 : g.k_map0);
-  elem_t *dst = (IS_V ? g.v : g.k) + st * BLOCK_N * D;
-  unsigned long long *bar = (IS_V ? g.vfull : g.kfull) + st;
+  unsigned long long *bar = (IS_V ? g.vfull : g.kfull) + (j & 1);
   mbarrier_arrive_expect_tx(bar, BLOCK_N * D * (u32)sizeof(elem_t));
-#pragma unroll
-  for (int c = 0; c < D / 64; c++) {
-#pragma unroll
-    for (int rb = 0; rb < BLOCK_N / 64; rb++) tma_load_3d(dst + c * BLOCK_N * 64 + rb * 64 * 64, map, c * 64, g.h, row + rb * 64, bar);
-  }
+  tma_load_tile<BLOCK_N, D>((IS_V ? g.v : g.k) + (j & 1) * BLOCK_N * D, IS_V ? g.w.v_map(j) : g.w.k_map(j), g.w.h, g.w.row(j), bar);
 }
 
 /** This warp is done with tile j of the K (or V) ring; the last of the CTA's warps refills the stage with tile j + 2. */
 template <bool IS_V> __device__ __forceinline__ void fa_ring_release(const FaRing &g, int j) {
-  if (ring_stage_release((IS_V ? g.vdone : g.kdone) + (j & 1), FA_WARPS) && threadIdx.x % 32 == 0 && j + 2 < g.total) {
+  if (ring_stage_release((IS_V ? g.vdone : g.kdone) + (j & 1), FA_WARPS) && threadIdx.x % 32 == 0 && j + 2 < g.w.total) {
     fa_ring_fill<IS_V>(g, j + 2);
   }
 }
@@ -576,8 +559,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
   const PhaseTile t1 = phase_tile<PHASE_WIN>(q0, seq_start, seq_start, seq_len, tc, kvh);
 #endif
   const int total = t0.ntiles + (NSA_MODE == 3 ? t1.ntiles : 0);
-  const FaRing g{ksmem, vsmem, k_full, v_full, k_done, v_done, t0.ntiles, total, t0.key_base + t0.keys.first,
-                 t1.key_base + t1.keys.first, kvh, maps0[0], maps0[1], &k_map, &v_map};
+  const FaRing g{ksmem, vsmem, k_full, v_full, k_done, v_done,
+                 {t0.ntiles, total, BLOCK_N, t0.key_base + t0.keys.first, t1.key_base + t1.keys.first, kvh, maps0[0], maps0[1], &k_map, &v_map}};
   if (threadIdx.x == 0) {
     mbarrier_init(&q_full, 1);
     for (int st = 0; st < 2; st++) {
@@ -592,11 +575,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
   if (threadIdx.x == 0) {
     // Q: 64-row boxes into the [BLOCK_M][64] column blocks (rows past the sequence are computed, never written).
     mbarrier_arrive_expect_tx(&q_full, BLOCK_M * DK * (u32)sizeof(elem_t));
-#pragma unroll
-    for (int c = 0; c < DK / 64; c++) {
-#pragma unroll
-      for (int rb = 0; rb < BLOCK_M / 64; rb++) tma_load_3d(qsmem + c * BLOCK_M * 64 + rb * 64 * 64, &q_map, c * 64, hq, seq_start + q0 + rb * 64, &q_full);
-    }
+    tma_load_tile<BLOCK_M, DK>(qsmem, &q_map, hq, seq_start + q0, &q_full);
     for (int j = 0; j < min(2, total); j++) {
       fa_ring_fill<false>(g, j);
       fa_ring_fill<true>(g, j);

@@ -524,10 +524,8 @@ extern "C" __global__ void __launch_bounds__(DKDV_THREADS)
     const int q0 = w.qstart + (it % w.nq) * TILE;
     if (lane == 0) {
       mbarrier_arrive_expect_tx(&stage_full[st], TILE * (DK + DV) * (u32)sizeof(elem_t));
-#pragma unroll
-      for (int c = 0; c < DK / 64; c++) tma_load_3d(qbuf + st * TILE * DK + c * TILE * 64, &q_map, c * 64, hq, w.seq_start + q0, &stage_full[st]);
-#pragma unroll
-      for (int c = 0; c < DV / 64; c++) tma_load_3d(dobuf + st * TILE * DV + c * TILE * 64, &do_map, c * 64, hq, w.seq_start + q0, &stage_full[st]);
+      tma_load_tile<TILE, DK>(qbuf + st * TILE * DK, &q_map, hq, w.seq_start + q0, &stage_full[st]);
+      tma_load_tile<TILE, DV>(dobuf + st * TILE * DV, &do_map, hq, w.seq_start + q0, &stage_full[st]);
     }
     const i64 row0 = (i64)(w.seq_start + q0) * Hq + hq;
 #pragma unroll
@@ -885,38 +883,20 @@ struct DqWalk {
   const TensorMapBytes *v_map;
 };
 
-/**
- * The pipelined dQ's ring of key/value stages: tiles 0 .. n0 - 1 come from the first walk, the rest from the second
- * (mode 3: the cmp keys, then the window's), tile j in stage j % FB_DQ_STAGES. Plain fields, so that no walk is
- * picked by a runtime index (which would put the struct in local memory).
- */
+/** The pipelined dQ's ring of key/value stages: tile j (RingWalks says whose) in stage j % FB_DQ_STAGES. */
 struct DqRing {
   elem_t *k; // FB_DQ_STAGES x TILE x DK
   elem_t *v; // FB_DQ_STAGES x TILE x DV
   unsigned long long *full;
   int *done;
-  int n0;    // the first walk's tiles
-  int total; // all tiles
-  int row0;  // key row (tokens, or compressed tokens) of each walk's first tile
-  int row1;
-  int h;
-  const TensorMapBytes *k_map0;
-  const TensorMapBytes *v_map0;
-  const TensorMapBytes *k_map1;
-  const TensorMapBytes *v_map1;
+  RingWalks w; // tiles of TILE keys
 };
 
 /** Starts tile j's TMA copies into stage st (one thread). */
 __device__ __forceinline__ void dq_ring_fill(const DqRing &g, int j, int st) {
-  const bool second = j >= g.n0;
-  const int row = second ? g.row1 + (j - g.n0) * TILE : g.row0 + j * TILE;
-  const TensorMapBytes *k_map = second ? g.k_map1 : g.k_map0;
-  const TensorMapBytes *v_map = second ? g.v_map1 : g.v_map0;
   mbarrier_arrive_expect_tx(&g.full[st], TILE * (DK + DV) * (u32)sizeof(elem_t));
-#pragma unroll
-  for (int c = 0; c < DK / 64; c++) tma_load_3d(g.k + st * TILE * DK + c * TILE * 64, k_map, c * 64, g.h, row, &g.full[st]);
-#pragma unroll
-  for (int c = 0; c < DV / 64; c++) tma_load_3d(g.v + st * TILE * DV + c * TILE * 64, v_map, c * 64, g.h, row, &g.full[st]);
+  tma_load_tile<TILE, DK>(g.k + st * TILE * DK, g.w.k_map(j), g.w.h, g.w.row(j), &g.full[st]);
+  tma_load_tile<TILE, DV>(g.v + st * TILE * DV, g.w.v_map(j), g.w.h, g.w.row(j), &g.full[st]);
 }
 
 /**
@@ -943,13 +923,13 @@ __device__ __forceinline__ void dq_ring_walk(float dq_acc[DK / 8][4], const DqRi
 #endif
     wgmma_s_and_dp_issue<DQ_ROWS>(s, dp, qsmem, g.k + st * TILE * DK, dosmem, g.v + st * TILE * DV, wg * 64);
 #if FB_DQ_WG == 2
-    if (wg == 0 || j + 1 < g.total) named_barrier_arrive(2 - wg, 256);
+    if (wg == 0 || j + 1 < g.w.total) named_barrier_arrive(2 - wg, 256);
 #endif
   };
   // This warp is done with tile j's stage (its products have completed); the last warp to say so refills it.
   auto release = [&](int j) {
     const int st = j % FB_DQ_STAGES;
-    if (ring_stage_release(&g.done[st], WARPS) && lane == 0 && j + FB_DQ_STAGES < g.total) dq_ring_fill(g, j + FB_DQ_STAGES, st);
+    if (ring_stage_release(&g.done[st], WARPS) && lane == 0 && j + FB_DQ_STAGES < g.w.total) dq_ring_fill(g, j + FB_DQ_STAGES, st);
   };
   // dS = P (g dP - delta) from the landed S and dP, then dQ += dS K_j (committed, not waited for).
   auto finish = [&](int j, float s[TILE / 8][4], float dp[TILE / 8][4]) {
@@ -995,8 +975,9 @@ __device__ __forceinline__ void dq_pipelined(float dq_acc[DK / 8][4], unsigned c
   __shared__ __align__(8) unsigned long long rows_full;
   __shared__ int stage_done[FB_DQ_STAGES];
   const int na = a.keys.ntiles;
-  const DqRing g{kbuf, kbuf + FB_DQ_STAGES * TILE * DK, stage_full, stage_done, na, na + (MODE_B >= 0 ? b.keys.ntiles : 0),
-                 a.b.key_base + a.keys.first, b.b.key_base + b.keys.first, t.h, a.k_map, a.v_map, b.k_map, b.v_map};
+  const DqRing g{kbuf, kbuf + FB_DQ_STAGES * TILE * DK, stage_full, stage_done,
+                 {na, na + (MODE_B >= 0 ? b.keys.ntiles : 0), TILE, a.b.key_base + a.keys.first, b.b.key_base + b.keys.first, t.h,
+                  a.k_map, a.v_map, b.k_map, b.v_map}};
   if (threadIdx.x == 0) {
     mbarrier_init(&rows_full, 1);
     for (int st = 0; st < FB_DQ_STAGES; st++) {
@@ -1007,24 +988,18 @@ __device__ __forceinline__ void dq_pipelined(float dq_acc[DK / 8][4], unsigned c
   }
   __syncthreads();
   if (threadIdx.x == 0) {
-    // Q and dO: 64-row boxes into the [DQ_ROWS][64] column blocks (rows past the sequence are masked, and not written).
+    // Q and dO rows (rows past the sequence are masked, and not written).
     mbarrier_arrive_expect_tx(&rows_full, DQ_ROWS * (DK + DV) * (u32)sizeof(elem_t));
-#pragma unroll
-    for (int rb = 0; rb < DQ_ROWS / 64; rb++) {
-      const int row = t.seq_start + t.q0 + rb * 64;
-#pragma unroll
-      for (int c = 0; c < DK / 64; c++) tma_load_3d(qsmem + c * DQ_ROWS * 64 + rb * 64 * 64, q_map, c * 64, t.hq, row, &rows_full);
-#pragma unroll
-      for (int c = 0; c < DV / 64; c++) tma_load_3d(dosmem + c * DQ_ROWS * 64 + rb * 64 * 64, do_map, c * 64, t.hq, row, &rows_full);
-    }
-    for (int j = 0; j < min(FB_DQ_STAGES, g.total); j++) dq_ring_fill(g, j, j);
+    tma_load_tile<DQ_ROWS, DK>(qsmem, q_map, t.hq, t.seq_start + t.q0, &rows_full);
+    tma_load_tile<DQ_ROWS, DV>(dosmem, do_map, t.hq, t.seq_start + t.q0, &rows_full);
+    for (int j = 0; j < min(FB_DQ_STAGES, g.w.total); j++) dq_ring_fill(g, j, j);
   }
 #if FB_DQ_WG == 2
-  if (threadIdx.x / 128 == 1 && g.total > 0) named_barrier_arrive(1, 256); // warpgroup 0 takes the first turn
+  if (threadIdx.x / 128 == 1 && g.w.total > 0) named_barrier_arrive(1, 256); // warpgroup 0 takes the first turn
 #endif
   mbarrier_wait(&rows_full, 0);
   dq_ring_walk<MODE_A>(dq_acc, g, 0, na, a, t, gate, delta, qsmem, dosmem, Hq, scale_log2);
-  if constexpr (MODE_B >= 0) dq_ring_walk<MODE_B>(dq_acc, g, na, g.total, b, t, gate, delta, qsmem, dosmem, Hq, scale_log2);
+  if constexpr (MODE_B >= 0) dq_ring_walk<MODE_B>(dq_acc, g, na, g.w.total, b, t, gate, delta, qsmem, dosmem, Hq, scale_log2);
 }
 #endif
 

@@ -21,6 +21,44 @@
  */
 __device__ __forceinline__ unsigned char *wgmma_aligned(unsigned char *raw) { return raw + ((1024 - (smem_addr(raw) & 1023)) & 1023); }
 
+#if defined(NSA_HAS_BULK_COPY)
+/**
+ * TMA-loads rows [row, row + ROWS) of head h from a [rows][heads][COLS] tensor map with boxes of 64 columns x 1 head
+ * x 64 rows (tensor-map.ts) into a WgmmaTile<ROWS, COLS> at dst, completing on bar: one box per 64 x 64 block, which
+ * the 128-byte swizzle lays out exactly as the tile's. One thread issues it.
+ */
+template <int ROWS, int COLS>
+__device__ __forceinline__ void tma_load_tile(elem_t *dst, const void *map, int h, int row, unsigned long long *bar) {
+#pragma unroll
+  for (int c = 0; c < COLS / 64; c++) {
+#pragma unroll
+    for (int rb = 0; rb < ROWS / 64; rb++) tma_load_3d(dst + c * ROWS * 64 + rb * 64 * 64, map, c * 64, h, row + rb * 64, bar);
+  }
+}
+
+/**
+ * Where tile j of a ring of key/value tiles comes from: tiles [0, n0) walk the first key set, [n0, total) the second
+ * (mode 3: the cmp keys, then the window's), `rows` key rows a tile from row0 / row1 on, of KV head h, through that
+ * set's tensor maps. Plain fields, so that no key set is picked by a runtime index (which would put the struct in
+ * local memory).
+ */
+struct RingWalks {
+  int n0;
+  int total;
+  int rows;
+  int row0;
+  int row1;
+  int h;
+  const TensorMapBytes *k_map0;
+  const TensorMapBytes *v_map0;
+  const TensorMapBytes *k_map1;
+  const TensorMapBytes *v_map1;
+  __device__ __forceinline__ int row(int j) const { return j >= n0 ? row1 + (j - n0) * rows : row0 + j * rows; }
+  __device__ __forceinline__ const TensorMapBytes *k_map(int j) const { return j >= n0 ? k_map1 : k_map0; }
+  __device__ __forceinline__ const TensorMapBytes *v_map(int j) const { return j >= n0 ? v_map1 : v_map0; }
+};
+#endif
+
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define NSA_HAS_WGMMA 1
 

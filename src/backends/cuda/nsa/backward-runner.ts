@@ -165,13 +165,12 @@ export class BackwardRunner {
     ];
     const dqFused = programs.tuning.cmpWinDqFused === true;
     // The pipelined (`_tma`) launches read their walked tiles through tensor maps, passed after the other arguments.
-    const qMaps = (walk: 'dq' | 'dkdv', mode: 0 | 1 | 2 | 3): KernelArg[] =>
-      programs.flashBackwardStages(walk, mode) === undefined ? [] : programs.flashBackwardTensorMaps('q', inputs.q.ptr, dOut.ptr, N);
-    const kvMaps = (mode: 1 | 2 | 3, b: (typeof branches)[number]): KernelArg[] =>
-      programs.flashBackwardStages('dq', mode) === undefined ? [] : programs.flashBackwardTensorMaps('kv', b.k.ptr, b.v.ptr, b.mode === 1 ? plan.totalCompressed : N);
+    const keySet = (b: (typeof branches)[number]) => ({ k: b.k.ptr, v: b.v.ptr, rows: b.mode === 1 ? plan.totalCompressed : N });
+    const maps = (walk: 'dq' | 'dkdv', mode: 1 | 2 | 3, walked: (typeof branches)[number][] = []): KernelArg[] =>
+      programs.flashBackwardTensorMaps(walk, mode, inputs.q.ptr, dOut.ptr, N, walked.map(keySet));
     if (dqFused) {
       const win = branches[1]!;
-      const maps = [...qMaps('dq', 3), ...kvMaps(3, branches[0]!), ...kvMaps(3, win)];
+      const dqMaps = maps('dq', 3, branches);
       stages.push(['cmp+win dq', () =>
         programs.flashBackward(3, 'dq_cmp_win').launch({
           grid: [this.counts.queryTiles, Hq, 1],
@@ -180,13 +179,13 @@ export class BackwardRunner {
           args: [
             ptr(inputs.q), ptr(kc), ptr(vc), ptr(win.k), ptr(win.v), ptr(dOut), ptr(fwd.lseCmp), ptr(fwd.lseWin), ptr(inputs.gate),
             ptr(this.delta), ptr(grads.dq), ptr(tables.cuSeqlens), ptr(tables.cuCmp), ptr(this.queryTiles), ...common,
-            { f32: scaleLog2 }, { f32: config.scale }, { i32: 1 }, ...maps,
+            { f32: scaleLog2 }, { f32: config.scale }, { i32: 1 }, ...dqMaps,
           ],
         })]);
     }
     for (const b of branches) {
       const tail = [...common, { i32: b.branch }, { f32: scaleLog2 }, { f32: config.scale }, { i32: 1 }];
-      const dqMaps = dqFused ? [] : [...qMaps('dq', b.mode), ...kvMaps(b.mode, b)];
+      const dqMaps = dqFused ? [] : maps('dq', b.mode, [b]);
       if (!dqFused) stages.push([`${b.name} dq`, () =>
         programs.flashBackward(b.mode, 'dq').launch({
           grid: [this.counts.queryTiles, Hq, 1],
@@ -199,7 +198,7 @@ export class BackwardRunner {
       const splits = b.mode === 1 ? this.cmpSplits : 1;
       const pk = splits > 1 ? this.partial : undefined;
       const pvOffset = splits * b.keyRows * config.headDim * 4;
-      const maps = qMaps('dkdv', b.mode);
+      const dkdvMaps = maps('dkdv', b.mode);
       stages.push([`${b.name} dkdv`, () => {
         programs.flashBackward(b.mode, 'dkdv').launch({
           grid: [b.nKeyTiles, H, splits],
@@ -209,7 +208,7 @@ export class BackwardRunner {
             ptr(inputs.q), ptr(b.k), ptr(b.v), ptr(dOut), ptr(b.lse), ptr(inputs.gate), ptr(this.delta), ptr(b.dk), ptr(b.dv),
             ptr(tables.cuSeqlens), ptr(b.cuKeys), ptr(b.keyTiles), ...tail,
             pk === undefined ? NULL : { ptr: pk.ptr }, pk === undefined ? NULL : { ptr: pk.ptr + BigInt(pvOffset) }, { i64: b.keyRows },
-            ...maps,
+            ...dkdvMaps,
           ],
         });
         if (pk === undefined) return;

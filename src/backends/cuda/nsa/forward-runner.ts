@@ -178,10 +178,6 @@ export class ForwardRunner {
         args: [ptr(inputs.k), ptr(inputs.v), ptr(kc), ptr(vc), ptr(tables.cmpRowSeq), ptr(tables.cuSeqlens), ptr(tables.cuCmp), { i32: H }],
       });
     }
-    // nsa_flash_attention_tma reads through tensor maps, passed after its other arguments.
-    const maps = stage === 'cmp+win' && programs.flashTma
-      ? programs.flashTensorMaps(inputs.q.ptr, (inputs.kWin ?? inputs.k).ptr, (inputs.vWin ?? inputs.v).ptr, plan.totalTokens, kc.ptr, vc.ptr, plan.totalCompressed)
-      : [];
     if (stage === 'cmp+win') programs.flash(3).launch({
       grid: [plan.queryTiles.length / 2, Hq, 1],
       block: [2 * programs.queryTile, 1, 1],
@@ -205,7 +201,7 @@ export class ForwardRunner {
         { i32: H },
         { f32: scaleLog2 },
         { i32: 0 },
-        ...maps,
+        ...programs.flashTensorMaps(inputs.q.ptr, (inputs.kWin ?? inputs.k).ptr, (inputs.vWin ?? inputs.v).ptr, plan.totalTokens, kc.ptr, vc.ptr, plan.totalCompressed),
       ],
     });
     if (stage === 'select') programs.selectBlocks.launch({

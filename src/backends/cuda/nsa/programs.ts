@@ -184,19 +184,22 @@ export class NsaPrograms {
     );
   }
 
-  /** Whether flash() is nsa_flash_attention_tma, whose launches take flashTensorMaps after their other arguments. */
+  /** Whether flash() is nsa_flash_attention_tma, whose launches take tensor maps after their other arguments (flashTensorMaps). */
   get flashTma(): boolean {
     return this.tuning.faWgmma && this.tuning.faTma === true;
   }
 
   /**
-   * The tensor maps nsa_flash_attention_tma reads through, in its argument order: q [N, Hq, dk], the raw keys and
-   * values [N, H, dk|dv], and the compressed ones [Nc, H, dk|dv] (the raw ones' maps stand in where there are none).
+   * The tensor maps a flash() launch takes after its other arguments: none for the cp.async kernel; for
+   * nsa_flash_attention_tma q [N, Hq, dk], the raw keys and values [N, H, dk|dv], and the compressed ones
+   * [Nc, H, dk|dv] (the raw ones' maps stand in where there are none).
    */
   flashTensorMaps(q: DevicePtr, k: DevicePtr, v: DevicePtr, rows: number, kc?: DevicePtr, vc?: DevicePtr, cmpRows = 0): KernelArg[] {
-    const qMap = this.tileMap(q, this.config.headDim, this.config.heads, rows, 'q');
-    const raw = this.flashBackwardTensorMaps('kv', k, v, rows);
-    const cmp = kc === undefined || vc === undefined || cmpRows === 0 ? raw : this.flashBackwardTensorMaps('kv', kc, vc, cmpRows);
+    if (!this.flashTma) return [];
+    const { heads: Hq, kvHeads: H, headDim: dk, valueDim: dv } = this.config;
+    const qMap = this.tileMap(q, dk, Hq, rows, 'q');
+    const raw = [this.tileMap(k, dk, H, rows, 'keys'), this.tileMap(v, dv, H, rows, 'values')];
+    const cmp = kc === undefined || vc === undefined || cmpRows === 0 ? raw : [this.tileMap(kc, dk, H, cmpRows, 'compressed keys'), this.tileMap(vc, dv, H, cmpRows, 'compressed values')];
     return [qMap, ...raw, ...cmp];
   }
 
@@ -303,7 +306,7 @@ export class NsaPrograms {
 
   /**
    * Stages of the pipelined (`_tma`) form of the flash backward's dQ or dK/dV launch in a mode, or undefined where
-   * that launch takes the cp.async form (no wgmma, NSA_FA_BWD_TMA off for it, or dk/dv = 192's dK/dV). A pipelined
+   * that launch takes the cp.async form (no wgmma, NSA_FA_BWD_TMA off for it, or dk = 192's dK/dV). A pipelined
    * launch takes tensor maps after its other arguments (flashBackwardTensorMaps).
    */
   flashBackwardStages(walk: 'dq' | 'dkdv', mode: 0 | 1 | 2 | 3): number | undefined {
@@ -319,15 +322,23 @@ export class NsaPrograms {
   }
 
   /**
-   * Tensor maps of [rows, heads, cols] tensors for the pipelined flash backward, in boxes of 64 columns x 1 head x
-   * 64 rows, 128-byte swizzled (the wgmma tile layout): q and dO ([N, Hq, dk|dv]), or keys and values
-   * ([rows, H, dk|dv]).
+   * The tensor maps a flash backward launch (its walk and mode) takes after its other arguments: none where it is the
+   * cp.async kernel (flashBackwardStages undefined); else q and dO ([N, Hq, dk|dv]) and, for dQ, the keys and values
+   * ([rows, H, dk|dv]) of each key set it walks, in order.
    */
-  flashBackwardTensorMaps(pair: 'q' | 'kv', first: DevicePtr, second: DevicePtr, rows: number): [KernelArg, KernelArg] {
+  flashBackwardTensorMaps(
+    walk: 'dq' | 'dkdv',
+    mode: 0 | 1 | 2 | 3,
+    q: DevicePtr,
+    dOut: DevicePtr,
+    rows: number,
+    keySets: readonly { readonly k: DevicePtr; readonly v: DevicePtr; readonly rows: number }[] = [],
+  ): KernelArg[] {
+    if (this.flashBackwardStages(walk, mode) === undefined) return [];
     const { heads: Hq, kvHeads: H, headDim: dk, valueDim: dv } = this.config;
-    return pair === 'q'
-      ? [this.tileMap(first, dk, Hq, rows, 'q'), this.tileMap(second, dv, Hq, rows, 'dO')]
-      : [this.tileMap(first, dk, H, rows, 'keys'), this.tileMap(second, dv, H, rows, 'values')];
+    const maps = [this.tileMap(q, dk, Hq, rows, 'q'), this.tileMap(dOut, dv, Hq, rows, 'dO')];
+    if (walk === 'dq') for (const set of keySets) maps.push(this.tileMap(set.k, dk, H, set.rows, 'keys'), this.tileMap(set.v, dv, H, set.rows, 'values'));
+    return maps;
   }
 
   /**
