@@ -129,17 +129,32 @@ export class BackwardRunner {
     this.partialQ = this.selectedDq === 'fused' ? this.keep(ctx.alloc(Math.max(4, partialQBytes), 'selected dQ parts')) : undefined;
   }
 
-  /** Launches the whole backward (asynchronous); `grads` are overwritten. */
+  /**
+   * Launches the whole backward (asynchronous); `grads` are overwritten: zeroed first, except those whose first
+   * writer stores rather than adds (dQ, the window's dK/dV, dKc/dVc unsplit), which would cost a memset and a read
+   * of each (at 64k, Hq = 64, dQ alone is 2 GB).
+   */
   run(inputs: DeviceNsaInputs, fwd: DeviceNsaOutputs, dOut: DeviceBuffer, grads: DeviceNsaGradients): void {
+    const { stages, stored } = this.launches(inputs, fwd, dOut, grads);
     const phiGrads = [...Object.values(grads.dPhiK ?? {}), ...Object.values(grads.dPhiV ?? {})];
     for (const b of [grads.dq, grads.dk, grads.dv, grads.dg, grads.dkc, grads.dvc, grads.dkSlc, grads.dvSlc, grads.dkWin, grads.dvWin, ...phiGrads]) {
-      if (b !== undefined) this.ctx.memset(b, 0);
+      if (b !== undefined && !stored.has(b)) this.ctx.memset(b, 0);
     }
-    for (const [, launch] of this.stages(inputs, fwd, dOut, grads)) launch();
+    for (const [, launch] of stages) launch();
   }
 
   /** The backward's launches in order, by name (for profiling one at a time). */
   stages(inputs: DeviceNsaInputs, fwd: DeviceNsaOutputs, dOut: DeviceBuffer, grads: DeviceNsaGradients): [BackwardStage, () => void][] {
+    return this.launches(inputs, fwd, dOut, grads).stages;
+  }
+
+  /** The launches in order, and the gradient buffers their first writer stores into (every row) rather than adds to. */
+  private launches(
+    inputs: DeviceNsaInputs,
+    fwd: DeviceNsaOutputs,
+    dOut: DeviceBuffer,
+    grads: DeviceNsaGradients,
+  ): { stages: [BackwardStage, () => void][]; stored: Set<DeviceBuffer> } {
     const { programs, forward } = this;
     const { plan } = forward;
     const config = programs.config;
@@ -150,6 +165,17 @@ export class BackwardRunner {
     const common = [{ i32: Hq }, { i32: H }] as const;
     const { kc, vc } = forward.compressed(inputs);
     const stages: [BackwardStage, () => void][] = [];
+    // The accumulate flag of a launch that writes every row of `buffers`: 0 (store) where it is their first writer.
+    const stored = new Set<DeviceBuffer>();
+    const written = new Set<DeviceBuffer>();
+    const accumulateInto = (buffers: DeviceBuffer[], canStore = true): KernelArg => {
+      const first = canStore && buffers.every((b) => !written.has(b));
+      for (const b of buffers) {
+        written.add(b);
+        if (first) stored.add(b);
+      }
+      return { i32: first ? 0 : 1 };
+    };
 
     stages.push(['preprocess', () =>
       programs.flashBackward(1, 'preprocess').launch({
@@ -170,6 +196,7 @@ export class BackwardRunner {
       programs.flashBackwardTensorMaps(walk, mode, inputs.q.ptr, dOut.ptr, N, walked.map(keySet));
     if (dqFused) {
       const win = branches[1]!;
+      const dqAccumulate = accumulateInto([grads.dq]);
       const dqMaps = maps('dq', 3, branches);
       stages.push(['cmp+win dq', () =>
         programs.flashBackward(3, 'dq_cmp_win').launch({
@@ -179,23 +206,28 @@ export class BackwardRunner {
           args: [
             ptr(inputs.q), ptr(kc), ptr(vc), ptr(win.k), ptr(win.v), ptr(dOut), ptr(fwd.lseCmp), ptr(fwd.lseWin), ptr(inputs.gate),
             ptr(this.delta), ptr(grads.dq), ptr(tables.cuSeqlens), ptr(tables.cuCmp), ptr(this.queryTiles), ...common,
-            { f32: scaleLog2 }, { f32: config.scale }, { i32: 1 }, ...dqMaps,
+            { f32: scaleLog2 }, { f32: config.scale }, dqAccumulate, ...dqMaps,
           ],
         })]);
     }
     for (const b of branches) {
-      const tail = [...common, { i32: b.branch }, { f32: scaleLog2 }, { f32: config.scale }, { i32: 1 }];
+      const tail = [...common, { i32: b.branch }, { f32: scaleLog2 }, { f32: config.scale }];
       const dqMaps = dqFused ? [] : maps('dq', b.mode, [b]);
-      if (!dqFused) stages.push([`${b.name} dq`, () =>
-        programs.flashBackward(b.mode, 'dq').launch({
-          grid: [this.counts.queryTiles, Hq, 1],
-          block: [programs.flashBackwardThreads('dq', b.mode), 1, 1],
-          sharedBytes: programs.flashBackwardSharedBytes('dq', b.mode),
-          args: [ptr(inputs.q), ptr(b.k), ptr(b.v), ptr(dOut), ptr(b.lse), ptr(inputs.gate), ptr(this.delta), ptr(grads.dq), ptr(tables.cuSeqlens), ptr(b.cuKeys), ptr(this.queryTiles), ...tail, ...dqMaps],
-        })]);
+      if (!dqFused) {
+        const dqAccumulate = accumulateInto([grads.dq]);
+        stages.push([`${b.name} dq`, () =>
+          programs.flashBackward(b.mode, 'dq').launch({
+            grid: [this.counts.queryTiles, Hq, 1],
+            block: [programs.flashBackwardThreads('dq', b.mode), 1, 1],
+            sharedBytes: programs.flashBackwardSharedBytes('dq', b.mode),
+            args: [ptr(inputs.q), ptr(b.k), ptr(b.v), ptr(dOut), ptr(b.lse), ptr(inputs.gate), ptr(this.delta), ptr(grads.dq), ptr(tables.cuSeqlens), ptr(b.cuKeys), ptr(this.queryTiles), ...tail, dqAccumulate, ...dqMaps],
+          })]);
+      }
       if (b.nKeyTiles === 0) continue;
       // Few key tiles (the compressed ones) would leave most SMs idle: split their query walk and sum in order.
       const splits = b.mode === 1 ? this.cmpSplits : 1;
+      // Split, the walk's partial sums are added in by reduce_splits.
+      const dkdvAccumulate = accumulateInto([b.dk, b.dv], splits === 1);
       const pk = splits > 1 ? this.partial : undefined;
       const pvOffset = splits * b.keyRows * config.headDim * 4;
       const dkdvMaps = maps('dkdv', b.mode);
@@ -206,7 +238,7 @@ export class BackwardRunner {
           sharedBytes: programs.flashBackwardSharedBytes('dkdv', b.mode),
           args: [
             ptr(inputs.q), ptr(b.k), ptr(b.v), ptr(dOut), ptr(b.lse), ptr(inputs.gate), ptr(this.delta), ptr(b.dk), ptr(b.dv),
-            ptr(tables.cuSeqlens), ptr(b.cuKeys), ptr(b.keyTiles), ...tail,
+            ptr(tables.cuSeqlens), ptr(b.cuKeys), ptr(b.keyTiles), ...tail, dkdvAccumulate,
             pk === undefined ? NULL : { ptr: pk.ptr }, pk === undefined ? NULL : { ptr: pk.ptr + BigInt(pvOffset) }, { i64: b.keyRows },
             ...dkdvMaps,
           ],
@@ -294,7 +326,7 @@ export class BackwardRunner {
           args: [ptr(grads.dkc), ptr(grads.dvc), ptr(grads.dk), ptr(grads.dv), ptr(tables.rowSeq), ptr(tables.cuSeqlens), ptr(tables.cuCmp), { i32: H }],
         })]);
     }
-    return stages;
+    return { stages, stored };
   }
 
   dispose(): void {
