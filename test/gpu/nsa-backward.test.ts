@@ -25,15 +25,17 @@ interface Case {
   readonly independent?: boolean;
   /** Forces the selected dQ's form (NSA_SLC_DQ) for this case's backward; default: the runner's choice. */
   readonly slcDq?: 'group' | 'fused';
+  /** Outputs asked in bf16: the device keeps the branch outputs in bf16 for the backward (default f32). */
+  readonly outputDType?: 'bf16';
 }
 
 const base = { compressBlock: 32, compressStride: 16, selectBlock: 64, selectCount: 6, window: 96 };
 const CASES: Case[] = [
-  { name: 'G = 16, T = 700, fla preset form, group-centric slc dQ', options: { compressBlock: 64, compressStride: 64, selectBlock: 64, selectCount: 4, window: 128, heads: 16, kvHeads: 1, headDim: 64, valueDim: 64 }, seqlens: [700], slcDq: 'group' },
+  { name: 'G = 16, T = 700, fla preset form, group-centric slc dQ, bf16 outputs', options: { compressBlock: 64, compressStride: 64, selectBlock: 64, selectCount: 4, window: 128, heads: 16, kvHeads: 1, headDim: 64, valueDim: 64 }, seqlens: [700], slcDq: 'group', outputDType: 'bf16' },
   { name: 'G = 4, D = 128, odd T = 555, paper form, fused slc dQ', options: { ...base, heads: 8, kvHeads: 2, headDim: 128, valueDim: 128 }, seqlens: [555], slcDq: 'fused' },
   { name: 'G = 4, D = 128, odd T = 555, paper form, group-centric slc dQ', options: { ...base, heads: 8, kvHeads: 2, headDim: 128, valueDim: 128 }, seqlens: [555], slcDq: 'group' },
   { name: 'G = 1, T = 333, fused slc dQ', options: { ...base, heads: 2, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [333], slcDq: 'fused' },
-  { name: 'G = 2, packed [100, 1, 250, 64, 5], fused slc dQ', options: { ...base, selectBlock: 32, selectCount: 5, heads: 4, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [100, 1, 250, 64, 5], slcDq: 'fused' },
+  { name: 'G = 2, packed [100, 1, 250, 64, 5], fused slc dQ, bf16 outputs', options: { ...base, selectBlock: 32, selectCount: 5, heads: 4, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [100, 1, 250, 64, 5], slcDq: 'fused', outputDType: 'bf16' },
   { name: 'dk = 128 != dv = 64, G = 8, fused slc dQ', options: { ...base, heads: 8, kvHeads: 1, headDim: 128, valueDim: 64 }, seqlens: [400], slcDq: 'fused' },
   { name: "dk = 192, dv = 128, G = 2, l' = 32, odd T = 301, fused slc dQ", options: { ...base, selectBlock: 32, selectCount: 8, heads: 4, kvHeads: 2, headDim: 192, valueDim: 128 }, seqlens: [301], slcDq: 'fused' },
   { name: "l' = 128 (two key tiles per block), G = 4, packed [650, 70], fused slc dQ", options: { compressBlock: 64, compressStride: 32, selectBlock: 128, selectCount: 4, window: 200, heads: 4, kvHeads: 1, headDim: 64, valueDim: 64 }, seqlens: [650, 70], slcDq: 'fused' },
@@ -108,7 +110,7 @@ if (!availability.available) {
         for (const len of c.seqlens) cuSeqlens.push(cuSeqlens[cuSeqlens.length - 1]! + len);
         let inputs = randomInputs({ config, cuSeqlens, dtype: 'bf16', seed: 500 + 31 * i });
         if (c.independent) inputs = withIndependentKv(inputs, config, cuSeqlens, 500 + 31 * i);
-        const result = await nsaForward(inputs, config, { backend });
+        const result = await nsaForward(inputs, config, { backend, outputDType: c.outputDType ?? 'f32' });
         const dO = Tensor.randn(result.o.shape, 'bf16', 900 + i);
         const [grads, again] = await withSlcDq(c.slcDq, async () => [await result.backward(dO), await result.backward(dO)] as const);
         expect(sameBits(grads, again), 'two backward runs give bitwise-identical gradients').toBe(true);
@@ -117,6 +119,12 @@ if (!availability.available) {
         const ref = referenceInputs(inputs, cuSeqlens, config);
         const fwd = nsaReferenceForward(config, ref, result.blockIndices.data);
         const want = nsaReferenceBackward(config, ref, fwd, dO.toFloat64());
+        if (c.outputDType !== undefined) {
+          for (const b of ['oCmp', 'oSlc', 'oWin'] as const) {
+            expect(result[b].dtype, `${b} in the asked dtype`).toBe(c.outputDType);
+            expectRelativeRms(result[b].toFloat64(), fwd[b], b, TOL);
+          }
+        }
         for (const name of GRADIENTS) {
           const expected = want[name];
           const got = grads[name];

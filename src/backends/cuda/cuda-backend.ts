@@ -66,7 +66,10 @@ export class CudaBackend implements Backend {
       const programs = this.programsFor(config, dtype);
       const runner = scope.keep(new ForwardRunner(this.ctx, programs, request.cuSeqlens, this.selectedKernel));
       const device = this.uploadInputs(request, dtype, scope);
-      const outputs = this.allocateOutputs(config, runner.plan.totalTokens, scope, { branches: true, final: false });
+      // Branch outputs asked in the compute dtype are kept in it on the device: the same bits once downloaded, and
+      // half the bytes for the forward to write and the backward to read.
+      const branches = outputDType === dtype ? 'half' : 'f32';
+      const outputs = this.allocateOutputs(config, runner.plan.totalTokens, scope, { branches, final: false });
       runner.run(device, outputs);
       this.ctx.synchronize();
       const host = this.downloadOutputs(request, outputs, outputDType);
@@ -255,7 +258,8 @@ export class CudaBackend implements Backend {
   private backwardProblem(problem: BenchmarkProblem, runner: ForwardRunner, inputs: DeviceNsaInputs, scope: BufferScope, final: boolean) {
     const { config } = problem;
     const N = runner.plan.totalTokens;
-    const outputs = this.allocateOutputs(config, N, scope, { branches: true, final });
+    // A bf16/f16 training step's outputs are in that dtype: the branch outputs too (see forward()).
+    const outputs = this.allocateOutputs(config, N, scope, { branches: 'half', final });
     const dO = scope.alloc(this.ctx, N * config.heads * config.valueDim * 2, 'dO');
     new DeviceRandom(this.ctx, runner.dtype).normal(dO, N * config.heads * config.valueDim, problem.seed + 9);
     const grads = this.allocateGradients(config, runner, inputs, scope);
@@ -296,6 +300,7 @@ export class CudaBackend implements Backend {
           { ptr: out.ptr },
           none,
           none,
+          { i32: 0 },
           { ptr: lse.ptr },
           none,
           { ptr: cu.ptr },
@@ -342,7 +347,7 @@ export class CudaBackend implements Backend {
       programs.flashBackward(0, 'preprocess').launch({
         grid: [Math.ceil((N * Hq) / 4), 1, 1],
         block: [128, 1, 1],
-        args: [p(dO), p(dense.out), none, none, none, none, p(delta), { i64: N * Hq }],
+        args: [p(dO), p(dense.out), none, none, { i32: 0 }, none, none, p(delta), { i64: N * Hq }],
       });
       programs.flashBackward(0, 'dq').launch({
         grid: [queryTiles.length / 2, Hq, 1],
@@ -478,16 +483,19 @@ export class CudaBackend implements Backend {
     config: NSAConfig,
     N: number,
     scope: BufferScope,
-    want: { branches: boolean; final: boolean },
+    want: { branches: false | 'f32' | 'half'; final: boolean },
   ): DeviceNsaOutputs {
     const rows = N * config.heads;
     const f32 = (n: number, what: string): DeviceBuffer => scope.alloc(this.ctx, n * 4, what);
+    const branch = (what: string): DeviceBuffer | undefined =>
+      want.branches === false ? undefined : scope.alloc(this.ctx, rows * config.valueDim * (want.branches === 'half' ? 2 : 4), what);
     return {
       out: f32(rows * config.valueDim, 'o'),
       outFinal: want.final ? scope.alloc(this.ctx, rows * config.valueDim * 2, 'o (half)') : undefined,
-      oCmp: want.branches ? f32(rows * config.valueDim, 'o_cmp') : undefined,
-      oSlc: want.branches ? f32(rows * config.valueDim, 'o_slc') : undefined,
-      oWin: want.branches ? f32(rows * config.valueDim, 'o_win') : undefined,
+      oCmp: branch('o_cmp'),
+      oSlc: branch('o_slc'),
+      oWin: branch('o_win'),
+      branchHalf: want.branches === 'half',
       lseCmp: f32(rows, 'lse_cmp'),
       lseSlc: f32(rows, 'lse_slc'),
       lseWin: f32(rows, 'lse_win'),
@@ -504,13 +512,20 @@ export class CudaBackend implements Backend {
       this.ctx.download(b, t.data);
       return dtype === 'f32' ? t : t.cast(dtype);
     };
+    // Half branch outputs are in the asked dtype already (forward()).
+    const branch = (b: DeviceBuffer): Tensor => {
+      if (d.branchHalf !== true) return f32(b, o);
+      const t = new Tensor(dtype, o);
+      this.ctx.download(b, t.data);
+      return t;
+    };
     const blocks = new Tensor('i32', [B, T, config.kvHeads, config.selectCount]);
     this.ctx.download(d.blockIndices, blocks.data);
     return {
       o: f32(d.out, o),
-      oCmp: f32(d.oCmp!, o),
-      oSlc: f32(d.oSlc!, o),
-      oWin: f32(d.oWin!, o),
+      oCmp: branch(d.oCmp!),
+      oSlc: branch(d.oSlc!),
+      oWin: branch(d.oWin!),
       lseCmp: f32(d.lseCmp, lse),
       lseSlc: f32(d.lseSlc, lse),
       lseWin: f32(d.lseWin, lse),
@@ -521,7 +536,7 @@ export class CudaBackend implements Backend {
 
 /**
  * What the cuda forward keeps on the device for the backward: the inputs (in the compute dtype), the compressed
- * K/V, every branch's output (fp32) and lse, the selected blocks and the index tables. `bytes` says how much.
+ * K/V, every branch's output (fp32, or the half dtype where the outputs were asked in it) and lse, the selected blocks and the index tables. `bytes` says how much.
  */
 class CudaSaved implements SavedForBackward {
   readonly backend = 'cuda' as const;

@@ -115,8 +115,9 @@ struct Pointers {
   const elem_t *v;
   const float *gate;   // [N, Hq, 3] fp32 or null (no gate: weight 1)
   float *out;          // [N, Hq, DV] gated accumulation
-  float *branch_out;   // [N, Hq, DV] ungated, or null
+  void *branch_out;    // [N, Hq, DV] ungated (fp32, or elem_t with branch_half), or null
   float *lse;          // [N, Hq]
+  bool branch_half;
 };
 
 /** What one phase of one CTA works on: its query rows, its keys, and where they live. */
@@ -207,7 +208,7 @@ __device__ __forceinline__ void write_phase_output(const Pointers &p, const Phas
       const int col = n * 8 + (lane % 4) * 2;
       const float x0 = o[n][2 * h] * inv;
       const float x1 = o[n][2 * h + 1] * inv;
-      if (p.branch_out != nullptr) *reinterpret_cast<float2 *>(p.branch_out + row * DV + col) = make_float2(x0, x1);
+      if (p.branch_out != nullptr) store_branch2(p.branch_out, row * DV + col, x0, x1, p.branch_half);
       float2 *kept = stash_use == STASH_NONE ? nullptr : reinterpret_cast<float2 *>(stash + stash_index(row_local - t.q0, col));
       if (stash_use == STASH_PUT) {
         *kept = make_float2(gate * x0, gate * x1); // the same value 0 + gate * x the write to out would hold
@@ -520,8 +521,8 @@ __device__ __forceinline__ void run_phase_tma(const Pointers p, int gate_index, 
 extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
     nsa_flash_attention_tma(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
                             const elem_t *__restrict__ kc, const elem_t *__restrict__ vc, const float *__restrict__ gate,
-                            float *__restrict__ out, float *__restrict__ out_cmp, float *__restrict__ out_win,
-                            float *__restrict__ lse_cmp, float *__restrict__ lse_win, const int *__restrict__ cu_seqlens,
+                            float *__restrict__ out, void *__restrict__ out_cmp, void *__restrict__ out_win,
+                            int branch_half, float *__restrict__ lse_cmp, float *__restrict__ lse_win, const int *__restrict__ cu_seqlens,
                             const int *__restrict__ cu_cmp, const int2 *__restrict__ tiles, int Hq, int H, float scale_log2,
                             int accumulate, const __grid_constant__ TensorMapBytes q_map, const __grid_constant__ TensorMapBytes k_map,
                             const __grid_constant__ TensorMapBytes v_map, const __grid_constant__ TensorMapBytes kc_map,
@@ -587,18 +588,18 @@ extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
   mbarrier_wait(&q_full, 0);
 
 #if NSA_MODE == 0
-  Pointers p{q, k, v, nullptr, out, nullptr, lse_cmp};
+  Pointers p{q, k, v, nullptr, out, nullptr, lse_cmp, false};
   run_phase_tma<PHASE_DENSE>(p, -1, !accumulate, qsmem, g, 0, t0, hq, Hq, scale_log2);
 #elif NSA_MODE == 1
-  Pointers pc{q, kc, vc, gate, out, out_cmp, lse_cmp};
+  Pointers pc{q, kc, vc, gate, out, out_cmp, lse_cmp, branch_half != 0};
   run_phase_tma<PHASE_CMP>(pc, 0, !accumulate, qsmem, g, 0, t0, hq, Hq, scale_log2);
 #elif NSA_MODE == 2
-  Pointers pw{q, k, v, gate, out, out_win, lse_win};
+  Pointers pw{q, k, v, gate, out, out_win, lse_win, branch_half != 0};
   run_phase_tma<PHASE_WIN>(pw, 2, WIN_WRITES_FIRST && !accumulate, qsmem, g, 0, t0, hq, Hq, scale_log2);
 #else
-  Pointers pc{q, kc, vc, gate, out, out_cmp, lse_cmp};
+  Pointers pc{q, kc, vc, gate, out, out_cmp, lse_cmp, branch_half != 0};
   run_phase_tma<PHASE_CMP>(pc, 0, !accumulate, qsmem, g, 0, t0, hq, Hq, scale_log2, stash, CMP_USE);
-  Pointers pw{q, k, v, gate, out, out_win, lse_win};
+  Pointers pw{q, k, v, gate, out, out_win, lse_win, branch_half != 0};
   run_phase_tma<PHASE_WIN>(pw, 2, WIN_WRITES_FIRST && !accumulate, qsmem, g, t0.ntiles, t1, hq, Hq, scale_log2, stash, WIN_USE);
 #endif
 #if FA_WARPS == 8 && defined(FA_PINGPONG)
@@ -610,8 +611,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
 extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
     nsa_flash_attention(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
                         const elem_t *__restrict__ kc, const elem_t *__restrict__ vc, const float *__restrict__ gate,
-                        float *__restrict__ out, float *__restrict__ out_cmp, float *__restrict__ out_win,
-                        float *__restrict__ lse_cmp, float *__restrict__ lse_win, const int *__restrict__ cu_seqlens,
+                        float *__restrict__ out, void *__restrict__ out_cmp, void *__restrict__ out_win,
+                        int branch_half, float *__restrict__ lse_cmp, float *__restrict__ lse_win, const int *__restrict__ cu_seqlens,
                         const int *__restrict__ cu_cmp, const int2 *__restrict__ tiles, int Hq, int H, float scale_log2,
                         int accumulate) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -644,19 +645,19 @@ extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
 
   const int kvh = hq / (Hq / H);
 #if NSA_MODE == 0
-  Pointers p{q, k, v, nullptr, out, nullptr, lse_cmp};
+  Pointers p{q, k, v, nullptr, out, nullptr, lse_cmp, false};
   run_phase<PHASE_DENSE>(p, -1, !accumulate, qfrag, ksmem, vsmem, phase_tile<PHASE_DENSE>(q0, seq_start, seq_start, seq_len, 0, kvh),
                          hq, Hq, H, scale_log2);
 #else
   const int c_start = cu_cmp[seq];
   const int tc = cu_cmp[seq + 1] - c_start;
 #if NSA_MODE == 1 || NSA_MODE == 3
-  Pointers pc{q, kc, vc, gate, out, out_cmp, lse_cmp};
+  Pointers pc{q, kc, vc, gate, out, out_cmp, lse_cmp, branch_half != 0};
   run_phase<PHASE_CMP>(pc, 0, !accumulate, qfrag, ksmem, vsmem, phase_tile<PHASE_CMP>(q0, seq_start, c_start, seq_len, tc, kvh), hq,
                        Hq, H, scale_log2, stash, CMP_USE);
 #endif
 #if NSA_MODE == 2 || NSA_MODE == 3
-  Pointers pw{q, k, v, gate, out, out_win, lse_win};
+  Pointers pw{q, k, v, gate, out, out_win, lse_win, branch_half != 0};
   run_phase<PHASE_WIN>(pw, 2, WIN_WRITES_FIRST && !accumulate, qfrag, ksmem, vsmem,
                        phase_tile<PHASE_WIN>(q0, seq_start, seq_start, seq_len, tc, kvh), hq, Hq, H, scale_log2, stash, WIN_USE);
 #endif

@@ -194,18 +194,26 @@ __device__ __forceinline__ void store_row_frags(float *__restrict__ dst, const f
   }
 }
 
-extern "C" __global__ void nsa_bwd_preprocess(const elem_t *__restrict__ dout, const float *__restrict__ o0,
-                                              const float *__restrict__ o1, const float *__restrict__ o2,
+/**
+ * Per (row, head), a warp each: dg_b = dO . o_b and delta_b = g_b * dg_b for the branches given (o_b fp32, or
+ * elem_t with branch_half).
+ */
+extern "C" __global__ void nsa_bwd_preprocess(const elem_t *__restrict__ dout, const void *__restrict__ o0,
+                                              const void *__restrict__ o1, const void *__restrict__ o2, int branch_half,
                                               const float *__restrict__ gate, float *__restrict__ dg,
                                               float *__restrict__ delta, i64 rows) {
   const i64 r = (i64)blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; // token * Hq + hq
   const int lane = threadIdx.x % 32;
   if (r >= rows) return;
-  const float *o[3] = {o0, o1, o2};
+  const void *o[3] = {o0, o1, o2};
   for (int b = 0; b < 3; b++) {
     if (o[b] == nullptr) continue;
     float dot = 0.f;
-    for (int c = lane; c < DV; c += 32) dot += elem_to_float(dout[r * DV + c]) * o[b][r * DV + c];
+    for (int c = 2 * lane; c < DV; c += 64) { // two columns a lane (DV is even)
+      const elem2_t d = *reinterpret_cast<const elem2_t *>(dout + r * DV + c);
+      dot += elem_to_float(d.x) * load_branch(o[b], r * DV + c, branch_half != 0) +
+             elem_to_float(d.y) * load_branch(o[b], r * DV + c + 1, branch_half != 0);
+    }
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) dot += __shfl_xor_sync(0xffffffff, dot, off);
     if (lane == 0) {

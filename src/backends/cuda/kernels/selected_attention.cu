@@ -36,8 +36,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, SLC_MIN_BLOCKS)
     nsa_selected_attention(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
                            const float *__restrict__ gate, const int *__restrict__ block_indices,
                            const int *__restrict__ row_seq, const int *__restrict__ cu_seqlens, float *__restrict__ out,
-                           elem_t *__restrict__ out_final, float *__restrict__ branch_out, float *__restrict__ lse_out,
-                           int Hq, int H, float scale_log2) {
+                           elem_t *__restrict__ out_final, void *__restrict__ branch_out, int branch_half,
+                           float *__restrict__ lse_out, int Hq, int H, float scale_log2) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   elem_t *qsmem = reinterpret_cast<elem_t *>(smem_raw);           // ROWS x DK
   elem_t *ksmem = qsmem + ROWS * DK;                               // SLC_STAGES x BLOCK_N x K_ROW
@@ -177,7 +177,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, SLC_MIN_BLOCKS)
     const float x = l > 0.f ? acc / l : 0.f;
     const i64 orow = row * Hq + h * G + head0 + r;
     if (col == 0) lse_out[orow] = l > 0.f ? (m + log2f(l)) * NSA_LN2 : NSA_NEG_INF;
-    if (branch_out != nullptr) branch_out[orow * DV + col] = x;
+    if (branch_out != nullptr) store_branch(branch_out, orow * DV + col, x, branch_half != 0);
     const float y = out[orow * DV + col] + gate[orow * 3 + 1] * x;
     if (out_final != nullptr) out_final[orow * DV + col] = float_to_elem(y);
     else out[orow * DV + col] = y;

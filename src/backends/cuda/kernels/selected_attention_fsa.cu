@@ -315,8 +315,8 @@ template <> struct PartialWord<4> { typedef uint2 type; };
 extern "C" __global__ void nsa_fsa_reduce(const elem_t *__restrict__ partial_o, const float *__restrict__ partial_lse,
                                           const int *__restrict__ block_indices, const float *__restrict__ gate,
                                           float *__restrict__ out, elem_t *__restrict__ out_final,
-                                          float *__restrict__ branch_out, float *__restrict__ lse_out, i64 rows, int Hq,
-                                          int H) {
+                                          void *__restrict__ branch_out, int branch_half, float *__restrict__ lse_out,
+                                          i64 rows, int Hq, int H) {
   static_assert(DV % 64 == 0 && SEL_N <= 32, "a lane takes 2 or 4 columns and a slot");
   constexpr int CPL = DV / 32; // columns per lane: 2 (one 4-byte load a partial) or 4 (8 bytes)
   typedef typename PartialWord<CPL>::type word_t;
@@ -364,7 +364,7 @@ extern "C" __global__ void nsa_fsa_reduce(const elem_t *__restrict__ partial_o, 
   for (int c = 0; c < CPL; c++) y[c] += g * acc[c];
   if (branch_out != nullptr) {
 #pragma unroll
-    for (int c = 0; c < CPL; c++) branch_out[at + c] = acc[c];
+    for (int c = 0; c < CPL; c += 2) store_branch2(branch_out, at + c, acc[c], acc[c + 1], branch_half != 0);
   }
   if (out_final != nullptr) {
 #pragma unroll

@@ -181,7 +181,10 @@ export class BackwardRunner {
       programs.flashBackward(1, 'preprocess').launch({
         grid: [Math.ceil((N * Hq) / 4), 1, 1],
         block: [128, 1, 1],
-        args: [ptr(dOut), ptr(fwd.oCmp), ptr(fwd.oSlc), ptr(fwd.oWin), ptr(inputs.gate), ptr(grads.dg), ptr(this.delta), { i64: N * Hq }],
+        args: [
+          ptr(dOut), ptr(fwd.oCmp), ptr(fwd.oSlc), ptr(fwd.oWin), { i32: fwd.branchHalf === true ? 1 : 0 }, ptr(inputs.gate), ptr(grads.dg),
+          ptr(this.delta), { i64: N * Hq },
+        ],
       })]);
 
     // cmp (branch 0) over the compressed keys, and win (branch 2) over the raw ones.

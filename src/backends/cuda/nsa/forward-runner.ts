@@ -68,6 +68,8 @@ export interface DeviceNsaOutputs {
   readonly oCmp?: DeviceBuffer | undefined;
   readonly oSlc?: DeviceBuffer | undefined;
   readonly oWin?: DeviceBuffer | undefined;
+  /** oCmp, oSlc, oWin hold the half dtype (elem_t) rather than fp32. */
+  readonly branchHalf?: boolean | undefined;
   readonly lseCmp: DeviceBuffer;
   readonly lseSlc: DeviceBuffer;
   readonly lseWin: DeviceBuffer;
@@ -192,6 +194,7 @@ export class ForwardRunner {
         ptr(outputs.out),
         ptr(outputs.oCmp),
         ptr(outputs.oWin),
+        { i32: outputs.branchHalf === true ? 1 : 0 },
         ptr(outputs.lseCmp),
         ptr(outputs.lseWin),
         ptr(tables.cuSeqlens),
@@ -241,6 +244,7 @@ export class ForwardRunner {
           ptr(outputs.out),
           ptr(outputs.outFinal),
           ptr(outputs.oSlc),
+          { i32: outputs.branchHalf === true ? 1 : 0 },
           ptr(outputs.lseSlc),
           { i32: Hq },
           { i32: H },
@@ -312,6 +316,7 @@ export class ForwardRunner {
         ptr(outputs.out),
         ptr(outputs.outFinal),
         ptr(outputs.oSlc),
+        { i32: outputs.branchHalf === true ? 1 : 0 },
         ptr(outputs.lseSlc),
         { i64: rows },
         { i32: Hq },
