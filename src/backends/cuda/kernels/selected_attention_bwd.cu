@@ -7,6 +7,7 @@
 // nvcc-check: -DDK=192 -DDV=128 -DSEL_L=32 -DSEL_N=16 -DSLC_BULK -DSLC_DQ_FUSED -DNSA_FP16
 // nvcc-check: -DDK=64 -DDV=64 -DSEL_L=128 -DSEL_N=4 -DSLC_DQ_FUSED
 // nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DSLC_BULK -DSLC_DQ_FUSED -DSLC_DQ_PARTS_BF16
+// nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DCMP_L=32 -DCMP_D=16 -DSLC_REDUCE_MEAN
 //
 // Backward of the selected branch, with no atomics:
 //   nsa_slc_bwd_dq    group-centric like the forward: a CTA per (query position, KV head, 16 heads) streams the
@@ -421,12 +422,16 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 /**
  * dK, dV of the selected branch: for each key row (token of KV head h), the sum in item order of its block's
  * items' partial rows, added into dk, dv. One thread per (key row, channel): grid.x over tokens * H.
+ * SLC_REDUCE_MEAN (phi = mean, the compressed and selected keys both the shared k, v): also adds the mean's
+ * backward, dKc[i] / l of each compressed block i covering the token (dkc, dvc [Nc, H, D], cu_cmp), which saves
+ * nsa_compress_mean_bwd's read and write of dk, dv. Otherwise dkc, dvc, cu_cmp are unused.
  */
 extern "C" __global__ void nsa_slc_bwd_reduce(const float *__restrict__ partial_k, const float *__restrict__ partial_v,
                                               const int *__restrict__ item_offsets, const int *__restrict__ row_seq,
                                               const int *__restrict__ cu_seqlens, const int *__restrict__ cu_blocks,
                                               float *__restrict__ dk, float *__restrict__ dv, int H, int total_blocks,
-                                              int subs) {
+                                              int subs, const float *__restrict__ dkc, const float *__restrict__ dvc,
+                                              const int *__restrict__ cu_cmp) {
   const i64 krow = blockIdx.x; // token * H + h
   const int token = (int)(krow / H);
   const int h = (int)(krow % H);
@@ -445,6 +450,20 @@ extern "C" __global__ void nsa_slc_bwd_reduce(const float *__restrict__ partial_
     const float *src = is_key ? partial_k : partial_v;
     float sum = 0.f;
     for (int item = first; item < last; item++) sum += src[(((i64)item * subs + sub) * TILE + r) * dim + col];
+#ifdef SLC_REDUCE_MEAN
+    {
+      // As nsa_compress_mean_bwd adds it, after the selected branch's sum.
+      const int c_start = cu_cmp[seq];
+      int i_lo, i_hi;
+      blocks_covering(tau, cu_cmp[seq + 1] - c_start, &i_lo, &i_hi);
+      const float *csrc = is_key ? dkc : dvc;
+      float acc = 0.f;
+      for (int i = i_lo; i <= i_hi; i++) acc += csrc[((i64)(c_start + i) * H + h) * dim + col];
+      float *dst = is_key ? dk : dv;
+      dst[krow * dim + col] = (dst[krow * dim + col] + sum) + acc * (1.f / CMP_L);
+      continue;
+    }
+#endif
     float *dst = is_key ? dk : dv;
     dst[krow * dim + col] += sum;
   }

@@ -281,7 +281,11 @@ export class BackwardRunner {
           })];
     if (!fused) stages.push(slcDq);
     stages.push(['slc index', () => this.index.build(fwd.blockIndices, this.itemEntries)]);
-    // Work items of up to itemEntries (token, slot) pairs per block, partial sums reduced in item order.
+    // Work items of up to itemEntries (token, slot) pairs per block, partial sums reduced in item order. With
+    // phi = mean and the selected branch on the shared k, v, the reduce also adds the mean's backward (one read and
+    // write of dk, dv fewer); there is then no 'compress' stage.
+    const phi = forward.phi;
+    const meanInReduce = inputs.kCmp === undefined && plan.totalCompressed > 0 && phi === undefined && inputs.kSlc === undefined;
     const subs = Math.ceil(config.selectBlock / TILE);
     const itemUpperBound = this.index.itemUpperBound(this.itemEntries);
     stages.push(['slc dkdv', () => {
@@ -298,19 +302,19 @@ export class BackwardRunner {
           { i32: this.itemEntries }, { f32: scaleLog2 }, { f32: config.scale },
         ],
       });
-      programs.selectedBackward('reduce', fused).launch({
+      programs.selectedBackward('reduce', fused, meanInReduce).launch({
         grid: [N * H, 1, 1],
         block: [128, 1, 1],
         args: [
           { ptr: partial.ptr }, { ptr: pv }, ptr(this.index.itemOffsets), ptr(tables.rowSeq), ptr(tables.cuSeqlens), ptr(tables.cuBlocks),
           ptr(grads.dkSlc ?? grads.dk), ptr(grads.dvSlc ?? grads.dv), { i32: H }, { i32: plan.totalBlocks }, { i32: subs },
+          ...(meanInReduce ? [ptr(grads.dkc), ptr(grads.dvc), ptr(tables.cuCmp)] : [NULL, NULL, NULL]),
         ],
       });
     }]);
     if (fused) stages.push(slcDq);
 
     // phi: dKc, dVc back onto the shared k, v (given compressed K/V keep their own gradients).
-    const phi = forward.phi;
     if (inputs.kCmp === undefined && plan.totalCompressed > 0 && phi !== undefined) {
       const { phiK, phiV } = inputs;
       const { dPhiK, dPhiV } = grads;
@@ -321,7 +325,7 @@ export class BackwardRunner {
         phi.backward('k', inputs.k, phiK, grads.dkc, grads.dk, dPhiK);
         phi.backward('v', inputs.v, phiV, grads.dvc, grads.dv, dPhiV);
       }]);
-    } else if (inputs.kCmp === undefined && plan.totalCompressed > 0) {
+    } else if (inputs.kCmp === undefined && plan.totalCompressed > 0 && !meanInReduce) {
       stages.push(['compress', () =>
         programs.compressMeanBackward.launch({
           grid: [N, H, 1],

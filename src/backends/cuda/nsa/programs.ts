@@ -393,12 +393,14 @@ export class NsaPrograms {
    * The selected branch's backward kernels. `fusedDq`: the dK/dV kernel also writes per-slot dQ parts, which
    * dq_reduce sums (the module built for it serves all four kernels, so each launch of a backward uses one module).
    */
-  selectedBackward(fn: 'dq' | 'dkdv' | 'reduce' | 'dq_reduce', fusedDq = false): Kernel {
+  /** `withMean`: the reduce also adds phi = mean's backward (SLC_REDUCE_MEAN). */
+  selectedBackward(fn: 'dq' | 'dkdv' | 'reduce' | 'dq_reduce', fusedDq = false, withMean = false): Kernel {
     return this.kernel('selected_attention_bwd.cu', `nsa_slc_bwd_${fn}`, [
       ...this.selDefines(),
       ...(this.tuning.slcBulk ? ['-DSLC_BULK'] : []),
       ...(fusedDq ? ['-DSLC_DQ_FUSED'] : []),
       ...(fusedDq && this.tuning.slcDqParts === 'bf16' ? ['-DSLC_DQ_PARTS_BF16'] : []),
+      ...(withMean ? [...this.cmpDefines(), '-DSLC_REDUCE_MEAN'] : []),
     ]);
   }
 
