@@ -25,6 +25,7 @@ describe('kernelTuning', () => {
       slcMinBlocks: 8,
       slcBulk: true,
       slcDqParts: 'bf16',
+      slcBwdWs: true,
       fsaMinBlocks: 3,
       fsaPersistent: true,
       cmpWinDqFused: true,
@@ -34,6 +35,14 @@ describe('kernelTuning', () => {
       faBwdStages: undefined,
       selectRing: undefined,
     });
+  });
+
+  it('takes the warp-specialised selected dK/dV on sm_90 at dk, dv <= 128 unless NSA_SLC_BWD=mma', () => {
+    expect(kernelTuning(config(128, 128), {}, [9, 0]).slcBwdWs).toBe(true);
+    expect(kernelTuning(config(64, 64), {}, [9, 0]).slcBwdWs).toBe(true);
+    expect(kernelTuning(config(128, 128), { NSA_SLC_BWD: 'mma' }, [9, 0]).slcBwdWs).toBe(false);
+    expect(kernelTuning(config(128, 128), {}, [8, 0]).slcBwdWs).toBe(false);
+    expect(kernelTuning(config(192, 128), {}, [9, 0]).slcBwdWs).toBe(false);
   });
 
   it('takes the TMA flash forward on sm_90 with wgmma unless NSA_FA_TMA=0 (or NSA_FA_WGMMA=0); ping-pong unless NSA_FA_PINGPONG=0', () => {
@@ -145,7 +154,7 @@ describe('shared memory of the selected-attention kernels', () => {
   const tunings: KernelTuning[] = [];
   for (const slcWarps of [2, 4] as const) {
     for (const slcStages of [1, 2, 4]) {
-      for (const slcBulk of [false, true]) tunings.push({ faWarps: 8, faWgmma: false, slcWarps, slcStages, slcMinBlocks: 4, slcBulk, slcDqParts: 'f32' });
+      for (const slcBulk of [false, true]) tunings.push({ faWarps: 8, faWgmma: false, slcWarps, slcStages, slcMinBlocks: 4, slcBulk, slcDqParts: 'f32', slcBwdWs: false });
     }
   }
 
@@ -170,8 +179,22 @@ describe('shared memory of the selected-attention kernels', () => {
     });
   }
 
+  it('the warp-specialised dK/dV holds K, V, five row stages and two dS tiles, within an H100 CTA, and its threads', () => {
+    const tuning: KernelTuning = { faWarps: 8, faWgmma: true, slcWarps: 2, slcStages: 1, slcMinBlocks: 8, slcBulk: true, slcDqParts: 'bf16', slcBwdWs: true };
+    for (const [dk, dv] of SUPPORTED_HEAD_DIMS.filter(([a, b]) => a <= 128 && b <= 128)) {
+      const programs = new NsaPrograms(fakeContext, config(dk, dv), 'bf16', tuning);
+      const bytes = programs.selectedBackwardSharedBytes('dkdv', true);
+      expect(bytes, `dk = ${dk}, dv = ${dv}`).toBeGreaterThanOrEqual(2 * 64 * (dk + dv) * 6 + 2 * 2 * 64 * 64);
+      expect(bytes).toBeLessThanOrEqual(227 * 1024);
+      // The second computing warpgroup's dK, dV pass through the stages at the end: they must fit there.
+      expect(4 * 128 * ((dk + dv) / 8) * 4).toBeLessThanOrEqual(3 * 2 * 64 * (dk + dv));
+      expect(programs.selectedBackwardThreads('dkdv')).toBe(384);
+      expect(programs.selectedBackwardThreads('dq')).toBe(128);
+    }
+  });
+
   it('the merge, not the stages, sets the size when dv > dk at one stage (the case that overflowed)', () => {
-    const tuning: KernelTuning = { faWarps: 8, faWgmma: false, slcWarps: 2, slcStages: 1, slcMinBlocks: 8, slcBulk: false, slcDqParts: 'f32' };
+    const tuning: KernelTuning = { faWarps: 8, faWgmma: false, slcWarps: 2, slcStages: 1, slcMinBlocks: 8, slcBulk: false, slcDqParts: 'f32', slcBwdWs: false };
     const programs = new NsaPrograms(fakeContext, config(64, 128), 'bf16', tuning);
     expect(programs.selectedSharedBytes()).toBe(2 * 16 * 64 + 4 * 2 * 16 * 128);
   });

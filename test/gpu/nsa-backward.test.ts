@@ -27,6 +27,8 @@ interface Case {
   readonly slcDq?: 'group' | 'fused';
   /** Outputs asked in bf16: the device keeps the branch outputs in bf16 for the backward (default f32). */
   readonly outputDType?: 'bf16';
+  /** NSA_SLC_BWD for this case (read when the case's kernels are built: give it a config of its own). */
+  readonly slcBwd?: 'mma';
 }
 
 const base = { compressBlock: 32, compressStride: 16, selectBlock: 64, selectCount: 6, window: 96 };
@@ -34,6 +36,7 @@ const CASES: Case[] = [
   { name: 'G = 16, T = 700, fla preset form, group-centric slc dQ, bf16 outputs', options: { compressBlock: 64, compressStride: 64, selectBlock: 64, selectCount: 4, window: 128, heads: 16, kvHeads: 1, headDim: 64, valueDim: 64 }, seqlens: [700], slcDq: 'group', outputDType: 'bf16' },
   { name: 'G = 4, D = 128, odd T = 555, paper form, fused slc dQ', options: { ...base, heads: 8, kvHeads: 2, headDim: 128, valueDim: 128 }, seqlens: [555], slcDq: 'fused' },
   { name: 'G = 4, D = 128, odd T = 555, paper form, group-centric slc dQ', options: { ...base, heads: 8, kvHeads: 2, headDim: 128, valueDim: 128 }, seqlens: [555], slcDq: 'group' },
+  { name: 'G = 4, D = 64, T = 450, fused slc dQ, the mma.sync selected dK/dV (NSA_SLC_BWD=mma)', options: { ...base, selectCount: 7, heads: 8, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [450], slcDq: 'fused', slcBwd: 'mma' },
   { name: 'G = 1, T = 333, fused slc dQ', options: { ...base, heads: 2, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [333], slcDq: 'fused' },
   { name: 'G = 2, packed [100, 1, 250, 64, 5], fused slc dQ, bf16 outputs', options: { ...base, selectBlock: 32, selectCount: 5, heads: 4, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [100, 1, 250, 64, 5], slcDq: 'fused', outputDType: 'bf16' },
   { name: 'dk = 128 != dv = 64, G = 8, fused slc dQ', options: { ...base, heads: 8, kvHeads: 1, headDim: 128, valueDim: 64 }, seqlens: [400], slcDq: 'fused' },
@@ -105,49 +108,60 @@ if (!availability.available) {
 
     for (const [i, c] of CASES.entries()) {
       it(c.name, async () => {
-        const config = new NSAConfig(c.options);
-        const cuSeqlens = [0];
-        for (const len of c.seqlens) cuSeqlens.push(cuSeqlens[cuSeqlens.length - 1]! + len);
-        let inputs = randomInputs({ config, cuSeqlens, dtype: 'bf16', seed: 500 + 31 * i });
-        if (c.independent) inputs = withIndependentKv(inputs, config, cuSeqlens, 500 + 31 * i);
-        const result = await nsaForward(inputs, config, { backend, outputDType: c.outputDType ?? 'f32' });
-        const dO = Tensor.randn(result.o.shape, 'bf16', 900 + i);
-        const [grads, again] = await withSlcDq(c.slcDq, async () => [await result.backward(dO), await result.backward(dO)] as const);
-        expect(sameBits(grads, again), 'two backward runs give bitwise-identical gradients').toBe(true);
-        result.release();
-
-        const ref = referenceInputs(inputs, cuSeqlens, config);
-        const fwd = nsaReferenceForward(config, ref, result.blockIndices.data);
-        const want = nsaReferenceBackward(config, ref, fwd, dO.toFloat64());
-        if (c.outputDType !== undefined) {
-          for (const b of ['oCmp', 'oSlc', 'oWin'] as const) {
-            expect(result[b].dtype, `${b} in the asked dtype`).toBe(c.outputDType);
-            expectRelativeRms(result[b].toFloat64(), fwd[b], b, TOL);
-          }
-        }
-        for (const name of GRADIENTS) {
-          const expected = want[name];
-          const got = grads[name];
-          expect(got === undefined, `${name} present on both sides`).toBe(expected === undefined);
-          if (expected === undefined || got === undefined) continue;
-          expectRelativeRms(got.toFloat64(), expected, name, TOL);
-        }
-        // A learned phi's parameter gradients, each by name. The keys' bias (and pe, for linear phi) shift every
-        // compressed key of a softmax alike, so their exact gradient is 0 and the GPU's is rounding noise: their
-        // error is measured against the side's largest parameter gradient, a sum over the same tokens that does not
-        // cancel.
-        for (const side of ['dPhiK', 'dPhiV'] as const) {
-          const expected = want[side];
-          const got = grads[side];
-          expect(got === undefined, `${side} present on both sides`).toBe(expected === undefined);
-          if (expected === undefined || got === undefined) continue;
-          expect(Object.keys(got).sort()).toEqual(Object.keys(expected).sort());
-          const scale = Math.max(...Object.values(expected).map(rms));
-          for (const [name, values] of Object.entries(expected)) {
-            expectRelativeRms(got[name]!.toFloat64(), values, `${side}.${name}`, { ...TOL, scale: side === 'dPhiK' ? scale : 0 });
-          }
+        const savedSlcBwd = process.env['NSA_SLC_BWD'];
+        if (c.slcBwd !== undefined) process.env['NSA_SLC_BWD'] = c.slcBwd;
+        try {
+          await runCase(c, i);
+        } finally {
+          if (savedSlcBwd === undefined) delete process.env['NSA_SLC_BWD'];
+          else process.env['NSA_SLC_BWD'] = savedSlcBwd;
         }
       });
+    }
+
+    async function runCase(c: Case, i: number): Promise<void> {
+      const config = new NSAConfig(c.options);
+      const cuSeqlens = [0];
+      for (const len of c.seqlens) cuSeqlens.push(cuSeqlens[cuSeqlens.length - 1]! + len);
+      let inputs = randomInputs({ config, cuSeqlens, dtype: 'bf16', seed: 500 + 31 * i });
+      if (c.independent) inputs = withIndependentKv(inputs, config, cuSeqlens, 500 + 31 * i);
+      const result = await nsaForward(inputs, config, { backend, outputDType: c.outputDType ?? 'f32' });
+      const dO = Tensor.randn(result.o.shape, 'bf16', 900 + i);
+      const [grads, again] = await withSlcDq(c.slcDq, async () => [await result.backward(dO), await result.backward(dO)] as const);
+      expect(sameBits(grads, again), 'two backward runs give bitwise-identical gradients').toBe(true);
+      result.release();
+
+      const ref = referenceInputs(inputs, cuSeqlens, config);
+      const fwd = nsaReferenceForward(config, ref, result.blockIndices.data);
+      const want = nsaReferenceBackward(config, ref, fwd, dO.toFloat64());
+      if (c.outputDType !== undefined) {
+        for (const b of ['oCmp', 'oSlc', 'oWin'] as const) {
+          expect(result[b].dtype, `${b} in the asked dtype`).toBe(c.outputDType);
+          expectRelativeRms(result[b].toFloat64(), fwd[b], b, TOL);
+        }
+      }
+      for (const name of GRADIENTS) {
+        const expected = want[name];
+        const got = grads[name];
+        expect(got === undefined, `${name} present on both sides`).toBe(expected === undefined);
+        if (expected === undefined || got === undefined) continue;
+        expectRelativeRms(got.toFloat64(), expected, name, TOL);
+      }
+      // A learned phi's parameter gradients, each by name. The keys' bias (and pe, for linear phi) shift every
+      // compressed key of a softmax alike, so their exact gradient is 0 and the GPU's is rounding noise: their
+      // error is measured against the side's largest parameter gradient, a sum over the same tokens that does not
+      // cancel.
+      for (const side of ['dPhiK', 'dPhiV'] as const) {
+        const expected = want[side];
+        const got = grads[side];
+        expect(got === undefined, `${side} present on both sides`).toBe(expected === undefined);
+        if (expected === undefined || got === undefined) continue;
+        expect(Object.keys(got).sort()).toEqual(Object.keys(expected).sort());
+        const scale = Math.max(...Object.values(expected).map(rms));
+        for (const [name, values] of Object.entries(expected)) {
+          expectRelativeRms(got[name]!.toFloat64(), values, `${side}.${name}`, { ...TOL, scale: side === 'dPhiK' ? scale : 0 });
+        }
+      }
     }
   });
 }

@@ -173,13 +173,6 @@ __device__ __forceinline__ void wgmma_s_and_dp(float s[TILE / 8][4], float dp[TI
 }
 #endif
 
-/** Packs fp32 C fragments of 16 columns (two n-blocks) into the A fragment of a 16-deep k-step. */
-__device__ __forceinline__ void pack_a(u32 a[4], const float lo[4], const float hi[4]) {
-  a[0] = pack_elem2(lo[0], lo[1]);
-  a[1] = pack_elem2(lo[2], lo[3]);
-  a[2] = pack_elem2(hi[0], hi[1]);
-  a[3] = pack_elem2(hi[2], hi[3]);
-}
 
 /** dst[c] = (add ? dst[c] : 0) + acc * scale over a thread's C-fragment columns of its row hh (0: lane / 4, 1: + 8). */
 template <int D>

@@ -191,6 +191,10 @@ __device__ __forceinline__ void cp_async_4(void *smem, const void *gmem, bool va
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(valid ? 4 : 0) : "memory");
 }
 /** One arrival on `bar` once this thread's earlier cp.async copies have landed (the barrier's count includes it). */
+/** An ordinary arrival (release: this thread's earlier shared-memory writes are seen by who waits). */
+__device__ __forceinline__ void mbarrier_arrive(unsigned long long *bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
+}
 __device__ __forceinline__ void cp_async_mbarrier_arrive(unsigned long long *bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_addr(bar)) : "memory");
 }
@@ -571,6 +575,14 @@ __device__ __forceinline__ void blocks_covering(int tau, int tc, int *first, int
   *last = min(tc - 1, tau / CMP_D);                     // last block with i*d <= tau
 }
 #endif
+
+/** Packs fp32 C fragments of 16 columns (two n-blocks) into the A fragment of a 16-deep k-step. */
+__device__ __forceinline__ void pack_a(u32 a[4], const float lo[4], const float hi[4]) {
+  a[0] = pack_elem2(lo[0], lo[1]);
+  a[1] = pack_elem2(lo[2], lo[3]);
+  a[2] = pack_elem2(hi[0], hi[1]);
+  a[3] = pack_elem2(hi[2], hi[3]);
+}
 
 template <int N> __device__ __forceinline__ void zero_frags(float f[N][4]) {
 #pragma unroll

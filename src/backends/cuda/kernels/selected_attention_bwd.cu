@@ -8,6 +8,9 @@
 // nvcc-check: -DDK=64 -DDV=64 -DSEL_L=128 -DSEL_N=4 -DSLC_DQ_FUSED
 // nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DSLC_BULK -DSLC_DQ_FUSED -DSLC_DQ_PARTS_BF16
 // nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DCMP_L=32 -DCMP_D=16 -DSLC_REDUCE_MEAN
+// nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DSLC_BULK -DSLC_DQ_FUSED -DSLC_DQ_PARTS_BF16 -DSLC_BWD_WS
+// nvcc-check: -DDK=64 -DDV=64 -DSEL_L=128 -DSEL_N=4 -DSLC_BWD_WS -DNSA_FP16
+// nvcc-check: -DDK=128 -DDV=64 -DSEL_L=32 -DSEL_N=16 -DSLC_DQ_FUSED -DSLC_BWD_WS
 //
 // Backward of the selected branch, with no atomics:
 //   nsa_slc_bwd_dq    group-centric like the forward: a CTA per (query position, KV head, 16 heads) streams the
@@ -22,6 +25,14 @@
 // P = exp(s - lse_slc), dS = P * (g_slc * dO V^T - delta_slc). Gradients are fp32 and added into their buffers.
 #include "nsa_common.cuh"
 #include "nsa_gather_tiles.cuh"
+#include "nsa_wgmma.cuh"
+
+// SLC_BWD_WS (set by the host on sm_90a for dk, dv <= 128): the warp-specialised nsa_slc_bwd_dkdv on wgmma.
+#if defined(SLC_BWD_WS) && defined(NSA_HAS_WGMMA)
+#define SLC_USE_WS 1
+#else
+#define SLC_USE_WS 0
+#endif
 
 #define WARPS 4
 #define THREADS (32 * WARPS)
@@ -244,6 +255,308 @@ __device__ __forceinline__ void fused_dq_rows(part_t *__restrict__ partial_q, co
 }
 #endif
 
+#if SLC_USE_WS
+#ifndef SLC_WS_STAGES
+#define SLC_WS_STAGES 5 // ring of gathered query/dO rows: two being multiplied, up to three being copied
+#endif
+#ifndef SLC_WS_IN_FLIGHT
+#define SLC_WS_IN_FLIGHT 3 // tiles whose copies the producer keeps in flight
+#endif
+#define WS_THREADS 384
+/**
+ * nsa_slc_bwd_dkdv warp-specialised (SLC_BWD_WS, sm_90a, dk, dv <= 128): the same work items, outputs and sums
+ * as the mma.sync kernel below, by three warpgroups. Warpgroup 0 gathers the query/dO rows of the item's tiles
+ * (16-byte cp.async into 128-byte-swizzled tiles) and their row terms into a ring of SLC_WS_STAGES stages (full
+ * and empty mbarriers); warpgroups 1 and 2 take the tiles in turn on wgmma, each keeping its own dK, dV: S^T = K
+ * Q^T and dP^T = V dO^T (K, V as A), then dV += (P^T g) dO and dK += dS^T Q with P^T, dS^T as register A operands;
+ * with SLC_DQ_FUSED each stores its dS (stmatrix, transposed) and multiplies the rows' dQ parts dS K, 64 columns at
+ * a time. At the end warpgroup 1 adds warpgroup 2's dK, dV to its own (a fixed order) and writes the item's rows.
+ * One warpgroup's chain (gather, products, softmax terms, products, dQ) no longer leaves the tensor cores idle:
+ * the other's products and the next tiles' gathers run under it.
+ */
+extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
+    nsa_slc_bwd_dkdv(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
+                     const elem_t *__restrict__ dout, const float *__restrict__ lse, const float *__restrict__ gate,
+                     const float *__restrict__ delta, const int *__restrict__ offsets, const int *__restrict__ item_offsets,
+                     const int2 *__restrict__ entries, const int *__restrict__ block_seq, const int *__restrict__ cu_blocks,
+                     const int *__restrict__ cu_seqlens, float *__restrict__ partial_k, float *__restrict__ partial_v,
+                     void *__restrict__ partial_q, int Hq, int H, int total_blocks, int item_entries, float scale_log2,
+                     float scale) {
+  static_assert(DK <= 128 && DV <= 128, "the warp-specialised dK/dV takes dk, dv <= 128");
+  static_assert(SLC_WS_IN_FLIGHT + 2 <= SLC_WS_STAGES, "stages for the tiles in flight and the two being multiplied");
+  typedef WgmmaTile<TILE, DK> WK;
+  typedef WgmmaTile<TILE, DV> WV;
+  constexpr int S = SLC_WS_STAGES;
+  constexpr int STAGE = TILE * (DK + DV); // elements of one stage: query rows, then dO rows
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  elem_t *ksmem = reinterpret_cast<elem_t *>(wgmma_aligned(smem_raw)); // TILE keys x DK
+  elem_t *vsmem = ksmem + TILE * DK;                                    // TILE keys x DV
+  elem_t *rowbuf = vsmem + TILE * DV;                                   // S stages
+  __shared__ __align__(16) float row_lse[S][TILE], row_gate[S][TILE], row_delta[S][TILE];
+  __shared__ __align__(16) int row_t[S][TILE];
+  __shared__ __align__(8) unsigned long long full_bar[S], empty_bar[S], kv_bar;
+
+  const int nkeys_total = H * total_blocks;
+  const int b = blockIdx.x;
+  if (b >= item_offsets[nkeys_total]) return;
+  const int key = range_holding(item_offsets, nkeys_total, b); // the key whose item range holds b
+  const IndexKey ik = index_key(key, total_blocks, block_seq, cu_blocks, cu_seqlens);
+  const int h = ik.h;
+  const int j = ik.j;
+  const int seq_start = ik.seq_start;
+  const int seq_len = ik.seq_len;
+  const int key0 = j * SEL_L + blockIdx.y * TILE; // first local token of this CTA's keys
+  if (key0 >= min((j + 1) * SEL_L, seq_len)) return;
+  const int nk = min(TILE, min((j + 1) * SEL_L, seq_len) - key0);
+  const int G = Hq / H;
+  const int per_tile = max(1, TILE / G);
+  const int e_begin = offsets[key] + (b - item_offsets[key]) * item_entries;
+  const int e_end = min(offsets[key + 1], e_begin + item_entries);
+  const int ntiles = (e_end - e_begin + per_tile - 1) / per_tile;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < S; s++) {
+      mbarrier_init(&full_bar[s], 128);
+      mbarrier_init(&empty_bar[s], 128);
+    }
+    mbarrier_init(&kv_bar, 128);
+  }
+  mbarrier_init_fence();
+  __syncthreads();
+  const int wg = threadIdx.x / 128;
+
+  if (wg == 0) {
+    // Producer: the key/value tile once, then each tile's rows into stage it % S once its last reader let go.
+    setmaxnreg_dec<40>();
+    load_tile_async<DK, 128, WK>(ksmem, TILE, [&](int r) -> const elem_t * {
+      return r < nk ? k + ((i64)(seq_start + key0 + r) * H + h) * DK : nullptr;
+    });
+    load_tile_async<DV, 128, WV>(vsmem, TILE, [&](int r) -> const elem_t * {
+      return r < nk ? v + ((i64)(seq_start + key0 + r) * H + h) * DV : nullptr;
+    });
+    cp_async_commit();
+    cp_async_wait<0>();
+    fence_proxy_async_shared(); // cp.async writes, before wgmma reads them through the async proxy
+    mbarrier_arrive(&kv_bar);
+    for (int it = 0; it < ntiles; it++) {
+      const int s = it % S;
+      if (it >= S) mbarrier_wait(&empty_bar[s], ((it / S) - 1) & 1);
+      const int e0 = e_begin + it * per_tile;
+      const int rows = min(per_tile, e_end - e0) * G;
+      elem_t *qs = rowbuf + s * STAGE;
+      {
+        // Two threads a row (one lookup each): half of its query chunks and half of its dO chunks.
+        const int r = threadIdx.x / 2;
+        const int half = threadIdx.x % 2;
+        const bool live = r < rows;
+        const i64 qrow = live ? (i64)entries[e0 + r / G].x * Hq + h * G + r % G : 0;
+#pragma unroll
+        for (int c = half; c < DK / 8; c += 2) cp_async_16(qs + WK::offset(r, c * 8), live ? q + qrow * DK + c * 8 : qs, live);
+#pragma unroll
+        for (int c = half; c < DV / 8; c += 2)
+          cp_async_16(qs + TILE * DK + WV::offset(r, c * 8), live ? dout + qrow * DV + c * 8 : qs, live);
+      }
+      cp_async_commit();
+      if (threadIdx.x < TILE) {
+        const int r = threadIdx.x;
+        if (r < rows) {
+          const int token = entries[e0 + r / G].x;
+          const i64 orow = (i64)token * Hq + h * G + r % G;
+          row_t[s][r] = token - seq_start;
+          row_lse[s][r] = lse[orow] * NSA_LOG2E;
+          row_gate[s][r] = gate[orow * 3 + 1];
+          row_delta[s][r] = delta[orow * 3 + 1];
+        } else {
+          row_t[s][r] = -1;
+          row_lse[s][r] = row_gate[s][r] = row_delta[s][r] = 0.f;
+        }
+      }
+      // The copies of tile it - (IN_FLIGHT - 1) are in: hand its stage over (the later tiles' stay in flight).
+      if (it >= SLC_WS_IN_FLIGHT - 1) {
+        cp_async_wait<SLC_WS_IN_FLIGHT - 1>();
+        fence_proxy_async_shared();
+        mbarrier_arrive(&full_bar[(it - (SLC_WS_IN_FLIGHT - 1)) % S]);
+      }
+    }
+    cp_async_wait<0>();
+    fence_proxy_async_shared();
+    for (int t = max(0, ntiles - (SLC_WS_IN_FLIGHT - 1)); t < ntiles; t++) mbarrier_arrive(&full_bar[t % S]);
+    return;
+  }
+
+  // Consumers: warpgroup 1 takes tiles 0, 2, 4 ..., warpgroup 2 tiles 1, 3, 5 ...
+  setmaxnreg_inc<232>();
+  const int c = wg - 1;
+  const int tid = threadIdx.x - 128 * wg;
+  const int warp = tid / 32;
+  const int lane = tid % 32;
+#ifdef SLC_DQ_FUSED
+  elem_t *dssmem = rowbuf + S * STAGE + c * TILE * TILE; // WgmmaTile<TILE, TILE>: this warpgroup's dS (rows x keys)
+#endif
+  float dk_acc[DK / 8][4];
+  float dv_acc[DV / 8][4];
+  zero_frags<DK / 8>(dk_acc);
+  zero_frags<DV / 8>(dv_acc);
+  const int key_lo = key0 + warp * 16 + lane / 4; // local tokens of this thread's two keys
+  const int key_hi = key_lo + 8;
+  mbarrier_wait(&kv_bar, 0);
+  for (int it = c; it < ntiles; it += 2) {
+    const int s = it % S;
+    const elem_t *qs = rowbuf + s * STAGE;
+    const elem_t *dos = qs + TILE * DK;
+    mbarrier_wait(&full_bar[s], (it / S) & 1);
+    float pt[TILE / 8][4];
+    float dpt[TILE / 8][4];
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < DK / 16; ks++) wgmma_ss<TILE>(pt, wgmma_desc_kmajor<TILE>(ksmem, 0, ks), wgmma_desc_kmajor<TILE>(qs, 0, ks), ks > 0);
+    wgmma_commit();
+#pragma unroll
+    for (int ks = 0; ks < DV / 16; ks++) wgmma_ss<TILE>(dpt, wgmma_desc_kmajor<TILE>(vsmem, 0, ks), wgmma_desc_kmajor<TILE>(dos, 0, ks), ks > 0);
+    wgmma_commit();
+    wgmma_wait<1>();
+    wgmma_fence_operands<TILE / 8>(pt);
+    // P^T (while dP^T may still run), then dS^T = P^T (g dP^T - delta) and P^T g.
+#pragma unroll
+    for (int n = 0; n < TILE / 8; n++) {
+      const int rl = n * 8 + (lane % 4) * 2; // the local row of elements 0 and 2 (1 and 3: rl + 1)
+      const int2 t2 = *reinterpret_cast<const int2 *>(&row_t[s][rl]);
+      const float2 l2 = *reinterpret_cast<const float2 *>(&row_lse[s][rl]);
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const bool odd = e & 1;
+        const int rt = odd ? t2.y : t2.x;
+        const int kk = e < 2 ? key_lo : key_hi;
+        const bool ok = rt >= 0 && kk - key0 < nk && kk <= rt;
+        pt[n][e] = ok ? fast_exp2(pt[n][e] * scale_log2 - (odd ? l2.y : l2.x)) : 0.f;
+      }
+    }
+    wgmma_wait<0>();
+    wgmma_fence_operands<TILE / 8>(dpt);
+#pragma unroll
+    for (int n = 0; n < TILE / 8; n++) {
+      const int rl = n * 8 + (lane % 4) * 2;
+      const float2 g2 = *reinterpret_cast<const float2 *>(&row_gate[s][rl]);
+      const float2 d2 = *reinterpret_cast<const float2 *>(&row_delta[s][rl]);
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const bool odd = e & 1;
+        const float g = odd ? g2.y : g2.x;
+        const float p = pt[n][e];
+        dpt[n][e] = p * (g * dpt[n][e] - (odd ? d2.y : d2.x));
+        pt[n][e] = p * g;
+      }
+    }
+    u32 pa[TILE / 16][4];
+    u32 da[TILE / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < TILE / 16; kk++) {
+      pack_a(pa[kk], pt[2 * kk], pt[2 * kk + 1]);
+      pack_a(da[kk], dpt[2 * kk], dpt[2 * kk + 1]);
+    }
+#ifdef SLC_DQ_FUSED
+    // dS (rows x keys) for dQ: this warp's 16 keys of every row, transposed out of the dS^T A fragments (rounded
+    // as dK's product rounds them).
+#pragma unroll
+    for (int kk = 0; kk < TILE / 16; kk++) {
+      stmatrix_x4_trans(dssmem + WgmmaTile<TILE, TILE>::offset(kk * 16 + (lane & 7) + (lane >> 4) * 8, warp * 16 + ((lane >> 3) & 1) * 8), da[kk]);
+    }
+#endif
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < TILE / 16; kk++) wgmma_rs<DV, 1>(dv_acc, pa[kk], wgmma_desc_mnmajor<TILE>(dos, kk), 1);
+#pragma unroll
+    for (int kk = 0; kk < TILE / 16; kk++) wgmma_rs<DK, 1>(dk_acc, da[kk], wgmma_desc_mnmajor<TILE>(qs, kk), 1);
+    wgmma_commit();
+#ifdef SLC_DQ_FUSED
+    // Rows warp*16 + lane/4 (+ 8) of the tile (row r: entry r / G's token and slot, head r % G): their own [DK]
+    // parts of (token, head, slot, sub), unscaled.
+    const int e0 = e_begin + it * per_tile;
+    const int rows = min(per_tile, e_end - e0) * G;
+    part_t *dst[2];
+#pragma unroll
+    for (int hh = 0; hh < 2; hh++) {
+      const int r = warp * 16 + lane / 4 + hh * 8;
+      const int2 en = r < rows ? entries[e0 + r / G] : make_int2(0, 0);
+      dst[hh] = r < rows ? static_cast<part_t *>(partial_q) + ((((i64)en.x * Hq + h * G + r % G) * SEL_N + en.y) * SUBS + blockIdx.y) * DK
+                         : nullptr;
+    }
+    fence_proxy_async_shared(); // the dS stores, before wgmma reads them
+    named_barrier_sync(1 + c, 128);
+    // dQ parts, 64 columns at a time (one accumulator live: the registers go to dK, dV); the stage is released
+    // once dK/dV's products, its last readers, are done.
+    for (int c0 = 0; c0 < DK; c0 += 64) {
+      float acc[8][4];
+      wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < TILE / 16; ks++) {
+        wgmma_ss_tb<64>(acc, wgmma_desc_kmajor<TILE>(dssmem, 0, ks), wgmma_desc_mnmajor<TILE>(ksmem + (c0 / 64) * TILE * 64, ks), ks > 0);
+      }
+      wgmma_commit();
+      if (c0 == 0) {
+        wgmma_wait<1>();
+        wgmma_fence_operands<DV / 8>(dv_acc);
+        wgmma_fence_operands<DK / 8>(dk_acc);
+        mbarrier_arrive(&empty_bar[s]);
+      }
+      wgmma_wait<0>();
+      wgmma_fence_operands<8>(acc);
+#pragma unroll
+      for (int hh = 0; hh < 2; hh++) {
+        if (dst[hh] == nullptr) continue;
+#pragma unroll
+        for (int n = 0; n < 8; n++) store_part2(dst[hh] + c0 + n * 8 + (lane % 4) * 2, acc[n][2 * hh], acc[n][2 * hh + 1]);
+      }
+    }
+#else
+    wgmma_wait<0>();
+    wgmma_fence_operands<DV / 8>(dv_acc);
+    wgmma_fence_operands<DK / 8>(dk_acc);
+    mbarrier_arrive(&empty_bar[s]);
+#endif
+  }
+
+  // Warpgroup 2's dK, dV through shared memory (the stages are free: every tile was consumed) into warpgroup 1's.
+  named_barrier_sync(3, 256);
+  float *scratch = reinterpret_cast<float *>(rowbuf); // [(DK + DV) / 8 * 4][128]
+  if (c == 1) {
+#pragma unroll
+    for (int n = 0; n < DK / 8; n++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) scratch[(n * 4 + e) * 128 + tid] = dk_acc[n][e];
+#pragma unroll
+    for (int n = 0; n < DV / 8; n++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) scratch[((DK / 8 + n) * 4 + e) * 128 + tid] = dv_acc[n][e];
+  }
+  named_barrier_sync(3, 256);
+  if (c == 1) return;
+#pragma unroll
+  for (int n = 0; n < DK / 8; n++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) dk_acc[n][e] += scratch[(n * 4 + e) * 128 + tid];
+#pragma unroll
+  for (int n = 0; n < DV / 8; n++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) dv_acc[n][e] += scratch[((DK / 8 + n) * 4 + e) * 128 + tid];
+
+  // This item's partial rows: [item][sub][64 keys][D]. wgmma's accumulator rows are the keys: warp * 16 + lane / 4 (+ 8).
+  const i64 prow0 = ((i64)b * gridDim.y + blockIdx.y) * TILE;
+#pragma unroll
+  for (int hh = 0; hh < 2; hh++) {
+    const int r = warp * 16 + lane / 4 + hh * 8;
+#pragma unroll
+    for (int n = 0; n < DK / 8; n++) {
+      const int col = n * 8 + (lane % 4) * 2;
+      *reinterpret_cast<float2 *>(partial_k + (prow0 + r) * DK + col) = make_float2(dk_acc[n][2 * hh] * scale, dk_acc[n][2 * hh + 1] * scale);
+    }
+#pragma unroll
+    for (int n = 0; n < DV / 8; n++) {
+      const int col = n * 8 + (lane % 4) * 2;
+      *reinterpret_cast<float2 *>(partial_v + (prow0 + r) * DV + col) = make_float2(dv_acc[n][2 * hh], dv_acc[n][2 * hh + 1]);
+    }
+  }
+}
+#else
 /**
  * Partial dK, dV of keys [sub * 64, sub * 64 + 64) (sub = blockIdx.y) of one selection block, over one work item:
  * up to `item_entries` consecutive (token, slot) pairs of the pairs [offsets[key], offsets[key + 1]) that chose
@@ -418,6 +731,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     }
   }
 }
+
+#endif // SLC_USE_WS
 
 /**
  * dK, dV of the selected branch: for each key row (token of KV head h), the sum in item order of its block's

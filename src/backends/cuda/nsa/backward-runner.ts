@@ -293,7 +293,7 @@ export class BackwardRunner {
       const pv = partial.ptr + BigInt(itemUpperBound * subs * TILE * config.headDim * 4);
       programs.selectedBackward('dkdv', fused).launch({
         grid: [itemUpperBound, subs, 1],
-        block: [128, 1, 1],
+        block: [programs.selectedBackwardThreads('dkdv'), 1, 1],
         sharedBytes: programs.selectedBackwardSharedBytes('dkdv', fused),
         args: [
           ptr(inputs.q), ptr(kSlc), ptr(vSlc), ptr(dOut), ptr(fwd.lseSlc), ptr(inputs.gate), ptr(this.delta),

@@ -44,6 +44,12 @@ export interface KernelTuning {
    */
   readonly slcDqParts: 'f32' | 'bf16';
   /**
+   * The selected dK/dV pass warp-specialised on wgmma (a gathering warpgroup, two computing ones): the default on
+   * sm_90 at dk, dv <= 128 (H100, fla preset: that pass 12-21% faster, docs/performance.md); NSA_SLC_BWD=mma keeps
+   * the mma.sync kernel (four warps), which other GPUs and dk = 192 take.
+   */
+  readonly slcBwdWs: boolean;
+  /**
    * CTAs per SM the FSA-order attention's registers must allow (NSA_FSA_MIN_BLOCKS=1..8). Default 4 at dk = dv =
    * 128: ptxas would take 137 registers, three CTAs per SM, where shared memory holds four; capped at 128 the kernel
    * was 8-9% faster at G = 4 on an H100 (docs/performance.md). Elsewhere ptxas chooses: at dk = 192 shared memory
@@ -106,6 +112,7 @@ export function kernelTuning(
     slcMinBlocks: match?.[3] !== undefined ? Number(match[3]) : config.headDim <= 128 ? 8 : 4,
     slcBulk: (computeCapability[0] ?? 0) >= 9 && env['NSA_SLC_BULK'] !== '0',
     slcDqParts: env['NSA_SLC_DQ_PARTS'] === 'f32' ? 'f32' : 'bf16',
+    slcBwdWs: hopper && config.headDim <= 128 && config.valueDim <= 128 && env['NSA_SLC_BWD'] !== 'mma',
     fsaMinBlocks: /^[1-8]$/.test(env['NSA_FSA_MIN_BLOCKS'] ?? '')
       ? Number(env['NSA_FSA_MIN_BLOCKS'])
       : config.headDim === 128 && config.valueDim === 128
@@ -401,7 +408,13 @@ export class NsaPrograms {
       ...(fusedDq ? ['-DSLC_DQ_FUSED'] : []),
       ...(fusedDq && this.tuning.slcDqParts === 'bf16' ? ['-DSLC_DQ_PARTS_BF16'] : []),
       ...(withMean ? [...this.cmpDefines(), '-DSLC_REDUCE_MEAN'] : []),
-    ]);
+      ...(this.tuning.slcBwdWs ? ['-DSLC_BWD_WS'] : []),
+    ], this.tuning.slcBwdWs);
+  }
+
+  /** Threads of a selected backward launch: the warp-specialised dK/dV takes three warpgroups. */
+  selectedBackwardThreads(fn: 'dq' | 'dkdv'): number {
+    return fn === 'dkdv' && this.tuning.slcBwdWs ? 384 : 128;
   }
 
   /** Bytes of one of the fused selected dQ's parts (selected_attention_bwd.cu, part_t). */
@@ -433,6 +446,9 @@ export class NsaPrograms {
     const { headDim: dk, valueDim: dv } = this.config;
     // Gathered rows are padded by 8 elements for bulk copies.
     const pad = this.tuning.slcBulk ? 8 : 0;
+    // Warp-specialised dK/dV: the key/value tile, five stages of query/dO rows (SLC_WS_STAGES), each computing
+    // warpgroup's dS, and 1 KB of slack to align the tiles for the 128-byte swizzle.
+    if (fn === 'dkdv' && this.tuning.slcBwdWs) return 2 * 64 * (dk + dv) * (1 + 5) + (fusedDq ? 2 * 2 * 64 * 64 : 0) + 1024;
     // dK/dV: the key/value tile, the gathered query/dO rows, and with fused dQ the tile's dS^T (64 x 64).
     if (fn === 'dkdv') return 2 * 64 * (2 * dk + 2 * dv + 2 * pad) + (fusedDq ? 2 * 64 * 64 : 0);
     // Q and dO rows, then the key/value tile, which the warps' dQ parts (fp32) reuse at the end.
