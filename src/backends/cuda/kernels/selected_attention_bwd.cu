@@ -255,6 +255,59 @@ __device__ __forceinline__ void fused_dq_rows(part_t *__restrict__ partial_q, co
 }
 #endif
 
+/**
+ * The dK/dV work of CTA (blockIdx.x, blockIdx.y): keys [key0, key0 + nk) (local tokens of the sequence starting at
+ * row seq_start) of KV head h's selection block, and the (token, slot) entries [e_begin, e_end) that chose it: up to
+ * `item_entries` of the block's, item blockIdx.x - item_offsets[key] of them. False where the grid's upper bound on
+ * the items, or the block's end, leaves this CTA nothing.
+ */
+struct DkdvItem {
+  int h, seq_start, key0, nk, e_begin, e_end;
+};
+__device__ __forceinline__ bool dkdv_item(const int *__restrict__ offsets, const int *__restrict__ item_offsets,
+                                          const int *__restrict__ block_seq, const int *__restrict__ cu_blocks,
+                                          const int *__restrict__ cu_seqlens, int H, int total_blocks, int item_entries,
+                                          DkdvItem &w) {
+  const int nkeys_total = H * total_blocks;
+  const int b = blockIdx.x;
+  if (b >= item_offsets[nkeys_total]) return false;
+  const int key = range_holding(item_offsets, nkeys_total, b); // the key whose item range holds b
+  const IndexKey ik = index_key(key, total_blocks, block_seq, cu_blocks, cu_seqlens);
+  const int block_end = min((ik.j + 1) * SEL_L, ik.seq_len);
+  w.h = ik.h;
+  w.seq_start = ik.seq_start;
+  w.key0 = ik.j * SEL_L + blockIdx.y * TILE; // first local token of this CTA's keys
+  if (w.key0 >= block_end) return false;
+  w.nk = min(TILE, block_end - w.key0);
+  w.e_begin = offsets[key] + (b - item_offsets[key]) * item_entries;
+  w.e_end = min(offsets[key + 1], w.e_begin + item_entries);
+  return true;
+}
+
+/**
+ * This item's partial rows ([item][sub][64 keys][D]) from a warp's dK (times scale) and dV C fragments: rows warp *
+ * 16 + lane / 4 (+ 8) are the keys, in the mma.sync layout and in wgmma's alike.
+ */
+__device__ __forceinline__ void write_item_rows(const float dk_acc[DK / 8][4], const float dv_acc[DV / 8][4],
+                                                float *__restrict__ partial_k, float *__restrict__ partial_v, int b, int warp,
+                                                int lane, float scale) {
+  const i64 prow0 = ((i64)b * gridDim.y + blockIdx.y) * TILE;
+#pragma unroll
+  for (int hh = 0; hh < 2; hh++) {
+    const int r = warp * 16 + lane / 4 + hh * 8;
+#pragma unroll
+    for (int n = 0; n < DK / 8; n++) {
+      const int col = n * 8 + (lane % 4) * 2;
+      *reinterpret_cast<float2 *>(partial_k + (prow0 + r) * DK + col) = make_float2(dk_acc[n][2 * hh] * scale, dk_acc[n][2 * hh + 1] * scale);
+    }
+#pragma unroll
+    for (int n = 0; n < DV / 8; n++) {
+      const int col = n * 8 + (lane % 4) * 2;
+      *reinterpret_cast<float2 *>(partial_v + (prow0 + r) * DV + col) = make_float2(dv_acc[n][2 * hh], dv_acc[n][2 * hh + 1]);
+    }
+  }
+}
+
 #if SLC_USE_WS
 #ifndef SLC_WS_STAGES
 #define SLC_WS_STAGES 5 // ring of gathered query/dO rows: two being multiplied, up to three being copied
@@ -296,22 +349,12 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
   __shared__ __align__(16) int row_t[S][TILE];
   __shared__ __align__(8) unsigned long long full_bar[S], empty_bar[S], kv_bar;
 
-  const int nkeys_total = H * total_blocks;
+  DkdvItem w;
+  if (!dkdv_item(offsets, item_offsets, block_seq, cu_blocks, cu_seqlens, H, total_blocks, item_entries, w)) return;
+  const int h = w.h, seq_start = w.seq_start, key0 = w.key0, nk = w.nk, e_begin = w.e_begin, e_end = w.e_end;
   const int b = blockIdx.x;
-  if (b >= item_offsets[nkeys_total]) return;
-  const int key = range_holding(item_offsets, nkeys_total, b); // the key whose item range holds b
-  const IndexKey ik = index_key(key, total_blocks, block_seq, cu_blocks, cu_seqlens);
-  const int h = ik.h;
-  const int j = ik.j;
-  const int seq_start = ik.seq_start;
-  const int seq_len = ik.seq_len;
-  const int key0 = j * SEL_L + blockIdx.y * TILE; // first local token of this CTA's keys
-  if (key0 >= min((j + 1) * SEL_L, seq_len)) return;
-  const int nk = min(TILE, min((j + 1) * SEL_L, seq_len) - key0);
   const int G = Hq / H;
   const int per_tile = max(1, TILE / G);
-  const int e_begin = offsets[key] + (b - item_offsets[key]) * item_entries;
-  const int e_end = min(offsets[key + 1], e_begin + item_entries);
   const int ntiles = (e_end - e_begin + per_tile - 1) / per_tile;
   if (threadIdx.x == 0) {
     for (int s = 0; s < S; s++) {
@@ -489,7 +532,7 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < TILE / 16; ks++) {
-        wgmma_ss_tb<64>(acc, wgmma_desc_kmajor<TILE>(dssmem, 0, ks), wgmma_desc_mnmajor<TILE>(ksmem + (c0 / 64) * TILE * 64, ks), ks > 0);
+        wgmma_ss<64, 1>(acc, wgmma_desc_kmajor<TILE>(dssmem, 0, ks), wgmma_desc_mnmajor<TILE>(ksmem + (c0 / 64) * TILE * 64, ks), ks > 0);
       }
       wgmma_commit();
       if (c0 == 0) {
@@ -539,22 +582,7 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
 #pragma unroll
     for (int e = 0; e < 4; e++) dv_acc[n][e] += scratch[((DK / 8 + n) * 4 + e) * 128 + tid];
 
-  // This item's partial rows: [item][sub][64 keys][D]. wgmma's accumulator rows are the keys: warp * 16 + lane / 4 (+ 8).
-  const i64 prow0 = ((i64)b * gridDim.y + blockIdx.y) * TILE;
-#pragma unroll
-  for (int hh = 0; hh < 2; hh++) {
-    const int r = warp * 16 + lane / 4 + hh * 8;
-#pragma unroll
-    for (int n = 0; n < DK / 8; n++) {
-      const int col = n * 8 + (lane % 4) * 2;
-      *reinterpret_cast<float2 *>(partial_k + (prow0 + r) * DK + col) = make_float2(dk_acc[n][2 * hh] * scale, dk_acc[n][2 * hh + 1] * scale);
-    }
-#pragma unroll
-    for (int n = 0; n < DV / 8; n++) {
-      const int col = n * 8 + (lane % 4) * 2;
-      *reinterpret_cast<float2 *>(partial_v + (prow0 + r) * DV + col) = make_float2(dv_acc[n][2 * hh], dv_acc[n][2 * hh + 1]);
-    }
-  }
+  write_item_rows(dk_acc, dv_acc, partial_k, partial_v, b, warp, lane, scale);
 }
 #else
 /**
@@ -594,22 +622,12 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   __syncthreads();
 #endif
 
-  const int nkeys_total = H * total_blocks;
+  DkdvItem w;
+  if (!dkdv_item(offsets, item_offsets, block_seq, cu_blocks, cu_seqlens, H, total_blocks, item_entries, w)) return;
+  const int h = w.h, seq_start = w.seq_start, key0 = w.key0, nk = w.nk, e_begin = w.e_begin, e_end = w.e_end;
   const int b = blockIdx.x;
-  if (b >= item_offsets[nkeys_total]) return;
-  const int key = range_holding(item_offsets, nkeys_total, b); // the key whose item range holds b
-  const IndexKey ik = index_key(key, total_blocks, block_seq, cu_blocks, cu_seqlens);
-  const int h = ik.h;
-  const int j = ik.j;
-  const int seq_start = ik.seq_start;
-  const int seq_len = ik.seq_len;
-  const int key0 = j * SEL_L + blockIdx.y * TILE; // first local token of this CTA's keys
-  if (key0 >= min((j + 1) * SEL_L, seq_len)) return;
-  const int nk = min(TILE, min((j + 1) * SEL_L, seq_len) - key0);
   const int G = Hq / H;
   const int per_tile = max(1, TILE / G);
-  const int e_begin = offsets[key] + (b - item_offsets[key]) * item_entries;
-  const int e_end = min(offsets[key + 1], e_begin + item_entries);
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
 
@@ -713,23 +731,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   }
   cp_async_wait<0>();
 
-  // This item's partial rows: [item][sub][64 keys][D].
-  const i64 prow0 = ((i64)b * gridDim.y + blockIdx.y) * TILE;
-#pragma unroll
-  for (int hh = 0; hh < 2; hh++) {
-    const int r = warp * 16 + lane / 4 + hh * 8;
-#pragma unroll
-    for (int n = 0; n < DK / 8; n++) {
-      const int col = n * 8 + (lane % 4) * 2;
-      *reinterpret_cast<float2 *>(partial_k + (prow0 + r) * DK + col) =
-          make_float2(dk_acc[n][2 * hh] * scale, dk_acc[n][2 * hh + 1] * scale);
-    }
-#pragma unroll
-    for (int n = 0; n < DV / 8; n++) {
-      const int col = n * 8 + (lane % 4) * 2;
-      *reinterpret_cast<float2 *>(partial_v + (prow0 + r) * DV + col) = make_float2(dv_acc[n][2 * hh], dv_acc[n][2 * hh + 1]);
-    }
-  }
+  write_item_rows(dk_acc, dv_acc, partial_k, partial_v, b, warp, lane, scale);
 }
 
 #endif // SLC_USE_WS
