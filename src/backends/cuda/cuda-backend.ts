@@ -536,7 +536,8 @@ export class CudaBackend implements Backend {
 
 /**
  * What the cuda forward keeps on the device for the backward: the inputs (in the compute dtype), the compressed
- * K/V, every branch's output (fp32, or the half dtype where the outputs were asked in it) and lse, the selected blocks and the index tables. `bytes` says how much.
+ * K/V, every branch's output (fp32, or the half dtype where the outputs were asked in it) and lse, the selected
+ * blocks and the index tables. `bytes` says how much.
  */
 class CudaSaved implements SavedForBackward {
   readonly backend = 'cuda' as const;
