@@ -91,6 +91,12 @@ export interface KernelTuning {
   readonly selectRing?: number | undefined;
 }
 
+/**
+ * Stages of gathered query/dO rows in the warp-specialised selected dK/dV's ring (selected_attention_bwd.cu): two
+ * tiles being multiplied and three being copied; five fill an H100 CTA's shared memory at dk = dv = 128.
+ */
+const SLC_WS_STAGES = 5;
+
 export function kernelTuning(
   config: NSAConfig,
   env: Readonly<Record<string, string | undefined>> = process.env,
@@ -408,7 +414,7 @@ export class NsaPrograms {
       ...(fusedDq ? ['-DSLC_DQ_FUSED'] : []),
       ...(fusedDq && this.tuning.slcDqParts === 'bf16' ? ['-DSLC_DQ_PARTS_BF16'] : []),
       ...(withMean ? [...this.cmpDefines(), '-DSLC_REDUCE_MEAN'] : []),
-      ...(this.tuning.slcBwdWs ? ['-DSLC_BWD_WS'] : []),
+      ...(this.tuning.slcBwdWs ? ['-DSLC_BWD_WS', `-DSLC_WS_STAGES=${SLC_WS_STAGES}`] : []),
     ], this.tuning.slcBwdWs);
   }
 
@@ -446,9 +452,11 @@ export class NsaPrograms {
     const { headDim: dk, valueDim: dv } = this.config;
     // Gathered rows are padded by 8 elements for bulk copies.
     const pad = this.tuning.slcBulk ? 8 : 0;
-    // Warp-specialised dK/dV: the key/value tile, five stages of query/dO rows (SLC_WS_STAGES), each computing
-    // warpgroup's dS, and 1 KB of slack to align the tiles for the 128-byte swizzle.
-    if (fn === 'dkdv' && this.tuning.slcBwdWs) return 2 * 64 * (dk + dv) * (1 + 5) + (fusedDq ? 2 * 2 * 64 * 64 : 0) + 1024;
+    // Warp-specialised dK/dV: the key/value tile, the ring of query/dO row stages, each computing warpgroup's dS,
+    // and 1 KB of slack to align the tiles for the 128-byte swizzle.
+    if (fn === 'dkdv' && this.tuning.slcBwdWs) {
+      return 2 * 64 * (dk + dv) * (1 + SLC_WS_STAGES) + (fusedDq ? 2 * 2 * 64 * 64 : 0) + 1024;
+    }
     // dK/dV: the key/value tile, the gathered query/dO rows, and with fused dQ the tile's dS^T (64 x 64).
     if (fn === 'dkdv') return 2 * 64 * (2 * dk + 2 * dv + 2 * pad) + (fusedDq ? 2 * 64 * 64 : 0);
     // Q and dO rows, then the key/value tile, which the warps' dQ parts (fp32) reuse at the end.
