@@ -190,11 +190,11 @@ __device__ __forceinline__ void tma_load_3d(void *smem, const void *map, int x, 
 __device__ __forceinline__ void cp_async_4(void *smem, const void *gmem, bool valid) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem), "r"(valid ? 4 : 0) : "memory");
 }
-/** One arrival on `bar` once this thread's earlier cp.async copies have landed (the barrier's count includes it). */
 /** An ordinary arrival (release: this thread's earlier shared-memory writes are seen by who waits). */
 __device__ __forceinline__ void mbarrier_arrive(unsigned long long *bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_addr(bar)) : "memory");
 }
+/** One arrival on `bar` once this thread's earlier cp.async copies have landed (the barrier's count includes it). */
 __device__ __forceinline__ void cp_async_mbarrier_arrive(unsigned long long *bar) {
   asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(smem_addr(bar)) : "memory");
 }

@@ -346,7 +346,7 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
   elem_t *vsmem = ksmem + TILE * DK;                                    // TILE keys x DV
   elem_t *rowbuf = vsmem + TILE * DV;                                   // S stages
   __shared__ __align__(16) float row_lse[S][TILE], row_gate[S][TILE], row_delta[S][TILE];
-  __shared__ __align__(16) int row_t[S][TILE];
+  __shared__ __align__(16) int row_t[S][TILE], row_slot[S][TILE];
   __shared__ __align__(8) unsigned long long full_bar[S], empty_bar[S], kv_bar;
 
   DkdvItem w;
@@ -380,39 +380,38 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
     cp_async_wait<0>();
     fence_proxy_async_shared(); // cp.async writes, before wgmma reads them through the async proxy
     mbarrier_arrive(&kv_bar);
+    // Two threads a row of each tile (half of its query chunks and half of its dO chunks, and half of its row
+    // terms, all by cp.async); the row's (token, slot) entry is fetched a tile ahead, so that nothing the
+    // producer issues waits on a load.
+    const int r = threadIdx.x / 2;
+    const int half = threadIdx.x % 2;
+    auto entry_of = [&](int it) -> int2 {
+      const int e0 = e_begin + it * per_tile;
+      return it < ntiles && r < min(per_tile, e_end - e0) * G ? entries[e0 + r / G] : make_int2(-1, 0);
+    };
+    int2 en = entry_of(0);
     for (int it = 0; it < ntiles; it++) {
+      const int2 en_next = entry_of(it + 1);
       const int s = it % S;
       if (it >= S) mbarrier_wait(&empty_bar[s], ((it / S) - 1) & 1);
-      const int e0 = e_begin + it * per_tile;
-      const int rows = min(per_tile, e_end - e0) * G;
       elem_t *qs = rowbuf + s * STAGE;
-      {
-        // Two threads a row (one lookup each): half of its query chunks and half of its dO chunks.
-        const int r = threadIdx.x / 2;
-        const int half = threadIdx.x % 2;
-        const bool live = r < rows;
-        const i64 qrow = live ? (i64)entries[e0 + r / G].x * Hq + h * G + r % G : 0;
+      const bool live = en.x >= 0;
+      const i64 qrow = live ? (i64)en.x * Hq + h * G + r % G : 0;
 #pragma unroll
-        for (int c = half; c < DK / 8; c += 2) cp_async_16(qs + WK::offset(r, c * 8), live ? q + qrow * DK + c * 8 : qs, live);
+      for (int c = half; c < DK / 8; c += 2) cp_async_16(qs + WK::offset(r, c * 8), live ? q + qrow * DK + c * 8 : qs, live);
 #pragma unroll
-        for (int c = half; c < DV / 8; c += 2)
-          cp_async_16(qs + TILE * DK + WV::offset(r, c * 8), live ? dout + qrow * DV + c * 8 : qs, live);
+      for (int c = half; c < DV / 8; c += 2) cp_async_16(qs + TILE * DK + WV::offset(r, c * 8), live ? dout + qrow * DV + c * 8 : qs, live);
+      // Row terms (zeros past the tile's rows): the lse in natural log, as stored.
+      if (half == 0) {
+        cp_async_4(&row_lse[s][r], lse + qrow, live);
+        row_t[s][r] = live ? en.x - seq_start : -1;
+        row_slot[s][r] = en.y;
+      } else {
+        cp_async_4(&row_gate[s][r], gate + qrow * 3 + 1, live);
+        cp_async_4(&row_delta[s][r], delta + qrow * 3 + 1, live);
       }
       cp_async_commit();
-      if (threadIdx.x < TILE) {
-        const int r = threadIdx.x;
-        if (r < rows) {
-          const int token = entries[e0 + r / G].x;
-          const i64 orow = (i64)token * Hq + h * G + r % G;
-          row_t[s][r] = token - seq_start;
-          row_lse[s][r] = lse[orow] * NSA_LOG2E;
-          row_gate[s][r] = gate[orow * 3 + 1];
-          row_delta[s][r] = delta[orow * 3 + 1];
-        } else {
-          row_t[s][r] = -1;
-          row_lse[s][r] = row_gate[s][r] = row_delta[s][r] = 0.f;
-        }
-      }
+      en = en_next;
       // The copies of tile it - (IN_FLIGHT - 1) are in: hand its stage over (the later tiles' stay in flight).
       if (it >= SLC_WS_IN_FLIGHT - 1) {
         cp_async_wait<SLC_WS_IN_FLIGHT - 1>();
@@ -464,13 +463,14 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
       const int rl = n * 8 + (lane % 4) * 2; // the local row of elements 0 and 2 (1 and 3: rl + 1)
       const int2 t2 = *reinterpret_cast<const int2 *>(&row_t[s][rl]);
       const float2 l2 = *reinterpret_cast<const float2 *>(&row_lse[s][rl]);
+      const float lse2[2] = {l2.x * NSA_LOG2E, l2.y * NSA_LOG2E};
 #pragma unroll
       for (int e = 0; e < 4; e++) {
         const bool odd = e & 1;
         const int rt = odd ? t2.y : t2.x;
         const int kk = e < 2 ? key_lo : key_hi;
         const bool ok = rt >= 0 && kk - key0 < nk && kk <= rt;
-        pt[n][e] = ok ? fast_exp2(pt[n][e] * scale_log2 - (odd ? l2.y : l2.x)) : 0.f;
+        pt[n][e] = ok ? fast_exp2(pt[n][e] * scale_log2 - lse2[odd]) : 0.f;
       }
     }
     wgmma_wait<0>();
@@ -519,8 +519,8 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
 #pragma unroll
     for (int hh = 0; hh < 2; hh++) {
       const int r = warp * 16 + lane / 4 + hh * 8;
-      const int2 en = r < rows ? entries[e0 + r / G] : make_int2(0, 0);
-      dst[hh] = r < rows ? static_cast<part_t *>(partial_q) + ((((i64)en.x * Hq + h * G + r % G) * SEL_N + en.y) * SUBS + blockIdx.y) * DK
+      const int token = seq_start + row_t[s][r]; // the producer's copy of the row's entry
+      dst[hh] = r < rows ? static_cast<part_t *>(partial_q) + ((((i64)token * Hq + h * G + r % G) * SEL_N + row_slot[s][r]) * SUBS + blockIdx.y) * DK
                          : nullptr;
     }
     fence_proxy_async_shared(); // the dS stores, before wgmma reads them
