@@ -113,7 +113,8 @@ export class BackwardRunner {
     this.cmpKeyTiles = up(c, 'backward compressed key tiles');
     const N = plan.totalTokens;
     this.delta = this.keep(ctx.alloc(N * Hq * 3 * 4, 'delta'));
-    this.itemEntries = Math.max(256, 64 * Math.max(1, Math.floor(64 / programs.config.groupSize)));
+    const itemTiles = programs.tuning.slcBwdItemTiles ?? 64;
+    this.itemEntries = Math.max(4 * itemTiles, itemTiles * Math.max(1, Math.floor(64 / programs.config.groupSize)));
     // Few compressed key tiles would leave most SMs idle in the cmp dK/dV: split their query walk.
     this.cmpSplits = Math.min(32, Math.max(1, Math.ceil((2 * ctx.device.smCount) / Math.max(1, this.counts.cmpKeyTiles * H))));
     // The forward's index (FSA order) holds this selection already: only the work items are the backward's own.

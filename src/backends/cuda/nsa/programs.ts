@@ -84,6 +84,8 @@ export interface KernelTuning {
    */
   readonly faBwdTma?: { readonly dq: boolean; readonly dkdv: boolean } | undefined;
   readonly faBwdStages?: number | undefined;
+  /** Tiles (of 64 gathered rows) per work item of the selected dK/dV (NSA_SLC_BWD_ITEM=16..256; default 64), for tuning. */
+  readonly slcBwdItemTiles?: number | undefined;
   /**
    * Smallest ring of block scores per position in the block selection (NSA_SELECT_RING=128|256|512), for tuning:
    * a larger ring offers final blocks to the top-n lists in larger, rarer batches (select_blocks.cu).
@@ -130,6 +132,7 @@ export function kernelTuning(
     faPingpong: env['NSA_FA_PINGPONG'] !== '0',
     faBwdTma: hopper ? { dq: !['0', 'dkdv'].includes(env['NSA_FA_BWD_TMA'] ?? ''), dkdv: !['0', 'dq'].includes(env['NSA_FA_BWD_TMA'] ?? '') } : undefined,
     faBwdStages: /^[234]$/.test(env['NSA_FA_BWD_STAGES'] ?? '') ? Number(env['NSA_FA_BWD_STAGES']) : undefined,
+    slcBwdItemTiles: ['16', '32', '64', '128', '256'].includes(env['NSA_SLC_BWD_ITEM'] ?? '') ? Number(env['NSA_SLC_BWD_ITEM']) : undefined,
     selectRing: ['128', '256', '512'].includes(env['NSA_SELECT_RING'] ?? '') ? Number(env['NSA_SELECT_RING']) : undefined,
   };
 }
