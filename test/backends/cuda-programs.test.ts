@@ -33,6 +33,7 @@ describe('kernelTuning', () => {
       faPingpong: true,
       faBwdTma: { dq: true, dkdv: true },
       faBwdStages: undefined,
+      slcBwdItemTiles: undefined,
       selectRing: undefined,
     });
   });
@@ -82,11 +83,11 @@ describe('kernelTuning', () => {
     expect(kernelTuning(config(64, 64), { NSA_FSA_MIN_BLOCKS: '2' }, [9, 0]).fsaMinBlocks).toBe(2);
   });
 
-  it('reads the tuning switches NSA_FSA_MIN_BLOCKS (1..8) and NSA_SELECT_RING (128, 256, 512), ignoring other values', () => {
-    const t = kernelTuning(config(128, 128), { NSA_FSA_MIN_BLOCKS: '4', NSA_SELECT_RING: '512' }, [9, 0]);
-    expect([t.fsaMinBlocks, t.selectRing]).toEqual([4, 512]);
-    const bad = kernelTuning(config(192, 128), { NSA_FSA_MIN_BLOCKS: '9', NSA_SELECT_RING: '300' }, [9, 0]);
-    expect([bad.fsaMinBlocks, bad.selectRing]).toEqual([undefined, undefined]);
+  it('reads the tuning switches NSA_FSA_MIN_BLOCKS (1..8), NSA_SELECT_RING (128, 256, 512) and NSA_SLC_BWD_ITEM (16..256, powers of two), ignoring other values', () => {
+    const t = kernelTuning(config(128, 128), { NSA_FSA_MIN_BLOCKS: '4', NSA_SELECT_RING: '512', NSA_SLC_BWD_ITEM: '128' }, [9, 0]);
+    expect([t.fsaMinBlocks, t.selectRing, t.slcBwdItemTiles]).toEqual([4, 512, 128]);
+    const bad = kernelTuning(config(192, 128), { NSA_FSA_MIN_BLOCKS: '9', NSA_SELECT_RING: '300', NSA_SLC_BWD_ITEM: '100' }, [9, 0]);
+    expect([bad.fsaMinBlocks, bad.selectRing, bad.slcBwdItemTiles]).toEqual([undefined, undefined, undefined]);
   });
 
   it('stores the fused selected dQ parts as bf16 unless NSA_SLC_DQ_PARTS=f32', () => {

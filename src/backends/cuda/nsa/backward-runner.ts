@@ -84,7 +84,7 @@ export class BackwardRunner {
   private readonly counts: { queryTiles: number; keyTiles: number; cmpKeyTiles: number };
   private readonly delta: DeviceBuffer;
   private readonly index: InverseIndex;
-  /** (token, slot) pairs per work item of the selected dK/dV: 64 tiles of 64 / G positions, at least 256. */
+  /** (token, slot) pairs per work item of the selected dK/dV: 64 tiles (NSA_SLC_BWD_ITEM) of 64 / G positions, at least 4 a tile. */
   private readonly itemEntries: number;
   private readonly cmpSplits: number;
   /** Partial sums of the split cmp dK/dV and of the selected dK/dV's work items (one after the other). */
