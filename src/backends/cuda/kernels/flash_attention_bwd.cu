@@ -388,19 +388,7 @@ extern "C" __global__ void __launch_bounds__(DKDV_THREADS)
   };
   // dS^T = P^T (g dP^T - delta) into dpt, and P^T g in place (for dV += (P^T g) dO).
   auto gradients = [&](float pt[TILE / 8][4], float dpt[TILE / 8][4], int st) {
-#pragma unroll
-    for (int n = 0; n < TILE / 8; n++) {
-      const int rl = n * 8 + (lane % 4) * 2;
-      const float2 g = *reinterpret_cast<const float2 *>(&row_gate[st][rl]);
-      const float2 d = *reinterpret_cast<const float2 *>(&row_delta[st][rl]);
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const bool odd = e & 1;
-        const float gg = odd ? g.y : g.x;
-        dpt[n][e] = pt[n][e] * fmaf(gg, dpt[n][e], -(odd ? d.y : d.x));
-        pt[n][e] *= gg;
-      }
-    }
+    softmax_grad_terms<TILE / 8>(pt, dpt, row_gate[st], row_delta[st], lane);
   };
   if (it_begin < it_end) issue(it_begin, 0);
 #if FB_USE_WGMMA

@@ -510,6 +510,29 @@ __device__ __forceinline__ void stage_warp_state(const SoftmaxRows &st, const fl
   }
 }
 
+/**
+ * The softmax backward's row terms on a tile's C fragments (NT groups of 8 columns; a thread's columns n * 8 +
+ * (lane % 4) * 2 and + 1 index the tile's per-row gate and delta): dS^T = P^T (g dP^T - delta) into dpt, and P^T g
+ * in place (for dV += (P^T g) dO).
+ */
+template <int NT>
+__device__ __forceinline__ void softmax_grad_terms(float pt[NT][4], float dpt[NT][4], const float *row_gate, const float *row_delta,
+                                                   int lane) {
+#pragma unroll
+  for (int n = 0; n < NT; n++) {
+    const int rl = n * 8 + (lane % 4) * 2;
+    const float2 g = *reinterpret_cast<const float2 *>(&row_gate[rl]);
+    const float2 d = *reinterpret_cast<const float2 *>(&row_delta[rl]);
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const bool odd = e & 1;
+      const float gg = odd ? g.y : g.x;
+      dpt[n][e] = pt[n][e] * fmaf(gg, dpt[n][e], -(odd ? d.y : d.x));
+      pt[n][e] *= gg;
+    }
+  }
+}
+
 /** Row r, column col merged over the NW warps, in warp order: sets m (log2 units) and l, returns the sum of o. */
 template <int VDIM, int NW>
 __device__ __forceinline__ float merge_warp_states(const float (*merge_m)[16], const float (*merge_l)[16], const float *merge_o,

@@ -308,6 +308,15 @@ __device__ __forceinline__ void write_item_rows(const float dk_acc[DK / 8][4], c
   }
 }
 
+// nsa_slc_bwd_dkdv's parameters, one list for both of its builds (the host launches either with the same arguments).
+#define SLC_BWD_DKDV_PARAMS                                                                                                    \
+  const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v, const elem_t *__restrict__ dout,    \
+      const float *__restrict__ lse, const float *__restrict__ gate, const float *__restrict__ delta,                            \
+      const int *__restrict__ offsets, const int *__restrict__ item_offsets, const int2 *__restrict__ entries,                   \
+      const int *__restrict__ block_seq, const int *__restrict__ cu_blocks, const int *__restrict__ cu_seqlens,                  \
+      float *__restrict__ partial_k, float *__restrict__ partial_v, void *__restrict__ partial_q, int Hq, int H, int total_blocks, \
+      int item_entries, float scale_log2, float scale
+
 #if SLC_USE_WS
 #ifndef SLC_WS_STAGES
 #define SLC_WS_STAGES 5 // ring of gathered query/dO rows: two being multiplied, up to three being copied
@@ -328,13 +337,7 @@ __device__ __forceinline__ void write_item_rows(const float dk_acc[DK / 8][4], c
  * the other's products and the next tiles' gathers run under it.
  */
 extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
-    nsa_slc_bwd_dkdv(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
-                     const elem_t *__restrict__ dout, const float *__restrict__ lse, const float *__restrict__ gate,
-                     const float *__restrict__ delta, const int *__restrict__ offsets, const int *__restrict__ item_offsets,
-                     const int2 *__restrict__ entries, const int *__restrict__ block_seq, const int *__restrict__ cu_blocks,
-                     const int *__restrict__ cu_seqlens, float *__restrict__ partial_k, float *__restrict__ partial_v,
-                     void *__restrict__ partial_q, int Hq, int H, int total_blocks, int item_entries, float scale_log2,
-                     float scale) {
+    nsa_slc_bwd_dkdv(SLC_BWD_DKDV_PARAMS) {
   static_assert(DK <= 128 && DV <= 128, "the warp-specialised dK/dV takes dk, dv <= 128");
   static_assert(SLC_WS_IN_FLIGHT + 2 <= SLC_WS_STAGES, "stages for the tiles in flight and the two being multiplied");
   typedef WgmmaTile<TILE, DK> WK;
@@ -475,20 +478,7 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
     }
     wgmma_wait<0>();
     wgmma_fence_operands<TILE / 8>(dpt);
-#pragma unroll
-    for (int n = 0; n < TILE / 8; n++) {
-      const int rl = n * 8 + (lane % 4) * 2;
-      const float2 g2 = *reinterpret_cast<const float2 *>(&row_gate[s][rl]);
-      const float2 d2 = *reinterpret_cast<const float2 *>(&row_delta[s][rl]);
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const bool odd = e & 1;
-        const float g = odd ? g2.y : g2.x;
-        const float p = pt[n][e];
-        dpt[n][e] = p * (g * dpt[n][e] - (odd ? d2.y : d2.x));
-        pt[n][e] = p * g;
-      }
-    }
+    softmax_grad_terms<TILE / 8>(pt, dpt, row_gate[s], row_delta[s], lane);
     u32 pa[TILE / 16][4];
     u32 da[TILE / 16][4];
 #pragma unroll
@@ -594,13 +584,7 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
  * also writes its query rows' dQ parts into partial_q (else unused), for nsa_slc_bwd_dq_reduce.
  */
 extern "C" __global__ void __launch_bounds__(THREADS)
-    nsa_slc_bwd_dkdv(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
-                     const elem_t *__restrict__ dout, const float *__restrict__ lse, const float *__restrict__ gate,
-                     const float *__restrict__ delta, const int *__restrict__ offsets, const int *__restrict__ item_offsets,
-                     const int2 *__restrict__ entries, const int *__restrict__ block_seq, const int *__restrict__ cu_blocks,
-                     const int *__restrict__ cu_seqlens, float *__restrict__ partial_k, float *__restrict__ partial_v,
-                     void *__restrict__ partial_q, int Hq, int H, int total_blocks, int item_entries, float scale_log2,
-                     float scale) {
+    nsa_slc_bwd_dkdv(SLC_BWD_DKDV_PARAMS) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   elem_t *ksmem = reinterpret_cast<elem_t *>(smem_raw); // TILE x DK
   elem_t *vsmem = ksmem + TILE * DK;                    // TILE x DV
