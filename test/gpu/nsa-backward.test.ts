@@ -27,8 +27,8 @@ interface Case {
   readonly slcDq?: 'group' | 'fused';
   /** Outputs asked in bf16: the device keeps the branch outputs in bf16 for the backward (default f32). */
   readonly outputDType?: 'bf16';
-  /** NSA_SLC_BWD for this case (read when the case's kernels are built: give it a config of its own). */
-  readonly slcBwd?: 'mma';
+  /** Environment for this case (kernel tuning is read when a config's kernels are built: give it a config of its own). */
+  readonly env?: Readonly<Record<string, string>>;
 }
 
 const base = { compressBlock: 32, compressStride: 16, selectBlock: 64, selectCount: 6, window: 96 };
@@ -36,7 +36,8 @@ const CASES: Case[] = [
   { name: 'G = 16, T = 700, fla preset form, group-centric slc dQ, bf16 outputs', options: { compressBlock: 64, compressStride: 64, selectBlock: 64, selectCount: 4, window: 128, heads: 16, kvHeads: 1, headDim: 64, valueDim: 64 }, seqlens: [700], slcDq: 'group', outputDType: 'bf16' },
   { name: 'G = 4, D = 128, odd T = 555, paper form, fused slc dQ', options: { ...base, heads: 8, kvHeads: 2, headDim: 128, valueDim: 128 }, seqlens: [555], slcDq: 'fused' },
   { name: 'G = 4, D = 128, odd T = 555, paper form, group-centric slc dQ', options: { ...base, heads: 8, kvHeads: 2, headDim: 128, valueDim: 128 }, seqlens: [555], slcDq: 'group' },
-  { name: 'G = 4, D = 64, T = 450, fused slc dQ, the mma.sync selected dK/dV (NSA_SLC_BWD=mma)', options: { ...base, selectCount: 7, heads: 8, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [450], slcDq: 'fused', slcBwd: 'mma' },
+  { name: 'G = 4, D = 64, T = 450, fused slc dQ, the mma.sync selected dK/dV (NSA_SLC_BWD=mma)', options: { ...base, selectCount: 7, heads: 8, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [450], slcDq: 'fused', env: { NSA_SLC_BWD: 'mma' } },
+  { name: 'G = 4, odd T = 390, fused slc dQ summed by its own reduce (cmp and win dQ apart: NSA_FA_BWD_DQ_FUSED=0)', options: { ...base, selectCount: 5, heads: 8, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [390], slcDq: 'fused', env: { NSA_FA_BWD_DQ_FUSED: '0' } },
   { name: 'G = 1, T = 333, fused slc dQ', options: { ...base, heads: 2, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [333], slcDq: 'fused' },
   { name: 'G = 2, packed [100, 1, 250, 64, 5], fused slc dQ, bf16 outputs', options: { ...base, selectBlock: 32, selectCount: 5, heads: 4, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [100, 1, 250, 64, 5], slcDq: 'fused', outputDType: 'bf16' },
   { name: 'dk = 128 != dv = 64, G = 8, fused slc dQ', options: { ...base, heads: 8, kvHeads: 1, headDim: 128, valueDim: 64 }, seqlens: [400], slcDq: 'fused' },
@@ -108,13 +109,15 @@ if (!availability.available) {
 
     for (const [i, c] of CASES.entries()) {
       it(c.name, async () => {
-        const savedSlcBwd = process.env['NSA_SLC_BWD'];
-        if (c.slcBwd !== undefined) process.env['NSA_SLC_BWD'] = c.slcBwd;
+        const saved = Object.keys(c.env ?? {}).map((name) => [name, process.env[name]] as const);
+        Object.assign(process.env, c.env);
         try {
           await runCase(c, i);
         } finally {
-          if (savedSlcBwd === undefined) delete process.env['NSA_SLC_BWD'];
-          else process.env['NSA_SLC_BWD'] = savedSlcBwd;
+          for (const [name, value] of saved) {
+            if (value === undefined) delete process.env[name];
+            else process.env[name] = value;
+          }
         }
       });
     }

@@ -6,8 +6,9 @@
 // nvcc-check: -DDK=64 -DDV=64 -DNSA_MODE=1 -DCMP_L=32 -DCMP_D=16 -DWINDOW=512 -DNSA_FP16 -DFA_WGMMA -DFB_DQ_WG=2 -DFB_STAGES=2
 // nvcc-check: -DDK=128 -DDV=64 -DNSA_MODE=2 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512 -DFA_WGMMA -DFB_DKDV_WG=2
 // nvcc-check: -DDK=192 -DDV=128 -DNSA_MODE=2 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512 -DFA_WGMMA -DFB_DKDV_WG=2
-// nvcc-check: -DDK=128 -DDV=128 -DNSA_MODE=3 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512 -DFA_WGMMA
-// nvcc-check: -DDK=192 -DDV=128 -DNSA_MODE=3 -DCMP_L=32 -DCMP_D=16 -DWINDOW=512 -DNSA_FP16
+// nvcc-check: -DDK=128 -DDV=128 -DNSA_MODE=3 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512 -DSEL_L=64 -DSEL_N=16 -DSLC_DQ_PARTS_BF16 -DFA_WGMMA
+// nvcc-check: -DDK=192 -DDV=128 -DNSA_MODE=3 -DCMP_L=32 -DCMP_D=16 -DWINDOW=512 -DSEL_L=64 -DSEL_N=16 -DNSA_FP16
+// nvcc-check: -DDK=64 -DDV=64 -DNSA_MODE=3 -DCMP_L=32 -DCMP_D=16 -DWINDOW=512 -DSEL_L=128 -DSEL_N=8 -DFA_WGMMA -DFB_DQ_WG=2
 //
 // Backward of the flash-attention branches (FlashAttention-2's algorithm, split in two kernels so that no
 // gradient is summed with atomics and every run gives the same bits):
@@ -19,7 +20,8 @@
 //   nsa_flash_bwd_dq       a CTA owns 64 query rows of one head (64 per warpgroup with wgmma) and walks their key
 //                          tiles of 64: dQ += dS K * scale
 //   nsa_flash_bwd_dq_cmp_win  (NSA_MODE 3) the same for the cmp keys, then the window's, into one accumulator:
-//                          Q and dO are read once and dq written once for both branches
+//                          Q and dO are read once and dq written once for both branches; given the selected
+//                          branch's fused dQ parts (nsa_dq_parts.cuh), it adds them too before that write
 // with P = exp(s - lse) from the forward's lse and dS = P * (g_b * dO V^T - delta_b). NSA_MODE picks the key
 // set as in flash_attention.cu: 0 dense causal (the baseline, gate 1), 1 compressed (cmp), 2 sliding window (win).
 // Outputs are fp32 and added (+=) into the gradient buffers when `accumulate` is set; each row is owned by one
@@ -38,6 +40,7 @@
 // default there) compute the same with the walked tiles arriving by TMA through rings of FB_STAGES / FB_DQ_STAGES
 // mbarrier stages, no __syncthreads per tile, and two warpgroups taking turns at the tensor cores.
 #include "nsa_common.cuh"
+#include "nsa_dq_parts.cuh"
 #include "nsa_wgmma.cuh"
 #if defined(FA_WGMMA) && defined(NSA_HAS_WGMMA)
 #define FB_USE_WGMMA 1
@@ -860,6 +863,184 @@ __device__ __forceinline__ void dq_write(float *__restrict__ dq, const float dq_
   }
 }
 
+/** The pipelined dQ's parts hook where there are none to add (modes 0, 1, 2). */
+struct NoDqParts {
+  __device__ __forceinline__ void load(int) {}
+  __device__ __forceinline__ void add(float[DK / 8][4]) const {}
+};
+
+#if NSA_MODE == 3
+#if !defined(SEL_L) || !defined(SEL_N)
+#error "NSA_MODE 3 adds the selected branch's dQ parts: it needs SEL_L and SEL_N"
+#endif
+#define DQ_PART_UNITS (SEL_N * ((SEL_L + DQ_PART_KEYS - 1) / DQ_PART_KEYS)) // parts per (token, head): (slot, piece)
+// The dQ CTA's dynamic shared tiles (Q, dO and at least two key/value stages), in 16-bit words.
+#define DQ_REGION_WORDS ((DQ_ROWS + 2 * TILE) * (DK + DV))
+
+#define DQ_PART_PIECES (DQ_PART_UNITS / SEL_N)
+
+/** Whether a row's selection wrote its parts `unit` (slot j = that slot's block, -1 for none). */
+__device__ __forceinline__ bool dq_part_written(int j, int unit, int seq_len) {
+  const int piece = unit % DQ_PART_PIECES;
+  return j >= 0 && (piece == 0 || j * SEL_L + piece * DQ_PART_KEYS < seq_len);
+}
+
+/**
+ * A dQ thread's share of the selected dQ parts of its two rows, one (slot, piece) unit at a time, in registers:
+ * load(u) starts the loads of unit u (its columns of each row, and the rows' block of that slot), add() adds them
+ * (where the row's selection wrote them) once the caller has other work in between. The pipelined dQ loads unit j
+ * with key tile j and adds it after that tile's products, so the parts stream in with the walk.
+ */
+struct DqPartsInFlight {
+  static constexpr int CHUNKS = DK / 8 / DQ_PART_PAIRS; // this thread's 16-byte chunks of a row's parts
+  const part_t *row[2]; // the row's unit 0; nullptr: no parts, or past the sequence
+  const int *sel[2];    // the row's selected blocks
+  int seq_len;
+  int unit;
+  int j[2];
+  part_chunk_t v[2][CHUNKS];
+
+  __device__ __forceinline__ void init(const part_t *__restrict__ partial_q, const int *__restrict__ block_indices, const DqTile &t,
+                                       int Hq, int H) {
+    const int lane = threadIdx.x % 32;
+    seq_len = t.seq_len;
+#pragma unroll
+    for (int hh = 0; hh < 2; hh++) {
+      const int r = t.q0 + (int)(threadIdx.x / 32) * 16 + lane / 4 + 8 * hh;
+      const bool in = partial_q != nullptr && r < t.seq_len;
+      const i64 token = t.seq_start + r;
+      row[hh] = in ? partial_q + (token * Hq + t.hq) * ((i64)DQ_PART_UNITS * DK) : nullptr;
+      sel[hh] = in ? block_indices + (token * H + t.h) * SEL_N : nullptr;
+    }
+  }
+  __device__ __forceinline__ void load(int u) {
+    unit = u;
+#pragma unroll
+    for (int hh = 0; hh < 2; hh++) {
+      if (row[hh] == nullptr) continue;
+      j[hh] = sel[hh][u / DQ_PART_PIECES];
+      // Read once: streamed past L1 and first out of L2.
+#pragma unroll
+      for (int k = 0; k < CHUNKS; k++) {
+        v[hh][k] = __ldcs(reinterpret_cast<const part_chunk_t *>(row[hh] + u * DK + dq_part_offset(k * DQ_PART_PAIRS, threadIdx.x % 4)));
+      }
+    }
+  }
+  __device__ __forceinline__ void add(float dq_acc[DK / 8][4]) const {
+#pragma unroll
+    for (int hh = 0; hh < 2; hh++) {
+      if (row[hh] == nullptr || !dq_part_written(j[hh], unit, seq_len)) continue;
+#pragma unroll
+      for (int k = 0; k < CHUNKS; k++) {
+#pragma unroll
+        for (int i = 0; i < DQ_PART_PAIRS; i++) {
+          const float2 p = part_chunk_pair(v[hh][k], i);
+          dq_acc[k * DQ_PART_PAIRS + i][2 * hh] += p.x;
+          dq_acc[k * DQ_PART_PAIRS + i][2 * hh + 1] += p.y;
+        }
+      }
+    }
+  }
+};
+
+/**
+ * dq_acc += the selected branch's dQ parts (nsa_dq_parts.cuh) units [first, DQ_PART_UNITS) of this CTA's rows, each
+ * row's in (slot, piece) order, skipping those its selection did not write (slot -1, or a piece past the sequence):
+ * the sum nsa_slc_bwd_dq_reduce would do, without its read and write of dq. A row's parts are contiguous; they
+ * come coalesced by cp.async (evict-first: read once) into `region`, the shared tiles the key walk is done with, a
+ * batch of units for all rows at a time, two batches in flight. Called by every thread after the walk (`first` the
+ * same in all).
+ */
+__device__ __forceinline__ void dq_add_selected_parts(float dq_acc[DK / 8][4], const part_t *__restrict__ partial_q,
+                                                      const int *__restrict__ block_indices, const DqTile &t, int Hq, int H,
+                                                      unsigned short *region, int first) {
+  static_assert(DQ_PART_UNITS <= 64, "a row's written parts are a 64-bit mask");
+  if (first >= DQ_PART_UNITS) return;
+  constexpr int CHUNKS = DQ_PART_WORDS / 8;         // 16-byte chunks of a part row
+  constexpr int UNIT = DQ_ROWS * DQ_PART_WORDS;     // words of one part of every row
+  constexpr int CAP = DQ_REGION_WORDS / UNIT;       // parts of every row the region holds (>= 1)
+  constexpr int NBUF = CAP >= 2 ? 2 : 1;
+  constexpr int BATCH = CAP / NBUF < DQ_PART_UNITS ? CAP / NBUF : DQ_PART_UNITS;
+  const int rounds = (DQ_PART_UNITS - first + BATCH - 1) / BATCH;
+  typedef SwizzledTile<DQ_PART_WORDS> PartTile; // chunks XOR (row % 8): rows 256 bytes apart spread over the banks
+  const int lane = threadIdx.x % 32;
+  const int rows = min(DQ_ROWS, t.seq_len - t.q0);
+  const i64 row_parts = (i64)DQ_PART_UNITS * DK;
+  const part_t *src = partial_q + ((i64)(t.seq_start + t.q0) * Hq + t.hq) * row_parts;
+  const i64 row_stride = (i64)Hq * row_parts;
+  const unsigned long long policy = l2_evict_first_policy();
+  auto issue = [&](int round) {
+    unsigned short *dst = region + (round % NBUF) * BATCH * UNIT;
+#pragma unroll
+    for (int u = 0; u < BATCH; u++) {
+      const int unit = first + round * BATCH + u;
+      if (unit >= DQ_PART_UNITS) break;
+      for (int i = threadIdx.x; i < DQ_ROWS * CHUNKS; i += DQ_THREADS) {
+        const int r = i / CHUNKS;
+        const int c = i % CHUNKS;
+        const part_t *from = r < rows ? src + r * row_stride + unit * DK + c * (16 / (int)sizeof(part_t)) : partial_q;
+        cp_async_16_hinted(dst + u * UNIT + PartTile::offset(r, c * 8), from, r < rows, policy);
+      }
+    }
+    cp_async_commit();
+  };
+  __syncthreads(); // every warp is done with the walk's tiles
+  issue(0);
+  if (NBUF == 2 && rounds > 1) issue(1);
+
+  // Which of its two rows' parts this thread adds: the mask of (slot, piece) units their selection wrote.
+  unsigned long long written[2];
+#pragma unroll
+  for (int hh = 0; hh < 2; hh++) {
+    const int r = (int)(threadIdx.x / 32) * 16 + lane / 4 + 8 * hh;
+    unsigned long long m = 0;
+    if (r < rows) {
+      const int *sel = block_indices + ((i64)(t.seq_start + t.q0 + r) * H + t.h) * SEL_N;
+#pragma unroll
+      for (int s = 0; s < SEL_N; s++) {
+        const int j = sel[s];
+#pragma unroll
+        for (int piece = 0; piece < DQ_PART_PIECES; piece++) {
+          const int unit = s * DQ_PART_PIECES + piece;
+          if (dq_part_written(j, unit, t.seq_len)) m |= 1ull << unit;
+        }
+      }
+    }
+    written[hh] = m;
+  }
+
+  for (int round = 0; round < rounds; round++) {
+    if (NBUF == 2 && round + 1 < rounds) cp_async_wait<1>();
+    else cp_async_wait<0>();
+    __syncthreads();
+    const unsigned short *at = region + (round % NBUF) * BATCH * UNIT;
+#pragma unroll
+    for (int u = 0; u < BATCH; u++) {
+      const int unit = first + round * BATCH + u;
+      if (unit >= DQ_PART_UNITS) break;
+#pragma unroll
+      for (int hh = 0; hh < 2; hh++) {
+        if (!((written[hh] >> unit) & 1)) continue;
+        const int r = (int)(threadIdx.x / 32) * 16 + lane / 4 + 8 * hh;
+#pragma unroll
+        for (int n0 = 0; n0 < DK / 8; n0 += DQ_PART_PAIRS) {
+          const int word = dq_part_offset(n0, lane % 4) * (int)(sizeof(part_t) / 2);
+          const part_chunk_t c = *reinterpret_cast<const part_chunk_t *>(at + u * UNIT + PartTile::offset(r, word));
+#pragma unroll
+          for (int i = 0; i < DQ_PART_PAIRS; i++) {
+            const float2 p = part_chunk_pair(c, i);
+            dq_acc[n0 + i][2 * hh] += p.x;
+            dq_acc[n0 + i][2 * hh + 1] += p.y;
+          }
+        }
+      }
+    }
+    __syncthreads(); // the batch's buffer is read: it may refill
+    if (round + NBUF < rounds) issue(round + NBUF);
+  }
+}
+#endif
+
 #if FB_USE_WGMMA && defined(NSA_HAS_BULK_COPY)
 #ifndef FB_DQ_STAGES
 #define FB_DQ_STAGES 2
@@ -893,10 +1074,10 @@ __device__ __forceinline__ void dq_ring_fill(const DqRing &g, int j, int st) {
  * shared memory). Each warp marks a stage done after its products; the last refills it FB_DQ_STAGES tiles ahead.
  * With two warpgroups they take turns issuing S and dP (named barriers 1 and 2, warpgroup 0 first).
  */
-template <int MODE>
+template <int MODE, typename Parts>
 __device__ __forceinline__ void dq_ring_walk(float dq_acc[DK / 8][4], const DqRing &g, int j0, int j1, const DqWalk &w, const DqTile &t,
                                              const float *__restrict__ gate, const float *__restrict__ delta, const elem_t *qsmem,
-                                             const elem_t *dosmem, int Hq, float scale_log2) {
+                                             const elem_t *dosmem, int Hq, float scale_log2, Parts &parts, int units) {
   constexpr int WARPS = DQ_THREADS / 32;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -939,12 +1120,14 @@ __device__ __forceinline__ void dq_ring_walk(float dq_acc[DK / 8][4], const DqRi
     float s[TILE / 8][4];
     float dp[TILE / 8][4];
     issue(j, s, dp);
+    if (j < units) parts.load(j);
     wgmma_wait<1>();
     wgmma_fence_operands<TILE / 8>(s);
     finish(j, s, dp);
     wgmma_wait<0>();
     wgmma_fence_operands<DK / 8>(dq_acc);
     release(j);
+    if (j < units) parts.add(dq_acc);
   }
 }
 
@@ -953,10 +1136,10 @@ __device__ __forceinline__ void dq_ring_walk(float dq_acc[DK / 8][4], const DqRi
  * through an FB_DQ_STAGES ring of mbarrier stages, so no thread issues or waits for copies of tiles it does not
  * multiply and no __syncthreads couples the warps. MODE_B < 0: one branch (walk a); else walk a (cmp) then b (win).
  */
-template <int MODE_A, int MODE_B>
-__device__ __forceinline__ void dq_pipelined(float dq_acc[DK / 8][4], unsigned char *smem_raw, const DqTile &t, const DqWalk &a, const DqWalk &b,
-                                             const TensorMapBytes *q_map, const TensorMapBytes *do_map, const float *__restrict__ gate,
-                                             const float *__restrict__ delta, int Hq, float scale_log2) {
+template <int MODE_A, int MODE_B, typename Parts>
+__device__ __forceinline__ int dq_pipelined(float dq_acc[DK / 8][4], unsigned char *smem_raw, const DqTile &t, const DqWalk &a, const DqWalk &b,
+                                            const TensorMapBytes *q_map, const TensorMapBytes *do_map, const float *__restrict__ gate,
+                                            const float *__restrict__ delta, int Hq, float scale_log2, Parts &parts, int units) {
   elem_t *qsmem = smem_tiles(smem_raw);
   elem_t *dosmem = qsmem + DQ_ROWS * DK;
   elem_t *kbuf = dosmem + DQ_ROWS * DV;
@@ -987,8 +1170,9 @@ __device__ __forceinline__ void dq_pipelined(float dq_acc[DK / 8][4], unsigned c
   if (threadIdx.x / 128 == 1 && g.w.total > 0) named_barrier_arrive(1, 256); // warpgroup 0 takes the first turn
 #endif
   mbarrier_wait(&rows_full, 0);
-  dq_ring_walk<MODE_A>(dq_acc, g, 0, na, a, t, gate, delta, qsmem, dosmem, Hq, scale_log2);
-  if constexpr (MODE_B >= 0) dq_ring_walk<MODE_B>(dq_acc, g, na, g.w.total, b, t, gate, delta, qsmem, dosmem, Hq, scale_log2);
+  dq_ring_walk<MODE_A>(dq_acc, g, 0, na, a, t, gate, delta, qsmem, dosmem, Hq, scale_log2, parts, units);
+  if constexpr (MODE_B >= 0) dq_ring_walk<MODE_B>(dq_acc, g, na, g.w.total, b, t, gate, delta, qsmem, dosmem, Hq, scale_log2, parts, units);
+  return g.w.total;
 }
 #endif
 
@@ -1009,7 +1193,8 @@ extern "C" __global__ void __launch_bounds__(DQ_THREADS)
   const DqWalk walk{b, dq_keys<NSA_MODE>(t, b.nkeys), &k_map, &v_map};
   float dq_acc[DK / 8][4];
   zero_frags<DK / 8>(dq_acc);
-  dq_pipelined<NSA_MODE, -1>(dq_acc, smem_raw, t, walk, walk, &q_map, &do_map, gate, delta, Hq, scale_log2);
+  NoDqParts none;
+  dq_pipelined<NSA_MODE, -1>(dq_acc, smem_raw, t, walk, walk, &q_map, &do_map, gate, delta, Hq, scale_log2, none, 0);
   dq_write(dq, dq_acc, t, Hq, scale, accumulate);
 #endif
 }
@@ -1021,7 +1206,8 @@ extern "C" __global__ void __launch_bounds__(DQ_THREADS)
                                  const float *__restrict__ lse_cmp, const float *__restrict__ lse_win, const float *__restrict__ gate,
                                  const float *__restrict__ delta, float *__restrict__ dq, const int *__restrict__ cu_seqlens,
                                  const int *__restrict__ cu_cmp, const int2 *__restrict__ tiles, int Hq, int H, float scale_log2,
-                                 float scale, int accumulate, const __grid_constant__ TensorMapBytes q_map,
+                                 float scale, int accumulate, const part_t *__restrict__ partial_q,
+                                 const int *__restrict__ block_indices, const __grid_constant__ TensorMapBytes q_map,
                                  const __grid_constant__ TensorMapBytes do_map, const __grid_constant__ TensorMapBytes kc_map,
                                  const __grid_constant__ TensorMapBytes vc_map, const __grid_constant__ TensorMapBytes k_map,
                                  const __grid_constant__ TensorMapBytes v_map) {
@@ -1034,7 +1220,11 @@ extern "C" __global__ void __launch_bounds__(DQ_THREADS)
   const DqWalk win_walk{win, dq_keys<2>(t, win.nkeys), &k_map, &v_map};
   float dq_acc[DK / 8][4];
   zero_frags<DK / 8>(dq_acc);
-  dq_pipelined<1, 2>(dq_acc, smem_raw, t, cmp_walk, win_walk, &q_map, &do_map, gate, delta, Hq, scale_log2);
+  // The selected dQ parts stream in with the key tiles (unit j with tile j); units past the tiles come after them.
+  DqPartsInFlight parts;
+  parts.init(partial_q, block_indices, t, Hq, H);
+  const int walked = dq_pipelined<1, 2>(dq_acc, smem_raw, t, cmp_walk, win_walk, &q_map, &do_map, gate, delta, Hq, scale_log2, parts, DQ_PART_UNITS);
+  if (partial_q != nullptr) dq_add_selected_parts(dq_acc, partial_q, block_indices, t, Hq, H, reinterpret_cast<unsigned short *>(smem_tiles(smem_raw)), walked);
   dq_write(dq, dq_acc, t, Hq, scale, accumulate);
 #endif
 }
@@ -1071,7 +1261,7 @@ extern "C" __global__ void __launch_bounds__(DQ_THREADS)
                              const float *__restrict__ lse_cmp, const float *__restrict__ lse_win, const float *__restrict__ gate,
                              const float *__restrict__ delta, float *__restrict__ dq, const int *__restrict__ cu_seqlens,
                              const int *__restrict__ cu_cmp, const int2 *__restrict__ tiles, int Hq, int H, float scale_log2,
-                             float scale, int accumulate) {
+                             float scale, int accumulate, const part_t *__restrict__ partial_q, const int *__restrict__ block_indices) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   const DqSmem m = dq_smem(smem_raw);
   const DqTile t = dq_begin(q, dout, cu_seqlens, tiles, Hq, H, m.q, m.dout);
@@ -1091,6 +1281,7 @@ extern "C" __global__ void __launch_bounds__(DQ_THREADS)
   });
   dq_phase<2>(dq_acc, win, win_keys, t, gate, delta, m.q, m.dout, m.k, m.v, Hq, H, scale_log2, win_stage0, cmp_keys.ntiles > 0,
               [](int) { return false; });
+  if (partial_q != nullptr) dq_add_selected_parts(dq_acc, partial_q, block_indices, t, Hq, H, reinterpret_cast<unsigned short *>(m.q), 0);
   dq_write(dq, dq_acc, t, Hq, scale, accumulate);
 }
 #endif

@@ -19,12 +19,13 @@
 //   nsa_slc_bwd_dkdv  key-centric through the inverse index (inverse_index.cu): a CTA per (KV head, block, 64
 //                     keys) walks the (token, slot) pairs that chose the block, G heads each, in token order, and
 //                     keeps dK, dV in registers. With SLC_DQ_FUSED it also writes each (token, head, slot, sub)
-//                     row's dQ part dS K over its 64 keys, and nsa_slc_bwd_dq_reduce sums them in slot order:
-//                     at small G the group-centric dQ uses G of its 16 MMA rows and re-reads every block's K/V
+//                     row's dQ part dS K over its 64 keys, summed in slot order by nsa_slc_bwd_dq_reduce or by
+//                     the cmp + win dQ launch (flash_attention_bwd.cu). Why: at small G the group-centric dQ uses G of its 16 MMA rows and re-reads every block's K/V
 //                     per token, while here the key tile is already in shared memory and all 64 rows are used
 // P = exp(s - lse_slc), dS = P * (g_slc * dO V^T - delta_slc). Gradients are fp32 and added into their buffers.
 #include "nsa_common.cuh"
 #include "nsa_gather_tiles.cuh"
+#include "nsa_dq_parts.cuh"
 #include "nsa_wgmma.cuh"
 
 // SLC_BWD_WS (set by the host on sm_90a for dk, dv <= 128): the warp-specialised nsa_slc_bwd_dkdv on wgmma.
@@ -41,7 +42,7 @@
 
 // SLC_BULK (sm_90): the gathered rows (dQ: the selected keys/values; dK/dV: the choosing queries and their dO)
 // come with one bulk copy per row (as the forward does): nsa_gather_tiles.cuh.
-#define SUBS ((SEL_L + TILE - 1) / TILE) // dK/dV CTAs (64 keys each) per selection block
+#define SUBS ((SEL_L + DQ_PART_KEYS - 1) / DQ_PART_KEYS) // dK/dV CTAs (64 keys each, TILE) per selection block
 
 extern "C" __global__ void __launch_bounds__(THREADS)
     nsa_slc_bwd_dq(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
@@ -185,30 +186,6 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   }
 }
 
-// The dQ parts' storage: fp32, or with SLC_DQ_PARTS_BF16 bfloat16 bits (the fp32 range whatever the compute type;
-// rounded to nearest even once, half the bytes of the pass's largest traffic).
-#ifdef SLC_DQ_PARTS_BF16
-typedef unsigned short part_t;
-__device__ __forceinline__ u32 bf16_bits(float x) {
-  const u32 b = __float_as_uint(x);
-  return (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
-}
-/** Stores parts c, c + 1 of a row. */
-__device__ __forceinline__ void store_part2(part_t *at, float lo, float hi) {
-  *reinterpret_cast<u32 *>(at) = bf16_bits(lo) | (bf16_bits(hi) << 16);
-}
-/** Loads parts c .. c + 3 of a row. */
-__device__ __forceinline__ float4 load_part4(const part_t *at) {
-  const uint2 w = *reinterpret_cast<const uint2 *>(at);
-  return make_float4(__uint_as_float(w.x << 16), __uint_as_float(w.x & 0xffff0000u), __uint_as_float(w.y << 16),
-                     __uint_as_float(w.y & 0xffff0000u));
-}
-#else
-typedef float part_t;
-__device__ __forceinline__ void store_part2(part_t *at, float lo, float hi) { *reinterpret_cast<float2 *>(at) = make_float2(lo, hi); }
-__device__ __forceinline__ float4 load_part4(const part_t *at) { return *reinterpret_cast<const float4 *>(at); }
-#endif
-
 #ifdef SLC_DQ_FUSED
 /**
  * dQ parts of tile rows warp*16 .. +15 (row r: entry r / G's token and slot, head r % G) over the CTA's 64 keys:
@@ -246,10 +223,7 @@ __device__ __forceinline__ void fused_dq_rows(part_t *__restrict__ partial_q, co
 #pragma unroll
     for (int hh = 0; hh < 2; hh++) {
       if (dst[hh] == nullptr) continue;
-#pragma unroll
-      for (int n = 0; n < 4; n++) {
-        store_part2(dst[hh] + c0 + n * 8 + (lane % 4) * 2, acc[n][2 * hh], acc[n][2 * hh + 1]);
-      }
+      store_part_pairs<4>(dst[hh], c0 / 8, lane % 4, acc, hh);
     }
   }
 }
@@ -536,8 +510,7 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
 #pragma unroll
       for (int hh = 0; hh < 2; hh++) {
         if (dst[hh] == nullptr) continue;
-#pragma unroll
-        for (int n = 0; n < 8; n++) store_part2(dst[hh] + c0 + n * 8 + (lane % 4) * 2, acc[n][2 * hh], acc[n][2 * hh + 1]);
+        store_part_pairs<8>(dst[hh], c0 / 8, lane % 4, acc, hh);
       }
     }
 #else
@@ -790,7 +763,7 @@ extern "C" __global__ void nsa_slc_bwd_dq_reduce(const part_t *__restrict__ part
   const int seq = row_seq[token];
   const int seq_len = cu_seqlens[seq + 1] - cu_seqlens[seq];
   const int *sel = block_indices + ((i64)token * H + h) * SEL_N;
-  const part_t *src = partial_q + qrow * (SEL_N * SUBS * DK) + c4 * 4;
+  const part_t *src = partial_q + qrow * (SEL_N * SUBS * DK) + c4 * 4; // parts at offsets c4 * 4 .. + 3: two pairs
   // The loads first (zeros for the slots and subs nobody wrote), then the sum in order, so that no load has to
   // wait for the adds before it.
   float4 parts[SEL_N * SUBS];
@@ -813,11 +786,9 @@ extern "C" __global__ void nsa_slc_bwd_dq_reduce(const part_t *__restrict__ part
     sum.z += parts[i].z;
     sum.w += parts[i].w;
   }
-  float4 *out = reinterpret_cast<float4 *>(dq + qrow * DK) + c4;
-  float4 o = *out;
-  o.x += sum.x * scale;
-  o.y += sum.y * scale;
-  o.z += sum.z * scale;
-  o.w += sum.w * scale;
-  *out = o;
+  float2 *lo = reinterpret_cast<float2 *>(dq + qrow * DK + dq_part_column(c4 * 4));
+  float2 *hi = reinterpret_cast<float2 *>(dq + qrow * DK + dq_part_column(c4 * 4 + 2));
+  const float2 a = *lo, b = *hi;
+  *lo = make_float2(a.x + sum.x * scale, a.y + sum.y * scale);
+  *hi = make_float2(b.x + sum.z * scale, b.y + sum.w * scale);
 }

@@ -5,7 +5,8 @@
 //   2. cmp: dQ (query-centric) and dKc, dVc (key-centric) over the compressed keys  flash backward, mode 1
 //   3. win: dQ and dK, dV of the window                                             flash backward, mode 2
 //   4. slc: dK, dV key-centric through a deterministic inverse index of the selection; dQ fused into that pass
-//      (per-slot parts, summed in slot order) where its buffer fits, else group-centric (see selectedDqMode)
+//      (per-slot parts, summed in slot order) where its buffer fits, else group-centric (see selectedDqMode).
+//      With cmp and win in one dQ launch, that launch runs after this pass and adds the parts itself
 //   5. phi: dK, dV += the compressed gradients through phi (mean: spread over their blocks; learned: the
 //      products of phi-runner.ts, which also give phi's parameter gradients); given compressed K/V keep theirs
 
@@ -194,6 +195,11 @@ export class BackwardRunner {
       { name: 'win' as const, mode: 2 as const, branch: 2, k: inputs.kWin ?? inputs.k, v: inputs.vWin ?? inputs.v, lse: fwd.lseWin, cuKeys: tables.cuSeqlens, keyTiles: this.keyTiles, nKeyTiles: this.counts.keyTiles, keyRows: N * H, dk: grads.dkWin ?? grads.dk, dv: grads.dvWin ?? grads.dv },
     ];
     const dqFused = programs.tuning.cmpWinDqFused === true;
+    // The selected dQ's fused parts are summed by the cmp + win dQ launch, which then runs after the dK/dV pass
+    // that writes them (no separate reduce reading and writing dq); else by their own reduce.
+    const fused = this.selectedDq === 'fused';
+    const partsInCmpWinDq = fused && dqFused;
+    let cmpWinDq: [BackwardStage, () => void] | undefined;
     // The pipelined (`_tma`) launches read their walked tiles through tensor maps, passed after the other arguments.
     const keySet = (b: (typeof branches)[number]) => ({ k: b.k.ptr, v: b.v.ptr, rows: b.mode === 1 ? plan.totalCompressed : N });
     const maps = (walk: 'dq' | 'dkdv', mode: 1 | 2 | 3, walked: (typeof branches)[number][] = []): KernelArg[] =>
@@ -202,7 +208,7 @@ export class BackwardRunner {
       const win = branches[1]!;
       const dqAccumulate = accumulateInto([grads.dq]);
       const dqMaps = maps('dq', 3, branches);
-      stages.push(['cmp+win dq', () =>
+      cmpWinDq = ['cmp+win dq', () =>
         programs.flashBackward(3, 'dq_cmp_win').launch({
           grid: [this.counts.queryTiles, Hq, 1],
           block: [programs.flashBackwardThreads('dq', 3), 1, 1],
@@ -210,9 +216,11 @@ export class BackwardRunner {
           args: [
             ptr(inputs.q), ptr(kc), ptr(vc), ptr(win.k), ptr(win.v), ptr(dOut), ptr(fwd.lseCmp), ptr(fwd.lseWin), ptr(inputs.gate),
             ptr(this.delta), ptr(grads.dq), ptr(tables.cuSeqlens), ptr(tables.cuCmp), ptr(this.queryTiles), ...common,
-            { f32: scaleLog2 }, { f32: config.scale }, dqAccumulate, ...dqMaps,
+            { f32: scaleLog2 }, { f32: config.scale }, dqAccumulate, ...(partsInCmpWinDq ? [ptr(this.partialQ), ptr(fwd.blockIndices)] : [NULL, NULL]),
+            ...dqMaps,
           ],
-        })]);
+        })];
+      if (!partsInCmpWinDq) stages.push(cmpWinDq);
     }
     for (const b of branches) {
       const tail = [...common, { i32: b.branch }, { f32: scaleLog2 }, { f32: config.scale }];
@@ -260,10 +268,9 @@ export class BackwardRunner {
     }
 
     // slc (branch 1): dQ group-centric, then dK/dV through the inverse index; or, fused, the dK/dV pass writes
-    // dQ parts too and 'slc dq' is their reduction (after it).
+    // dQ parts too, summed after it by the cmp + win dQ launch or, with the branches' dQ apart, by 'slc dq'.
     const kSlc = inputs.kSlc ?? inputs.k;
     const vSlc = inputs.vSlc ?? inputs.v;
-    const fused = this.selectedDq === 'fused';
     const slcDq: [BackwardStage, () => void] = fused
       ? ['slc dq', () => {
           const rows = N * Hq;
@@ -313,7 +320,8 @@ export class BackwardRunner {
         ],
       });
     }]);
-    if (fused) stages.push(slcDq);
+    if (partsInCmpWinDq && cmpWinDq !== undefined) stages.push(cmpWinDq);
+    else if (fused) stages.push(slcDq);
 
     // phi: dKc, dVc back onto the shared k, v (given compressed K/V keep their own gradients).
     if (inputs.kCmp === undefined && plan.totalCompressed > 0 && phi !== undefined) {

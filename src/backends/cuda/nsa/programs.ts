@@ -294,7 +294,6 @@ export class NsaPrograms {
 
   // Backward ------------------------------------------------------------------------------------------------
 
-  /** Flash backward of mode 0 (dense), 1 (cmp) or 2 (win): preprocess, dq or dkdv. */
   /** The flash backward's kernels of mode 0, 1 or 2; mode 3 (cmp then win) has the one-launch dQ alone. */
   flashBackward(mode: 0 | 1 | 2, fn: 'preprocess' | 'dq' | 'dkdv' | 'reduce_splits'): Kernel;
   flashBackward(mode: 3, fn: 'dq_cmp_win'): Kernel;
@@ -315,6 +314,8 @@ export class NsaPrograms {
         ...(dkdvStages === undefined ? [] : [`-DFB_STAGES=${dkdvStages}`]),
         ...(dqStages === undefined ? [] : [`-DFB_DQ_STAGES=${dqStages}`]),
         ...(mode === 0 ? [] : [...this.cmpDefines(), `-DWINDOW=${this.config.window}`]),
+        // Mode 3's dQ also sums the selected branch's fused dQ parts (selectedDqPartBytes each) when given them.
+        ...(mode === 3 ? [...this.selDefines(), ...(this.tuning.slcDqParts === 'bf16' ? ['-DSLC_DQ_PARTS_BF16'] : [])] : []),
       ],
       wg !== undefined,
     );
