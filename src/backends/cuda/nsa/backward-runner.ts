@@ -53,8 +53,9 @@ export type BackwardStage =
 /**
  * How the selected branch's dQ runs. 'group': a CTA per (token, KV head, 16 heads) streams the token's blocks
  * (L2-bound, and at G < 16 most of its MMA rows are empty). 'fused': the dK/dV pass, which has dS and K of each
- * (block, choosing rows) tile at hand, writes a dQ part per (token, head, slot) and a reduce sums them in slot
- * order, at the cost of a buffer of N * Hq * n * ceil(l'/64) * dk parts (bf16, or fp32 with NSA_SLC_DQ_PARTS=f32).
+ * (block, choosing rows) tile at hand, writes a dQ part per (token, head, slot), summed in slot order by the cmp +
+ * win dQ launch (or, with those branches' dQ apart, by a reduce of their own), at the cost of a buffer of
+ * N * Hq * n * ceil(l'/64) * dk parts (bf16, or fp32 with NSA_SLC_DQ_PARTS=f32).
  * Fused was faster at every G measured (H100, 64k, fla preset, fp32 parts: fwd+bwd 82.0 against 129.0 ms at
  * G = 4, 121.1 against 129.9 ms at G = 16), so it is the default wherever that buffer leaves a quarter of the free
  * device memory free (at 64k tokens, Hq = 64, n = 16, dk = 128 it is 16 GiB, 32 GiB in fp32); it is freed (to the pool,
