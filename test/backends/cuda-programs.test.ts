@@ -16,7 +16,7 @@ function config(dk: number, dv: number): NSAConfig {
 }
 
 describe('kernelTuning', () => {
-  it('defaults to 8 flash warps with wgmma, 2 x 1 selected-attention warps x stages at 8 CTAs per SM, bulk copies on sm_90, persistent FSA CTAs at 3 per SM', () => {
+  it('defaults to 8 flash warps with wgmma, 2 x 1 selected-attention warps x stages at 8 CTAs per SM, bulk copies on sm_90, persistent FSA CTAs at 3 per SM, selected dK/dV items by token', () => {
     expect(kernelTuning(config(128, 128), {}, [9, 0])).toEqual({
       faWarps: 8,
       faWgmma: true,
@@ -34,6 +34,7 @@ describe('kernelTuning', () => {
       faBwdTma: { dq: true, dkdv: true },
       faBwdStages: undefined,
       slcBwdItemTiles: undefined,
+      slcBwdOrder: 'token',
       selectRing: undefined,
     });
   });
@@ -88,6 +89,12 @@ describe('kernelTuning', () => {
     expect([t.fsaMinBlocks, t.selectRing, t.slcBwdItemTiles]).toEqual([4, 512, 128]);
     const bad = kernelTuning(config(192, 128), { NSA_FSA_MIN_BLOCKS: '9', NSA_SELECT_RING: '300', NSA_SLC_BWD_ITEM: '100' }, [9, 0]);
     expect([bad.fsaMinBlocks, bad.selectRing, bad.slcBwdItemTiles]).toEqual([undefined, undefined, undefined]);
+  });
+
+  it('runs the selected dK/dV work items by token unless NSA_SLC_BWD_ORDER=key', () => {
+    expect(kernelTuning(config(128, 128), {}, [9, 0]).slcBwdOrder).toBe('token');
+    expect(kernelTuning(config(128, 128), { NSA_SLC_BWD_ORDER: 'key' }, [9, 0]).slcBwdOrder).toBe('key');
+    expect(kernelTuning(config(128, 128), { NSA_SLC_BWD_ORDER: 'other' }, [8, 0]).slcBwdOrder).toBe('token');
   });
 
   it('stores the fused selected dQ parts as bf16 unless NSA_SLC_DQ_PARTS=f32', () => {

@@ -161,3 +161,40 @@ extern "C" __global__ void nsa_index_fill(const int *__restrict__ block_indices,
                }
              });
 }
+
+// The order the selected dK/dV runs its work items in (not what they sum: each item writes its own partial rows,
+// reduced in item order). Items are numbered key by key, so CTAs running together took neighbouring blocks'
+// items, whose choosing tokens lie all over the sequence, and their gathered query/dO rows came from DRAM. Run by
+// (KV head, token of the item's first pair / bucket_tokens) instead, CTAs running together gather rows of nearby
+// tokens of one head, which neighbouring items read again while they are in L2:
+//   nsa_index_item_buckets   each item's bucket and its place in it (an atomic: that place varies run to run)
+//   nsa_index_scan           bucket starts (per_tile 1)
+//   nsa_index_item_order     item_order[bucket start + place] = item
+
+/** Item b's bucket (KV head h * buckets_per_head + first token / bucket_tokens) and its place among the bucket's. */
+extern "C" __global__ void nsa_index_item_buckets(const int *__restrict__ offsets, const int *__restrict__ item_offsets,
+                                                  const int2 *__restrict__ entries, int *__restrict__ bucket_counts,
+                                                  int2 *__restrict__ item_bucket, int keys, int total_blocks, int item_entries,
+                                                  int buckets_per_head, int bucket_tokens) {
+  const int b = blockIdx.x * blockDim.x + threadIdx.x;
+  if (b >= item_offsets[keys]) return;
+  // The key whose items hold b: the last with item_offsets[key] <= b (a thread's own search: range_holding is a
+  // warp's, for one b).
+  int key = 0;
+  for (int hi = keys - 1; key < hi;) {
+    const int mid = (key + hi + 1) / 2;
+    if (item_offsets[mid] <= b) key = mid;
+    else hi = mid - 1;
+  }
+  const int first = offsets[key] + (b - item_offsets[key]) * item_entries; // every item holds at least one pair
+  const int bucket = (key / total_blocks) * buckets_per_head + entries[first].x / bucket_tokens;
+  item_bucket[b] = make_int2(bucket, atomicAdd(&bucket_counts[bucket], 1));
+}
+
+extern "C" __global__ void nsa_index_item_order(const int *__restrict__ item_offsets, const int2 *__restrict__ item_bucket,
+                                                const int *__restrict__ bucket_starts, int *__restrict__ item_order, int keys) {
+  const int b = blockIdx.x * blockDim.x + threadIdx.x;
+  if (b >= item_offsets[keys]) return;
+  const int2 at = item_bucket[b];
+  item_order[bucket_starts[at.x] + at.y] = b;
+}

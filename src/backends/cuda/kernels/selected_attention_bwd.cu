@@ -230,21 +230,23 @@ __device__ __forceinline__ void fused_dq_rows(part_t *__restrict__ partial_q, co
 #endif
 
 /**
- * The dK/dV work of CTA (blockIdx.x, blockIdx.y): keys [key0, key0 + nk) (local tokens of the sequence starting at
- * row seq_start) of KV head h's selection block, and the (token, slot) entries [e_begin, e_end) that chose it: up to
- * `item_entries` of the block's, item blockIdx.x - item_offsets[key] of them. False where the grid's upper bound on
- * the items, or the block's end, leaves this CTA nothing.
+ * The dK/dV work of CTA (blockIdx.x, blockIdx.y): work item `item` (item_order[blockIdx.x], or blockIdx.x without an
+ * order), keys [key0, key0 + nk) (local tokens of the sequence starting at row seq_start) of KV head h's selection
+ * block, and the (token, slot) entries [e_begin, e_end) that chose it: up to `item_entries` of the block's, item
+ * item - item_offsets[key] of them. False where the grid's upper bound on the items, or the block's end, leaves
+ * this CTA nothing.
  */
 struct DkdvItem {
-  int h, seq_start, key0, nk, e_begin, e_end;
+  int item, h, seq_start, key0, nk, e_begin, e_end;
 };
 __device__ __forceinline__ bool dkdv_item(const int *__restrict__ offsets, const int *__restrict__ item_offsets,
-                                          const int *__restrict__ block_seq, const int *__restrict__ cu_blocks,
-                                          const int *__restrict__ cu_seqlens, int H, int total_blocks, int item_entries,
-                                          DkdvItem &w) {
+                                          const int *__restrict__ item_order, const int *__restrict__ block_seq,
+                                          const int *__restrict__ cu_blocks, const int *__restrict__ cu_seqlens, int H,
+                                          int total_blocks, int item_entries, DkdvItem &w) {
   const int nkeys_total = H * total_blocks;
-  const int b = blockIdx.x;
-  if (b >= item_offsets[nkeys_total]) return false;
+  if ((int)blockIdx.x >= item_offsets[nkeys_total]) return false;
+  const int b = item_order == nullptr ? blockIdx.x : item_order[blockIdx.x];
+  w.item = b;
   const int key = range_holding(item_offsets, nkeys_total, b); // the key whose item range holds b
   const IndexKey ik = index_key(key, total_blocks, block_seq, cu_blocks, cu_seqlens);
   const int block_end = min((ik.j + 1) * SEL_L, ik.seq_len);
@@ -286,7 +288,8 @@ __device__ __forceinline__ void write_item_rows(const float dk_acc[DK / 8][4], c
 #define SLC_BWD_DKDV_PARAMS                                                                                                    \
   const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v, const elem_t *__restrict__ dout,    \
       const float *__restrict__ lse, const float *__restrict__ gate, const float *__restrict__ delta,                            \
-      const int *__restrict__ offsets, const int *__restrict__ item_offsets, const int2 *__restrict__ entries,                   \
+      const int *__restrict__ offsets, const int *__restrict__ item_offsets, const int *__restrict__ item_order,                  \
+      const int2 *__restrict__ entries,                                                                                          \
       const int *__restrict__ block_seq, const int *__restrict__ cu_blocks, const int *__restrict__ cu_seqlens,                  \
       float *__restrict__ partial_k, float *__restrict__ partial_v, void *__restrict__ partial_q, int Hq, int H, int total_blocks, \
       int item_entries, float scale_log2, float scale
@@ -327,9 +330,9 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
   __shared__ __align__(8) unsigned long long full_bar[S], empty_bar[S], kv_bar;
 
   DkdvItem w;
-  if (!dkdv_item(offsets, item_offsets, block_seq, cu_blocks, cu_seqlens, H, total_blocks, item_entries, w)) return;
+  if (!dkdv_item(offsets, item_offsets, item_order, block_seq, cu_blocks, cu_seqlens, H, total_blocks, item_entries, w)) return;
   const int h = w.h, seq_start = w.seq_start, key0 = w.key0, nk = w.nk, e_begin = w.e_begin, e_end = w.e_end;
-  const int b = blockIdx.x;
+  const int b = w.item;
   const int G = Hq / H;
   const int per_tile = max(1, TILE / G);
   const int ntiles = (e_end - e_begin + per_tile - 1) / per_tile;
@@ -580,9 +583,9 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 #endif
 
   DkdvItem w;
-  if (!dkdv_item(offsets, item_offsets, block_seq, cu_blocks, cu_seqlens, H, total_blocks, item_entries, w)) return;
+  if (!dkdv_item(offsets, item_offsets, item_order, block_seq, cu_blocks, cu_seqlens, H, total_blocks, item_entries, w)) return;
   const int h = w.h, seq_start = w.seq_start, key0 = w.key0, nk = w.nk, e_begin = w.e_begin, e_end = w.e_end;
-  const int b = blockIdx.x;
+  const int b = w.item;
   const int G = Hq / H;
   const int per_tile = max(1, TILE / G);
   const int warp = threadIdx.x / 32;

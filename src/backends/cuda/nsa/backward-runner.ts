@@ -289,7 +289,12 @@ export class BackwardRunner {
             args: [ptr(inputs.q), ptr(kSlc), ptr(vSlc), ptr(dOut), ptr(fwd.lseSlc), ptr(inputs.gate), ptr(this.delta), ptr(fwd.blockIndices), ptr(tables.rowSeq), ptr(tables.cuSeqlens), ptr(grads.dq), ...common, { f32: scaleLog2 }, { f32: config.scale }],
           })];
     if (!fused) stages.push(slcDq);
-    stages.push(['slc index', () => this.index.build(fwd.blockIndices, this.itemEntries)]);
+    // The work items' order (by KV head and token, for L2 reuse of the gathered rows) is the index stage's too.
+    let itemOrder: DeviceBuffer | undefined;
+    stages.push(['slc index', () => {
+      this.index.build(fwd.blockIndices, this.itemEntries);
+      itemOrder = programs.tuning.slcBwdOrder === 'key' ? undefined : this.index.orderItems(this.itemEntries);
+    }]);
     // Work items of up to itemEntries (token, slot) pairs per block, partial sums reduced in item order. With
     // phi = mean and the selected branch on the shared k, v, the reduce also adds the mean's backward (one read and
     // write of dk, dv fewer); there is then no 'compress' stage.
@@ -306,7 +311,7 @@ export class BackwardRunner {
         sharedBytes: programs.selectedBackwardSharedBytes('dkdv', fused),
         args: [
           ptr(inputs.q), ptr(kSlc), ptr(vSlc), ptr(dOut), ptr(fwd.lseSlc), ptr(inputs.gate), ptr(this.delta),
-          ptr(this.index.offsets), ptr(this.index.itemOffsets), ptr(this.index.entries), ptr(tables.blockSeq), ptr(tables.cuBlocks),
+          ptr(this.index.offsets), ptr(this.index.itemOffsets), ptr(itemOrder), ptr(this.index.entries), ptr(tables.blockSeq), ptr(tables.cuBlocks),
           ptr(tables.cuSeqlens), { ptr: partial.ptr }, { ptr: pv }, ptr(this.partialQ), ...common, { i32: plan.totalBlocks },
           { i32: this.itemEntries }, { f32: scaleLog2 }, { f32: config.scale },
         ],

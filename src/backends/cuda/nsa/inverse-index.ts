@@ -11,6 +11,8 @@ import type { LayoutPlan } from './layout-plan.js';
 import type { NsaPrograms } from './programs.js';
 
 const ptr = (b: DeviceBuffer): KernelArg => ({ ptr: b.ptr });
+/** Tokens per bucket of the work items' order: one selection block at the usual l' = 64. */
+const BUCKET_TOKENS = 64;
 
 export class InverseIndex {
   /** [keys + 1]: where each key's pairs start in `entries`. */
@@ -26,6 +28,10 @@ export class InverseIndex {
   /** Where the scan writes the key offsets: `offsets`, or scratch when they are a shared index's. */
   private readonly scanOffsets: DeviceBuffer;
   private readonly buffers: DeviceBuffer[];
+  /** The work items' order and its scratch (orderItems), for one item size. */
+  private order:
+    | { items: number; itemOrder: DeviceBuffer; itemBucket: DeviceBuffer; counts: DeviceBuffer; starts: DeviceBuffer; scratch: DeviceBuffer }
+    | undefined;
 
   /**
    * With `shared` (an index built from the same selection, e.g. the forward's), this one takes its entries,
@@ -114,12 +120,71 @@ export class InverseIndex {
     programs.inverseIndex('fill').launch({ grid: walkers, block: [128, 1, 1], args: [...selection, ptr(starts), ptr(this.entries), ...walk] });
   }
 
+  /**
+   * Launches the ordering of the work items of `entriesPerItem` pairs (after `build`, asynchronous) by KV head and
+   * the token of each item's first pair, in buckets of BUCKET_TOKENS tokens, and returns the order: the selected
+   * dK/dV's CTA i takes item order[i] (kernels/inverse_index.cu says why). Which item of a bucket comes first varies
+   * run to run; what each item computes and writes does not.
+   */
+  orderItems(entriesPerItem: number): DeviceBuffer {
+    const { ctx, programs, plan } = this;
+    const H = programs.config.kvHeads;
+    const keys = H * plan.totalBlocks;
+    const items = this.itemUpperBound(entriesPerItem);
+    const perHead = Math.max(1, Math.ceil(plan.totalTokens / BUCKET_TOKENS));
+    const buckets = H * perHead;
+    if (this.order === undefined || this.order.items !== items) {
+      this.disposeOrder();
+      this.order = {
+        items,
+        itemOrder: ctx.alloc(items * 4, 'work item order'),
+        itemBucket: ctx.alloc(items * 8, 'work item buckets'),
+        counts: ctx.alloc(buckets * 4, 'work item bucket counts'),
+        starts: ctx.alloc((buckets + 1) * 4, 'work item bucket starts'),
+        scratch: ctx.alloc((buckets + 1) * 4, 'work item bucket scan'),
+      };
+    }
+    const o = this.order;
+    const grid: [number, number, number] = [Math.ceil(items / 256), 1, 1];
+    ctx.memset(o.counts, 0);
+    programs.inverseIndex('item_buckets').launch({
+      grid,
+      block: [256, 1, 1],
+      args: [
+        ptr(this.offsets), ptr(this.itemOffsets), ptr(this.entries), ptr(o.counts), ptr(o.itemBucket), { i32: keys },
+        { i32: plan.totalBlocks }, { i32: entriesPerItem }, { i32: perHead }, { i32: BUCKET_TOKENS },
+      ],
+    });
+    programs.inverseIndex('scan').launch({
+      grid: [1, 1, 1],
+      block: [1024, 1, 1],
+      args: [ptr(o.counts), ptr(o.starts), ptr(o.scratch), { i32: buckets }, { i32: 1 }],
+    });
+    programs.inverseIndex('item_order').launch({
+      grid,
+      block: [256, 1, 1],
+      args: [ptr(this.itemOffsets), ptr(o.itemBucket), ptr(o.starts), ptr(o.itemOrder), { i32: keys }],
+    });
+    return o.itemOrder;
+  }
+
   /** Device bytes this index owns (a shared index's entries and offsets are the other's). */
   get bytes(): number {
-    return this.buffers.reduce((sum, b) => sum + b.bytes, 0);
+    return [...this.buffers, ...this.orderBuffers()].reduce((sum, b) => sum + b.bytes, 0);
   }
 
   dispose(): void {
     for (const b of this.buffers) b.dispose();
+    this.disposeOrder();
+  }
+
+  private orderBuffers(): DeviceBuffer[] {
+    const o = this.order;
+    return o === undefined ? [] : [o.itemOrder, o.itemBucket, o.counts, o.starts, o.scratch];
+  }
+
+  private disposeOrder(): void {
+    for (const b of this.orderBuffers()) b.dispose();
+    this.order = undefined;
   }
 }

@@ -87,6 +87,12 @@ export interface KernelTuning {
   /** Tiles (of 64 gathered rows) per work item of the selected dK/dV (NSA_SLC_BWD_ITEM=16..256; default 64), for tuning. */
   readonly slcBwdItemTiles?: number | undefined;
   /**
+   * The order the selected dK/dV runs its work items in: 'token' (default) by KV head and the token of each item's
+   * first pair, so CTAs running together gather nearby rows; 'key' as they are numbered, block by block
+   * (NSA_SLC_BWD_ORDER=key). Only when items run changes: the sums and their order do not.
+   */
+  readonly slcBwdOrder?: 'token' | 'key' | undefined;
+  /**
    * Smallest ring of block scores per position in the block selection (NSA_SELECT_RING=128|256|512), for tuning:
    * a larger ring offers final blocks to the top-n lists in larger, rarer batches (select_blocks.cu).
    */
@@ -133,6 +139,7 @@ export function kernelTuning(
     faBwdTma: hopper ? { dq: !['0', 'dkdv'].includes(env['NSA_FA_BWD_TMA'] ?? ''), dkdv: !['0', 'dq'].includes(env['NSA_FA_BWD_TMA'] ?? '') } : undefined,
     faBwdStages: /^[234]$/.test(env['NSA_FA_BWD_STAGES'] ?? '') ? Number(env['NSA_FA_BWD_STAGES']) : undefined,
     slcBwdItemTiles: ['16', '32', '64', '128', '256'].includes(env['NSA_SLC_BWD_ITEM'] ?? '') ? Number(env['NSA_SLC_BWD_ITEM']) : undefined,
+    slcBwdOrder: env['NSA_SLC_BWD_ORDER'] === 'key' ? 'key' : 'token',
     selectRing: ['128', '256', '512'].includes(env['NSA_SELECT_RING'] ?? '') ? Number(env['NSA_SELECT_RING']) : undefined,
   };
 }
@@ -432,7 +439,7 @@ export class NsaPrograms {
     return this.tuning.slcDqParts === 'bf16' ? 2 : 4;
   }
 
-  inverseIndex(fn: 'count' | 'key_totals' | 'scan' | 'chunk_starts' | 'fill'): Kernel {
+  inverseIndex(fn: 'count' | 'key_totals' | 'scan' | 'chunk_starts' | 'fill' | 'item_buckets' | 'item_order'): Kernel {
     return this.kernel('inverse_index.cu', `nsa_index_${fn}`, [`-DSEL_N=${this.config.selectCount}`]);
   }
 
