@@ -873,11 +873,9 @@ struct NoDqParts {
 #if !defined(SEL_L) || !defined(SEL_N)
 #error "NSA_MODE 3 adds the selected branch's dQ parts: it needs SEL_L and SEL_N"
 #endif
-#define DQ_PART_UNITS (SEL_N * ((SEL_L + DQ_PART_KEYS - 1) / DQ_PART_KEYS)) // parts per (token, head): (slot, piece)
+#define DQ_PART_UNITS (SEL_N * DQ_PART_PIECES) // parts per (token, head): (slot, piece)
 // The dQ CTA's dynamic shared tiles (Q, dO and at least two key/value stages), in 16-bit words.
 #define DQ_REGION_WORDS ((DQ_ROWS + 2 * TILE) * (DK + DV))
-
-#define DQ_PART_PIECES (DQ_PART_UNITS / SEL_N)
 
 /** Whether a row's selection wrote its parts `unit` (slot j = that slot's block, -1 for none). */
 __device__ __forceinline__ bool dq_part_written(int j, int unit, int seq_len) {

@@ -11,7 +11,10 @@
 #pragma once
 #include "nsa_common.cuh"
 
-#define DQ_PART_KEYS 64 // keys a part covers: a block of SEL_L keys has ceil(SEL_L / 64) pieces
+#define DQ_PART_KEYS 64 // keys a part covers
+#ifdef SEL_L
+#define DQ_PART_PIECES ((SEL_L + DQ_PART_KEYS - 1) / DQ_PART_KEYS) // a block's 64-key pieces: parts per (token, head, slot)
+#endif
 
 #ifdef SLC_DQ_PARTS_BF16
 typedef unsigned short part_t;

@@ -42,7 +42,7 @@
 
 // SLC_BULK (sm_90): the gathered rows (dQ: the selected keys/values; dK/dV: the choosing queries and their dO)
 // come with one bulk copy per row (as the forward does): nsa_gather_tiles.cuh.
-#define SUBS ((SEL_L + DQ_PART_KEYS - 1) / DQ_PART_KEYS) // dK/dV CTAs (64 keys each, TILE) per selection block
+#define SUBS DQ_PART_PIECES // dK/dV CTAs (64 keys each, TILE) per selection block
 
 extern "C" __global__ void __launch_bounds__(THREADS)
     nsa_slc_bwd_dq(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
