@@ -3,7 +3,8 @@
 //
 // The inverse of the selection, deterministically: for each key (KV head h, selection block), the (token, slot)
 // pairs that chose it, in token order. Used by the FSA-ordered selected attention and by the selected branch's
-// dK/dV, whose sums then run in the same order on every run (no atomics decide an order anywhere).
+// dK/dV, whose sums then run in the same order on every run (no atomic decides the order of a sum; the work
+// items' schedule below uses one, which only changes when an item runs).
 // Keys are numbered h * total_blocks + cu_blocks[sequence] + j. Tokens are cut into C chunks; a stable counting
 // sort places each chunk's pairs after the earlier chunks' pairs of the same key:
 //   nsa_index_count          counts[key * C + chunk], one thread per (chunk, h), walking its tokens in order
