@@ -16,6 +16,7 @@ import type { DeviceBuffer } from '../memory.js';
 import type { DeviceNsaInputs, DeviceNsaOutputs, ForwardRunner } from './forward-runner.js';
 import { InverseIndex } from './inverse-index.js';
 import type { NsaPrograms } from './programs.js';
+import { chooseSplits, cmpKeyTileIterations } from './split-balance.js';
 
 /** fp32 gradients on the device. */
 export interface DeviceNsaGradients {
@@ -117,8 +118,11 @@ export class BackwardRunner {
     this.delta = this.keep(ctx.alloc(N * Hq * 3 * 4, 'delta'));
     const itemTiles = programs.tuning.slcBwdItemTiles ?? 64;
     this.itemEntries = Math.max(4 * itemTiles, itemTiles * Math.max(1, Math.floor(64 / programs.config.groupSize)));
-    // Few compressed key tiles would leave most SMs idle in the cmp dK/dV: split their query walk.
-    this.cmpSplits = Math.min(32, Math.max(1, Math.ceil((2 * ctx.device.smCount) / Math.max(1, this.counts.cmpKeyTiles * H))));
+    // Few compressed key tiles would leave most SMs idle in the cmp dK/dV: split their query walks, at least enough
+    // for two CTAs an SM, as many more as leave the least idle tail (split-balance.ts; one CTA an SM at a time).
+    const cmpIterations = cmpKeyTileIterations(cu, Array.from(plan.cuCmp), programs.flashBackwardTile('dkdv', 1), programs.config);
+    const minSplits = Math.ceil((2 * ctx.device.smCount) / Math.max(1, this.counts.cmpKeyTiles * H));
+    this.cmpSplits = chooseSplits(cmpIterations, H, ctx.device.smCount, minSplits);
     // The forward's index (FSA order) holds this selection already: only the work items are the backward's own.
     this.index = new InverseIndex(ctx, programs, plan, forward.deviceTables, forward.selectionIndex);
     const { headDim: dk, valueDim: dv, selectBlock } = programs.config;
