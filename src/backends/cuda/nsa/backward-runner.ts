@@ -119,7 +119,9 @@ export class BackwardRunner {
     const itemTiles = programs.tuning.slcBwdItemTiles ?? 64;
     this.itemEntries = Math.max(4 * itemTiles, itemTiles * Math.max(1, Math.floor(64 / programs.config.groupSize)));
     // Few compressed key tiles would leave most SMs idle in the cmp dK/dV: split their query walks, at least enough
-    // for two CTAs an SM, as many more as leave the least idle tail (split-balance.ts; one CTA an SM at a time).
+    // for two CTAs an SM, as many more as leave the least idle tail (split-balance.ts). The schedule is simulated
+    // with one CTA an SM at a time, as the wgmma dK/dV's 255 registers allow on sm_90; where more fit (mma.sync
+    // builds), it balances a schedule that is not the real one, but never goes below the old count.
     const cmpIterations = cmpKeyTileIterations(cu, Array.from(plan.cuCmp), programs.flashBackwardTile('dkdv', 1), programs.config);
     const minSplits = Math.ceil((2 * ctx.device.smCount) / Math.max(1, this.counts.cmpKeyTiles * H));
     this.cmpSplits = chooseSplits(cmpIterations, H, ctx.device.smCount, minSplits);
