@@ -90,12 +90,7 @@ export class InverseIndex {
     const keys = H * plan.totalBlocks;
     const N = plan.totalTokens;
     const perKey: [number, number, number] = [Math.ceil(keys / 4), 1, 1]; // a warp per key, 4 a block
-    const scan = (): void =>
-      programs.inverseIndex('scan').launch({
-        grid: [1, 1, 1],
-        block: [1024, 1, 1],
-        args: [ptr(this.totals), ptr(this.scanOffsets), ptr(this.itemOffsets), { i32: keys }, { i32: entriesPerItem }],
-      });
+    const scan = (): void => this.scan(this.totals, this.scanOffsets, this.itemOffsets, keys, entriesPerItem);
     if (sort === undefined) {
       scan();
       return;
@@ -155,11 +150,7 @@ export class InverseIndex {
         { i32: plan.totalBlocks }, { i32: entriesPerItem }, { i32: perHead }, { i32: BUCKET_TOKENS },
       ],
     });
-    programs.inverseIndex('scan').launch({
-      grid: [1, 1, 1],
-      block: [1024, 1, 1],
-      args: [ptr(o.counts), ptr(o.starts), ptr(o.scratch), { i32: buckets }, { i32: 1 }],
-    });
+    this.scan(o.counts, o.starts, o.scratch, buckets, 1);
     programs.inverseIndex('item_order').launch({
       grid,
       block: [256, 1, 1],
@@ -176,6 +167,15 @@ export class InverseIndex {
   dispose(): void {
     for (const b of this.buffers) b.dispose();
     this.disposeOrder();
+  }
+
+  /** Exclusive scans of `totals` [n] into `offsets` [n + 1] and of their ceil(total / perTile) into `tileOffsets`. */
+  private scan(totals: DeviceBuffer, offsets: DeviceBuffer, tileOffsets: DeviceBuffer, n: number, perTile: number): void {
+    this.programs.inverseIndex('scan').launch({
+      grid: [1, 1, 1],
+      block: [1024, 1, 1],
+      args: [ptr(totals), ptr(offsets), ptr(tileOffsets), { i32: n }, { i32: perTile }],
+    });
   }
 
   private orderBuffers(): DeviceBuffer[] {
