@@ -33,6 +33,7 @@ describe('kernelTuning', () => {
       faPingpong: true,
       faBwdTma: { dq: true, dkdv: true },
       faBwdStages: undefined,
+      faBwdDefer: true,
       slcBwdItemTiles: undefined,
       slcBwdOrder: 'token',
       selectRing: undefined,
@@ -53,6 +54,11 @@ describe('kernelTuning', () => {
     expect(kernelTuning(config(128, 128), {}, [8, 0]).faTma).toBe(false);
     expect(kernelTuning(config(128, 128), { NSA_FA_PINGPONG: '0' }, [9, 0]).faPingpong).toBe(false);
     expect(new NsaPrograms(fakeContext, config(128, 128), 'bf16', { ...kernelTuning(config(128, 128), {}, [9, 0]), faWgmma: false }).flashTma).toBe(false);
+  });
+
+  it('lets the pipelined flash backward run a tile\'s last product under the next tile\'s scores unless NSA_FA_BWD_DEFER=0', () => {
+    expect(kernelTuning(config(128, 128), { NSA_FA_BWD_DEFER: '0' }, [9, 0]).faBwdDefer).toBe(false);
+    expect(kernelTuning(config(128, 128), { NSA_FA_BWD_DEFER: '1' }, [9, 0]).faBwdDefer).toBe(true);
   });
 
   it('takes the pipelined (TMA) flash backward on sm_90 unless NSA_FA_BWD_TMA=0, or for one walk with =dq / =dkdv; reads NSA_FA_BWD_STAGES', () => {

@@ -9,6 +9,8 @@
 // nvcc-check: -DDK=128 -DDV=128 -DNSA_MODE=3 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512 -DSEL_L=64 -DSEL_N=16 -DSLC_DQ_PARTS_BF16 -DFA_WGMMA
 // nvcc-check: -DDK=192 -DDV=128 -DNSA_MODE=3 -DCMP_L=32 -DCMP_D=16 -DWINDOW=512 -DSEL_L=64 -DSEL_N=16 -DNSA_FP16
 // nvcc-check: -DDK=64 -DDV=64 -DNSA_MODE=3 -DCMP_L=32 -DCMP_D=16 -DWINDOW=512 -DSEL_L=128 -DSEL_N=8 -DFA_WGMMA -DFB_DQ_WG=2
+// nvcc-check: -DDK=128 -DDV=128 -DNSA_MODE=2 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512 -DFA_WGMMA -DFB_DEFER
+// nvcc-check: -DDK=128 -DDV=128 -DNSA_MODE=3 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512 -DSEL_L=64 -DSEL_N=16 -DSLC_DQ_PARTS_BF16 -DFA_WGMMA -DFB_DEFER
 //
 // Backward of the flash-attention branches (FlashAttention-2's algorithm, split in two kernels so that no
 // gradient is summed with atomics and every run gives the same bits):
@@ -38,7 +40,9 @@
 //
 // The _tma kernels (nsa_flash_bwd_dkdv_tma, nsa_flash_bwd_dq_tma, nsa_flash_bwd_dq_cmp_win_tma; sm_90, the host's
 // default there) compute the same with the walked tiles arriving by TMA through rings of FB_STAGES / FB_DQ_STAGES
-// mbarrier stages, no __syncthreads per tile, and two warpgroups taking turns at the tensor cores.
+// mbarrier stages, no __syncthreads per tile, and two warpgroups taking turns at the tensor cores. With FB_DEFER
+// (the host's default) a tile's last product (dK^T in dK/dV, dQ in dQ) is not waited for at the end of the tile:
+// it runs on while the next tile's S and dP are issued, and the wait for those retires it and frees its stage.
 #include "nsa_common.cuh"
 #include "nsa_dq_parts.cuh"
 #include "nsa_wgmma.cuh"
@@ -570,6 +574,14 @@ extern "C" __global__ void __launch_bounds__(DKDV_THREADS)
 #endif
     wgmma_wait<1>();
     wgmma_fence_operands<TILE / 8>(pt);
+#ifdef FB_DEFER
+    // The previous iteration's dV and dK products, committed before these scores, have completed with them.
+    if (j > 0) {
+      wgmma_fence_operands<DV / 8>(dv_acc);
+      wgmma_fence_operands<DK / 8>(dk_acc);
+      if (ring_stage_release(&stage_done[(j - 1) % FB_STAGES], WARPS) && j - 1 + FB_STAGES < count) fill(it - 1 + FB_STAGES, (j - 1) % FB_STAGES);
+    }
+#endif
     dkdv_probabilities(pt, row_lse[st], NSA_LOG2E, q0, key_w, w.seq_len, w.nkeys, scale_log2, lane);
     // dV += (P^T g) dO, running while dS^T = P^T (g dP^T - delta) is computed.
     u32 pa[TILE / 16][4];
@@ -608,6 +620,13 @@ extern "C" __global__ void __launch_bounds__(DKDV_THREADS)
 #pragma unroll
     for (int kk = 0; kk < TILE / 16; kk++) wgmma_rs_mn<DK, TILE>(dk_acc, da[kk], qs, kk);
     wgmma_commit();
+#ifdef FB_DEFER
+    // dK^T's product runs on while the next iteration issues its scores (FB_DEFER): the stage is released there.
+  }
+  wgmma_wait<0>();
+  wgmma_fence_operands<DV / 8>(dv_acc);
+  wgmma_fence_operands<DK / 8>(dk_acc);
+#else
     wgmma_wait<0>();
     wgmma_fence_operands<DV / 8>(dv_acc);
     wgmma_fence_operands<DK / 8>(dk_acc);
@@ -615,6 +634,7 @@ extern "C" __global__ void __launch_bounds__(DKDV_THREADS)
     // last warp to say so refills it.
     if (ring_stage_release(&stage_done[st], WARPS) && j + FB_STAGES < count) fill(it + FB_STAGES, st);
   }
+#endif
   dkdv_write(dk_acc, dv_acc, w, key_w, H, dk, dv, partial_k, partial_v, key_rows, accumulate, scale, lane);
 #endif
 }
@@ -865,6 +885,7 @@ __device__ __forceinline__ void dq_write(float *__restrict__ dq, const float dq_
 
 /** The pipelined dQ's parts hook where there are none to add (modes 0, 1, 2). */
 struct NoDqParts {
+  static constexpr bool DEFERRABLE = true; // see dq_ring_walk
   __device__ __forceinline__ void load(int) {}
   __device__ __forceinline__ void add(float[DK / 8][4]) const {}
 };
@@ -890,6 +911,8 @@ __device__ __forceinline__ bool dq_part_written(int j, int unit, int seq_len) {
  * with key tile j and adds it after that tile's products, so the parts stream in with the walk.
  */
 struct DqPartsInFlight {
+  // Adding a unit into dq_acc between products made ptxas serialise every wgmma of the kernel under FB_DEFER.
+  static constexpr bool DEFERRABLE = false;
   static constexpr int CHUNKS = DK / 8 / DQ_PART_PAIRS; // this thread's 16-byte chunks of a row's parts
   const part_t *row[2]; // the row's unit 0; nullptr: no parts, or past the sequence
   const int *sel[2];    // the row's selected blocks
@@ -1114,18 +1137,39 @@ __device__ __forceinline__ void dq_ring_walk(float dq_acc[DK / 8][4], const DqRi
     for (int kk = 0; kk < TILE / 16; kk++) wgmma_rs_mn<DK, TILE>(dq_acc, da[kk], g.k + st * TILE * DK, kk);
     wgmma_commit();
   };
-  for (int j = j0; j < j1; j++) {
-    float s[TILE / 8][4];
-    float dp[TILE / 8][4];
-    issue(j, s, dp);
-    if (j < units) parts.load(j);
-    wgmma_wait<1>();
-    wgmma_fence_operands<TILE / 8>(s);
-    finish(j, s, dp);
+#ifdef FB_DEFER
+  constexpr bool defer = Parts::DEFERRABLE;
+#else
+  constexpr bool defer = false;
+#endif
+  if constexpr (defer) {
+    // Tile j's dQ product runs on while tile j + 1's S and dP are issued (FB_DEFER); it has completed once S has.
+    for (int j = j0; j < j1; j++) {
+      float s[TILE / 8][4];
+      float dp[TILE / 8][4];
+      issue(j, s, dp);
+      wgmma_wait<1>();
+      wgmma_fence_operands<TILE / 8>(s);
+      if (j > j0) release(j - 1);
+      finish(j, s, dp);
+    }
     wgmma_wait<0>();
     wgmma_fence_operands<DK / 8>(dq_acc);
-    release(j);
-    if (j < units) parts.add(dq_acc);
+    if (j1 > j0) release(j1 - 1);
+  } else {
+    for (int j = j0; j < j1; j++) {
+      float s[TILE / 8][4];
+      float dp[TILE / 8][4];
+      issue(j, s, dp);
+      if (j < units) parts.load(j);
+      wgmma_wait<1>();
+      wgmma_fence_operands<TILE / 8>(s);
+      finish(j, s, dp);
+      wgmma_wait<0>();
+      wgmma_fence_operands<DK / 8>(dq_acc);
+      release(j);
+      if (j < units) parts.add(dq_acc);
+    }
   }
 }
 

@@ -84,6 +84,13 @@ export interface KernelTuning {
    */
   readonly faBwdTma?: { readonly dq: boolean; readonly dkdv: boolean } | undefined;
   readonly faBwdStages?: number | undefined;
+  /**
+   * The pipelined flash backward lets a tile's last product (dK in dK/dV, dQ in dQ) run on while the next tile's
+   * scores are issued, and releases its stage there (FB_DEFER; NSA_FA_BWD_DEFER=0 waits for it at the end of the
+   * tile, as before). The cmp + win dQ launch that adds the selected parts keeps the waiting loop. Measured 2-6%
+   * off the cmp dK/dV, the window's the same (docs/performance.md).
+   */
+  readonly faBwdDefer?: boolean | undefined;
   /** Tiles (of 64 gathered rows) per work item of the selected dK/dV (NSA_SLC_BWD_ITEM=16..256; default 64), for tuning. */
   readonly slcBwdItemTiles?: number | undefined;
   /**
@@ -138,6 +145,7 @@ export function kernelTuning(
     faPingpong: env['NSA_FA_PINGPONG'] !== '0',
     faBwdTma: hopper ? { dq: !['0', 'dkdv'].includes(env['NSA_FA_BWD_TMA'] ?? ''), dkdv: !['0', 'dq'].includes(env['NSA_FA_BWD_TMA'] ?? '') } : undefined,
     faBwdStages: /^[234]$/.test(env['NSA_FA_BWD_STAGES'] ?? '') ? Number(env['NSA_FA_BWD_STAGES']) : undefined,
+    faBwdDefer: env['NSA_FA_BWD_DEFER'] !== '0',
     slcBwdItemTiles: ['16', '32', '64', '128', '256'].includes(env['NSA_SLC_BWD_ITEM'] ?? '') ? Number(env['NSA_SLC_BWD_ITEM']) : undefined,
     slcBwdOrder: env['NSA_SLC_BWD_ORDER'] === 'key' ? 'key' : 'token',
     selectRing: ['128', '256', '512'].includes(env['NSA_SELECT_RING'] ?? '') ? Number(env['NSA_SELECT_RING']) : undefined,
@@ -320,6 +328,7 @@ export class NsaPrograms {
         ...(wg === undefined ? [] : ['-DFA_WGMMA', `-DFB_DQ_WG=${wg.dq}`, `-DFB_DKDV_WG=${wg.dkdv}`]),
         ...(dkdvStages === undefined ? [] : [`-DFB_STAGES=${dkdvStages}`]),
         ...(dqStages === undefined ? [] : [`-DFB_DQ_STAGES=${dqStages}`]),
+        ...(this.tuning.faBwdDefer === true ? ['-DFB_DEFER'] : []),
         ...(mode === 0 ? [] : [...this.cmpDefines(), `-DWINDOW=${this.config.window}`]),
         // Mode 3's dQ also sums the selected branch's fused dQ parts (selectedDqPartBytes each) when given them.
         ...(mode === 3 ? [...this.selDefines(), ...(this.tuning.slcDqParts === 'bf16' ? ['-DSLC_DQ_PARTS_BF16'] : [])] : []),
