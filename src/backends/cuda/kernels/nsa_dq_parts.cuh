@@ -19,11 +19,12 @@
 #ifdef SLC_DQ_PARTS_BF16
 typedef unsigned short part_t;
 typedef uint4 part_chunk_t; // 4 pairs
-__device__ __forceinline__ u32 bf16_bits(float x) {
-  const u32 b = __float_as_uint(x);
-  return (b + 0x7fffu + ((b >> 16) & 1u)) >> 16;
+/** lo and hi rounded to bfloat16 (nearest even), lo in the low half: one cvt (sm_80), whatever elem_t is. */
+__device__ __forceinline__ u32 bf16_pair(float lo, float hi) {
+  u32 w;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(w) : "f"(hi), "f"(lo));
+  return w;
 }
-__device__ __forceinline__ u32 bf16_pair(float lo, float hi) { return bf16_bits(lo) | (bf16_bits(hi) << 16); }
 __device__ __forceinline__ float2 bf16_pair_value(u32 w) { return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xffff0000u)); }
 /** Pair i of a chunk. */
 __device__ __forceinline__ float2 part_chunk_pair(const part_chunk_t &c, int i) {

@@ -85,6 +85,17 @@ template <int ROWS> __device__ __forceinline__ u64 wgmma_desc_kmajor(const elem_
   return wgmma_desc(addr, 16, 1024);
 }
 
+/**
+ * A descriptor `bytes` further on in shared memory (a multiple of 16, the result inside the address field's 256 KB):
+ * stepping one base descriptor through a product's k-steps costs an add each, where building every step's descriptor
+ * from its address costs several integer instructions (they were most of a wgmma loop's non-MMA issue slots).
+ */
+__device__ __forceinline__ u64 wgmma_desc_advance(u64 desc, u32 bytes) { return desc + (bytes >> 4); }
+/** The byte offset of k-step ks in wgmma_desc_kmajor (row0 = 0). */
+template <int ROWS> __device__ __forceinline__ constexpr u32 wgmma_kmajor_step(int ks) { return (ks >> 2) * ROWS * 128 + (ks & 3) * 32; }
+/** The byte offset of k-step ks in wgmma_desc_mnmajor. */
+__device__ __forceinline__ constexpr u32 wgmma_mnmajor_step(int ks) { return ks * 16 * 128; }
+
 /** MN-major operand (transposed B): rows (the reduction dim) [16 ks, 16 ks + 16) of a WgmmaTile<ROWS, *>, all columns. */
 template <int ROWS> __device__ __forceinline__ u64 wgmma_desc_mnmajor(const elem_t *tile, int ks) {
   return wgmma_desc(smem_addr(tile) + ks * 16 * 128, ROWS * 128, 1024);

@@ -428,29 +428,48 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
     mbarrier_wait(&full_bar[s], (it / S) & 1);
     float pt[TILE / 8][4];
     float dpt[TILE / 8][4];
+    // Descriptors: one base each, stepped through the k-steps (wgmma_desc_advance).
+    const u64 kd = wgmma_desc_kmajor<TILE>(ksmem, 0, 0), vd = wgmma_desc_kmajor<TILE>(vsmem, 0, 0);
+    const u64 qd = wgmma_desc_kmajor<TILE>(qs, 0, 0), dod = wgmma_desc_kmajor<TILE>(dos, 0, 0);
     wgmma_fence();
 #pragma unroll
-    for (int ks = 0; ks < DK / 16; ks++) wgmma_ss<TILE>(pt, wgmma_desc_kmajor<TILE>(ksmem, 0, ks), wgmma_desc_kmajor<TILE>(qs, 0, ks), ks > 0);
+    for (int ks = 0; ks < DK / 16; ks++) {
+      wgmma_ss<TILE>(pt, wgmma_desc_advance(kd, wgmma_kmajor_step<TILE>(ks)), wgmma_desc_advance(qd, wgmma_kmajor_step<TILE>(ks)), ks > 0);
+    }
     wgmma_commit();
 #pragma unroll
-    for (int ks = 0; ks < DV / 16; ks++) wgmma_ss<TILE>(dpt, wgmma_desc_kmajor<TILE>(vsmem, 0, ks), wgmma_desc_kmajor<TILE>(dos, 0, ks), ks > 0);
+    for (int ks = 0; ks < DV / 16; ks++) {
+      wgmma_ss<TILE>(dpt, wgmma_desc_advance(vd, wgmma_kmajor_step<TILE>(ks)), wgmma_desc_advance(dod, wgmma_kmajor_step<TILE>(ks)), ks > 0);
+    }
     wgmma_commit();
     wgmma_wait<1>();
     wgmma_fence_operands<TILE / 8>(pt);
-    // P^T (while dP^T may still run), then dS^T = P^T (g dP^T - delta) and P^T g.
+    // P^T (while dP^T may still run), then dS^T = P^T (g dP^T - delta) and P^T g. Usually every row of the tile
+    // sees all of this warp's 16 keys (live rows at or after its last key, which exists): then no mask.
+    const bool full = warp * 16 + 15 < nk && __reduce_min_sync(0xffffffffu, min(row_t[s][lane], row_t[s][lane + 32])) >= key0 + warp * 16 + 15;
+    if (full) {
 #pragma unroll
-    for (int n = 0; n < TILE / 8; n++) {
-      const int rl = n * 8 + (lane % 4) * 2; // the local row of elements 0 and 2 (1 and 3: rl + 1)
-      const int2 t2 = *reinterpret_cast<const int2 *>(&row_t[s][rl]);
-      const float2 l2 = *reinterpret_cast<const float2 *>(&row_lse[s][rl]);
-      const float lse2[2] = {l2.x * NSA_LOG2E, l2.y * NSA_LOG2E};
+      for (int n = 0; n < TILE / 8; n++) {
+        const float2 l2 = *reinterpret_cast<const float2 *>(&row_lse[s][n * 8 + (lane % 4) * 2]);
+        const float lse2[2] = {l2.x * NSA_LOG2E, l2.y * NSA_LOG2E};
 #pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const bool odd = e & 1;
-        const int rt = odd ? t2.y : t2.x;
-        const int kk = e < 2 ? key_lo : key_hi;
-        const bool ok = rt >= 0 && kk - key0 < nk && kk <= rt;
-        pt[n][e] = ok ? fast_exp2(pt[n][e] * scale_log2 - lse2[odd]) : 0.f;
+        for (int e = 0; e < 4; e++) pt[n][e] = fast_exp2(pt[n][e] * scale_log2 - lse2[e & 1]);
+      }
+    } else {
+#pragma unroll
+      for (int n = 0; n < TILE / 8; n++) {
+        const int rl = n * 8 + (lane % 4) * 2; // the local row of elements 0 and 2 (1 and 3: rl + 1)
+        const int2 t2 = *reinterpret_cast<const int2 *>(&row_t[s][rl]);
+        const float2 l2 = *reinterpret_cast<const float2 *>(&row_lse[s][rl]);
+        const float lse2[2] = {l2.x * NSA_LOG2E, l2.y * NSA_LOG2E};
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const bool odd = e & 1;
+          const int rt = odd ? t2.y : t2.x;
+          const int kk = e < 2 ? key_lo : key_hi;
+          const bool ok = rt >= 0 && kk - key0 < nk && kk <= rt;
+          pt[n][e] = ok ? fast_exp2(pt[n][e] * scale_log2 - lse2[odd]) : 0.f;
+        }
       }
     }
     wgmma_wait<0>();
@@ -471,11 +490,12 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
       stmatrix_x4_trans(dssmem + WgmmaTile<TILE, TILE>::offset(kk * 16 + (lane & 7) + (lane >> 4) * 8, warp * 16 + ((lane >> 3) & 1) * 8), da[kk]);
     }
 #endif
+    const u64 qt = wgmma_desc_mnmajor<TILE>(qs, 0), dot = wgmma_desc_mnmajor<TILE>(dos, 0);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < TILE / 16; kk++) wgmma_rs<DV, 1>(dv_acc, pa[kk], wgmma_desc_mnmajor<TILE>(dos, kk), 1);
+    for (int kk = 0; kk < TILE / 16; kk++) wgmma_rs<DV, 1>(dv_acc, pa[kk], wgmma_desc_advance(dot, wgmma_mnmajor_step(kk)), 1);
 #pragma unroll
-    for (int kk = 0; kk < TILE / 16; kk++) wgmma_rs<DK, 1>(dk_acc, da[kk], wgmma_desc_mnmajor<TILE>(qs, kk), 1);
+    for (int kk = 0; kk < TILE / 16; kk++) wgmma_rs<DK, 1>(dk_acc, da[kk], wgmma_desc_advance(qt, wgmma_mnmajor_step(kk)), 1);
     wgmma_commit();
 #ifdef SLC_DQ_FUSED
     // Rows warp*16 + lane/4 (+ 8) of the tile (row r: entry r / G's token and slot, head r % G): their own [DK]
@@ -492,6 +512,7 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
     }
     fence_proxy_async_shared(); // the dS stores, before wgmma reads them
     named_barrier_sync(1 + c, 128);
+    const u64 kt = wgmma_desc_mnmajor<TILE>(ksmem, 0), dsd = wgmma_desc_kmajor<TILE>(dssmem, 0, 0);
     // dQ parts, 64 columns at a time (one accumulator live: the registers go to dK, dV); the stage is released
     // once dK/dV's products, its last readers, are done.
     for (int c0 = 0; c0 < DK; c0 += 64) {
@@ -499,7 +520,8 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < TILE / 16; ks++) {
-        wgmma_ss<64, 1>(acc, wgmma_desc_kmajor<TILE>(dssmem, 0, ks), wgmma_desc_mnmajor<TILE>(ksmem + (c0 / 64) * TILE * 64, ks), ks > 0);
+        wgmma_ss<64, 1>(acc, wgmma_desc_advance(dsd, wgmma_kmajor_step<TILE>(ks)),
+                        wgmma_desc_advance(kt, (c0 / 64) * TILE * 128 + wgmma_mnmajor_step(ks)), ks > 0);
       }
       wgmma_commit();
       if (c0 == 0) {
