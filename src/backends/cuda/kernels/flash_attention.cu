@@ -248,10 +248,11 @@ __device__ __forceinline__ void run_phase(const Pointers p, int gate_index, bool
   auto ktile = [&](int it) { return ksmem + (it & 1) * BLOCK_N * DK; };
   auto vtile = [&](int it) { return vsmem + (it & 1) * BLOCK_N * DV; };
   auto issue_qk = [&](float s[BLOCK_N / 8][4], int it) {
+    const u64 qd = wgmma_desc_kmajor<BLOCK_M>(qrows, wg_row0, 0), kd = wgmma_desc_kmajor<BLOCK_N>(ktile(it), 0, 0);
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < DK / 16; ks++) {
-      wgmma_ss<BLOCK_N>(s, wgmma_desc_kmajor<BLOCK_M>(qrows, wg_row0, ks), wgmma_desc_kmajor<BLOCK_N>(ktile(it), 0, ks), ks > 0);
+      wgmma_ss<BLOCK_N>(s, wgmma_desc_advance(qd, wgmma_kmajor_step<BLOCK_M>(ks)), wgmma_desc_advance(kd, wgmma_kmajor_step<BLOCK_N>(ks)), ks > 0);
     }
     wgmma_commit();
   };
@@ -287,9 +288,10 @@ __device__ __forceinline__ void run_phase(const Pointers p, int gate_index, bool
       }
     };
     auto issue_pv = [&](int it) {
+      const u64 vd = wgmma_desc_mnmajor<BLOCK_N>(vtile(it), 0);
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < BLOCK_N / 16; kk++) wgmma_rs<DV, 1>(o, pa[kk], wgmma_desc_mnmajor<BLOCK_N>(vtile(it), kk), 1);
+      for (int kk = 0; kk < BLOCK_N / 16; kk++) wgmma_rs<DV, 1>(o, pa[kk], wgmma_desc_advance(vd, wgmma_mnmajor_step(kk)), 1);
       wgmma_commit();
     };
     auto stage_landed = [&]() {
@@ -442,11 +444,11 @@ __device__ __forceinline__ void run_phase_tma(const Pointers p, int gate_index, 
   SoftmaxRows st;
   st.init();
   auto issue_qk = [&](float s[BLOCK_N / 8][4], int j) {
+    const u64 qd = wgmma_desc_kmajor<BLOCK_M>(qrows, wg_row0, 0), kd = wgmma_desc_kmajor<BLOCK_N>(g.k + (j & 1) * BLOCK_N * DK, 0, 0);
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < DK / 16; ks++) {
-      wgmma_ss<BLOCK_N>(s, wgmma_desc_kmajor<BLOCK_M>(qrows, wg_row0, ks), wgmma_desc_kmajor<BLOCK_N>(g.k + (j & 1) * BLOCK_N * DK, 0, ks),
-                        ks > 0);
+      wgmma_ss<BLOCK_N>(s, wgmma_desc_advance(qd, wgmma_kmajor_step<BLOCK_M>(ks)), wgmma_desc_advance(kd, wgmma_kmajor_step<BLOCK_N>(ks)), ks > 0);
     }
     wgmma_commit();
   };
@@ -465,9 +467,10 @@ __device__ __forceinline__ void run_phase_tma(const Pointers p, int gate_index, 
       }
     };
     auto issue_pv = [&](int j) {
+      const u64 vd = wgmma_desc_mnmajor<BLOCK_N>(g.v + (j & 1) * BLOCK_N * DV, 0);
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < BLOCK_N / 16; kk++) wgmma_rs<DV, 1>(o, pa[kk], wgmma_desc_mnmajor<BLOCK_N>(g.v + (j & 1) * BLOCK_N * DV, kk), 1);
+      for (int kk = 0; kk < BLOCK_N / 16; kk++) wgmma_rs<DV, 1>(o, pa[kk], wgmma_desc_advance(vd, wgmma_mnmajor_step(kk)), 1);
       wgmma_commit();
     };
     fa_ring_wait(g.kfull, j0);
