@@ -295,22 +295,27 @@ __device__ __forceinline__ void dkdv_probabilities(float pt[TILE / 8][4], const 
                                                    int seq_len, int nkeys, float scale_log2, int lane) {
   const bool full = q0 + TILE <= seq_len && key_w + 15 < nkeys && all_visible(q0, q0 + TILE - 1, key_w, key_w + 15, nkeys);
   const int key_lo = key_w + lane / 4;
+  // One warp-uniform branch for the tile, not one per element: the masks are needed near the diagonal only.
+  auto pass = [&](auto masked) {
 #pragma unroll
-  for (int n = 0; n < TILE / 8; n++) {
-    const int rl = n * 8 + (lane % 4) * 2; // local query row of elements 0 and 2 (1 and 3: rl + 1)
-    const float2 l2 = *reinterpret_cast<const float2 *>(&lse_row[rl]);
+    for (int n = 0; n < TILE / 8; n++) {
+      const int rl = n * 8 + (lane % 4) * 2; // local query row of elements 0 and 2 (1 and 3: rl + 1)
+      const float2 l2 = *reinterpret_cast<const float2 *>(&lse_row[rl]);
 #pragma unroll
-    for (int e = 0; e < 4; e++) {
-      const bool odd = e & 1;
-      float p = fast_exp2(fmaf(pt[n][e], scale_log2, -(odd ? l2.y : l2.x) * lse_mul));
-      if (!full) {
-        const int t = q0 + rl + odd;
-        const int key = e < 2 ? key_lo : key_lo + 8;
-        if (!(t < seq_len && key < nkeys && visible(t, key, nkeys))) p = 0.f;
+      for (int e = 0; e < 4; e++) {
+        const bool odd = e & 1;
+        float p = fast_exp2(fmaf(pt[n][e], scale_log2, -(odd ? l2.y : l2.x) * lse_mul));
+        if constexpr (decltype(masked)::value) {
+          const int t = q0 + rl + odd;
+          const int key = e < 2 ? key_lo : key_lo + 8;
+          if (!(t < seq_len && key < nkeys && visible(t, key, nkeys))) p = 0.f;
+        }
+        pt[n][e] = p;
       }
-      pt[n][e] = p;
     }
-  }
+  };
+  if (full) pass(BoolConstant<false>());
+  else pass(BoolConstant<true>());
 }
 
 /**
@@ -722,21 +727,26 @@ __device__ __forceinline__ void dq_probabilities(float s[TILE / 8][4], const DqR
                                                  float scale_log2, int lane) {
   const int t_lo = t_w + lane / 4;
   const bool full = t_w + 15 < seq_len && kt + TILE <= kend && all_visible_in<MODE>(t_w, t_w + 15, kt, kt + TILE - 1, nkeys);
+  // One warp-uniform branch for the tile, not one per element (as in dkdv_probabilities).
+  auto pass = [&](auto masked) {
 #pragma unroll
-  for (int n = 0; n < TILE / 8; n++) {
+    for (int n = 0; n < TILE / 8; n++) {
 #pragma unroll
-    for (int e = 0; e < 4; e++) {
-      const bool hi = e >= 2;
-      const float l2 = hi ? r.lse_hi : r.lse_lo;
-      float p = fast_exp2(fmaf(s[n][e], scale_log2, -l2));
-      if (!full) {
-        const int key = kt + n * 8 + (lane % 4) * 2 + (e & 1);
-        const int row = hi ? t_lo + 8 : t_lo;
-        if (!(row < seq_len && key < kend && l2 != NSA_NEG_INF && visible_in<MODE>(row, key, nkeys))) p = 0.f;
+      for (int e = 0; e < 4; e++) {
+        const bool hi = e >= 2;
+        const float l2 = hi ? r.lse_hi : r.lse_lo;
+        float p = fast_exp2(fmaf(s[n][e], scale_log2, -l2));
+        if constexpr (decltype(masked)::value) {
+          const int key = kt + n * 8 + (lane % 4) * 2 + (e & 1);
+          const int row = hi ? t_lo + 8 : t_lo;
+          if (!(row < seq_len && key < kend && l2 != NSA_NEG_INF && visible_in<MODE>(row, key, nkeys))) p = 0.f;
+        }
+        s[n][e] = p;
       }
-      s[n][e] = p;
     }
-  }
+  };
+  if (full) pass(BoolConstant<false>());
+  else pass(BoolConstant<true>());
 }
 
 /** dS = P (g dP - delta) into s. */

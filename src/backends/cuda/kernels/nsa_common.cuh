@@ -11,6 +11,11 @@
 typedef long long i64;
 typedef unsigned int u32;
 
+/** A compile-time bool as a type (NVRTC has no <type_traits>): a generic lambda taking one compiles each branch apart. */
+template <bool B> struct BoolConstant {
+  static constexpr bool value = B;
+};
+
 #if defined(NSA_FP16)
 #include <cuda_fp16.h>
 typedef __half elem_t;
