@@ -88,7 +88,7 @@ template <int ROWS> __device__ __forceinline__ u64 wgmma_desc_kmajor(const elem_
 /**
  * A descriptor `bytes` further on in shared memory (a multiple of 16, the result inside the address field's 256 KB):
  * stepping one base descriptor through a product's k-steps costs an add each, where building every step's descriptor
- * from its address costs several integer instructions (they were most of a wgmma loop's non-MMA issue slots).
+ * from its address costs several integer and uniform-register instructions.
  */
 __device__ __forceinline__ u64 wgmma_desc_advance(u64 desc, u32 bytes) { return desc + (bytes >> 4); }
 /** The byte offset of k-step ks in wgmma_desc_kmajor (row0 = 0). */

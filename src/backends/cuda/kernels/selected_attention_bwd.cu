@@ -445,7 +445,8 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
     wgmma_wait<1>();
     wgmma_fence_operands<TILE / 8>(pt);
     // P^T (while dP^T may still run), then dS^T = P^T (g dP^T - delta) and P^T g. Usually every row of the tile
-    // sees all of this warp's 16 keys (live rows at or after its last key, which exists): then no mask.
+    // sees all of this warp's 16 keys (live rows at or after its last key, which exists): then no mask. (TILE = 64
+    // rows: lanes read rows lane and lane + 32.)
     const bool full = warp * 16 + 15 < nk && __reduce_min_sync(0xffffffffu, min(row_t[s][lane], row_t[s][lane + 32])) >= key0 + warp * 16 + 15;
     if (full) {
 #pragma unroll
