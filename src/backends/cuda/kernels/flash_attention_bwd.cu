@@ -634,20 +634,20 @@ extern "C" __global__ void __launch_bounds__(DKDV_THREADS)
 #pragma unroll
     for (int kk = 0; kk < TILE / 16; kk++) wgmma_rs_mn<DK, TILE>(dk_acc, da[kk], qs, kk);
     wgmma_commit();
-#ifdef FB_DEFER
-    // dK^T's product runs on while the next iteration issues its scores (FB_DEFER): the stage is released there.
-  }
-  wgmma_wait<0>();
-  wgmma_fence_operands<DV / 8>(dv_acc);
-  wgmma_fence_operands<DK / 8>(dk_acc);
-#else
+#ifndef FB_DEFER
     wgmma_wait<0>();
     wgmma_fence_operands<DV / 8>(dv_acc);
     wgmma_fence_operands<DK / 8>(dk_acc);
     // This warp is done with stage st (its products have completed, its row-term reads are in registers); the
     // last warp to say so refills it.
     if (ring_stage_release(&stage_done[st], WARPS) && j + FB_STAGES < count) fill(it + FB_STAGES, st);
+#endif
+    // (FB_DEFER: dK^T's product runs on while the next iteration issues its scores; the stage is released there.)
   }
+#ifdef FB_DEFER
+  wgmma_wait<0>();
+  wgmma_fence_operands<DV / 8>(dv_acc);
+  wgmma_fence_operands<DK / 8>(dk_acc);
 #endif
   dkdv_write(dk_acc, dv_acc, w, key_w, H, dk, dv, partial_k, partial_v, key_rows, accumulate, scale, lane);
 #endif
@@ -905,6 +905,7 @@ __device__ __forceinline__ void dq_write(float *__restrict__ dq, const float dq_
 /** The pipelined dQ's parts hook where there are none to add (modes 0, 1, 2). */
 struct NoDqParts {
   static constexpr bool DEFERRABLE = true; // see dq_ring_walk
+  static constexpr int UNITS = 0;          // parts units, streamed in with key tiles 0 .. UNITS - 1
   __device__ __forceinline__ void load(int) {}
   __device__ __forceinline__ void add(float[DK / 8][4]) const {}
 };
@@ -932,6 +933,7 @@ __device__ __forceinline__ bool dq_part_written(int j, int unit, int seq_len) {
 struct DqPartsInFlight {
   // Adding a unit into dq_acc between products made ptxas serialise every wgmma of the kernel under FB_DEFER.
   static constexpr bool DEFERRABLE = false;
+  static constexpr int UNITS = DQ_PART_UNITS;
   static constexpr int CHUNKS = DK / 8 / DQ_PART_PAIRS; // this thread's 16-byte chunks of a row's parts
   const part_t *row[2]; // the row's unit 0; nullptr: no parts, or past the sequence
   const int *sel[2];    // the row's selected blocks
@@ -1117,7 +1119,7 @@ __device__ __forceinline__ void dq_ring_fill(const DqRing &g, int j, int st) {
 template <int MODE, typename Parts>
 __device__ __forceinline__ void dq_ring_walk(float dq_acc[DK / 8][4], const DqRing &g, int j0, int j1, const DqWalk &w, const DqTile &t,
                                              const float *__restrict__ gate, const float *__restrict__ delta, const elem_t *qsmem,
-                                             const elem_t *dosmem, int Hq, float scale_log2, Parts &parts, int units) {
+                                             const elem_t *dosmem, int Hq, float scale_log2, Parts &parts) {
   constexpr int WARPS = DQ_THREADS / 32;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -1180,14 +1182,14 @@ __device__ __forceinline__ void dq_ring_walk(float dq_acc[DK / 8][4], const DqRi
       float s[TILE / 8][4];
       float dp[TILE / 8][4];
       issue(j, s, dp);
-      if (j < units) parts.load(j);
+      if (j < Parts::UNITS) parts.load(j);
       wgmma_wait<1>();
       wgmma_fence_operands<TILE / 8>(s);
       finish(j, s, dp);
       wgmma_wait<0>();
       wgmma_fence_operands<DK / 8>(dq_acc);
       release(j);
-      if (j < units) parts.add(dq_acc);
+      if (j < Parts::UNITS) parts.add(dq_acc);
     }
   }
 }
@@ -1200,7 +1202,7 @@ __device__ __forceinline__ void dq_ring_walk(float dq_acc[DK / 8][4], const DqRi
 template <int MODE_A, int MODE_B, typename Parts>
 __device__ __forceinline__ int dq_pipelined(float dq_acc[DK / 8][4], unsigned char *smem_raw, const DqTile &t, const DqWalk &a, const DqWalk &b,
                                             const TensorMapBytes *q_map, const TensorMapBytes *do_map, const float *__restrict__ gate,
-                                            const float *__restrict__ delta, int Hq, float scale_log2, Parts &parts, int units) {
+                                            const float *__restrict__ delta, int Hq, float scale_log2, Parts &parts) {
   elem_t *qsmem = smem_tiles(smem_raw);
   elem_t *dosmem = qsmem + DQ_ROWS * DK;
   elem_t *kbuf = dosmem + DQ_ROWS * DV;
@@ -1231,8 +1233,8 @@ __device__ __forceinline__ int dq_pipelined(float dq_acc[DK / 8][4], unsigned ch
   if (threadIdx.x / 128 == 1 && g.w.total > 0) named_barrier_arrive(1, 256); // warpgroup 0 takes the first turn
 #endif
   mbarrier_wait(&rows_full, 0);
-  dq_ring_walk<MODE_A>(dq_acc, g, 0, na, a, t, gate, delta, qsmem, dosmem, Hq, scale_log2, parts, units);
-  if constexpr (MODE_B >= 0) dq_ring_walk<MODE_B>(dq_acc, g, na, g.w.total, b, t, gate, delta, qsmem, dosmem, Hq, scale_log2, parts, units);
+  dq_ring_walk<MODE_A>(dq_acc, g, 0, na, a, t, gate, delta, qsmem, dosmem, Hq, scale_log2, parts);
+  if constexpr (MODE_B >= 0) dq_ring_walk<MODE_B>(dq_acc, g, na, g.w.total, b, t, gate, delta, qsmem, dosmem, Hq, scale_log2, parts);
   return g.w.total;
 }
 #endif
@@ -1255,7 +1257,7 @@ extern "C" __global__ void __launch_bounds__(DQ_THREADS)
   float dq_acc[DK / 8][4];
   zero_frags<DK / 8>(dq_acc);
   NoDqParts none;
-  dq_pipelined<NSA_MODE, -1>(dq_acc, smem_raw, t, walk, walk, &q_map, &do_map, gate, delta, Hq, scale_log2, none, 0);
+  dq_pipelined<NSA_MODE, -1>(dq_acc, smem_raw, t, walk, walk, &q_map, &do_map, gate, delta, Hq, scale_log2, none);
   dq_write(dq, dq_acc, t, Hq, scale, accumulate);
 #endif
 }
@@ -1284,7 +1286,7 @@ extern "C" __global__ void __launch_bounds__(DQ_THREADS)
   // The selected dQ parts stream in with the key tiles (unit j with tile j); units past the tiles come after them.
   DqPartsInFlight parts;
   parts.init(partial_q, block_indices, t, Hq, H);
-  const int walked = dq_pipelined<1, 2>(dq_acc, smem_raw, t, cmp_walk, win_walk, &q_map, &do_map, gate, delta, Hq, scale_log2, parts, DQ_PART_UNITS);
+  const int walked = dq_pipelined<1, 2>(dq_acc, smem_raw, t, cmp_walk, win_walk, &q_map, &do_map, gate, delta, Hq, scale_log2, parts);
   if (partial_q != nullptr) dq_add_selected_parts(dq_acc, partial_q, block_indices, t, Hq, H, reinterpret_cast<unsigned short *>(smem_tiles(smem_raw)), walked);
   dq_write(dq, dq_acc, t, Hq, scale, accumulate);
 #endif
