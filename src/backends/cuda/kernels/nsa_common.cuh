@@ -479,6 +479,19 @@ __device__ __forceinline__ void softmax_update(SoftmaxRows &st, float s[NS][4], 
   rescale_rows<VDIM>(o, rescale);
 }
 
+/**
+ * softmax_update for loops over many small tiles: once every row of the warp has its running max, the rescale is
+ * 2^0 = 1 exactly, so the multiply is skipped (same bits) by one warp vote instead of 2 * VDIM / 8 multiplies a
+ * thread. On random scores a row's max settles within a few tiles. The whole warp must call it.
+ */
+template <int NS, int VDIM>
+__device__ __forceinline__ void softmax_update_settled(SoftmaxRows &st, float s[NS][4], float o[VDIM / 8][4],
+                                                       float scale_log2 = 1.f) {
+  float rescale[2];
+  softmax_scores<NS>(st, s, rescale, scale_log2);
+  if (!__all_sync(0xffffffffu, rescale[0] == 1.f && rescale[1] == 1.f)) rescale_rows<VDIM>(o, rescale);
+}
+
 /** Row sums across the 4 lanes that share a row; returns the row's total l and its natural-log lse. */
 __device__ __forceinline__ float softmax_finish_row(const SoftmaxRows &st, int h, float *lse_out) {
   float l = st.l[h];

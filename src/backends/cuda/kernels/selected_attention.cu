@@ -146,19 +146,20 @@ extern "C" __global__ void __launch_bounds__(THREADS, SLC_MIN_BLOCKS)
     float s[2][4];
     zero_frags<2>(s);
     qk_mma<DK, 1, KTile>(s, qfrag, ksmem + (it % SLC_STAGES) * BLOCK_N * K_ROW, warp * 16, lane);
-    // Blocks are ascending, so only the warp's keys reaching past t (the tail of t's own block) need a mask.
+    // Blocks are ascending, so only the warp's keys reaching past t (the tail of t's own block) need a mask: one
+    // warp-uniform branch a tile, the common side with no per-key work (the scale goes into the exponent's FMA).
     // Padding rows (G < 16) are never written, so they need none.
-    const bool all_visible = k0 + 15 < total && key_pos(k0 + 15) <= t;
+    if (!(k0 + 15 < total && key_pos(k0 + 15) <= t)) {
 #pragma unroll
-    for (int n = 0; n < 2; n++) {
+      for (int n = 0; n < 2; n++) {
 #pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const int i = k0 + n * 8 + (lane % 4) * 2 + (e & 1);
-        const bool ok = all_visible || (i < total && key_pos(i) <= t);
-        s[n][e] = ok ? s[n][e] * scale_log2 : NSA_NEG_INF;
+        for (int e = 0; e < 4; e++) {
+          const int i = k0 + n * 8 + (lane % 4) * 2 + (e & 1);
+          if (!(i < total && key_pos(i) <= t)) s[n][e] = NSA_NEG_INF;
+        }
       }
     }
-    softmax_update<2, DV>(st, s, o);
+    softmax_update_settled<2, DV>(st, s, o, scale_log2);
     pv_mma<DV, 1, VTile>(o, s, vsmem + (it % SLC_STAGES) * BLOCK_N * V_ROW, warp * 16, lane);
     __syncthreads();
   }
