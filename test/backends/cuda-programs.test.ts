@@ -24,6 +24,7 @@ describe('kernelTuning', () => {
       slcStages: 1,
       slcMinBlocks: 8,
       slcBulk: true,
+      slcTma: true,
       slcDqParts: 'bf16',
       slcBwdWs: true,
       fsaMinBlocks: 3,
@@ -106,6 +107,17 @@ describe('kernelTuning', () => {
   it('stores the fused selected dQ parts as bf16 unless NSA_SLC_DQ_PARTS=f32', () => {
     expect(kernelTuning(config(128, 128), { NSA_SLC_DQ_PARTS: 'f32' }, [9, 0]).slcDqParts).toBe('f32');
     expect(kernelTuning(config(128, 128), { NSA_SLC_DQ_PARTS: 'bf16' }, [8, 0]).slcDqParts).toBe('bf16');
+  });
+
+  it('loads the selected tiles by TMA on sm_90 where l\' is a multiple of the tile and dk, dv of 64, unless NSA_SLC_TMA=0 or bulk copies are off', () => {
+    expect(kernelTuning(config(128, 128), {}, [9, 0]).slcTma).toBe(true);
+    expect(kernelTuning(config(192, 128), {}, [9, 0]).slcTma).toBe(true);
+    expect(kernelTuning(config(128, 128), {}, [8, 0]).slcTma).toBe(false);
+    expect(kernelTuning(config(128, 128), { NSA_SLC_TMA: '0' }, [9, 0]).slcTma).toBe(false);
+    expect(kernelTuning(config(128, 128), { NSA_SLC_BULK: '0' }, [9, 0]).slcTma).toBe(false);
+    const short = new NSAConfig({ heads: 16, kvHeads: 1, headDim: 128, valueDim: 128, compressBlock: 16, compressStride: 16, selectBlock: 16 });
+    expect(kernelTuning(short, {}, [9, 0]).slcTma).toBe(false); // 16-key blocks, 32-key tiles
+    expect(kernelTuning(config(128, 128), { NSA_SLC_PIPELINE: '4x1' }, [9, 0]).slcTma).toBe(true); // 64-key tiles, l' = 64
   });
 
   it('keeps bulk copies off before sm_90 and when NSA_SLC_BULK=0', () => {

@@ -127,6 +127,33 @@ if (!availability.available) {
       });
     }
 
+    // The group-centric kernel's TMA tiles (the default on sm_90) against its per-row bulk copies (NSA_SLC_TMA=0):
+    // the same keys in the same order, the rows past t masked either way, so the same bits.
+    it('group-centric selected attention by TMA tiles and by per-row copies (NSA_SLC_TMA=0) give the same bits', async () => {
+      for (const i of [0, 3, 5, 7]) {
+        const c = CASES[i]!;
+        const config = new NSAConfig(c.options);
+        const cuSeqlens = [0];
+        for (const len of c.seqlens) cuSeqlens.push(cuSeqlens[cuSeqlens.length - 1]! + len);
+        const inputs = randomInputs({ config, cuSeqlens, dtype: c.dtype, seed: 1000 + 17 * i });
+        const tiles = await nsaForward(inputs, config, { backend: backends.get('group')! });
+        const saved = process.env['NSA_SLC_TMA'];
+        process.env['NSA_SLC_TMA'] = '0'; // read when the backend builds this config's kernels
+        try {
+          const backend = (await createCudaBackend({ selectedKernel: 'group' })) as CudaBackend;
+          backends.set(`group rows ${i}`, backend); // disposed with the others
+          const rows = await nsaForward(inputs, config, { backend });
+          expect(Buffer.from(rows.blockIndices.data.buffer).equals(Buffer.from(tiles.blockIndices.data.buffer)), c.name).toBe(true);
+          expect(Buffer.from(rows.oSlc.data.buffer).equals(Buffer.from(tiles.oSlc.data.buffer)), `${c.name}: o_slc bits`).toBe(true);
+          expect(Buffer.from(rows.lseSlc.data.buffer).equals(Buffer.from(tiles.lseSlc.data.buffer)), `${c.name}: lse_slc bits`).toBe(true);
+          expect(Buffer.from(rows.o.data.buffer).equals(Buffer.from(tiles.o.data.buffer)), `${c.name}: o bits`).toBe(true);
+        } finally {
+          if (saved === undefined) delete process.env['NSA_SLC_TMA'];
+          else process.env['NSA_SLC_TMA'] = saved;
+        }
+      }
+    });
+
     it('dense causal kernel (the benchmark baseline) against float64 attention', () => {
       const config = new NSAConfig({ heads: 8, kvHeads: 2, headDim: 128, valueDim: 128 });
       const cuSeqlens = [0, 333, 334, 700];

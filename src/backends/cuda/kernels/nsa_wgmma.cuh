@@ -59,12 +59,10 @@ struct RingWalks {
 };
 #endif
 
-#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-#define NSA_HAS_WGMMA 1
-
-typedef unsigned long long u64;
-
-/** Element (row, col) of a ROWS x COLS tile in the 128-byte-swizzled column-block layout wgmma reads. */
+/**
+ * Element (row, col) of a ROWS x COLS tile in the 128-byte-swizzled column-block layout wgmma reads and TMA's
+ * 128-byte swizzle writes (plain C++: kernels built for sm_90 without wgmma take it too).
+ */
 template <int ROWS, int COLS> struct WgmmaTile {
   static_assert(COLS % 64 == 0 && ROWS % 8 == 0, "wgmma tiles are whole 8 x 64 swizzle atoms");
   static constexpr int BLOCK_BYTES = ROWS * 128; // one [ROWS][64] column block
@@ -72,6 +70,11 @@ template <int ROWS, int COLS> struct WgmmaTile {
     return (col >> 6) * ROWS * 64 + row * 64 + ((((col >> 3) & 7) ^ (row & 7)) << 3) + (col & 7);
   }
 };
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define NSA_HAS_WGMMA 1
+
+typedef unsigned long long u64;
 
 /** Shared-memory matrix descriptor, 128-byte swizzle; byte offsets are encoded in 16-byte units. */
 __device__ __forceinline__ u64 wgmma_desc(u32 smem_byte_addr, u32 lbo_bytes, u32 sbo_bytes) {

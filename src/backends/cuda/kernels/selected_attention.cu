@@ -3,6 +3,8 @@
 // nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DSLC_WARPS=2 -DSLC_STAGES=4
 // nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DSLC_BULK
 // nvcc-check: -DDK=192 -DDV=128 -DSEL_L=32 -DSEL_N=16 -DSLC_BULK -DNSA_FP16
+// nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DSLC_BULK -DSLC_TMA
+// nvcc-check: -DDK=192 -DDV=128 -DSEL_L=32 -DSEL_N=16 -DSLC_BULK -DSLC_TMA -DNSA_FP16
 //
 // Selected attention, group-centric (the NSA paper's kernel, for large G): a CTA takes one query position t and
 // up to 16 query heads of one KV head (the G heads of a group share one selection), so each selected K/V block
@@ -16,8 +18,15 @@
 // stage's mbarrier, into padded (unswizzled) rows: the 16-byte cp.async path spends more of the SM on address
 // arithmetic than on the attention (Nsight Compute, H100, 64k: ALU the busiest pipe, 64% issue slots busy,
 // L2 at a third of its throughput).
+//
+// With SLC_TMA as well (the host's default on sm_90 where l' is a multiple of the tile and dk, dv of 64): a tile is
+// BLOCK_N consecutive tokens of one block, so it comes as a few TMA boxes (64 columns x BLOCK_N tokens each, 128-byte
+// swizzled) issued by one thread. The per-row copies were the kernel's largest cost: each lane's bulk copy is issued
+// through the uniform datapath one lane at a time (Nsight Compute, H100, 16k: half of the stall samples). Keys past
+// t within the tile arrive too and are masked; past the tensor's end TMA fills zeros.
 #include "nsa_common.cuh"
 #include "nsa_gather_tiles.cuh"
+#include "nsa_wgmma.cuh"
 
 #ifndef SLC_WARPS
 #define SLC_WARPS 2
@@ -32,16 +41,39 @@
 #define THREADS (32 * SLC_WARPS)
 #define ROWS 16
 
+#if defined(SLC_TMA) && SLC_USE_BULK
+#define SLC_USE_TMA 1
+static_assert(SEL_L % BLOCK_N == 0 && DK % 64 == 0 && DV % 64 == 0, "TMA tiles: whole tiles of a block, 64-column boxes");
+typedef WgmmaTile<BLOCK_N, DK> SlcKTile; // the boxes' 128-byte swizzle
+typedef WgmmaTile<BLOCK_N, DV> SlcVTile;
+#define SLC_K_ROW DK
+#define SLC_V_ROW DV
+#else
+#define SLC_USE_TMA 0
+typedef KTile SlcKTile;
+typedef VTile SlcVTile;
+#define SLC_K_ROW K_ROW
+#define SLC_V_ROW V_ROW
+#endif
+
 extern "C" __global__ void __launch_bounds__(THREADS, SLC_MIN_BLOCKS)
     nsa_selected_attention(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
                            const float *__restrict__ gate, const int *__restrict__ block_indices,
                            const int *__restrict__ row_seq, const int *__restrict__ cu_seqlens, float *__restrict__ out,
                            elem_t *__restrict__ out_final, void *__restrict__ branch_out, int branch_half,
-                           float *__restrict__ lse_out, int Hq, int H, float scale_log2) {
+                           float *__restrict__ lse_out, int Hq, int H, float scale_log2
+#if SLC_USE_TMA
+                           , const __grid_constant__ TensorMapBytes k_map, const __grid_constant__ TensorMapBytes v_map
+#endif
+                           ) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
+#if SLC_USE_TMA
+  elem_t *qsmem = reinterpret_cast<elem_t *>(wgmma_aligned(smem_raw)); // ROWS x DK (a multiple of 1024 bytes)
+#else
   elem_t *qsmem = reinterpret_cast<elem_t *>(smem_raw);           // ROWS x DK
-  elem_t *ksmem = qsmem + ROWS * DK;                               // SLC_STAGES x BLOCK_N x K_ROW
-  elem_t *vsmem = ksmem + SLC_STAGES * BLOCK_N * K_ROW;            // SLC_STAGES x BLOCK_N x V_ROW
+#endif
+  elem_t *ksmem = qsmem + ROWS * DK;                               // SLC_STAGES x BLOCK_N x SLC_K_ROW
+  elem_t *vsmem = ksmem + SLC_STAGES * BLOCK_N * SLC_K_ROW;        // SLC_STAGES x BLOCK_N x SLC_V_ROW
   __shared__ int sel[SEL_N];
 #if SLC_USE_BULK
   __shared__ __align__(8) unsigned long long stage_bar[SLC_STAGES];
@@ -62,7 +94,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, SLC_MIN_BLOCKS)
 
   int nsel = 0;
   if (threadIdx.x < SEL_N) sel[threadIdx.x] = block_indices[(row * H + h) * SEL_N + threadIdx.x];
-#if SLC_USE_BULK
+#if SLC_USE_TMA
+  if (threadIdx.x < SLC_STAGES) mbarrier_init(&stage_bar[threadIdx.x], 1); // TMA fills every row of a loaded tile
+  mbarrier_init_fence();
+#elif SLC_USE_BULK
   // Rows a tile does not fill keep what they held; values must be finite there (p = 0 multiplies them), so the
   // value stages start zeroed. The zeros are ordinary stores that later bulk copies overwrite: fence the proxies.
   for (int i = threadIdx.x; i < SLC_STAGES * BLOCK_N * V_ROW / 8; i += THREADS) {
@@ -82,7 +117,27 @@ extern "C" __global__ void __launch_bounds__(THREADS, SLC_MIN_BLOCKS)
   });
   // Key i of the concatenated selection is token sel[i / l'] * l' + i % l' of the sequence (if <= t).
   auto key_pos = [&](int i) { return sel[i / SEL_L] * SEL_L + i % SEL_L; };
-#if SLC_USE_BULK
+#if SLC_USE_TMA
+  // One thread loads tile it: BLOCK_N consecutive tokens of one block, as 64-column boxes. A tile wholly past t
+  // (the tail of t's own block) is not loaded: every key of it is masked.
+  auto issue = [&](int it) {
+    if (threadIdx.x != 0) return;
+    const int stage = it % SLC_STAGES;
+    const int first = key_pos(it * BLOCK_N);
+    if (first > t) {
+      mbarrier_arrive(&stage_bar[stage]);
+      return;
+    }
+    mbarrier_arrive_expect_tx(&stage_bar[stage], BLOCK_N * (DK + DV) * 2);
+    const int token = seq_start + first;
+#pragma unroll
+    for (int c = 0; c < DK / 64; c++) tma_load_3d(ksmem + (stage * DK + c * 64) * BLOCK_N, &k_map, c * 64, h, token, &stage_bar[stage]);
+#pragma unroll
+    for (int c = 0; c < DV / 64; c++) tma_load_3d(vsmem + (stage * DV + c * 64) * BLOCK_N, &v_map, c * 64, h, token, &stage_bar[stage]);
+  };
+  for (int st = 0; st < SLC_STAGES - 1 && st < ntiles; st++) issue(st);
+  cp_async_commit();
+#elif SLC_USE_BULK
   // Thread r < BLOCK_N copies key row r of the tile, thread BLOCK_N + r value row r (THREADS = 2 * BLOCK_N).
   auto issue = [&](int it) {
     const int stage = it % SLC_STAGES;
@@ -145,7 +200,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, SLC_MIN_BLOCKS)
     const int k0 = it * BLOCK_N + warp * 16; // this warp's 16 keys
     float s[2][4];
     zero_frags<2>(s);
-    qk_mma<DK, 1, KTile>(s, qfrag, ksmem + (it % SLC_STAGES) * BLOCK_N * K_ROW, warp * 16, lane);
+    qk_mma<DK, 1, SlcKTile>(s, qfrag, ksmem + (it % SLC_STAGES) * BLOCK_N * SLC_K_ROW, warp * 16, lane);
     // Blocks are ascending, so only the warp's keys reaching past t (the tail of t's own block) need a mask: one
     // warp-uniform branch a tile, the common side with no per-key work (the scale goes into the exponent's FMA).
     // Padding rows (G < 16) are never written, so they need none.
@@ -160,7 +215,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, SLC_MIN_BLOCKS)
       }
     }
     softmax_update_settled<2, DV>(st, s, o, scale_log2);
-    pv_mma<DV, 1, VTile>(o, s, vsmem + (it % SLC_STAGES) * BLOCK_N * V_ROW, warp * 16, lane);
+    pv_mma<DV, 1, SlcVTile>(o, s, vsmem + (it % SLC_STAGES) * BLOCK_N * SLC_V_ROW, warp * 16, lane);
     __syncthreads();
   }
 

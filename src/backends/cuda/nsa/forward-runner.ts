@@ -249,6 +249,7 @@ export class ForwardRunner {
           { i32: Hq },
           { i32: H },
           { f32: scaleLog2 },
+          ...programs.selectedTensorMaps(kSlc.ptr, vSlc.ptr, N),
         ],
       });
     } else {

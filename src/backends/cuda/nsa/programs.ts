@@ -39,6 +39,12 @@ export interface KernelTuning {
   /** Gather the selected blocks' rows with bulk copies (sm_90 and later; NSA_SLC_BULK=0 turns it off). */
   readonly slcBulk: boolean;
   /**
+   * With slcBulk, the group-centric selected attention loads each tile of keys/values as TMA boxes (BLOCK_N tokens of
+   * one block, 64 columns a box) instead of a bulk copy per row: where l' is a multiple of the tile (16 * slcWarps)
+   * and dk, dv of 64; NSA_SLC_TMA=0 keeps the per-row copies. Selected stage ~25% faster (docs/performance.md).
+   */
+  readonly slcTma?: boolean | undefined;
+  /**
    * Storage of the fused selected dQ's per-slot parts (NSA_SLC_DQ_PARTS=f32|bf16): bfloat16 by default, half the
    * bytes of that pass's largest traffic for ~0.02% more relative RMS error in dQ (docs/performance.md).
    */
@@ -132,6 +138,9 @@ export function kernelTuning(
     // 8 CTAs per SM caps registers at 128 per thread: enough for dk <= 128, spills at dk = 192.
     slcMinBlocks: match?.[3] !== undefined ? Number(match[3]) : config.headDim <= 128 ? 8 : 4,
     slcBulk: (computeCapability[0] ?? 0) >= 9 && env['NSA_SLC_BULK'] !== '0',
+    slcTma:
+      (computeCapability[0] ?? 0) >= 9 && env['NSA_SLC_BULK'] !== '0' && env['NSA_SLC_TMA'] !== '0' &&
+      config.selectBlock % (16 * (match ? Number(match[1]) : 2)) === 0 && config.headDim % 64 === 0 && config.valueDim % 64 === 0,
     slcDqParts: env['NSA_SLC_DQ_PARTS'] === 'f32' ? 'f32' : 'bf16',
     slcBwdWs: hopper && config.headDim <= 128 && config.valueDim <= 128 && env['NSA_SLC_BWD'] !== 'mma',
     fsaMinBlocks: /^[1-8]$/.test(env['NSA_FSA_MIN_BLOCKS'] ?? '')
@@ -265,7 +274,21 @@ export class NsaPrograms {
       `-DSLC_STAGES=${this.tuning.slcStages}`,
       `-DSLC_MIN_BLOCKS=${this.tuning.slcMinBlocks}`,
       ...(this.tuning.slcBulk ? ['-DSLC_BULK'] : []),
+      ...(this.slcTma ? ['-DSLC_TMA'] : []),
     ]);
+  }
+
+  /** Whether the group-centric selected attention loads its tiles by TMA (its launches then take selectedTensorMaps). */
+  get slcTma(): boolean {
+    return this.tuning.slcBulk && this.tuning.slcTma === true;
+  }
+
+  /** The tensor maps a selected-attention launch takes after its other arguments: keys and values [N, H, dk|dv]. */
+  selectedTensorMaps(k: DevicePtr, v: DevicePtr, rows: number): KernelArg[] {
+    if (!this.slcTma) return [];
+    const { kvHeads: H, headDim: dk, valueDim: dv } = this.config;
+    const tile = 16 * this.tuning.slcWarps;
+    return [this.tileMap(k, dk, H, rows, 'keys', tile), this.tileMap(v, dv, H, rows, 'values', tile)];
   }
 
   fsa(fn: 'attend' | 'attend_persistent' | 'reduce'): Kernel {
@@ -379,11 +402,11 @@ export class NsaPrograms {
    * map is a pure function of these values, so encodings are memoised: a forward or backward re-run on the same
    * buffers (a benchmark, a training step) does not pay the driver call and the argument packing per launch.
    */
-  private tileMap(ptr: DevicePtr, cols: number, heads: number, rows: number, what: string): KernelArg {
-    const key = `${ptr}:${cols}:${heads}:${rows}`;
+  private tileMap(ptr: DevicePtr, cols: number, heads: number, rows: number, what: string, boxRows = 64): KernelArg {
+    const key = `${ptr}:${cols}:${heads}:${rows}:${boxRows}`;
     let bytes = this.tileMaps.get(key);
     if (bytes === undefined) {
-      const spec = { ptr, dtype: this.dtype, dims: [cols, heads, Math.max(1, rows)], strides: [cols * 2, heads * cols * 2], box: [64, 1, 64], swizzle: '128B' } as const;
+      const spec = { ptr, dtype: this.dtype, dims: [cols, heads, Math.max(1, rows)], strides: [cols * 2, heads * cols * 2], box: [64, 1, boxRows], swizzle: '128B' } as const;
       bytes = encodeTiledTensorMap(this.ctx.driver, spec, what);
       if (this.tileMaps.size >= 256) this.tileMaps.clear();
       this.tileMaps.set(key, bytes);
@@ -525,10 +548,11 @@ export class NsaPrograms {
   selectedSharedBytes(): number {
     const { headDim: dk, valueDim: dv } = this.config;
     const { slcWarps, slcStages, slcBulk } = this.tuning;
-    const pad = slcBulk ? 8 : 0;
+    const pad = slcBulk && !this.slcTma ? 8 : 0;
     const stages = 2 * slcStages * 16 * slcWarps * (dk + dv + 2 * pad);
     const merge = 4 * slcWarps * 16 * dv;
-    return 2 * 16 * dk + Math.max(stages, merge);
+    // TMA's 128-byte swizzle needs 1024-byte aligned tiles: the kernel aligns its base (wgmma_aligned).
+    return 2 * 16 * dk + Math.max(stages, merge) + (this.slcTma ? 1024 : 0);
   }
 
   get selectedThreads(): number {
