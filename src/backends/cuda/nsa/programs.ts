@@ -126,6 +126,7 @@ export function kernelTuning(
   const fa = env['NSA_FA_WARPS'] === '4' ? 4 : 8;
   // NSA_SLC_PIPELINE=WxS or WxSxB: W warps, S pipeline stages, B CTAs per SM.
   const match = /^([24])x([1-6])(?:x([1-8]))?$/.exec(env['NSA_SLC_PIPELINE'] ?? '');
+  const slcWarps = match ? (Number(match[1]) as 2 | 4) : 2;
   const fsaPersistent = env['NSA_FSA_PERSISTENT'] !== '0' && config.selectBlock <= 64;
   const hopper = computeCapability[0] === 9; // wgmma is sm_90a's alone: neither Ampere nor Blackwell has it
   return {
@@ -133,14 +134,14 @@ export function kernelTuning(
     faWgmma: hopper && env['NSA_FA_WGMMA'] !== '0',
     // Default 2x1x8: measured fastest at 64k, G = 16 on an H200 (docs/performance.md): the kernel is bound by
     // latency, so many small CTAs beat deep pipelines.
-    slcWarps: match ? (Number(match[1]) as 2 | 4) : 2,
+    slcWarps,
     slcStages: match ? Number(match[2]) : 1,
     // 8 CTAs per SM caps registers at 128 per thread: enough for dk <= 128, spills at dk = 192.
     slcMinBlocks: match?.[3] !== undefined ? Number(match[3]) : config.headDim <= 128 ? 8 : 4,
     slcBulk: (computeCapability[0] ?? 0) >= 9 && env['NSA_SLC_BULK'] !== '0',
     slcTma:
       (computeCapability[0] ?? 0) >= 9 && env['NSA_SLC_BULK'] !== '0' && env['NSA_SLC_TMA'] !== '0' &&
-      config.selectBlock % (16 * (match ? Number(match[1]) : 2)) === 0 && config.headDim % 64 === 0 && config.valueDim % 64 === 0,
+      config.selectBlock % (16 * slcWarps) === 0 && config.headDim % 64 === 0 && config.valueDim % 64 === 0,
     slcDqParts: env['NSA_SLC_DQ_PARTS'] === 'f32' ? 'f32' : 'bf16',
     slcBwdWs: hopper && config.headDim <= 128 && config.valueDim <= 128 && env['NSA_SLC_BWD'] !== 'mma',
     fsaMinBlocks: /^[1-8]$/.test(env['NSA_FSA_MIN_BLOCKS'] ?? '')
