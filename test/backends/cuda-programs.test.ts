@@ -27,6 +27,7 @@ describe('kernelTuning', () => {
       slcTma: true,
       slcDqParts: 'bf16',
       slcBwdWs: true,
+      slcBwdTma: true,
       fsaMinBlocks: 3,
       fsaPersistent: true,
       cmpWinDqFused: true,
@@ -118,6 +119,15 @@ describe('kernelTuning', () => {
     const short = new NSAConfig({ heads: 16, kvHeads: 1, headDim: 128, valueDim: 128, compressBlock: 16, compressStride: 16, selectBlock: 16 });
     expect(kernelTuning(short, {}, [9, 0]).slcTma).toBe(false); // 16-key blocks, 32-key tiles
     expect(kernelTuning(config(128, 128), { NSA_SLC_PIPELINE: '4x1' }, [9, 0]).slcTma).toBe(true); // 64-key tiles, l' = 64
+  });
+
+  it('gathers the selected dK/dV rows by TMA on sm_90 at G = 8, 16, 32, 64 unless NSA_SLC_BWD_TMA=0', () => {
+    const group = (heads: number, kvHeads: number): NSAConfig => new NSAConfig({ heads, kvHeads, headDim: 128, valueDim: 128 });
+    expect(kernelTuning(group(16, 1), {}, [9, 0]).slcBwdTma).toBe(true);
+    expect(kernelTuning(group(64, 8), {}, [9, 0]).slcBwdTma).toBe(true);
+    expect(kernelTuning(group(32, 8), {}, [9, 0]).slcBwdTma).toBe(false); // G = 4: boxes of 4 rows cost more than cp.async
+    expect(kernelTuning(group(16, 1), {}, [8, 0]).slcBwdTma).toBe(false);
+    expect(kernelTuning(group(16, 1), { NSA_SLC_BWD_TMA: '0' }, [9, 0]).slcBwdTma).toBe(false);
   });
 
   it('keeps bulk copies off before sm_90 and when NSA_SLC_BULK=0', () => {

@@ -46,6 +46,8 @@ const CASES: Case[] = [
   { name: 'independent K/V per branch, compressed K/V given', options: { ...base, heads: 8, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [300, 211], independent: true },
   { name: 'learned phi = linear, G = 4, packed [257, 90, 1]', options: { ...base, phi: 'linear', heads: 8, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [257, 90, 1] },
   { name: 'learned phi = mlp, dk = 128 != dv = 64, G = 16', options: { ...base, phi: 'mlp', heads: 16, kvHeads: 1, headDim: 128, valueDim: 64 }, seqlens: [301] },
+  { name: 'G = 16, D = 128, packed [300, 1, 217], fused slc dQ, the selected dK/dV rows by TMA (sm_90 default)', options: { ...base, selectCount: 5, heads: 32, kvHeads: 2, headDim: 128, valueDim: 128 }, seqlens: [300, 1, 217], slcDq: 'fused' },
+  { name: 'G = 16, D = 128, packed [300, 1, 217], fused slc dQ, the selected dK/dV rows by cp.async (NSA_SLC_BWD_TMA=0)', options: { ...base, selectCount: 6, heads: 32, kvHeads: 2, headDim: 128, valueDim: 128 }, seqlens: [300, 1, 217], slcDq: 'fused', env: { NSA_SLC_BWD_TMA: '0' } },
 ];
 
 /** Runs `body` with NSA_SLC_DQ set to `mode` (left as it was when undefined), restoring it after. */

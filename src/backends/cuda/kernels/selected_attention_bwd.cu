@@ -11,6 +11,7 @@
 // nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DSLC_BULK -DSLC_DQ_FUSED -DSLC_DQ_PARTS_BF16 -DSLC_BWD_WS
 // nvcc-check: -DDK=64 -DDV=64 -DSEL_L=128 -DSEL_N=4 -DSLC_BWD_WS -DNSA_FP16
 // nvcc-check: -DDK=128 -DDV=64 -DSEL_L=32 -DSEL_N=16 -DSLC_DQ_FUSED -DSLC_BWD_WS
+// nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DSLC_BULK -DSLC_DQ_FUSED -DSLC_DQ_PARTS_BF16 -DSLC_BWD_WS -DSLC_WS_TMA_GROUP=16
 //
 // Backward of the selected branch, with no atomics:
 //   nsa_slc_bwd_dq    group-centric like the forward: a CTA per (query position, KV head, 16 heads) streams the
@@ -302,6 +303,18 @@ __device__ __forceinline__ void write_item_rows(const float dk_acc[DK / 8][4], c
 #define SLC_WS_IN_FLIGHT 3 // tiles whose copies the producer keeps in flight
 #endif
 #define WS_THREADS 384
+// SLC_WS_TMA_GROUP=G (the host's default on sm_90 for G = 8 .. 64): the producer gathers each live entry's G query
+// rows and G dO rows (contiguous in [N, Hq, d]) as TMA boxes of 64 columns x G heads, 128-byte swizzled into the
+// tile, issued by the entry's first thread, instead of 16-byte cp.async per chunk; rows past the tile's entries are
+// still zero-filled by cp.async. The row terms stay cp.async.
+#if defined(SLC_WS_TMA_GROUP) && defined(NSA_HAS_BULK_COPY)
+#define SLC_WS_USE_TMA 1
+#define SLC_WS_TMA_ARRIVALS (TILE / SLC_WS_TMA_GROUP) // entries a tile, each announcing its boxes
+static_assert(64 % SLC_WS_TMA_GROUP == 0 && SLC_WS_TMA_GROUP >= 8, "whole entries a 64-row tile, 8-row swizzle atoms");
+#else
+#define SLC_WS_USE_TMA 0
+#define SLC_WS_TMA_ARRIVALS 0
+#endif
 /**
  * nsa_slc_bwd_dkdv warp-specialised (SLC_BWD_WS, sm_90a, dk, dv <= 128): the same work items, outputs and sums
  * as the mma.sync kernel below, by three warpgroups. Warpgroup 0 gathers the query/dO rows of the item's tiles
@@ -314,7 +327,11 @@ __device__ __forceinline__ void write_item_rows(const float dk_acc[DK / 8][4], c
  * the other's products and the next tiles' gathers run under it.
  */
 extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
-    nsa_slc_bwd_dkdv(SLC_BWD_DKDV_PARAMS) {
+    nsa_slc_bwd_dkdv(SLC_BWD_DKDV_PARAMS
+#if SLC_WS_USE_TMA
+                     , const __grid_constant__ TensorMapBytes q_map, const __grid_constant__ TensorMapBytes dout_map
+#endif
+                     ) {
   static_assert(DK <= 128 && DV <= 128, "the warp-specialised dK/dV takes dk, dv <= 128");
   static_assert(SLC_WS_IN_FLIGHT + 2 <= SLC_WS_STAGES, "stages for the tiles in flight and the two being multiplied");
   typedef WgmmaTile<TILE, DK> WK;
@@ -338,7 +355,8 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
   const int ntiles = (e_end - e_begin + per_tile - 1) / per_tile;
   if (threadIdx.x == 0) {
     for (int s = 0; s < S; s++) {
-      mbarrier_init(&full_bar[s], 128);
+      // With TMA rows, each entry's first thread also arrives once a tile, announcing its boxes' bytes.
+      mbarrier_init(&full_bar[s], 128 + SLC_WS_TMA_ARRIVALS);
       mbarrier_init(&empty_bar[s], 128);
     }
     mbarrier_init(&kv_bar, 128);
@@ -377,10 +395,30 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
       elem_t *qs = rowbuf + s * STAGE;
       const bool live = en.x >= 0;
       const i64 qrow = live ? (i64)en.x * Hq + h * G + r % G : 0;
+#if SLC_WS_USE_TMA
+      // The entry's first thread announces and issues its rows' boxes (G heads are contiguous rows of q and dout);
+      // dead rows are zero-filled below, so no stale value meets a zero probability.
+      if (half == 0 && r % SLC_WS_TMA_GROUP == 0) {
+        mbarrier_arrive_expect_tx(&full_bar[s], live ? SLC_WS_TMA_GROUP * (DK + DV) * 2 : 0);
+        if (live) {
+#pragma unroll
+          for (int c = 0; c < DK / 64; c++) tma_load_3d(qs + c * TILE * 64 + r * 64, &q_map, c * 64, h * G, en.x, &full_bar[s]);
+#pragma unroll
+          for (int c = 0; c < DV / 64; c++) tma_load_3d(qs + TILE * DK + c * TILE * 64 + r * 64, &dout_map, c * 64, h * G, en.x, &full_bar[s]);
+        }
+      }
+      if (!live) {
+#pragma unroll
+        for (int c = half; c < DK / 8; c += 2) cp_async_16(qs + WK::offset(r, c * 8), qs, false);
+#pragma unroll
+        for (int c = half; c < DV / 8; c += 2) cp_async_16(qs + TILE * DK + WV::offset(r, c * 8), qs, false);
+      }
+#else
 #pragma unroll
       for (int c = half; c < DK / 8; c += 2) cp_async_16(qs + WK::offset(r, c * 8), live ? q + qrow * DK + c * 8 : qs, live);
 #pragma unroll
       for (int c = half; c < DV / 8; c += 2) cp_async_16(qs + TILE * DK + WV::offset(r, c * 8), live ? dout + qrow * DV + c * 8 : qs, live);
+#endif
       // Row terms (zeros past the tile's rows): the lse in natural log, as stored.
       if (half == 0) {
         cp_async_4(&row_lse[s][r], lse + qrow, live);

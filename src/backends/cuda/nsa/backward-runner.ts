@@ -320,6 +320,7 @@ export class BackwardRunner {
           ptr(this.index.offsets), ptr(this.index.itemOffsets), ptr(itemOrder), ptr(this.index.entries), ptr(tables.blockSeq), ptr(tables.cuBlocks),
           ptr(tables.cuSeqlens), { ptr: partial.ptr }, { ptr: pv }, ptr(this.partialQ), ...common, { i32: plan.totalBlocks },
           { i32: this.itemEntries }, { f32: scaleLog2 }, { f32: config.scale },
+          ...programs.selectedBackwardTensorMaps(inputs.q.ptr, dOut.ptr, N),
         ],
       });
       programs.selectedBackward('reduce', fused, meanInReduce).launch({

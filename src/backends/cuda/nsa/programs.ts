@@ -56,6 +56,11 @@ export interface KernelTuning {
    */
   readonly slcBwdWs: boolean;
   /**
+   * The warp-specialised selected dK/dV gathers each entry's G query and dO rows as TMA boxes (64 columns x G heads)
+   * instead of 16-byte cp.async: on sm_90 where G is 8, 16, 32 or 64; NSA_SLC_BWD_TMA=0 keeps cp.async.
+   */
+  readonly slcBwdTma?: boolean | undefined;
+  /**
    * CTAs per SM the FSA-order attention's registers must allow (NSA_FSA_MIN_BLOCKS=1..8). Default 4 at dk = dv =
    * 128: ptxas would take 137 registers, three CTAs per SM, where shared memory holds four; capped at 128 the kernel
    * was 8-9% faster at G = 4 on an H100 (docs/performance.md). Elsewhere ptxas chooses: at dk = 192 shared memory
@@ -144,6 +149,7 @@ export function kernelTuning(
       config.selectBlock % (16 * slcWarps) === 0 && config.headDim % 64 === 0 && config.valueDim % 64 === 0,
     slcDqParts: env['NSA_SLC_DQ_PARTS'] === 'f32' ? 'f32' : 'bf16',
     slcBwdWs: hopper && config.headDim <= 128 && config.valueDim <= 128 && env['NSA_SLC_BWD'] !== 'mma',
+    slcBwdTma: hopper && [8, 16, 32, 64].includes(config.groupSize) && env['NSA_SLC_BWD_TMA'] !== '0',
     fsaMinBlocks: /^[1-8]$/.test(env['NSA_FSA_MIN_BLOCKS'] ?? '')
       ? Number(env['NSA_FSA_MIN_BLOCKS'])
       : config.headDim === 128 && config.valueDim === 128
@@ -403,11 +409,11 @@ export class NsaPrograms {
    * map is a pure function of these values, so encodings are memoised: a forward or backward re-run on the same
    * buffers (a benchmark, a training step) does not pay the driver call and the argument packing per launch.
    */
-  private tileMap(ptr: DevicePtr, cols: number, heads: number, rows: number, what: string, boxRows = 64): KernelArg {
-    const key = `${ptr}:${cols}:${heads}:${rows}:${boxRows}`;
+  private tileMap(ptr: DevicePtr, cols: number, heads: number, rows: number, what: string, boxRows = 64, boxHeads = 1): KernelArg {
+    const key = `${ptr}:${cols}:${heads}:${rows}:${boxRows}:${boxHeads}`;
     let bytes = this.tileMaps.get(key);
     if (bytes === undefined) {
-      const spec = { ptr, dtype: this.dtype, dims: [cols, heads, Math.max(1, rows)], strides: [cols * 2, heads * cols * 2], box: [64, 1, boxRows], swizzle: '128B' } as const;
+      const spec = { ptr, dtype: this.dtype, dims: [cols, heads, Math.max(1, rows)], strides: [cols * 2, heads * cols * 2], box: [64, boxHeads, boxRows], swizzle: '128B' } as const;
       bytes = encodeTiledTensorMap(this.ctx.driver, spec, what);
       if (this.tileMaps.size >= 256) this.tileMaps.clear();
       this.tileMaps.set(key, bytes);
@@ -459,7 +465,20 @@ export class NsaPrograms {
       ...(fusedDq && this.tuning.slcDqParts === 'bf16' ? ['-DSLC_DQ_PARTS_BF16'] : []),
       ...(withMean ? [...this.cmpDefines(), '-DSLC_REDUCE_MEAN'] : []),
       ...(this.tuning.slcBwdWs ? ['-DSLC_BWD_WS', `-DSLC_WS_STAGES=${SLC_WS_STAGES}`] : []),
+      ...(this.slcBwdTma ? [`-DSLC_WS_TMA_GROUP=${this.config.groupSize}`] : []),
     ], this.tuning.slcBwdWs);
+  }
+
+  /** Whether the warp-specialised selected dK/dV gathers its rows by TMA (its launches then take selectedBackwardTensorMaps). */
+  get slcBwdTma(): boolean {
+    return this.tuning.slcBwdWs && this.tuning.slcBwdTma === true;
+  }
+
+  /** The tensor maps a selected dK/dV launch takes after its other arguments: q [N, Hq, dk] and dO [N, Hq, dv], G heads a box. */
+  selectedBackwardTensorMaps(q: DevicePtr, dOut: DevicePtr, rows: number): KernelArg[] {
+    if (!this.slcBwdTma) return [];
+    const { heads: Hq, headDim: dk, valueDim: dv, groupSize: G } = this.config;
+    return [this.tileMap(q, dk, Hq, rows, 'q', 1, G), this.tileMap(dOut, dv, Hq, rows, 'dO', 1, G)];
   }
 
   /** Threads of a selected backward launch: the warp-specialised dK/dV takes three warpgroups. */
