@@ -318,9 +318,10 @@ static_assert(64 % SLC_WS_TMA_GROUP == 0 && SLC_WS_TMA_GROUP >= 8, "whole entrie
 /**
  * nsa_slc_bwd_dkdv warp-specialised (SLC_BWD_WS, sm_90a, dk, dv <= 128): the same work items, outputs and sums
  * as the mma.sync kernel below, by three warpgroups. Warpgroup 0 gathers the query/dO rows of the item's tiles
- * (16-byte cp.async into 128-byte-swizzled tiles) and their row terms into a ring of SLC_WS_STAGES stages (full
- * and empty mbarriers); warpgroups 1 and 2 take the tiles in turn on wgmma, each keeping its own dK, dV: S^T = K
- * Q^T and dP^T = V dO^T (K, V as A), then dV += (P^T g) dO and dK += dS^T Q with P^T, dS^T as register A operands;
+ * (16-byte cp.async, or TMA boxes with SLC_WS_TMA_GROUP, into 128-byte-swizzled tiles) and their row terms into a
+ * ring of SLC_WS_STAGES stages (full and empty mbarriers); warpgroups 1 and 2 take the tiles in turn on wgmma, each
+ * keeping its own dK, dV: S^T = K Q^T and dP^T = V dO^T (K, V as A), then dV += (P^T g) dO and dK += dS^T Q with
+ * P^T, dS^T as register A operands;
  * with SLC_DQ_FUSED each stores its dS (stmatrix, transposed) and multiplies the rows' dQ parts dS K, 64 columns at
  * a time. At the end warpgroup 1 adds warpgroup 2's dK, dV to its own (a fixed order) and writes the item's rows.
  * One warpgroup's chain (gather, products, softmax terms, products, dQ) no longer leaves the tensor cores idle:
