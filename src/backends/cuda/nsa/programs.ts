@@ -405,8 +405,8 @@ export class NsaPrograms {
   }
 
   /**
-   * The tensor map of a [rows, heads, cols] tensor in boxes of 64 columns x 1 head x 64 rows, 128-byte swizzled. A
-   * map is a pure function of these values, so encodings are memoised: a forward or backward re-run on the same
+   * The tensor map of a [rows, heads, cols] tensor in boxes of 64 columns x boxHeads heads x boxRows rows (default 1 x
+   * 64: the flash kernels' tiles), 128-byte swizzled. A map is a pure function of these values, so encodings are memoised: a forward or backward re-run on the same
    * buffers (a benchmark, a training step) does not pay the driver call and the argument packing per launch.
    */
   private tileMap(ptr: DevicePtr, cols: number, heads: number, rows: number, what: string, boxRows = 64, boxHeads = 1): KernelArg {
