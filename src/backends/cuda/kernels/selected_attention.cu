@@ -44,6 +44,7 @@
 #if defined(SLC_TMA) && SLC_USE_BULK
 #define SLC_USE_TMA 1
 static_assert(SEL_L % BLOCK_N == 0 && DK % 64 == 0 && DV % 64 == 0, "TMA tiles: whole tiles of a block, 64-column boxes");
+static_assert(ROWS * DK * 2 % 1024 == 0 && BLOCK_N * 128 % 1024 == 0, "the boxes' swizzle: Q rows and each 64-column block keep 1024-byte alignment");
 typedef WgmmaTile<BLOCK_N, DK> SlcKTile; // the boxes' 128-byte swizzle
 typedef WgmmaTile<BLOCK_N, DV> SlcVTile;
 #define SLC_K_ROW DK
