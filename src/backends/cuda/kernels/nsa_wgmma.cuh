@@ -82,10 +82,14 @@ __device__ __forceinline__ u64 wgmma_desc(u32 smem_byte_addr, u32 lbo_bytes, u32
          ((u64)((sbo_bytes >> 4) & 0x3FFF) << 32) | (1ull << 62);
 }
 
+/** The byte offset of k-step ks of a K-major operand (row0 = 0): 64 columns a column block, 16 a step. */
+template <int ROWS> __device__ __forceinline__ constexpr u32 wgmma_kmajor_step(int ks) { return (ks >> 2) * ROWS * 128 + (ks & 3) * 32; }
+/** The byte offset of k-step ks of an MN-major operand: 16 rows of 128 bytes a step. */
+__device__ __forceinline__ constexpr u32 wgmma_mnmajor_step(int ks) { return ks * 16 * 128; }
+
 /** K-major operand: rows [row0, row0 + 8k) of a WgmmaTile<ROWS, *> at `tile`, reduction columns [16 ks, 16 ks + 16). */
 template <int ROWS> __device__ __forceinline__ u64 wgmma_desc_kmajor(const elem_t *tile, int row0, int ks) {
-  const u32 addr = smem_addr(tile) + (ks >> 2) * ROWS * 128 + row0 * 128 + (ks & 3) * 32;
-  return wgmma_desc(addr, 16, 1024);
+  return wgmma_desc(smem_addr(tile) + wgmma_kmajor_step<ROWS>(ks) + row0 * 128, 16, 1024);
 }
 
 /**
@@ -94,14 +98,10 @@ template <int ROWS> __device__ __forceinline__ u64 wgmma_desc_kmajor(const elem_
  * from its address costs several integer and uniform-register instructions.
  */
 __device__ __forceinline__ u64 wgmma_desc_advance(u64 desc, u32 bytes) { return desc + (bytes >> 4); }
-/** The byte offset of k-step ks in wgmma_desc_kmajor (row0 = 0). */
-template <int ROWS> __device__ __forceinline__ constexpr u32 wgmma_kmajor_step(int ks) { return (ks >> 2) * ROWS * 128 + (ks & 3) * 32; }
-/** The byte offset of k-step ks in wgmma_desc_mnmajor. */
-__device__ __forceinline__ constexpr u32 wgmma_mnmajor_step(int ks) { return ks * 16 * 128; }
 
 /** MN-major operand (transposed B): rows (the reduction dim) [16 ks, 16 ks + 16) of a WgmmaTile<ROWS, *>, all columns. */
 template <int ROWS> __device__ __forceinline__ u64 wgmma_desc_mnmajor(const elem_t *tile, int ks) {
-  return wgmma_desc(smem_addr(tile) + ks * 16 * 128, ROWS * 128, 1024);
+  return wgmma_desc(smem_addr(tile) + wgmma_mnmajor_step(ks), ROWS * 128, 1024);
 }
 
 /**

@@ -134,6 +134,7 @@ export function kernelTuning(
   const slcWarps = match ? (Number(match[1]) as 2 | 4) : 2;
   const fsaPersistent = env['NSA_FSA_PERSISTENT'] !== '0' && config.selectBlock <= 64;
   const hopper = computeCapability[0] === 9; // wgmma is sm_90a's alone: neither Ampere nor Blackwell has it
+  const slcBulk = (computeCapability[0] ?? 0) >= 9 && env['NSA_SLC_BULK'] !== '0';
   return {
     faWarps: fa,
     faWgmma: hopper && env['NSA_FA_WGMMA'] !== '0',
@@ -143,9 +144,9 @@ export function kernelTuning(
     slcStages: match ? Number(match[2]) : 1,
     // 8 CTAs per SM caps registers at 128 per thread: enough for dk <= 128, spills at dk = 192.
     slcMinBlocks: match?.[3] !== undefined ? Number(match[3]) : config.headDim <= 128 ? 8 : 4,
-    slcBulk: (computeCapability[0] ?? 0) >= 9 && env['NSA_SLC_BULK'] !== '0',
+    slcBulk,
     slcTma:
-      (computeCapability[0] ?? 0) >= 9 && env['NSA_SLC_BULK'] !== '0' && env['NSA_SLC_TMA'] !== '0' &&
+      slcBulk && env['NSA_SLC_TMA'] !== '0' &&
       config.selectBlock % (16 * slcWarps) === 0 && config.headDim % 64 === 0 && config.valueDim % 64 === 0,
     slcDqParts: env['NSA_SLC_DQ_PARTS'] === 'f32' ? 'f32' : 'bf16',
     slcBwdWs: hopper && config.headDim <= 128 && config.valueDim <= 128 && env['NSA_SLC_BWD'] !== 'mma',
