@@ -55,6 +55,20 @@ function chunkFor(keys: number, rows: number, minCtas: number, smallest: number,
 }
 const ptr = (b: DeviceBuffer): KernelArg => ({ ptr: b.ptr });
 
+/**
+ * The smallest chunk of compressed keys for the three-launch step (a power of two, 64 .. 256). Its cmp_win launch
+ * has few rows at small batches, each chunk a chain of dependent tile loads, so the chunks shrink until about one
+ * CTA per SM runs one, but never below 64 keys nor into more than 32 chunks a row, whose partials the select reads
+ * (H100, 64k, fla preset: B = 1 0.0578 -> 0.0493 ms with 64-key chunks, B = 8 0.0741 -> 0.0718 with 128; the
+ * paper preset's 4096 keys take 128 at B = 1, where 64 made its select slower; docs/performance.md).
+ */
+export function threeLaunchCmpSmallest(keys: number, rows: number, sms: number): number {
+  const floor = Math.max(64, 2 ** Math.ceil(Math.log2(Math.max(1, Math.ceil(keys / 32)))));
+  let chunk = 256;
+  while (chunk > floor && rows * Math.ceil(keys / chunk) < sms) chunk /= 2;
+  return chunk;
+}
+
 /** Words per work item of the fused step's trace (decode.cu's TRACE_WORDS). */
 const TRACE_WORDS = 13;
 
@@ -564,7 +578,7 @@ class DecodeStep {
     // The fused step has work items enough without splitting the compressed keys finely: at least 512 per chunk
     // there where that still makes two chunks a row (H100, B = 64, fla preset, 64k: 0.1791 against 0.1858 ms; but
     // paper preset, 8k, one chunk of 512 against two of 256: 0.1555 against 0.1485 ms).
-    const cmpSmallest = this.fused && maxCompressed >= 1024 ? 512 : 256;
+    const cmpSmallest = this.fused ? (maxCompressed >= 1024 ? 512 : 256) : threeLaunchCmpSmallest(maxCompressed, ctaRows, ctx.device.smCount);
     // The compressed keys in chunks of >= cmpSmallest (each chunk writes a partial output); the selected blocks and the
     // window, short, in chunks down to two tiles (slc) or one (win) when the batch is small, so that their launches spread.
     const cmpChunk = chunkFor(maxCompressed, ctaRows, minCtas, cmpSmallest, 'NSA_DECODE_CMP_CHUNK');
