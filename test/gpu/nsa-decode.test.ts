@@ -65,6 +65,9 @@ const CASES: Case[] = [
   { name: 'G = 1, fla preset form', options: { compressBlock: 64, compressStride: 64, selectBlock: 64, selectCount: 4, window: 128, heads: 2, kvHeads: 2, headDim: 64, valueDim: 64 }, lengths: [1000], speculative: 2 },
   // Over 256 candidate blocks for one top-n CTA (several per thread) and two chunks of compressed keys.
   { name: 'G = 1, l = d = l\' = 16, 263 candidate blocks', options: { compressBlock: 16, compressStride: 16, selectBlock: 16, selectCount: 8, window: 64, heads: 2, kvHeads: 2, headDim: 64, valueDim: 64 }, lengths: [4200, 3001], speculative: 2 },
+  // n = 16 at G = 16: the three-launch selection takes 8 CTAs a pair (their 8 lists of 16 merge from registers),
+  // each merging o_cmp for two heads.
+  { name: 'G = 16, n = 16, selection over 8 CTAs a pair', options: { ...base, selectCount: 16, heads: 16, kvHeads: 1, headDim: 64, valueDim: 64 }, lengths: [1500, 777], speculative: 1 },
 ];
 
 if (!availability.available) {

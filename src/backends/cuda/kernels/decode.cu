@@ -652,6 +652,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
   int count = warp_forced_blocks(current, chosen, lane);
   // The rest by score: reuse warp_s[0] / warp_j[0] for the picks.
   const int need = SEL_N - count;
+  // From registers (4 a lane) where nz * SEL_N <= 128, which the host keeps where it can (SELECT_MERGE_ENTRIES).
   const int got = warp_best_listed<4>(all_s, all_j, nz * SEL_N, need, &warp_s[0][0], &warp_j[0][0], lane);
   for (int k = 0; k < got; k++)
     if (lane == count + k) chosen = warp_j[0][k];

@@ -492,6 +492,8 @@ function sliceRecord(config: NSAConfig): number {
 /** nsa_decode_select's threads, the candidate blocks one of its CTAs scores at most, its staging floats (decode.cu). */
 const SELECT_THREADS = 256;
 const SELECT_CANDIDATES = 4 * SELECT_THREADS;
+/** (score, block) pairs nsa_decode_select's last CTA merges in registers: 32 lanes x 4 (warp_best_listed<4>). */
+const SELECT_MERGE_ENTRIES = 32 * 4;
 const SELECT_STAGE = 8192;
 /** fused_select's fixed floats (decode.cu FUSED_SELECT_FIXED: MAX_G = 128, FUSED_ML = 2048). */
 const fusedSelectFixed = (n: number): number => (128 + 2048 + 10 * n + 3) & ~3;
@@ -617,7 +619,12 @@ class DecodeStep {
     // At least what SELECT_CANDIDATES a CTA allows; with few (query, KV head) pairs, up to one per head (each
     // merges o_cmp of G / selectCtas heads) for about 2 CTAs per SM. More CTAs than that measured slower at B = 64
     // (5 per pair: 0.10 against 0.073 ms for this launch alone, H100): its fixed per-CTA work is a latency chain.
-    this.selectCtas = Math.max(Math.ceil(maxCandidates / SELECT_CANDIDATES), Math.min(G, Math.ceil((2 * ctx.device.smCount) / (Q * H))));
+    // And no more lists than the last CTA merges from registers (SELECT_MERGE_ENTRIES); more fall back to a scan of
+    // shared memory a pick (H100, 64k, G = 16: 8 CTAs a pair instead of 16 at B = 1 and 9 at B = 8 took the step
+    // 3-9% faster). NSA_DECODE_SELECT_CTAS=n sets the count (tuning).
+    const forcedCtas = Number(process.env['NSA_DECODE_SELECT_CTAS']);
+    const spread = Math.min(G, Math.max(1, Math.floor(SELECT_MERGE_ENTRIES / n)), Math.ceil((2 * ctx.device.smCount) / (Q * H)));
+    this.selectCtas = Math.max(Math.ceil(maxCandidates / SELECT_CANDIDATES), Number.isInteger(forcedCtas) && forcedCtas >= 1 ? forcedCtas : spread);
     this.candidates = {
       s: f32(Q * H * this.selectCtas * n, 'decode candidate scores'),
       j: f32(Q * H * this.selectCtas * n, 'decode candidate blocks'),
