@@ -252,7 +252,7 @@ __device__ __forceinline__ void run_phase(const Pointers p, int gate_index, bool
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < DK / 16; ks++) {
-      wgmma_ss<BLOCK_N>(s, wgmma_desc_advance(qd, wgmma_kmajor_step<BLOCK_M>(ks)), wgmma_desc_advance(kd, wgmma_kmajor_step<BLOCK_N>(ks)), ks > 0);
+      wgmma_ss<BLOCK_N>(s, wgmma_kmajor_at<BLOCK_M>(qd, ks), wgmma_kmajor_at<BLOCK_N>(kd, ks), ks > 0);
     }
     wgmma_commit();
   };
@@ -291,7 +291,7 @@ __device__ __forceinline__ void run_phase(const Pointers p, int gate_index, bool
       const u64 vd = wgmma_desc_mnmajor<BLOCK_N>(vtile(it), 0);
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < BLOCK_N / 16; kk++) wgmma_rs<DV, 1>(o, pa[kk], wgmma_desc_advance(vd, wgmma_mnmajor_step(kk)), 1);
+      for (int kk = 0; kk < BLOCK_N / 16; kk++) wgmma_rs<DV, 1>(o, pa[kk], wgmma_mnmajor_at(vd, kk), 1);
       wgmma_commit();
     };
     auto stage_landed = [&]() {
@@ -448,7 +448,7 @@ __device__ __forceinline__ void run_phase_tma(const Pointers p, int gate_index, 
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < DK / 16; ks++) {
-      wgmma_ss<BLOCK_N>(s, wgmma_desc_advance(qd, wgmma_kmajor_step<BLOCK_M>(ks)), wgmma_desc_advance(kd, wgmma_kmajor_step<BLOCK_N>(ks)), ks > 0);
+      wgmma_ss<BLOCK_N>(s, wgmma_kmajor_at<BLOCK_M>(qd, ks), wgmma_kmajor_at<BLOCK_N>(kd, ks), ks > 0);
     }
     wgmma_commit();
   };
@@ -470,7 +470,7 @@ __device__ __forceinline__ void run_phase_tma(const Pointers p, int gate_index, 
       const u64 vd = wgmma_desc_mnmajor<BLOCK_N>(g.v + (j & 1) * BLOCK_N * DV, 0);
       wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < BLOCK_N / 16; kk++) wgmma_rs<DV, 1>(o, pa[kk], wgmma_desc_advance(vd, wgmma_mnmajor_step(kk)), 1);
+      for (int kk = 0; kk < BLOCK_N / 16; kk++) wgmma_rs<DV, 1>(o, pa[kk], wgmma_mnmajor_at(vd, kk), 1);
       wgmma_commit();
     };
     fa_ring_wait(g.kfull, j0);

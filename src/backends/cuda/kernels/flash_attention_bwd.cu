@@ -149,9 +149,9 @@ __device__ __forceinline__ void wgmma_rs_mn(float d[N / 8][4], const u32 a[4], c
   // One base descriptor (the same for every kk, so computed once by the caller's loop), stepped to kk.
   const u64 base = wgmma_desc_mnmajor<ROWS>(tile, 0);
   if constexpr (N <= 128) {
-    wgmma_rs<N, 1>(d, a, wgmma_desc_advance(base, wgmma_mnmajor_step(kk)), 1);
+    wgmma_rs<N, 1>(d, a, wgmma_mnmajor_at(base, kk), 1);
   } else {
-    wgmma_rs<128, 1>(d, a, wgmma_desc_advance(base, wgmma_mnmajor_step(kk)), 1);
+    wgmma_rs<128, 1>(d, a, wgmma_mnmajor_at(base, kk), 1);
     wgmma_rs<N - 128, 1>(d + 16, a, wgmma_desc_advance(base, 2 * ROWS * 128 + wgmma_mnmajor_step(kk)), 1);
   }
 }
@@ -165,18 +165,18 @@ __device__ __forceinline__ void wgmma_rs_mn(float d[N / 8][4], const u32 a[4], c
 template <int A_ROWS>
 __device__ __forceinline__ void wgmma_s_and_dp_issue(float s[TILE / 8][4], float dp[TILE / 8][4], const elem_t *a_s, const elem_t *b_s,
                                                      const elem_t *a_p, const elem_t *b_p, int row0) {
-  // One base descriptor per operand, stepped through the k-steps (wgmma_desc_advance).
+  // One base descriptor per operand, stepped through the k-steps (wgmma_kmajor_at).
   const u64 as = wgmma_desc_kmajor<A_ROWS>(a_s, row0, 0), bs = wgmma_desc_kmajor<TILE>(b_s, 0, 0);
   const u64 ap = wgmma_desc_kmajor<A_ROWS>(a_p, row0, 0), bp = wgmma_desc_kmajor<TILE>(b_p, 0, 0);
   wgmma_fence();
 #pragma unroll
   for (int ks = 0; ks < DK / 16; ks++) {
-    wgmma_ss<TILE>(s, wgmma_desc_advance(as, wgmma_kmajor_step<A_ROWS>(ks)), wgmma_desc_advance(bs, wgmma_kmajor_step<TILE>(ks)), ks > 0);
+    wgmma_ss<TILE>(s, wgmma_kmajor_at<A_ROWS>(as, ks), wgmma_kmajor_at<TILE>(bs, ks), ks > 0);
   }
   wgmma_commit();
 #pragma unroll
   for (int ks = 0; ks < DV / 16; ks++) {
-    wgmma_ss<TILE>(dp, wgmma_desc_advance(ap, wgmma_kmajor_step<A_ROWS>(ks)), wgmma_desc_advance(bp, wgmma_kmajor_step<TILE>(ks)), ks > 0);
+    wgmma_ss<TILE>(dp, wgmma_kmajor_at<A_ROWS>(ap, ks), wgmma_kmajor_at<TILE>(bp, ks), ks > 0);
   }
   wgmma_commit();
 }

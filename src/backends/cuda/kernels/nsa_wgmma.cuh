@@ -98,6 +98,10 @@ template <int ROWS> __device__ __forceinline__ u64 wgmma_desc_kmajor(const elem_
  * from its address costs several integer and uniform-register instructions.
  */
 __device__ __forceinline__ u64 wgmma_desc_advance(u64 desc, u32 bytes) { return desc + (bytes >> 4); }
+/** k-step ks of a K-major operand of ROWS rows whose k-step 0 descriptor is `base`. */
+template <int ROWS> __device__ __forceinline__ u64 wgmma_kmajor_at(u64 base, int ks) { return wgmma_desc_advance(base, wgmma_kmajor_step<ROWS>(ks)); }
+/** k-step ks of an MN-major operand whose k-step 0 descriptor is `base`. */
+__device__ __forceinline__ u64 wgmma_mnmajor_at(u64 base, int ks) { return wgmma_desc_advance(base, wgmma_mnmajor_step(ks)); }
 
 /** MN-major operand (transposed B): rows (the reduction dim) [16 ks, 16 ks + 16) of a WgmmaTile<ROWS, *>, all columns. */
 template <int ROWS> __device__ __forceinline__ u64 wgmma_desc_mnmajor(const elem_t *tile, int ks) {

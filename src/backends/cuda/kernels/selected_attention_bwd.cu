@@ -467,18 +467,18 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
     mbarrier_wait(&full_bar[s], (it / S) & 1);
     float pt[TILE / 8][4];
     float dpt[TILE / 8][4];
-    // Descriptors: one base each, stepped through the k-steps (wgmma_desc_advance).
+    // Descriptors: one base each, stepped through the k-steps (wgmma_kmajor_at).
     const u64 kd = wgmma_desc_kmajor<TILE>(ksmem, 0, 0), vd = wgmma_desc_kmajor<TILE>(vsmem, 0, 0);
     const u64 qd = wgmma_desc_kmajor<TILE>(qs, 0, 0), dod = wgmma_desc_kmajor<TILE>(dos, 0, 0);
     wgmma_fence();
 #pragma unroll
     for (int ks = 0; ks < DK / 16; ks++) {
-      wgmma_ss<TILE>(pt, wgmma_desc_advance(kd, wgmma_kmajor_step<TILE>(ks)), wgmma_desc_advance(qd, wgmma_kmajor_step<TILE>(ks)), ks > 0);
+      wgmma_ss<TILE>(pt, wgmma_kmajor_at<TILE>(kd, ks), wgmma_kmajor_at<TILE>(qd, ks), ks > 0);
     }
     wgmma_commit();
 #pragma unroll
     for (int ks = 0; ks < DV / 16; ks++) {
-      wgmma_ss<TILE>(dpt, wgmma_desc_advance(vd, wgmma_kmajor_step<TILE>(ks)), wgmma_desc_advance(dod, wgmma_kmajor_step<TILE>(ks)), ks > 0);
+      wgmma_ss<TILE>(dpt, wgmma_kmajor_at<TILE>(vd, ks), wgmma_kmajor_at<TILE>(dod, ks), ks > 0);
     }
     wgmma_commit();
     wgmma_wait<1>();
@@ -533,9 +533,9 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
     const u64 qt = wgmma_desc_mnmajor<TILE>(qs, 0), dot = wgmma_desc_mnmajor<TILE>(dos, 0);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < TILE / 16; kk++) wgmma_rs<DV, 1>(dv_acc, pa[kk], wgmma_desc_advance(dot, wgmma_mnmajor_step(kk)), 1);
+    for (int kk = 0; kk < TILE / 16; kk++) wgmma_rs<DV, 1>(dv_acc, pa[kk], wgmma_mnmajor_at(dot, kk), 1);
 #pragma unroll
-    for (int kk = 0; kk < TILE / 16; kk++) wgmma_rs<DK, 1>(dk_acc, da[kk], wgmma_desc_advance(qt, wgmma_mnmajor_step(kk)), 1);
+    for (int kk = 0; kk < TILE / 16; kk++) wgmma_rs<DK, 1>(dk_acc, da[kk], wgmma_mnmajor_at(qt, kk), 1);
     wgmma_commit();
 #ifdef SLC_DQ_FUSED
     // Rows warp*16 + lane/4 (+ 8) of the tile (row r: entry r / G's token and slot, head r % G): their own [DK]
@@ -560,7 +560,7 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
       wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < TILE / 16; ks++) {
-        wgmma_ss<64, 1>(acc, wgmma_desc_advance(dsd, wgmma_kmajor_step<TILE>(ks)),
+        wgmma_ss<64, 1>(acc, wgmma_kmajor_at<TILE>(dsd, ks),
                         wgmma_desc_advance(kt, (c0 / 64) * TILE * 128 + wgmma_mnmajor_step(ks)), ks > 0);
       }
       wgmma_commit();
