@@ -3,7 +3,8 @@
 // alone as well. Run after `npm run build`:
 //   node bench/cuda-decode.mjs [--batches 1,8,64] [--contexts 8192,65536,131072] [--presets paper,fla] [--launches] [--trace]
 // --trace (fused step): one traced run, summarised per kind of work item (when they started and ended, how long
-// their attention took, how long slc items waited for their selection) and how many CTAs ran over time.
+// their attention took, how long slc items waited for their selection) and how many CTAs ran over time;
+// --trace-json <dir> also writes each traced run's records (one per work item, in ticket order) to <dir>.
 // The step (and each launch with --launches) is replayed as a CUDA graph; NSA_DECODE_GRAPH=0 times direct launches,
 // NSA_DECODE_FUSED=0 takes the three-launch step instead of the fused one, NSA_DECODE_LAYOUT=token stores the cache
 // [T, H, D] instead of [H, T, D], NSA_DECODE_BULK=0 gathers the selected rows with cp.async instead of bulk copies,
@@ -11,13 +12,15 @@
 import { NSAConfig, createKvCache } from '../dist/index.js';
 import { createCudaBackend } from '../dist/backends/cuda/cuda-backend.js';
 import { decodeBytesPerHead } from '../dist/nsa/decode/types.js';
+import { writeFileSync } from 'node:fs';
 import { flag, hasFlag } from './args.mjs';
 
 const batches = flag('batches', '1,8,64').split(',').map(Number);
 const contexts = flag('contexts', '8192,65536,131072').split(',').map(Number);
 const presets = flag('presets', 'paper,fla').split(',');
 const launches = hasFlag('launches');
-const tracing = hasFlag('trace');
+const traceDir = flag('trace-json', undefined);
+const tracing = hasFlag('trace') || traceDir !== undefined;
 const us = (ns) => (ns / 1000).toFixed(1);
 const mean = (xs) => (xs.length === 0 ? 0 : xs.reduce((a, b) => a + b, 0) / xs.length);
 const quantile = (xs, q) => {
@@ -93,6 +96,8 @@ for (const preset of presets) {
       if (tracing && typeof cache.traceDecodeStep === 'function') {
         const recs = cache.traceDecodeStep();
         if (recs !== undefined) printTrace(recs);
+        if (recs !== undefined && traceDir !== undefined)
+          writeFileSync(`${traceDir}/trace-${preset}-b${B}-s${S}.json`, JSON.stringify({ preset, B, S, bytes, records: recs }));
       }
       cache.dispose();
     }
