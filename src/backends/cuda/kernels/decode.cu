@@ -1,8 +1,8 @@
-// nvcc-check: -DDK=128 -DDV=128 -DCMP_L=32 -DCMP_D=16 -DSEL_L=64 -DSEL_N=16 -DWINDOW=512
-// nvcc-check: -DDK=64 -DDV=64 -DCMP_L=64 -DCMP_D=64 -DSEL_L=64 -DSEL_N=4 -DWINDOW=100 -DNSA_FP16
+// nvcc-check: -DDK=128 -DDV=128 -DCMP_L=32 -DCMP_D=16 -DSEL_L=64 -DSEL_N=16 -DWINDOW=512 -DDECODE_DISCARD
+// nvcc-check: -DDK=64 -DDV=64 -DCMP_L=64 -DCMP_D=64 -DSEL_L=64 -DSEL_N=4 -DWINDOW=100 -DNSA_FP16 -DDECODE_DISCARD
 // nvcc-check: -DDK=192 -DDV=128 -DCMP_L=32 -DCMP_D=16 -DSEL_L=48 -DSEL_N=32 -DWINDOW=64
-// nvcc-check: -DDK=128 -DDV=128 -DCMP_L=32 -DCMP_D=16 -DSEL_L=64 -DSEL_N=16 -DWINDOW=512 -DDECODE_BULK
-// nvcc-check: -DDK=192 -DDV=128 -DCMP_L=32 -DCMP_D=16 -DSEL_L=48 -DSEL_N=32 -DWINDOW=64 -DDECODE_BULK -DNSA_FP16
+// nvcc-check: -DDK=128 -DDV=128 -DCMP_L=32 -DCMP_D=16 -DSEL_L=64 -DSEL_N=16 -DWINDOW=512 -DDECODE_BULK -DDECODE_DISCARD
+// nvcc-check: -DDK=192 -DDV=128 -DCMP_L=32 -DCMP_D=16 -DSEL_L=48 -DSEL_N=32 -DWINDOW=64 -DDECODE_BULK -DNSA_FP16 -DDECODE_DISCARD
 //
 // Decoding against a KV cache, flash-decoding style: every branch's keys are cut into chunks (a multiple of 64
 // keys, chosen by the host so the GPU fills), one CTA per (query, KV head, 16 query heads, chunk), so a single
@@ -109,6 +109,20 @@ __device__ __forceinline__ unsigned long long global_ns() {
   unsigned long long t;
   asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
   return t;
+}
+
+/**
+ * Drops the L2 lines lying wholly inside [p, p + bytes) without writing them back (DECODE_DISCARD): the step's
+ * slices and partial outputs are dead once their select or merge has read them, and written back they would cost
+ * DRAM bandwidth that the K/V streams need. Every thread of the CTA takes a share; call after the CTA's last read.
+ */
+__device__ __forceinline__ void discard_l2(const void *p, i64 bytes) {
+#ifdef DECODE_DISCARD
+  const unsigned long long a = reinterpret_cast<unsigned long long>(p);
+  const unsigned long long hi = (a + (unsigned long long)bytes) & ~127ull;
+  for (unsigned long long x = ((a + 127) & ~127ull) + threadIdx.x * 128ull; x < hi; x += blockDim.x * 128ull)
+    asm volatile("discard.global.L2 [%0], 128;\n" ::"l"(x) : "memory");
+#endif
 }
 
 /** Floats of a slice record (G heads' SLICE_W floats, rounded up to a multiple of 4). */
@@ -476,6 +490,10 @@ __device__ __forceinline__ void merge_outputs(int r, int y, const float *partial
         make_float4(g0 * ac.x + g1 * as.x + g2 * aw.x, g0 * ac.y + g1 * as.y + g2 * aw.y, g0 * ac.z + g1 * as.z + g2 * aw.z,
                     g0 * ac.w + g1 * as.w + g2 * aw.w);
   }
+#ifdef DECODE_DISCARD
+  __syncthreads(); // every slot read
+  for (int rr = 0; rr < rows; rr++) discard_l2(partial_o + ((prow + rr) * slots + first) * DV, (i64)ns * DV * 4);
+#endif
 }
 
 /**
@@ -780,6 +798,7 @@ __device__ __noinline__ void fused_select(int r, int h, const int *__restrict__ 
     __syncthreads();
   }
 
+  discard_l2(base, (i64)nsv * srec * 4); // every round is staged and summed (the loop ends on a barrier)
   const unsigned long long t_scores = stamps != nullptr ? global_ns() : 0;
   // Top-n: blocks 1 .. current - 2 by score (0, current - 1 and current are forced).
   const int lo = 1;

@@ -311,7 +311,8 @@ export class NsaPrograms {
   /**
    * Decoding kernels (kernels/decode.cu). The selected blocks' key/value rows (nsa_decode_slc, the slc items of
    * nsa_decode_fused) come by bulk copies where the selected attention gathers so (sm_90 and later), unless
-   * NSA_DECODE_BULK=0.
+   * NSA_DECODE_BULK=0. The slices and partial outputs are dropped from L2 unwritten once read (DECODE_DISCARD),
+   * unless NSA_DECODE_DISCARD=0 (H100, B = 64, paper preset, 64k: 0.318 -> 0.302 ms; docs/performance.md).
    */
   decode(fn: 'fused' | 'cmp_win' | 'select' | 'slc' | 'dense' | 'combine_dense' | 'compress_mean'): Kernel {
     return this.kernel('decode.cu', `nsa_decode_${fn}`, [
@@ -319,6 +320,7 @@ export class NsaPrograms {
       ...this.selDefines(),
       `-DWINDOW=${this.config.window}`,
       ...(this.decodeBulk ? ['-DDECODE_BULK'] : []),
+      ...(process.env['NSA_DECODE_DISCARD'] === '0' ? [] : ['-DDECODE_DISCARD']),
     ]);
   }
 
