@@ -97,7 +97,7 @@ for (const preset of presets) {
         const recs = cache.traceDecodeStep();
         if (recs !== undefined) printTrace(recs);
         if (recs !== undefined && traceDir !== undefined)
-          writeFileSync(`${traceDir}/trace-${preset}-b${B}-s${S}.json`, JSON.stringify({ preset, B, S, bytes, records: recs }));
+          writeFileSync(`${traceDir}/trace-${preset}-b${B}-s${S}.json`, JSON.stringify({ preset, B, S, records: recs }));
       }
       cache.dispose();
     }

@@ -5,6 +5,7 @@
 //   node bench/decode-trace-rates.mjs <trace.json> [--buckets 20]
 import { readFileSync } from 'node:fs';
 import { NSAConfig } from '../dist/index.js';
+import { decodeBytesPerHead } from '../dist/nsa/decode/types.js';
 import { flag } from './args.mjs';
 
 const file = process.argv[2];
@@ -15,13 +16,8 @@ if (file === undefined || file.startsWith('--')) {
 const buckets = Number(flag('buckets', '20'));
 const { preset, B, S, records } = JSON.parse(readFileSync(file, 'utf8'));
 const config = NSAConfig.preset(preset, { heads: 64, kvHeads: 4, headDim: 128, valueDim: 128 });
-const row = (config.headDim + config.valueDim) * 2;
 // Bytes of each branch over the batch, shared evenly by that branch's items (chunks are equal but the last).
-const branchBytes = {
-  cmp: config.compressedLength(S) * row,
-  slc: Math.min(S, config.selectCount * config.selectBlock) * row,
-  win: Math.min(S, config.window) * row,
-};
+const branchBytes = decodeBytesPerHead(config, S, 2).branches;
 const perItem = {};
 for (const kind of ['cmp', 'slc', 'win']) {
   const count = records.filter((r) => r.kind === kind).length;

@@ -6,7 +6,7 @@ import { NSAConfig, type NSAConfigOptions } from '../../src/config/nsa-config.js
 import { CacheFullError, InputValueError, ShapeError } from '../../src/errors.js';
 import { CpuBackend } from '../../src/backends/cpu/cpu-backend.js';
 import { createKvCache } from '../../src/nsa/decode/create.js';
-import type { KvCache } from '../../src/nsa/decode/types.js';
+import { decodeBytesPerHead, type KvCache } from '../../src/nsa/decode/types.js';
 import { nsaReferenceForward } from '../../src/reference/nsa-forward.js';
 import { Rng } from '../../src/tensor/random.js';
 import { Tensor } from '../../src/tensor/tensor.js';
@@ -195,5 +195,16 @@ describe('the KV cache', () => {
     await expect(cache.decode([{ sequence: s, q: tokens(new Rng(3), 1, 3, 8), g }])).rejects.toThrow(ShapeError);
     await expect(cache.decode([])).rejects.toThrow(ShapeError);
     unchanged();
+  });
+});
+
+describe('decodeBytesPerHead', () => {
+  it('counts each branch a step reads (compressed tokens, selected blocks, window; key and value rows) and their sum', () => {
+    // Paper preset at 200 tokens: (200 - 32) / 16 + 1 = 11 compressed tokens; n l' = 1024 and w = 512 capped at 200.
+    const row = (8 + 8) * 4;
+    const bytes = decodeBytesPerHead(NSAConfig.paper({ heads: 2, kvHeads: 1, headDim: 8, valueDim: 8 }), 200, 4);
+    expect(bytes.branches).toEqual({ cmp: 11 * row, slc: 200 * row, win: 200 * row });
+    expect(bytes.nsa).toBe((11 + 200 + 200) * row);
+    expect(bytes.dense).toBe(200 * row);
   });
 });

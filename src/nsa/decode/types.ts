@@ -67,13 +67,19 @@ export interface KvCache {
 
 /**
  * Bytes a decode step must read per sequence and KV head at a cache of `length` tokens: the visible compressed
- * tokens, n selected blocks and the window, each a key and a value (NSA-SPEC.md, Decoding), against every token
- * for dense attention. Element size in bytes (2 for bf16).
+ * tokens, n selected blocks and the window, each a key and a value (NSA-SPEC.md, Decoding), in all (`nsa`) and by
+ * branch, against every token for dense attention. Element size in bytes (2 for bf16).
  */
-export function decodeBytesPerHead(config: NSAConfig, length: number, elementBytes: number): { nsa: number; dense: number } {
+export function decodeBytesPerHead(
+  config: NSAConfig,
+  length: number,
+  elementBytes: number,
+): { nsa: number; dense: number; branches: { cmp: number; slc: number; win: number } } {
   const row = (config.headDim + config.valueDim) * elementBytes;
-  const compressed = config.compressedLength(length);
-  const selected = Math.min(length, config.selectCount * config.selectBlock);
-  const window = Math.min(length, config.window);
-  return { nsa: (compressed + selected + window) * row, dense: length * row };
+  const branches = {
+    cmp: config.compressedLength(length) * row,
+    slc: Math.min(length, config.selectCount * config.selectBlock) * row,
+    win: Math.min(length, config.window) * row,
+  };
+  return { nsa: branches.cmp + branches.slc + branches.win, dense: length * row, branches };
 }
