@@ -34,10 +34,11 @@
 //   nsa_decode_dense + nsa_decode_combine_dense: dense attention over the whole cache (the baseline)
 //
 // The cache is a few buffers per sequence, k and v [cap, D] per KV head (head-major: a selected block's keys are
-// one contiguous run) or [cap, H, D] (token-major), kc/vc likewise with the compressed capacity. seq_ptrs holds,
-// per sequence, SEQ_WORDS words: the addresses of k, v, kc, vc, then the row stride and the head strides (raw,
-// compressed), in rows: row i of head h of k is k + (i * stride + h * head_stride) * DK. seq_len holds the tokens
-// held. Query r attends at position q_pos[r] of sequence q_seq[r]; its K/V are already in the cache. Partial
+// one contiguous run) or [cap, H, D] (token-major), kc/vc likewise with the compressed capacity. query_ptrs holds,
+// per query (its sequence's, so that no launch reads a query's sequence before its cache: one round trip, not
+// two), SEQ_WORDS words: the addresses of k, v, kc, vc, then the row stride and the head strides (raw,
+// compressed), in rows: row i of head h of k is k + (i * stride + h * head_stride) * DK, then the tokens held
+// (q_len[r] too). Query r attends at position q_pos[r]; its K/V are already in the cache. Partial
 // results partial_m/l/o are [Q, Hq, slots] (+ DV for o), m in log2 units, o unnormalised; the slots of a row are
 // laid out cmp, slc, win. Slices are [Q, H, slice_stride] floats: per slice of 16 compressed keys a record of
 // SREC = G * SLICE_W floats rounded up to a multiple of 4 (so that records can be staged with 16-byte copies).
@@ -59,7 +60,7 @@
 #define SEL_PER_THREAD 4 // candidate blocks per thread of nsa_decode_select: at most 1024 per CTA
 #define MAX_G 128
 #define SEL_STAGE 8192 // floats of nsa_decode_select's staging area (dynamic shared memory)
-#define SEQ_WORDS 8 // per sequence in seq_ptrs: k, v, kc, vc, row stride, raw head stride, compressed head stride, unused
+#define SEQ_WORDS 8 // per query in query_ptrs: k, v, kc, vc, row stride, raw head stride, compressed head stride, tokens held
 #define PBUF_BYTES (4 * ROWS * (SLICE + 1) * 4)
 
 #if defined(DECODE_BULK) && defined(NSA_HAS_BULK_COPY)
@@ -130,9 +131,7 @@ __device__ __forceinline__ int slice_record(int G) { return (G * SLICE_W + 3) & 
 
 struct Cache {
   const elem_t *q; // [Q, Hq, DK]
-  const unsigned long long *seq_ptrs;
-  const int *seq_len;
-  const int *q_seq;
+  const unsigned long long *query_ptrs; // [Q, SEQ_WORDS]
   const int *q_pos;
 };
 
@@ -163,11 +162,10 @@ __device__ __forceinline__ void attend_chunk(const Cache &c, const int *block_in
   const int h = y / gchunks;
   const int head0 = (y % gchunks) * ROWS;
   const int rows = min(ROWS, G - head0);
-  const int seq = c.q_seq[r];
+  const unsigned long long *sp = c.query_ptrs + (i64)r * SEQ_WORDS;
   const int t = c.q_pos[r];
-  const int len = c.seq_len[seq];
+  const int len = (int)sp[7];
   const int tc = cmp_held(len);
-  const unsigned long long *sp = c.seq_ptrs + (i64)seq * SEQ_WORDS;
   const elem_t *kbase = reinterpret_cast<const elem_t *>(sp[BRANCH == 0 ? 2 : 0]);
   const elem_t *vbase = reinterpret_cast<const elem_t *>(sp[BRANCH == 0 ? 3 : 1]);
   const i64 rstride = (i64)sp[4];                  // rows between tokens
@@ -362,15 +360,14 @@ __device__ __forceinline__ void attend_chunk(const Cache &c, const int *block_in
 
 /** Launch 1: chunks of the compressed keys (blockIdx.z < split, slots cmp0 + z) and of the window (the rest). */
 extern "C" __global__ void __launch_bounds__(THREADS)
-    nsa_decode_cmp_win(const elem_t *__restrict__ q, const unsigned long long *__restrict__ seq_ptrs,
-                       const int *__restrict__ seq_len, const int *__restrict__ q_seq, const int *__restrict__ q_pos,
+    nsa_decode_cmp_win(const elem_t *__restrict__ q, const unsigned long long *__restrict__ query_ptrs, const int *__restrict__ q_pos,
                        float *__restrict__ partial_m, float *__restrict__ partial_l, float *__restrict__ partial_o, int slots,
                        int split, int cmp_chunk, int win_slot0, int win_chunk, float *__restrict__ slices, i64 slice_stride,
                        int Hq, int H, float scale_log2) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ AttendShared sh;
   __shared__ float pbuf[4][ROWS][SLICE + 1]; // each warp's probabilities of its slice
-  const Cache c{q, seq_ptrs, seq_len, q_seq, q_pos};
+  const Cache c{q, query_ptrs, q_pos};
   const int z = blockIdx.z;
   if (z < split)
     attend_chunk<0>(c, nullptr, partial_m, partial_l, partial_o, slots, z, blockIdx.x, blockIdx.y, z, cmp_chunk, scale_log2, Hq, H,
@@ -382,13 +379,12 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 
 /** The dense baseline's chunks. */
 extern "C" __global__ void __launch_bounds__(THREADS)
-    nsa_decode_dense(const elem_t *__restrict__ q, const unsigned long long *__restrict__ seq_ptrs, const int *__restrict__ seq_len,
-                     const int *__restrict__ q_seq, const int *__restrict__ q_pos, float *__restrict__ partial_m,
+    nsa_decode_dense(const elem_t *__restrict__ q, const unsigned long long *__restrict__ query_ptrs, const int *__restrict__ q_pos, float *__restrict__ partial_m,
                      float *__restrict__ partial_l, float *__restrict__ partial_o, int slots, int chunk, int Hq, int H,
                      float scale_log2) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ AttendShared sh;
-  const Cache c{q, seq_ptrs, seq_len, q_seq, q_pos};
+  const Cache c{q, query_ptrs, q_pos};
   attend_chunk<3>(c, nullptr, partial_m, partial_l, partial_o, slots, blockIdx.z, blockIdx.x, blockIdx.y, blockIdx.z, chunk, scale_log2,
                   Hq, H, nullptr, 0, smem_raw, sh, nullptr);
 }
@@ -501,15 +497,14 @@ __device__ __forceinline__ void merge_outputs(int r, int y, const float *partial
  * merges the slc chunks and the win chunks (slots win_slot0 .. slots) and writes the outputs and the gated sum.
  */
 extern "C" __global__ void __launch_bounds__(THREADS)
-    nsa_decode_slc(const elem_t *__restrict__ q, const unsigned long long *__restrict__ seq_ptrs, const int *__restrict__ seq_len,
-                   const int *__restrict__ q_seq, const int *__restrict__ q_pos, const int *__restrict__ block_indices,
+    nsa_decode_slc(const elem_t *__restrict__ q, const unsigned long long *__restrict__ query_ptrs, const int *__restrict__ q_pos, const int *__restrict__ block_indices,
                    float *__restrict__ partial_m, float *__restrict__ partial_l, float *__restrict__ partial_o, int slots,
                    int slc_slot0, int chunk, int win_slot0, int Hq, int H, float scale_log2, const float *__restrict__ gate,
                    float *__restrict__ o_cmp, float *__restrict__ o_slc, float *__restrict__ o_win, float *__restrict__ out,
                    float *__restrict__ lse_slc, float *__restrict__ lse_win, int *__restrict__ counters) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ AttendShared sh;
-  const Cache c{q, seq_ptrs, seq_len, q_seq, q_pos};
+  const Cache c{q, query_ptrs, q_pos};
   attend_chunk<1>(c, block_indices, partial_m, partial_l, partial_o, slots, slc_slot0 + blockIdx.z, blockIdx.x, blockIdx.y, blockIdx.z,
                   chunk, scale_log2, Hq, H, nullptr, 0, smem_raw, sh, nullptr);
   if (!last_to_finish(counters + (i64)blockIdx.x * gridDim.y + blockIdx.y, gridDim.z, &sh.last)) return;
@@ -526,8 +521,8 @@ extern "C" __global__ void __launch_bounds__(THREADS)
  */
 extern "C" __global__ void __launch_bounds__(SEL_THREADS)
     nsa_decode_select(const float *__restrict__ partial_m, const float *__restrict__ partial_l, const float *__restrict__ partial_o,
-                      const float *__restrict__ slices, i64 slice_stride, const int *__restrict__ seq_len,
-                      const int *__restrict__ q_seq, const int *__restrict__ q_pos, float *__restrict__ o_cmp,
+                      const float *__restrict__ slices, i64 slice_stride, const int *__restrict__ q_len,
+                      const int *__restrict__ q_pos, float *__restrict__ o_cmp,
                       float *__restrict__ lse_cmp, int *__restrict__ block_indices, float *__restrict__ cand_s,
                       int *__restrict__ cand_j, int *__restrict__ counters, int Hq, int H, int slots, int cmp_slots) {
   extern __shared__ __align__(16) unsigned char sel_smem[];
@@ -543,7 +538,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int t = q_pos[r];
-  const int len = seq_len[q_seq[r]];
+  const int len = q_len[r];
   const int visible = cmp_visible_in(t, len);
 
   // The cmp lse of every head (a warp per head): m and l over the cmp chunks.
@@ -697,7 +692,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
  * candidates, then per round of ns slices their records and per-block head sums (the host checks that at least
  * eight slices, or all, fit).
  */
-__device__ __noinline__ void fused_select(int r, int h, const int *__restrict__ seq_len, const int *__restrict__ q_seq, const int *__restrict__ q_pos,
+__device__ __noinline__ void fused_select(int r, int h, const unsigned long long *__restrict__ query_ptrs, const int *__restrict__ q_pos,
                              const float *partial_m, const float *partial_l, int slots, int cmp_slots, const float *slices,
                              i64 slice_stride, int *block_indices, int Hq, int H, float *work, int work_floats,
                              unsigned long long *stamps) {
@@ -706,7 +701,7 @@ __device__ __noinline__ void fused_select(int r, int h, const int *__restrict__ 
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int t = q_pos[r];
-  const int len = seq_len[q_seq[r]];
+  const int len = (int)query_ptrs[(i64)r * SEQ_WORDS + 7];
   const int visible = cmp_visible_in(t, len);
   const int current = t / SEL_L;
   const int ncand = current + 1;
@@ -838,8 +833,7 @@ __device__ __noinline__ void fused_select(int r, int h, const int *__restrict__ 
  */
 #define TRACE_WORDS 13
 extern "C" __global__ void __launch_bounds__(THREADS, 3)
-    nsa_decode_fused(const elem_t *__restrict__ q, const unsigned long long *__restrict__ seq_ptrs, const int *__restrict__ seq_len,
-                     const int *__restrict__ q_seq, const int *__restrict__ q_pos, float *partial_m, float *partial_l,
+    nsa_decode_fused(const elem_t *__restrict__ q, const unsigned long long *__restrict__ query_ptrs, const int *__restrict__ q_pos, float *partial_m, float *partial_l,
                      float *partial_o, int slots, int cmp_n, int cmp_chunk, int slc_slot0, int slc_n, int slc_chunk, int win_slot0,
                      int win_n, int win_chunk, float *slices, i64 slice_stride, int Q, int Hq, int H, float scale_log2,
                      const float *__restrict__ gate, float *o_cmp, float *o_slc, float *o_win, float *out, float *lse_cmp,
@@ -856,7 +850,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 3)
   __syncthreads();
   const int item = (int)(ticket_sh % gridDim.x);
   const int target = (int)(ticket_sh / gridDim.x) + 1;
-  const Cache c{q, seq_ptrs, seq_len, q_seq, q_pos};
+  const Cache c{q, query_ptrs, q_pos};
   const int G = Hq / H;
   const int gchunks = (G + ROWS - 1) / ROWS;
   const int ny = H * gchunks;
@@ -903,7 +897,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 3)
     if (trace != nullptr) t_attended = global_ns();
     if (last_to_finish(cmp_done + r * H + h, cmp_n * gchunks, &sh.last)) {
       selected = true;
-      fused_select(r, h, seq_len, q_seq, q_pos, partial_m, partial_l, slots, cmp_n, slices, slice_stride, block_indices, Hq, H,
+      fused_select(r, h, query_ptrs, q_pos, partial_m, partial_l, slots, cmp_n, slices, slice_stride, block_indices, Hq, H,
                    reinterpret_cast<float *>(smem_raw), work_floats, trace != nullptr ? trace + TRACE_WORDS * (i64)item + 8 : nullptr);
       __threadfence();
       __syncthreads();
@@ -943,7 +937,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 3)
 /**
  * phi = mean in the cache's layout (appendRandom): compressed token first + blockIdx.x of a sequence, KV head
  * blockIdx.y, averages its tokens [i*d, i*d + l) in fp32, rounded once (threads [0, DK/8) keys, the rest values,
- * 8 channels each). Row strides as in seq_ptrs: token i of head h at (i * rstride + h * hstride) rows, compressed
+ * 8 channels each). Row strides as in query_ptrs: token i of head h at (i * rstride + h * hstride) rows, compressed
  * rows with hstride_c.
  */
 extern "C" __global__ void nsa_decode_compress_mean(const elem_t *__restrict__ k, const elem_t *__restrict__ v, elem_t *__restrict__ kc,

@@ -412,7 +412,7 @@ export class CudaKvCache implements KvCache {
     return this.headMajor ? [1, capacity, this.compressedCapacity(capacity)] : [this.config.kvHeads, 1, 1];
   }
 
-  /** What the kernels read per sequence (decode.cu, SEQ_WORDS): the buffers' addresses and the strides. */
+  /** Per sequence, what the kernels read per query (decode.cu, SEQ_WORDS): the buffers' addresses and the strides. */
   private seqTable(): { ptrs: BigUint64Array; lengths: Int32Array } {
     const ptrs = new BigUint64Array(this.sequences.length * 8);
     this.sequences.forEach((s, i) => {
@@ -516,7 +516,7 @@ class DecodeStep {
   readonly lseWin: DeviceBuffer;
   readonly blockIndices: DeviceBuffer;
   private readonly buffers: DeviceBuffer[] = [];
-  private readonly tables: Record<'seqPtrs' | 'seqLen' | 'qSeq' | 'qPos', DeviceBuffer>;
+  private readonly tables: Record<'queryPtrs' | 'qLen' | 'qPos', DeviceBuffer>;
   private readonly partial: Record<'m' | 'l' | 'o', DeviceBuffer>;
   /** Branch 0's per-slice block sums [Q, H, sliceStride]; the select step's candidate lists; last-CTA counters. */
   private readonly slices: DeviceBuffer;
@@ -636,10 +636,16 @@ class DecodeStep {
       fused: f32(4 + 2 * Q * H + ctaRows, 'decode fused counters'),
     };
     for (const c of Object.values(this.counters)) ctx.memset(c, 0);
+    // Each query's sequence's words (decode.cu SEQ_WORDS, the tokens held last), so that a kernel reaches a
+    // query's cache in one round trip instead of reading its sequence first.
+    const queryPtrs = new BigUint64Array(Q * 8);
+    qSeq.forEach((seq, r) => {
+      queryPtrs.set(table.ptrs.subarray(seq * 8, seq * 8 + 7), r * 8);
+      queryPtrs[r * 8 + 7] = BigInt(table.lengths[seq]!);
+    });
     this.tables = {
-      seqPtrs: this.keep(ctx.upload(table.ptrs, 'decode sequence pointers')),
-      seqLen: this.keep(ctx.upload(table.lengths, 'decode sequence lengths')),
-      qSeq: this.keep(ctx.upload(Int32Array.from(qSeq), 'decode query sequences')),
+      queryPtrs: this.keep(ctx.upload(queryPtrs, 'decode query cache pointers')),
+      qLen: this.keep(ctx.upload(Int32Array.from(qSeq, (seq) => table.lengths[seq]!), 'decode query sequence lengths')),
       qPos: this.keep(ctx.upload(Int32Array.from(qPos), 'decode query positions')),
     };
   }
@@ -659,7 +665,7 @@ class DecodeStep {
     const { heads: Hq, kvHeads: H } = config;
     const gchunks = Math.ceil(config.groupSize / 16);
     const scaleLog2 = { f32: config.scale * Math.LOG2E };
-    const cache = [ptr(this.q), ptr(tables.seqPtrs), ptr(tables.seqLen), ptr(tables.qSeq), ptr(tables.qPos)];
+    const cache = [ptr(this.q), ptr(tables.queryPtrs), ptr(tables.qPos)];
     const parts = [ptr(partial.m), ptr(partial.l), ptr(partial.o)];
     const rows = Q * Hq;
     if (dense) {
@@ -728,7 +734,7 @@ class DecodeStep {
             block: [256, 1, 1],
             sharedBytes: Math.max(SELECT_STAGE * 4, this.selectCtas * config.selectCount * 8),
             args: [
-              ...parts, ptr(this.slices), { i64: this.sliceStride }, ptr(tables.seqLen), ptr(tables.qSeq), ptr(tables.qPos),
+              ...parts, ptr(this.slices), { i64: this.sliceStride }, ptr(tables.qLen), ptr(tables.qPos),
               ptr(this.oCmp), ptr(this.lseCmp), ptr(this.blockIndices), ptr(this.candidates.s), ptr(this.candidates.j),
               ptr(this.counters.select), { i32: Hq }, { i32: H }, { i32: slots.nsa }, { i32: slots.cmp },
             ],
