@@ -61,7 +61,6 @@
 #define MAX_G 128
 #define SEL_STAGE 8192 // floats of nsa_decode_select's staging area (dynamic shared memory)
 #define SEQ_WORDS 8 // per query in query_ptrs: k, v, kc, vc, row stride, raw head stride, compressed head stride, tokens held
-#define PBUF_BYTES (4 * ROWS * (SLICE + 1) * 4)
 
 #if defined(DECODE_BULK) && defined(NSA_HAS_BULK_COPY)
 #define DECODE_USE_BULK 1
@@ -126,6 +125,69 @@ __device__ __forceinline__ void discard_l2(const void *p, i64 bytes) {
 #endif
 }
 
+/** tf32 rounding of x (round to nearest, ties away), as a b32 operand of a tf32 mma. */
+__device__ __forceinline__ u32 to_tf32(float x) {
+  u32 r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+  return r;
+}
+
+/** C[16 x 8] += A[16 x 8] * B[8 x 8] in tf32 (sm_80+), fp32 accumulate. */
+__device__ __forceinline__ void mma_1688_tf32(float c[4], const u32 a[4], const u32 b[2]) {
+  asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+/** Tokens that compressed key `key` (covering [key d, key d + l)) shares with selection block j: its score weight. */
+__device__ __forceinline__ int block_overlap(int key, int j) {
+  const int start = key * CMP_D;
+  return max(0, min(start + CMP_L, (j + 1) * SEL_L) - max(start, j * SEL_L));
+}
+
+/**
+ * A cmp item's slice fold: the probabilities p (a warp's 16 rows x 16 compressed keys k0 .. k0 + 16, in the C
+ * fragments of its scores) times the overlap weights W[key][block] (16 x SLICE_BLOCKS), written as the slice's
+ * per-head block sums to dst[row * SLICE_W + block] for rows < rows. On the tensor cores in tf32 with p split into
+ * a high and a low tf32 part (~22 bits, fp32's range; W is a small integer, exact), instead of a loop of scalar FMAs
+ * over a shared-memory copy of p that stalled every tile of the attention loop. The mma's k index c of k-tile n
+ * stands for key n * 8 + 2c and c + 4 for key n * 8 + 2c + 1, so the C fragments serve as A without a shuffle.
+ */
+__device__ __forceinline__ void fold_slice(const float s[2][4], int k0, int rows, float *dst, int lane) {
+  constexpr int JT = (SLICE_BLOCKS + 7) / 8; // 8-block column tiles
+  const int g = lane / 4;
+  const int c = lane % 4;
+  const int jmin = k0 * CMP_D / SEL_L; // the first block the slice touches
+  // One column tile at a time (the split of p done again for each), so that only four accumulators are live.
+#pragma unroll 1
+  for (int jt = 0; jt < JT; jt++) {
+    const int j = jt * 8 + g; // this lane's column of W
+    float acc[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int n = 0; n < 2; n++) {
+      const float p[4] = {s[n][0], s[n][2], s[n][1], s[n][3]}; // rows g, g + 8 of key 2c, then of key 2c + 1
+      u32 hi[4], lo[4];
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        hi[e] = to_tf32(p[e]);
+        lo[e] = to_tf32(p[e] - __uint_as_float(hi[e]));
+      }
+      const int key = k0 + n * 8 + 2 * c;
+      u32 w[2];
+      w[0] = __float_as_uint(j < SLICE_BLOCKS ? (float)block_overlap(key, jmin + j) : 0.f);
+      w[1] = __float_as_uint(j < SLICE_BLOCKS ? (float)block_overlap(key + 1, jmin + j) : 0.f);
+      mma_1688_tf32(acc, hi, w);
+      mma_1688_tf32(acc, lo, w);
+    }
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const int row = g + (e >= 2 ? 8 : 0);
+      const int col = jt * 8 + 2 * c + (e & 1);
+      if (row < rows && col < SLICE_BLOCKS) dst[row * SLICE_W + col] = acc[e];
+    }
+  }
+}
+
 /** Floats of a slice record (G heads' SLICE_W floats, rounded up to a multiple of 4). */
 __device__ __forceinline__ int slice_record(int G) { return (G * SLICE_W + 3) & ~3; }
 
@@ -144,7 +206,7 @@ template <int BRANCH>
 __device__ __forceinline__ void attend_chunk(const Cache &c, const int *block_indices, float *partial_m, float *partial_l,
                                              float *partial_o, int slots, int slot, int r, int y, int zc, int chunk,
                                              float scale_log2, int Hq, int H, float *slices, i64 slice_stride,
-                                             unsigned char *smem_raw, AttendShared &sh, float (*pbuf)[ROWS][SLICE + 1],
+                                             unsigned char *smem_raw, AttendShared &sh,
                                              const int *wait_flag = nullptr, int wait_target = 0) {
   // Only the selected blocks' rows (gathered from anywhere in the cache) come by bulk copies: on the contiguous
   // branches they measured no faster, and the padding costs the cmp + win launch a CTA per SM (H100).
@@ -307,34 +369,14 @@ __device__ __forceinline__ void attend_chunk(const Cache &c, const int *block_in
     }
     softmax_update<2, DV>(st, s, o);
     if (BRANCH == 0 && k0 < c1) {
-      // This warp's slice (compressed keys k0 .. k0 + 16): its probabilities exp2(s - st.m), summed per selection
-      // block with the overlap weights (in units of tokens), and st.m itself.
-#pragma unroll
-      for (int n = 0; n < 2; n++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) pbuf[warp][lane / 4 + (e >= 2 ? 8 : 0)][n * 8 + (lane % 4) * 2 + (e & 1)] = s[n][e];
-      __syncwarp();
-      const int jmin = k0 * CMP_D / SEL_L;
+      // This warp's slice (compressed keys k0 .. k0 + 16): its probabilities exp2(s - st.m) summed per selection
+      // block with the overlap weights (in tokens), on the tensor cores, and st.m itself.
       float *dst = slice_base + (i64)(k0 / SLICE) * slice_record(G) + head0 * SLICE_W;
-      for (int idx = lane; idx < rows * SLICE_BLOCKS; idx += 32) {
-        const int row = idx / SLICE_BLOCKS;
-        const int j = jmin + idx % SLICE_BLOCKS;
-        // Compressed keys i overlapping block j: (j l' - l) / d < i <= ((j + 1) l' - 1) / d (exact divisions).
-        const int klo = max(0, (j * SEL_L - CMP_L + CMP_D) / CMP_D - k0);
-        const int khi = min(SLICE, ((j + 1) * SEL_L - 1) / CMP_D + 1 - k0);
-        float acc = 0.f;
-        for (int k = klo; k < khi; k++) {
-          const int start = (k0 + k) * CMP_D;
-          const int overlap = min(start + CMP_L, (j + 1) * SEL_L) - max(start, j * SEL_L);
-          acc += pbuf[warp][row][k] * (float)overlap;
-        }
-        dst[row * SLICE_W + idx % SLICE_BLOCKS] = acc;
-      }
+      fold_slice(s, k0, rows, dst, lane);
       if (lane % 4 == 0) {
         if (lane / 4 < rows) dst[(lane / 4) * SLICE_W + SLICE_BLOCKS] = st.m[0];
         if (lane / 4 + 8 < rows) dst[(lane / 4 + 8) * SLICE_W + SLICE_BLOCKS] = st.m[1];
       }
-      __syncwarp();
     }
     pv_mma<DV, 1, VTile>(o, s, vsmem + (it & 1) * TILE * V_ROW, warp * 16, lane);
     __syncthreads();
@@ -366,15 +408,14 @@ extern "C" __global__ void __launch_bounds__(THREADS)
                        int Hq, int H, float scale_log2) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ AttendShared sh;
-  __shared__ float pbuf[4][ROWS][SLICE + 1]; // each warp's probabilities of its slice
   const Cache c{q, query_ptrs, q_pos};
   const int z = blockIdx.z;
   if (z < split)
     attend_chunk<0>(c, nullptr, partial_m, partial_l, partial_o, slots, z, blockIdx.x, blockIdx.y, z, cmp_chunk, scale_log2, Hq, H,
-                    slices, slice_stride, smem_raw, sh, pbuf);
+                    slices, slice_stride, smem_raw, sh);
   else
     attend_chunk<2>(c, nullptr, partial_m, partial_l, partial_o, slots, win_slot0 + z - split, blockIdx.x, blockIdx.y, z - split,
-                    win_chunk, scale_log2, Hq, H, nullptr, 0, smem_raw, sh, nullptr);
+                    win_chunk, scale_log2, Hq, H, nullptr, 0, smem_raw, sh);
 }
 
 /** The dense baseline's chunks. */
@@ -386,7 +427,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   __shared__ AttendShared sh;
   const Cache c{q, query_ptrs, q_pos};
   attend_chunk<3>(c, nullptr, partial_m, partial_l, partial_o, slots, blockIdx.z, blockIdx.x, blockIdx.y, blockIdx.z, chunk, scale_log2,
-                  Hq, H, nullptr, 0, smem_raw, sh, nullptr);
+                  Hq, H, nullptr, 0, smem_raw, sh);
 }
 
 /** Marks this CTA done with its share of `counter`'s work; true in the last of `total` (which resets the counter). */
@@ -506,7 +547,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
   __shared__ AttendShared sh;
   const Cache c{q, query_ptrs, q_pos};
   attend_chunk<1>(c, block_indices, partial_m, partial_l, partial_o, slots, slc_slot0 + blockIdx.z, blockIdx.x, blockIdx.y, blockIdx.z,
-                  chunk, scale_log2, Hq, H, nullptr, 0, smem_raw, sh, nullptr);
+                  chunk, scale_log2, Hq, H, nullptr, 0, smem_raw, sh);
   if (!last_to_finish(counters + (i64)blockIdx.x * gridDim.y + blockIdx.y, gridDim.z, &sh.last)) return;
   merge_outputs(blockIdx.x, blockIdx.y, partial_m, partial_l, partial_o, slots, 0, slc_slot0, win_slot0, Hq, H, gate, o_cmp, o_slc,
                 o_win, out, nullptr, lse_slc, lse_win, smem_raw);
@@ -858,8 +899,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, 3)
   int *cmp_done = counters + 4;
   int *sel_flag = cmp_done + Q * H;
   int *merge_done = sel_flag + Q * H;
-  // The cmp items' slice probabilities follow their (unpadded) Q and K/V stages.
-  float(*pbuf)[ROWS][SLICE + 1] = reinterpret_cast<float(*)[ROWS][SLICE + 1]>(smem_raw + 2 * (ROWS * DK + 2 * TILE * (DK + DV)));
   bool merge = false;
   bool selected = false;
   unsigned long long t_attended = 0;
@@ -893,7 +932,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 3)
   const int h = y / gchunks;
   if (kind == 0) {
     attend_chunk<0>(c, nullptr, partial_m, partial_l, partial_o, slots, z, r, y, z, cmp_chunk, scale_log2, Hq, H, slices, slice_stride,
-                    smem_raw, sh, pbuf);
+                    smem_raw, sh);
     if (trace != nullptr) t_attended = global_ns();
     if (last_to_finish(cmp_done + r * H + h, cmp_n * gchunks, &sh.last)) {
       selected = true;
@@ -905,12 +944,12 @@ extern "C" __global__ void __launch_bounds__(THREADS, 3)
     }
   } else if (kind == 2) {
     attend_chunk<2>(c, nullptr, partial_m, partial_l, partial_o, slots, win_slot0 + z, r, y, z, win_chunk, scale_log2, Hq, H, nullptr, 0,
-                    smem_raw, sh, nullptr);
+                    smem_raw, sh);
     if (trace != nullptr) t_attended = global_ns();
     merge = last_to_finish(merge_done + row, win_n + slc_n, &sh.last);
   } else {
     attend_chunk<1>(c, block_indices, partial_m, partial_l, partial_o, slots, slc_slot0 + z, r, y, z, slc_chunk, scale_log2, Hq, H, nullptr,
-                    0, smem_raw, sh, nullptr, sel_flag + r * H + h, target);
+                    0, smem_raw, sh, sel_flag + r * H + h, target);
     if (trace != nullptr) t_attended = global_ns();
     merge = last_to_finish(merge_done + row, win_n + slc_n, &sh.last);
   }

@@ -330,12 +330,11 @@ export class NsaPrograms {
 
   /**
    * Q rows and two stages of 64 key and value rows (nsa_decode_slc's padded by 8 elements for bulk copies). The
-   * fused step's CTAs take the larger of the slc items' (padded) and the cmp items' (unpadded, then their slice
-   * probabilities: 4 warps x 16 rows x 17 floats).
+   * fused step's CTAs take the larger of the slc items' (padded) and the cmp items' (unpadded).
    */
   decodePartialSharedBytes(fn: 'fused' | 'cmp_win' | 'slc' | 'dense'): number {
     const { headDim: dk, valueDim: dv } = this.config;
-    if (fn === 'fused') return Math.max(this.decodePartialSharedBytes('slc'), this.decodePartialSharedBytes('cmp_win') + 4 * 16 * 17 * 4);
+    if (fn === 'fused') return Math.max(this.decodePartialSharedBytes('slc'), this.decodePartialSharedBytes('cmp_win'));
     const pad = fn === 'slc' && this.decodeBulk ? 8 : 0;
     return 2 * (16 * dk + 2 * 64 * (dk + dv + 2 * pad));
   }
