@@ -61,6 +61,14 @@ function printTrace(recs) {
         `fence+flag ${part((r) => r.end - r.select.topN)}; rounds of slices ${Math.min(...rounds)}-${Math.max(...rounds)}`,
     );
   }
+  const merges = recs.filter((r) => r.merged && r.merge !== undefined);
+  if (merges.length > 0) {
+    const part = (f) => `${us(mean(merges.map(f)))} (max ${us(Math.max(...merges.map(f))).padStart(4)})`;
+    console.log(
+      `      merge phases, us mean: counter ${part((r) => r.merge.entered - r.attended)}, weights ${part((r) => r.merge.weights - r.merge.entered)}, ` +
+        `outputs ${part((r) => r.merge.outputs - r.merge.weights)}, discards ${part((r) => r.end - r.merge.outputs)}`,
+    );
+  }
   const buckets = 20;
   const alive = [];
   const waiting = [];

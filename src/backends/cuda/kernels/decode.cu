@@ -455,7 +455,8 @@ __device__ __forceinline__ bool last_to_finish(int *counter, int total, int *fla
 __device__ __forceinline__ void merge_outputs(int r, int y, const float *partial_m, const float *partial_l, const float *partial_o,
                                               int slots, int cmp_n, int slc_slot0, int win_slot0, int Hq, int H, const float *gate,
                                               float *o_cmp, float *o_slc, float *o_win, float *out, float *lse_cmp, float *lse_slc,
-                                              float *lse_win, unsigned char *smem) {
+                                              float *lse_win, unsigned char *smem, unsigned long long *stamps = nullptr) {
+  const unsigned long long t_entry = stamps != nullptr ? global_ns() : 0;
   const int G = Hq / H;
   const int gchunks = (G + ROWS - 1) / ROWS;
   const int h = y / gchunks;
@@ -500,6 +501,7 @@ __device__ __forceinline__ void merge_outputs(int r, int y, const float *partial
     }
   }
   __syncthreads();
+  const unsigned long long t_weights = stamps != nullptr ? global_ns() : 0;
   auto add_slots = [&](float4 &acc, const float4 *po, const float *w, int from, int to) {
 #pragma unroll 4
     for (int s = from; s < to; s++) {
@@ -526,6 +528,11 @@ __device__ __forceinline__ void merge_outputs(int r, int y, const float *partial
     *reinterpret_cast<float4 *>(out + orow * DV + col) =
         make_float4(g0 * ac.x + g1 * as.x + g2 * aw.x, g0 * ac.y + g1 * as.y + g2 * aw.y, g0 * ac.z + g1 * as.z + g2 * aw.z,
                     g0 * ac.w + g1 * as.w + g2 * aw.w);
+  }
+  if (stamps != nullptr && threadIdx.x == 0) {
+    stamps[0] = t_entry;
+    stamps[1] = t_weights;
+    stamps[2] = global_ns(); // thread 0's outputs written
   }
 #ifdef DECODE_DISCARD
   __syncthreads(); // every slot read
@@ -870,7 +877,8 @@ __device__ __noinline__ void fused_select(int r, int h, const unsigned long long
  * set, each CTA writes TRACE_WORDS words at trace + TRACE_WORDS * item: item, start, end of its wait (slc items), end
  * of its attention, end of its select or merge, 1 if it selected + 2 if it merged, its SM, its kind (0 cmp, 1 slc,
  * 2 win); a select adds its entry (after the chunk counter), the end of its lse, of its block scores and of its
- * top-n, and its rounds of slices. Times are globaltimer nanoseconds.
+ * top-n, and its rounds of slices; a merge its entry (after the row's counter), the end of its weights (the slots'
+ * m and l read) and of its outputs (thread 0's, before the discards). Times are globaltimer nanoseconds.
  */
 #define TRACE_WORDS 13
 extern "C" __global__ void __launch_bounds__(THREADS, 3)
@@ -957,7 +965,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, 3)
   // counted itself done, so o_cmp is there.
   if (merge)
     merge_outputs(r, y, partial_m, partial_l, partial_o, slots, cmp_n, slc_slot0, win_slot0, Hq, H, gate, o_cmp, o_slc, o_win, out,
-                  lse_cmp, lse_slc, lse_win, smem_raw);
+                  lse_cmp, lse_slc, lse_win, smem_raw, trace != nullptr ? trace + TRACE_WORDS * (i64)item + 8 : nullptr);
   if (trace != nullptr && threadIdx.x == 0) {
     unsigned int smid;
     asm volatile("mov.u32 %0, %%smid;" : "=r"(smid));

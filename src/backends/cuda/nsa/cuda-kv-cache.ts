@@ -85,6 +85,8 @@ export interface DecodeTraceRecord {
   sm: number;
   /** A select's phases: entry (after the chunk counter), ends of its lse, block scores and top-n; rounds of slices. */
   select: { entered: number; lse: number; scores: number; topN: number; rounds: number } | undefined;
+  /** A merge's phases: entry (after the row's counter), ends of its weights (the slots' m and l) and of its outputs. */
+  merge: { entered: number; weights: number; outputs: number } | undefined;
 }
 
 /** A buffer's bytes from `byteOffset` on, for copies into or out of the middle of it (owns nothing). */
@@ -313,7 +315,7 @@ export class CudaKvCache implements KvCache {
    * Diagnostics of the fused step (undefined where the step is three launches): after a few untraced runs, one run
    * writes per work item its kind and globaltimer stamps (ns from the first item's start): start, end of the wait
    * for the selection (slc items, else 0), end of the attention, end; whether it selected or merged; and for a select
-   * the ends of its phases (DecodeTraceRecord).
+   * or a merge the ends of its phases (DecodeTraceRecord).
    */
   traceDecodeStep(): DecodeTraceRecord[] | undefined {
     const step = this.randomStep();
@@ -335,6 +337,7 @@ export class CudaKvCache implements KvCache {
         return Array.from({ length: total }, (_, item) => {
           const w = words.subarray(item * TRACE_WORDS, (item + 1) * TRACE_WORDS);
           const selected = (w[5]! & 1n) !== 0n;
+          const merged = (w[5]! & 2n) !== 0n;
           return {
             kind: kinds[Number(w[7]!)] ?? 'cmp',
             start: ns(w[1]!),
@@ -342,11 +345,12 @@ export class CudaKvCache implements KvCache {
             attended: ns(w[3]!),
             end: ns(w[4]!),
             selected,
-            merged: (w[5]! & 2n) !== 0n,
+            merged,
             sm: Number(w[6]!),
             select: selected
               ? { entered: ns(w[8]!), lse: ns(w[9]!), scores: ns(w[10]!), topN: ns(w[11]!), rounds: Number(w[12]!) }
               : undefined,
+            merge: merged ? { entered: ns(w[8]!), weights: ns(w[9]!), outputs: ns(w[10]!) } : undefined,
           };
         });
       } finally {
