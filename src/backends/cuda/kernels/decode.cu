@@ -420,9 +420,9 @@ extern "C" __global__ void __launch_bounds__(THREADS)
 
 /** The dense baseline's chunks. */
 extern "C" __global__ void __launch_bounds__(THREADS)
-    nsa_decode_dense(const elem_t *__restrict__ q, const unsigned long long *__restrict__ query_ptrs, const int *__restrict__ q_pos, float *__restrict__ partial_m,
-                     float *__restrict__ partial_l, float *__restrict__ partial_o, int slots, int chunk, int Hq, int H,
-                     float scale_log2) {
+    nsa_decode_dense(const elem_t *__restrict__ q, const unsigned long long *__restrict__ query_ptrs, const int *__restrict__ q_pos,
+                     float *__restrict__ partial_m, float *__restrict__ partial_l, float *__restrict__ partial_o, int slots,
+                     int chunk, int Hq, int H, float scale_log2) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   __shared__ AttendShared sh;
   const Cache c{q, query_ptrs, q_pos};
@@ -545,9 +545,10 @@ __device__ __forceinline__ void merge_outputs(int r, int y, const float *partial
  * merges the slc chunks and the win chunks (slots win_slot0 .. slots) and writes the outputs and the gated sum.
  */
 extern "C" __global__ void __launch_bounds__(THREADS)
-    nsa_decode_slc(const elem_t *__restrict__ q, const unsigned long long *__restrict__ query_ptrs, const int *__restrict__ q_pos, const int *__restrict__ block_indices,
-                   float *__restrict__ partial_m, float *__restrict__ partial_l, float *__restrict__ partial_o, int slots,
-                   int slc_slot0, int chunk, int win_slot0, int Hq, int H, float scale_log2, const float *__restrict__ gate,
+    nsa_decode_slc(const elem_t *__restrict__ q, const unsigned long long *__restrict__ query_ptrs, const int *__restrict__ q_pos,
+                   const int *__restrict__ block_indices, float *__restrict__ partial_m, float *__restrict__ partial_l,
+                   float *__restrict__ partial_o, int slots, int slc_slot0, int chunk, int win_slot0, int Hq, int H,
+                   float scale_log2, const float *__restrict__ gate,
                    float *__restrict__ o_cmp, float *__restrict__ o_slc, float *__restrict__ o_win, float *__restrict__ out,
                    float *__restrict__ lse_slc, float *__restrict__ lse_win, int *__restrict__ counters) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
@@ -882,9 +883,10 @@ __device__ __noinline__ void fused_select(int r, int h, const unsigned long long
  */
 #define TRACE_WORDS 13
 extern "C" __global__ void __launch_bounds__(THREADS, 3)
-    nsa_decode_fused(const elem_t *__restrict__ q, const unsigned long long *__restrict__ query_ptrs, const int *__restrict__ q_pos, float *partial_m, float *partial_l,
-                     float *partial_o, int slots, int cmp_n, int cmp_chunk, int slc_slot0, int slc_n, int slc_chunk, int win_slot0,
-                     int win_n, int win_chunk, float *slices, i64 slice_stride, int Q, int Hq, int H, float scale_log2,
+    nsa_decode_fused(const elem_t *__restrict__ q, const unsigned long long *__restrict__ query_ptrs, const int *__restrict__ q_pos,
+                     float *partial_m, float *partial_l, float *partial_o, int slots, int cmp_n, int cmp_chunk, int slc_slot0,
+                     int slc_n, int slc_chunk, int win_slot0, int win_n, int win_chunk, float *slices, i64 slice_stride, int Q,
+                     int Hq, int H, float scale_log2,
                      const float *__restrict__ gate, float *o_cmp, float *o_slc, float *o_win, float *out, float *lse_cmp,
                      float *lse_slc, float *lse_win, int *block_indices, int *counters, int work_floats, int lag,
                      unsigned long long *trace) {
