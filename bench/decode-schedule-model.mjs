@@ -9,13 +9,9 @@
 // unset). The durations come from one traced run, so a change that alters how fast the items stream (they share
 // the DRAM) is beyond it.
 import { readFileSync } from 'node:fs';
-import { flag } from './args.mjs';
+import { fileArgument, flag } from './args.mjs';
 
-const file = process.argv[2];
-if (file === undefined || file.startsWith('--')) {
-  console.error('usage: node bench/decode-schedule-model.mjs <trace.json> [--slots 396]');
-  process.exit(1);
-}
+const file = fileArgument('node bench/decode-schedule-model.mjs <trace.json> [--slots 396]');
 const slots = Number(flag('slots', '396'));
 const { preset, B, S, records } = JSON.parse(readFileSync(file, 'utf8'));
 const count = (kind) => records.filter((r) => r.kind === kind).length;

@@ -6,13 +6,9 @@
 import { readFileSync } from 'node:fs';
 import { NSAConfig } from '../dist/index.js';
 import { decodeBytesPerHead } from '../dist/nsa/decode/types.js';
-import { flag } from './args.mjs';
+import { fileArgument, flag } from './args.mjs';
 
-const file = process.argv[2];
-if (file === undefined || file.startsWith('--')) {
-  console.error('usage: node bench/decode-trace-rates.mjs <trace.json> [--buckets 20]');
-  process.exit(1);
-}
+const file = fileArgument('node bench/decode-trace-rates.mjs <trace.json> [--buckets 20]');
 const buckets = Number(flag('buckets', '20'));
 const { preset, B, S, records } = JSON.parse(readFileSync(file, 'utf8'));
 const config = NSAConfig.preset(preset, { heads: 64, kvHeads: 4, headDim: 128, valueDim: 128 });

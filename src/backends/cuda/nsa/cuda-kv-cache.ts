@@ -69,6 +69,9 @@ export function threeLaunchCmpSmallest(keys: number, rows: number, sms: number):
   return chunk;
 }
 
+/** Words per sequence (and per query) of the decode kernels' cache table (decode.cu's SEQ_WORDS). */
+const SEQ_WORDS = 8;
+
 /** Words per work item of the fused step's trace (decode.cu's TRACE_WORDS). */
 const TRACE_WORDS = 13;
 
@@ -416,12 +419,16 @@ export class CudaKvCache implements KvCache {
     return this.headMajor ? [1, capacity, this.compressedCapacity(capacity)] : [this.config.kvHeads, 1, 1];
   }
 
-  /** Per sequence, what the kernels read per query (decode.cu, SEQ_WORDS): the buffers' addresses and the strides. */
+  /**
+   * Per sequence, the SEQ_WORDS words the kernels read for each of its queries (decode.cu): the buffers' addresses,
+   * the strides and the tokens held.
+   */
   private seqTable(): { ptrs: BigUint64Array; lengths: Int32Array } {
-    const ptrs = new BigUint64Array(this.sequences.length * 8);
+    const ptrs = new BigUint64Array(this.sequences.length * SEQ_WORDS);
     this.sequences.forEach((s, i) => {
       const [rowStride, headStride, headStrideC] = this.strides(s.capacity);
-      ptrs.set([s.k.ptr, s.v.ptr, s.kc.ptr, s.vc.ptr, BigInt(rowStride), BigInt(headStride), BigInt(headStrideC), 0n], i * 8);
+      const words = [s.k.ptr, s.v.ptr, s.kc.ptr, s.vc.ptr, BigInt(rowStride), BigInt(headStride), BigInt(headStrideC), BigInt(s.length)];
+      ptrs.set(words, i * SEQ_WORDS);
     });
     return { ptrs, lengths: Int32Array.from(this.sequences.map((s) => s.length)) };
   }
@@ -640,13 +647,10 @@ class DecodeStep {
       fused: f32(4 + 2 * Q * H + ctaRows, 'decode fused counters'),
     };
     for (const c of Object.values(this.counters)) ctx.memset(c, 0);
-    // Each query's sequence's words (decode.cu SEQ_WORDS, the tokens held last), so that a kernel reaches a
-    // query's cache in one round trip instead of reading its sequence first.
-    const queryPtrs = new BigUint64Array(Q * 8);
-    qSeq.forEach((seq, r) => {
-      queryPtrs.set(table.ptrs.subarray(seq * 8, seq * 8 + 7), r * 8);
-      queryPtrs[r * 8 + 7] = BigInt(table.lengths[seq]!);
-    });
+    // Each query's copy of its sequence's words, so that a kernel reaches a query's cache in one round trip
+    // instead of reading its sequence first.
+    const queryPtrs = new BigUint64Array(Q * SEQ_WORDS);
+    qSeq.forEach((seq, r) => queryPtrs.set(table.ptrs.subarray(seq * SEQ_WORDS, (seq + 1) * SEQ_WORDS), r * SEQ_WORDS));
     this.tables = {
       queryPtrs: this.keep(ctx.upload(queryPtrs, 'decode query cache pointers')),
       qLen: this.keep(ctx.upload(Int32Array.from(qSeq, (seq) => table.lengths[seq]!), 'decode query sequence lengths')),
