@@ -2,6 +2,9 @@
 // time) beside dense attention over the same cache, in one run; with --launches, each launch of the step timed
 // alone as well. Run after `npm run build`:
 //   node bench/cuda-decode.mjs [--batches 1,8,64] [--contexts 8192,65536,131072] [--presets paper,fla] [--launches] [--trace]
+//                              [--branches]
+// The NSA step writes the gated sum alone (as a server's does); --branches also times it writing each branch's
+// output and lse (what decode() returns by default), in the same run.
 // --trace (fused step): one traced run, summarised per kind of work item (when they started and ended, how long
 // their attention took, how long slc items waited for their selection) and how many CTAs ran over time;
 // --trace-json <dir> also writes each traced run's records (one per work item, in ticket order) to <dir>.
@@ -19,6 +22,7 @@ const batches = flag('batches', '1,8,64').split(',').map(Number);
 const contexts = flag('contexts', '8192,65536,131072').split(',').map(Number);
 const presets = flag('presets', 'paper,fla').split(',');
 const launches = hasFlag('launches');
+const branches = hasFlag('branches');
 const traceDir = flag('trace-json', undefined);
 const tracing = hasFlag('trace') || traceDir !== undefined;
 const us = (ns) => (ns / 1000).toFixed(1);
@@ -89,12 +93,14 @@ for (const preset of presets) {
       const cache = await createKvCache(config, { backend, maxTokens: S });
       for (let s = 0; s < B; s++) cache.appendRandom(cache.addSequence(), S, s);
       const nsa = (await cache.timeDecodeStep(timing)).medianMs;
+      const withBranches = branches ? (await cache.timeDecodeStep({ ...timing, branches: true })).medianMs : undefined;
       const dense = (await cache.timeDecodeStep({ ...timing, dense: true })).medianMs;
       const bytes = decodeBytesPerHead(config, S, 2);
       const tb = (b, ms) => ((B * config.kvHeads * b) / (ms * 1e-3) / 1e12).toFixed(2);
       console.log(
         `${preset.padEnd(5)} B=${String(B).padStart(2)} S=${String(S).padStart(7)}: nsa ${nsa.toFixed(4)} ms (${tb(bytes.nsa, nsa)} TB/s) | ` +
-          `dense ${dense.toFixed(4)} ms (${tb(bytes.dense, dense)} TB/s) | dense/nsa ${(dense / nsa).toFixed(2)}x (model ${(bytes.dense / bytes.nsa).toFixed(1)}x)`,
+          `dense ${dense.toFixed(4)} ms (${tb(bytes.dense, dense)} TB/s) | dense/nsa ${(dense / nsa).toFixed(2)}x (model ${(bytes.dense / bytes.nsa).toFixed(1)}x)` +
+          (withBranches === undefined ? '' : ` | with branch outputs ${withBranches.toFixed(4)} ms`),
       );
       if (launches && typeof cache.timeDecodeLaunches === 'function') {
         const split = await cache.timeDecodeLaunches(timing);

@@ -36,7 +36,7 @@ export { nsaForward, type NsaCallOptions, type NsaForwardResult } from './nsa/op
 export { validateNsaInputs, type NsaRequest } from './nsa/validate.js';
 export type { NsaInputs, NsaOutputs, NsaGradients, NsaRunOptions } from './nsa/types.js';
 export { createKvCache, type CreateKvCacheOptions } from './nsa/decode/create.js';
-export type { KvCache, KvCacheOptions, DecodeQuery, DecodeOutputs } from './nsa/decode/types.js';
+export type { KvCache, KvCacheOptions, DecodeQuery, DecodeOptions, DecodeOutput, DecodeOutputs } from './nsa/decode/types.js';
 export {
   bestBackend,
   disposeBackends,

@@ -109,6 +109,11 @@ if (!availability.available) {
           return { sequence: s, q: rows(seq.q, T - Tq, T), g: rows(seq.g, T - Tq, T) };
         });
         const out = await cache.decode(queries);
+        // Without the branches' outputs (the step a server runs, and the benchmark's): the same blocks and gated sum.
+        const bare = await cache.decode(queries, { branches: false });
+        expect(Object.keys(bare).sort()).toEqual(['blockIndices', 'o']);
+        expect(Array.from(bare.blockIndices.data)).toEqual(Array.from(out.blockIndices.data));
+        expectRelativeRms(Array.from(bare.o.toFloat64()), Array.from(out.o.toFloat64()), 'o without the branches', { rtol: 1e-6 });
         let row = 0;
         let differing = 0;
         for (const [s, seq] of seqs.entries()) {

@@ -159,6 +159,19 @@ describe('the KV cache', () => {
     expect(Array.from(a.o.toFloat64())).toEqual(Array.from(b.o.toFloat64()));
   });
 
+  it('decodes without the branches\' outputs on request: the same gated sum and blocks, nothing else', async () => {
+    const rng = new Rng(6);
+    const seq = randomSequence(rng, config, 61);
+    const cache = await createKvCache(config, { backend });
+    cache.append(cache.addSequence(), seq.k, seq.v);
+    const query = [{ sequence: 0, q: rows(seq.q, 59, 61), g: rows(seq.g, 59, 61) }];
+    const [full, bare] = [await cache.decode(query), await cache.decode(query, { branches: false })];
+    expect(Object.keys(bare).sort()).toEqual(['blockIndices', 'o']);
+    expect(Array.from(bare.o.toFloat64())).toEqual(Array.from(full.o.toFloat64()));
+    expect(Array.from(bare.blockIndices.data)).toEqual(Array.from(full.blockIndices.data));
+    expect(Object.keys(await cache.decode(query, { branches: true }))).toContain('oSlc');
+  });
+
   it('reports its size in bytes, growing in pages', async () => {
     const cache = await createKvCache(config, { backend, pageTokens: 16 });
     const s = cache.addSequence();

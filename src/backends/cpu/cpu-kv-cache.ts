@@ -13,7 +13,7 @@ import type { TimingOptions, TimingResult } from '../backend.js';
 import { median } from '../timing.js';
 import { Tensor } from '../../tensor/tensor.js';
 import { checkAppend, checkDecode } from '../../nsa/decode/checks.js';
-import type { DecodeOutputs, DecodeQuery, KvCache, KvCacheOptions } from '../../nsa/decode/types.js';
+import type { DecodeOptions, DecodeOutput, DecodeOutputs, DecodeQuery, KvCache, KvCacheOptions } from '../../nsa/decode/types.js';
 import { phiParamsOf } from '../../nsa/phi-params.js';
 import { validatePhiParams } from '../../nsa/validate.js';
 
@@ -123,7 +123,10 @@ export class CpuKvCache implements KvCache {
     store.vc.rows = target;
   }
 
-  async decode(queries: readonly DecodeQuery[]): Promise<DecodeOutputs> {
+  decode(queries: readonly DecodeQuery[], options: DecodeOptions & { readonly branches: false }): Promise<DecodeOutput>;
+  decode(queries: readonly DecodeQuery[], options?: DecodeOptions & { readonly branches?: true }): Promise<DecodeOutputs>;
+  decode(queries: readonly DecodeQuery[], options: DecodeOptions): Promise<DecodeOutput | DecodeOutputs>;
+  async decode(queries: readonly DecodeQuery[], options: DecodeOptions = {}): Promise<DecodeOutput | DecodeOutputs> {
     this.assertLive();
     const counts = checkDecode(this, queries);
     const total = counts.reduce((a, b) => a + b, 0);
@@ -144,6 +147,9 @@ export class CpuKvCache implements KvCache {
       for (let j = 0; j < Tq; j++) evaluator.evaluate(seq, length - Tq + j, q, g, j, out, row++);
     }
     const f32 = (a: Float64Array, shape: number[]): Tensor => Tensor.fromValues(a, shape, 'f32');
+    const blockIndices = new Tensor('i32', [total, H, n], out.blockIndices);
+    // The branches are computed either way (the gated sum needs them); they are only not returned.
+    if (options.branches === false) return { o: f32(out.o, [total, Hq, dv]), blockIndices };
     return {
       o: f32(out.o, [total, Hq, dv]),
       oCmp: f32(out.oCmp, [total, Hq, dv]),
@@ -152,7 +158,7 @@ export class CpuKvCache implements KvCache {
       lseCmp: f32(out.lseCmp, [total, Hq]),
       lseSlc: f32(out.lseSlc, [total, Hq]),
       lseWin: f32(out.lseWin, [total, Hq]),
-      blockIndices: new Tensor('i32', [total, H, n], out.blockIndices),
+      blockIndices,
     };
   }
 
@@ -161,7 +167,7 @@ export class CpuKvCache implements KvCache {
     this.append(sequence, Tensor.randn([tokens, H, dk], 'f32', seed), Tensor.randn([tokens, H, dv], 'f32', seed + 1));
   }
 
-  async timeDecodeStep(options: TimingOptions & { readonly dense?: boolean }): Promise<TimingResult> {
+  async timeDecodeStep(options: TimingOptions & DecodeOptions & { readonly dense?: boolean }): Promise<TimingResult> {
     this.assertLive();
     const { heads: Hq, headDim: dk } = this.config;
     const queries = this.sequences.map((_, s) => ({
@@ -174,7 +180,7 @@ export class CpuKvCache implements KvCache {
     for (let i = 0; i < total; i++) {
       const start = performance.now();
       if (options.dense) this.denseDecode(queries);
-      else await this.decode(queries);
+      else await this.decode(queries, { branches: options.branches ?? false });
       if (i >= options.warmup) samples.push(performance.now() - start);
       options.onIteration?.(i + 1, total);
     }

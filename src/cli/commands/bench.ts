@@ -116,7 +116,8 @@ is not cpu; set NSA_PYTHON to use another interpreter. Columns: NSA and dense me
 baseline, and the backend's dense attention throughput relative to SDPA (same FLOPs, so SDPA ms / dense ms).
 
 --decode times one decode step (one query per sequence, all B sequences) on a KV cache of S tokens a sequence
-filled with random keys and values, for NSA and for dense attention over the whole cache on the same backend.
+filled with random keys and values, for NSA (writing the gated sum alone, not each branch's output: a server's
+step) and for dense attention over the whole cache on the same backend.
 Columns: median step ms, effective bandwidth (the bytes the step must read / time: per sequence and KV head the
 visible compressed tokens, n selected blocks and the window for NSA, every token for dense; K and V), the measured
 dense/NSA step-time ratio and the memory model's dense/NSA byte ratio. Not with --backward, --lengths, --batch

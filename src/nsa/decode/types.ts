@@ -24,10 +24,16 @@ export interface DecodeQuery {
   readonly g: Tensor;
 }
 
-/** Rows in query order (all queries of the first request, then the next). */
-export interface DecodeOutputs {
-  /** [Q, Hq, Dv] */
+/** What a decode step returns without its branches' outputs (`{ branches: false }`). Rows in query order. */
+export interface DecodeOutput {
+  /** [Q, Hq, Dv]: the gated sum. */
   readonly o: Tensor;
+  /** [Q, H, n] */
+  readonly blockIndices: Tensor<'i32'>;
+}
+
+/** Rows in query order (all queries of the first request, then the next). */
+export interface DecodeOutputs extends DecodeOutput {
   readonly oCmp: Tensor;
   readonly oSlc: Tensor;
   readonly oWin: Tensor;
@@ -35,8 +41,14 @@ export interface DecodeOutputs {
   readonly lseCmp: Tensor;
   readonly lseSlc: Tensor;
   readonly lseWin: Tensor;
-  /** [Q, H, n] */
-  readonly blockIndices: Tensor<'i32'>;
+}
+
+export interface DecodeOptions {
+  /**
+   * Also compute each branch's output and lse (default true). false writes the gated sum alone, the step a server
+   * runs: on CUDA the step's last merges skip three quarters of their stores.
+   */
+  readonly branches?: boolean;
 }
 
 export interface KvCache {
@@ -53,15 +65,18 @@ export interface KvCache {
   compressedLength(sequence: number): number;
   /** Appends k [T, H, Dk] and v [T, H, Dv] to a sequence (any T >= 1); all or nothing. */
   append(sequence: number, k: Tensor, v: Tensor): void;
-  /** One decode step for a batch of queries. */
-  decode(queries: readonly DecodeQuery[]): Promise<DecodeOutputs>;
+  /** One decode step for a batch of queries: the gated sum and the selected blocks, and the branches' outputs unless `branches: false`. */
+  decode(queries: readonly DecodeQuery[], options: DecodeOptions & { readonly branches: false }): Promise<DecodeOutput>;
+  decode(queries: readonly DecodeQuery[], options?: DecodeOptions & { readonly branches?: true }): Promise<DecodeOutputs>;
+  decode(queries: readonly DecodeQuery[], options: DecodeOptions): Promise<DecodeOutput | DecodeOutputs>;
   /** Appends `tokens` seeded random tokens (N(0, 1) keys and values) to a sequence, made where the cache lives. */
   appendRandom(sequence: number, tokens: number, seed: number): void;
   /**
    * Times one decode step with one random query per sequence (all sequences), kept where the cache computes:
-   * NSA, or dense attention over every cached token (the baseline) with `dense: true`.
+   * NSA, or dense attention over every cached token (the baseline) with `dense: true`. The NSA step writes the
+   * gated sum alone unless `branches: true` (DecodeOptions).
    */
-  timeDecodeStep(options: TimingOptions & { readonly dense?: boolean }): Promise<TimingResult>;
+  timeDecodeStep(options: TimingOptions & DecodeOptions & { readonly dense?: boolean }): Promise<TimingResult>;
   dispose(): void;
 }
 

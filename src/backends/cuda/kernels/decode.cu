@@ -448,7 +448,9 @@ __device__ __forceinline__ bool last_to_finish(int *counter, int total, int *fla
 /**
  * Query r's heads of row group y: merges each branch's partial results (slots [0, cmp_n) when cmp_n > 0, the slc
  * slots [slc_slot0, win_slot0), the win slots [win_slot0, slots)) and writes the branches' outputs and lse and the
- * gated sum. With cmp_n == 0, o_cmp was merged before (nsa_decode_select) and is read instead. Everything is read
+ * gated sum. With cmp_n == 0, o_cmp was merged before (nsa_decode_select) and is read instead. A branch output or
+ * lse passed as null is not written (a step without its branches' outputs: their stores measurably lengthen the
+ * merges that end the step). Everything is read
  * through L2: other CTAs of the same launch may have written it. Uses the first 2 * ROWS * (slots - first merged
  * slot) floats of `smem`.
  */
@@ -491,7 +493,8 @@ __device__ __forceinline__ void merge_outputs(int r, int y, const float *partial
       bl += ms == NSA_NEG_INF ? 0.f : exp2f(ms - bm) * wl[row * ns + s];
     }
     const float lse = bm == NSA_NEG_INF ? NSA_NEG_INF : (bm + log2f(bl)) * NSA_LN2;
-    (b == 0 ? lse_cmp : b == 1 ? lse_slc : lse_win)[prow + row] = lse;
+    float *lse_b = b == 0 ? lse_cmp : b == 1 ? lse_slc : lse_win;
+    if (lse_b != nullptr) lse_b[prow + row] = lse;
   }
   __syncthreads();
   if (mine) {
@@ -519,12 +522,11 @@ __device__ __forceinline__ void merge_outputs(int r, int y, const float *partial
     add_slots(ac, po, w, 0, b1);
     add_slots(as, po, w, b1, b2);
     add_slots(aw, po, w, b2, ns);
-    float4 *oc_at = reinterpret_cast<float4 *>(o_cmp + orow * DV + col);
-    if (cmp_n > 0) *oc_at = ac;
-    else ac = __ldcg(oc_at);
+    if (cmp_n == 0) ac = __ldcg(reinterpret_cast<const float4 *>(o_cmp + orow * DV + col));
+    else if (o_cmp != nullptr) *reinterpret_cast<float4 *>(o_cmp + orow * DV + col) = ac;
     const float g0 = gate[orow * 3], g1 = gate[orow * 3 + 1], g2 = gate[orow * 3 + 2];
-    *reinterpret_cast<float4 *>(o_slc + orow * DV + col) = as;
-    *reinterpret_cast<float4 *>(o_win + orow * DV + col) = aw;
+    if (o_slc != nullptr) *reinterpret_cast<float4 *>(o_slc + orow * DV + col) = as;
+    if (o_win != nullptr) *reinterpret_cast<float4 *>(o_win + orow * DV + col) = aw;
     *reinterpret_cast<float4 *>(out + orow * DV + col) =
         make_float4(g0 * ac.x + g1 * as.x + g2 * aw.x, g0 * ac.y + g1 * as.y + g2 * aw.y, g0 * ac.z + g1 * as.z + g2 * aw.z,
                     g0 * ac.w + g1 * as.w + g2 * aw.w);
@@ -607,7 +609,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
       head_m[g] = m;
       head_l[g] = l;
       lse2[g] = m == NSA_NEG_INF ? NSA_NEG_INF : m + log2f(l);
-      if (g % nz == z) lse_cmp[row] = m == NSA_NEG_INF ? NSA_NEG_INF : (m + log2f(l)) * NSA_LN2;
+      if (g % nz == z && lse_cmp != nullptr) lse_cmp[row] = m == NSA_NEG_INF ? NSA_NEG_INF : (m + log2f(l)) * NSA_LN2;
     }
   }
   __syncthreads();

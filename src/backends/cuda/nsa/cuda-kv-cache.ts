@@ -13,7 +13,7 @@
 import type { NSAConfig } from '../../../config/nsa-config.js';
 import { DisposedError, UnsupportedConfigError } from '../../../errors.js';
 import { checkAppend, checkDecode } from '../../../nsa/decode/checks.js';
-import type { DecodeOutputs, DecodeQuery, KvCache, KvCacheOptions } from '../../../nsa/decode/types.js';
+import type { DecodeOptions, DecodeOutput, DecodeOutputs, DecodeQuery, KvCache, KvCacheOptions } from '../../../nsa/decode/types.js';
 import { phiParamsOf } from '../../../nsa/phi-params.js';
 import { validatePhiParams } from '../../../nsa/validate.js';
 import { BlockCompressor } from '../../../reference/compress.js';
@@ -241,8 +241,12 @@ export class CudaKvCache implements KvCache {
     store.compressed = compressed;
   }
 
-  async decode(queries: readonly DecodeQuery[]): Promise<DecodeOutputs> {
+  decode(queries: readonly DecodeQuery[], options: DecodeOptions & { readonly branches: false }): Promise<DecodeOutput>;
+  decode(queries: readonly DecodeQuery[], options?: DecodeOptions & { readonly branches?: true }): Promise<DecodeOutputs>;
+  decode(queries: readonly DecodeQuery[], options: DecodeOptions): Promise<DecodeOutput | DecodeOutputs>;
+  async decode(queries: readonly DecodeQuery[], options: DecodeOptions = {}): Promise<DecodeOutput | DecodeOutputs> {
     this.assertLive();
+    const branches = options.branches ?? true;
     const counts = checkDecode(this, queries);
     const { heads: Hq, kvHeads: H, valueDim: dv, selectCount: n } = this.config;
     const qSeq: number[] = [];
@@ -259,7 +263,7 @@ export class CudaKvCache implements KvCache {
       gData.push(query.g.toFloat32());
     }
     const Q = qSeq.length;
-    const step = new DecodeStep(this.ctx, this.programs, this.config, Q, this.maxLength(), this.seqTable(), qSeq, qPos);
+    const step = new DecodeStep(this.ctx, this.programs, this.config, Q, this.maxLength(), this.seqTable(), qSeq, qPos, branches);
     try {
       this.ctx.uploadAt(step.q, 0, float64ToStorage('bf16', concatAll(qData)));
       this.ctx.uploadAt(step.gate, 0, concatAll(gData));
@@ -272,6 +276,7 @@ export class CudaKvCache implements KvCache {
       };
       const blocks = new Tensor('i32', [Q, H, n]);
       this.ctx.download(step.blockIndices, blocks.data);
+      if (!branches) return { o: f32(step.out, [Q, Hq, dv]), blockIndices: blocks };
       return {
         o: f32(step.out, [Q, Hq, dv]),
         oCmp: f32(step.oCmp, [Q, Hq, dv]),
@@ -287,8 +292,8 @@ export class CudaKvCache implements KvCache {
     }
   }
 
-  async timeDecodeStep(options: TimingOptions & { readonly dense?: boolean }): Promise<TimingResult> {
-    const step = this.randomStep();
+  async timeDecodeStep(options: TimingOptions & DecodeOptions & { readonly dense?: boolean }): Promise<TimingResult> {
+    const step = this.randomStep(options.branches ?? false);
     try {
       const dense = options.dense ?? false;
       const result = this.timeReplayed(() => step.run(dense), dense ? 'dense decode step' : 'nsa decode step', options);
@@ -302,9 +307,10 @@ export class CudaKvCache implements KvCache {
   /**
    * Per launch of the step (NSA, or dense with `dense`), the median of CUDA-event timings of that launch alone,
    * run after one whole step (each launch reads what the earlier ones wrote, so repeating one alone is valid).
+   * Without its branches' outputs unless `branches: true`, as timeDecodeStep.
    */
-  async timeDecodeLaunches(options: TimingOptions & { readonly dense?: boolean }): Promise<{ name: string; medianMs: number }[]> {
-    const step = this.randomStep();
+  async timeDecodeLaunches(options: TimingOptions & DecodeOptions & { readonly dense?: boolean }): Promise<{ name: string; medianMs: number }[]> {
+    const step = this.randomStep(options.branches ?? false);
     try {
       const dense = options.dense ?? false;
       step.run(dense);
@@ -318,10 +324,11 @@ export class CudaKvCache implements KvCache {
    * Diagnostics of the fused step (undefined where the step is three launches): after a few untraced runs, one run
    * writes per work item its kind and globaltimer stamps (ns from the first item's start): start, end of the wait
    * for the selection (slc items, else 0), end of the attention, end; whether it selected or merged; and for a select
-   * or a merge the ends of its phases (DecodeTraceRecord).
+   * or a merge the ends of its phases (DecodeTraceRecord). The step is timeDecodeStep's (no branch outputs unless
+   * `branches`).
    */
-  traceDecodeStep(): DecodeTraceRecord[] | undefined {
-    const step = this.randomStep();
+  traceDecodeStep(branches = false): DecodeTraceRecord[] | undefined {
+    const step = this.randomStep(branches);
     try {
       if (!step.fused) return undefined;
       const { cmp, win, slc } = step.items;
@@ -365,12 +372,12 @@ export class CudaKvCache implements KvCache {
   }
 
   /** A step of one random query (N(0, 1)) and random gates (U(0, 1)) per sequence, at its last position. */
-  private randomStep(): DecodeStep {
+  private randomStep(branches: boolean): DecodeStep {
     this.assertLive();
     const S = this.sequences.length;
     const qSeq = Array.from({ length: S }, (_, s) => s);
     const qPos = this.sequences.map((s) => s.length - 1);
-    const step = new DecodeStep(this.ctx, this.programs, this.config, S, this.maxLength(), this.seqTable(), qSeq, qPos);
+    const step = new DecodeStep(this.ctx, this.programs, this.config, S, this.maxLength(), this.seqTable(), qSeq, qPos, branches);
     try {
       const random = new DeviceRandom(this.ctx, this.programs.dtype);
       random.normal(step.q, S * this.config.heads * this.config.headDim, 7);
@@ -555,6 +562,8 @@ class DecodeStep {
     table: { readonly ptrs: BigUint64Array; readonly lengths: Int32Array },
     qSeq: readonly number[],
     qPos: readonly number[],
+    /** Write each branch's output and lse (else the gated sum alone; o_cmp is still written where the three-launch step reads it). */
+    private readonly branches: boolean,
   ) {
     const { heads: Hq, kvHeads: H, headDim: dk, valueDim: dv, selectCount: n, selectBlock, window } = config;
     const G = config.groupSize;
@@ -675,6 +684,7 @@ class DecodeStep {
     const scaleLog2 = { f32: config.scale * Math.LOG2E };
     const cache = [ptr(this.q), ptr(tables.queryPtrs), ptr(tables.qPos)];
     const parts = [ptr(partial.m), ptr(partial.l), ptr(partial.o)];
+    const branch = (b: DeviceBuffer): KernelArg => (this.branches ? ptr(b) : { ptr: 0n }); // null: not written
     const rows = Q * Hq;
     if (dense) {
       return [
@@ -712,8 +722,8 @@ class DecodeStep {
               args: [
                 ...cache, ...parts, { i32: slots.nsa }, { i32: slots.cmp }, { i32: chunks.cmp }, { i32: slots.cmp }, { i32: slots.slc },
                 { i32: chunks.slc }, { i32: winSlot0 }, { i32: slots.win }, { i32: chunks.win }, ptr(this.slices), { i64: this.sliceStride },
-                { i32: Q }, { i32: Hq }, { i32: H }, scaleLog2, ptr(this.gate), ptr(this.oCmp), ptr(this.oSlc), ptr(this.oWin), ptr(this.out),
-                ptr(this.lseCmp), ptr(this.lseSlc), ptr(this.lseWin), ptr(this.blockIndices), ptr(this.counters.fused), { i32: this.workFloats },
+                { i32: Q }, { i32: Hq }, { i32: H }, scaleLog2, ptr(this.gate), branch(this.oCmp), branch(this.oSlc), branch(this.oWin), ptr(this.out),
+                branch(this.lseCmp), branch(this.lseSlc), branch(this.lseWin), ptr(this.blockIndices), ptr(this.counters.fused), { i32: this.workFloats },
                 { i32: this.lag }, { ptr: trace?.ptr ?? 0n },
               ],
             }),
@@ -743,7 +753,7 @@ class DecodeStep {
             sharedBytes: Math.max(SELECT_STAGE * 4, this.selectCtas * config.selectCount * 8),
             args: [
               ...parts, ptr(this.slices), { i64: this.sliceStride }, ptr(tables.qLen), ptr(tables.qPos),
-              ptr(this.oCmp), ptr(this.lseCmp), ptr(this.blockIndices), ptr(this.candidates.s), ptr(this.candidates.j),
+              ptr(this.oCmp), branch(this.lseCmp), ptr(this.blockIndices), ptr(this.candidates.s), ptr(this.candidates.j),
               ptr(this.counters.select), { i32: Hq }, { i32: H }, { i32: slots.nsa }, { i32: slots.cmp },
             ],
           }),
@@ -757,8 +767,8 @@ class DecodeStep {
             sharedBytes: programs.decodePartialSharedBytes('slc'),
             args: [
               ...cache, ptr(this.blockIndices), ...parts, { i32: slots.nsa }, { i32: slots.cmp }, { i32: chunks.slc }, { i32: winSlot0 },
-              { i32: Hq }, { i32: H }, scaleLog2, ptr(this.gate), ptr(this.oCmp), ptr(this.oSlc), ptr(this.oWin), ptr(this.out),
-              ptr(this.lseSlc), ptr(this.lseWin), ptr(this.counters.slc),
+              { i32: Hq }, { i32: H }, scaleLog2, ptr(this.gate), ptr(this.oCmp), branch(this.oSlc), branch(this.oWin), ptr(this.out),
+              branch(this.lseSlc), branch(this.lseWin), ptr(this.counters.slc),
             ],
           }),
       },
