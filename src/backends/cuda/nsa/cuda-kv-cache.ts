@@ -607,8 +607,12 @@ class DecodeStep {
     this.chunks = {
       cmp: cmpChunk,
       // Two tiles at least, so that a CTA's double buffer overlaps (one-tile chunks measured slower: paper preset,
-      // 64k, H100: slc launch 0.033 -> 0.022 ms at B = 8 with 128 keys; 0.087 -> 0.147 ms at B = 64 with 64).
-      slc: chunkFor(n * selectBlock, ctaRows, minCtas, 128, 'NSA_DECODE_SLC_CHUNK'),
+      // 64k, H100: slc launch 0.033 -> 0.022 ms at B = 8 with 128 keys; 0.087 -> 0.147 ms at B = 64 with 64). The
+      // fused step's slc items run last, where fewer, longer ones leave fewer prologues and slots to merge: at least
+      // 512 keys up to 4096 compressed keys (H100, 64k, B = 64, 512 against 256 keys: paper 0.2953 / 0.2979 against
+      // 0.3009 / 0.2991 ms, fla 0.1662 / 0.1656 against 0.1698 / 0.1711), but not beyond, where the selects take
+      // more rounds of slices and the chain after the last cmp item is longer (paper 128k, B = 64, one A/B: 0.5126 ms with 512 keys against 0.5002 with 256).
+      slc: chunkFor(n * selectBlock, ctaRows, minCtas, this.fused && maxCompressed <= 4096 ? 512 : 128, 'NSA_DECODE_SLC_CHUNK'),
       // The window shares its launch with the compressed keys: it needs only the CTAs those leave short.
       win: chunkFor(window, ctaRows, minCtas - ctaRows * Math.ceil(maxCompressed / cmpChunk), 64),
       dense: chunkFor(maxLength, ctaRows, minCtas, 256),
