@@ -45,8 +45,8 @@ export interface DecodeOutputs extends DecodeOutput {
 
 export interface DecodeOptions {
   /**
-   * Also compute each branch's output and lse (default true). false writes the gated sum alone, the step a server
-   * runs: on CUDA the step's last merges skip three quarters of their stores.
+   * Also return each branch's output and lse (default true). false returns the gated sum and the selected blocks
+   * alone, the step a server runs: on CUDA the merges that end the step then skip three quarters of their stores.
    */
   readonly branches?: boolean;
 }
@@ -65,7 +65,8 @@ export interface KvCache {
   compressedLength(sequence: number): number;
   /** Appends k [T, H, Dk] and v [T, H, Dv] to a sequence (any T >= 1); all or nothing. */
   append(sequence: number, k: Tensor, v: Tensor): void;
-  /** One decode step for a batch of queries: the gated sum and the selected blocks, and the branches' outputs unless `branches: false`. */
+  /** One decode step for a batch of queries: the gated sum, the selected blocks, and the branches' outputs and lse
+   * unless `branches: false`. */
   decode(queries: readonly DecodeQuery[], options: DecodeOptions & { readonly branches: false }): Promise<DecodeOutput>;
   decode(queries: readonly DecodeQuery[], options?: DecodeOptions & { readonly branches?: true }): Promise<DecodeOutputs>;
   decode(queries: readonly DecodeQuery[], options: DecodeOptions): Promise<DecodeOutput | DecodeOutputs>;

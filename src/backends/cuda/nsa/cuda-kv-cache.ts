@@ -562,7 +562,7 @@ class DecodeStep {
     table: { readonly ptrs: BigUint64Array; readonly lengths: Int32Array },
     qSeq: readonly number[],
     qPos: readonly number[],
-    /** Write each branch's output and lse (else the gated sum alone; o_cmp is still written where the three-launch step reads it). */
+    /** Write each branch's output and lse (else the gated sum alone; o_cmp still where the three-launch merges read it). */
     private readonly branches: boolean,
   ) {
     const { heads: Hq, kvHeads: H, headDim: dk, valueDim: dv, selectCount: n, selectBlock, window } = config;
@@ -611,7 +611,8 @@ class DecodeStep {
       // fused step's slc items run last, where fewer, longer ones leave fewer prologues and slots to merge: at least
       // 512 keys up to 4096 compressed keys (H100, 64k, B = 64, 512 against 256 keys: paper 0.2953 / 0.2979 against
       // 0.3009 / 0.2991 ms, fla 0.1662 / 0.1656 against 0.1698 / 0.1711), but not beyond, where the selects take
-      // more rounds of slices and the chain after the last cmp item is longer (paper 128k, B = 64, one A/B: 0.5126 ms with 512 keys against 0.5002 with 256).
+      // more rounds of slices and the chain after the last cmp item is longer (paper 128k, B = 64, one A/B: 0.5126
+      // ms with 512 keys against 0.5002 with 256).
       slc: chunkFor(n * selectBlock, ctaRows, minCtas, this.fused && maxCompressed <= 4096 ? 512 : 128, 'NSA_DECODE_SLC_CHUNK'),
       // The window shares its launch with the compressed keys: it needs only the CTAs those leave short.
       win: chunkFor(window, ctaRows, minCtas - ctaRows * Math.ceil(maxCompressed / cmpChunk), 64),
