@@ -7,7 +7,8 @@
 //   node bench/decode-schedule-model.mjs <trace.json> [--slots 396]
 // Holds for the default ticket order (every cmp item, then every win item, then every slc item; NSA_DECODE_LAG
 // unset). The durations come from one traced run, so a change that alters how fast the items stream (they share
-// the DRAM) is beyond it.
+// the DRAM) is beyond it, and so is one that alters how long every dependent round trip takes: it modelled the
+// seventeenth session's 11.3 us faster select at 11 us off the step, and the step moved 0.4% (docs/performance.md).
 import { readFileSync } from 'node:fs';
 import { fileArgument, flag } from './args.mjs';
 
