@@ -430,14 +430,14 @@ export class CudaKvCache implements KvCache {
    * Per sequence, the SEQ_WORDS words the kernels read for each of its queries (decode.cu): the buffers' addresses,
    * the strides and the tokens held.
    */
-  private seqTable(): { ptrs: BigUint64Array; lengths: Int32Array } {
+  private seqTable(): BigUint64Array {
     const ptrs = new BigUint64Array(this.sequences.length * SEQ_WORDS);
     this.sequences.forEach((s, i) => {
       const [rowStride, headStride, headStrideC] = this.strides(s.capacity);
       const words = [s.k.ptr, s.v.ptr, s.kc.ptr, s.vc.ptr, BigInt(rowStride), BigInt(headStride), BigInt(headStrideC), BigInt(s.length)];
       ptrs.set(words, i * SEQ_WORDS);
     });
-    return { ptrs, lengths: Int32Array.from(this.sequences.map((s) => s.length)) };
+    return ptrs;
   }
 
   /** Uploads rows [from, from + T) of every head, `bits` [T, H, D], into a buffer of `capacity` rows per head. */
@@ -559,7 +559,8 @@ class DecodeStep {
     private readonly config: NSAConfig,
     private readonly Q: number,
     maxLength: number,
-    table: { readonly ptrs: BigUint64Array; readonly lengths: Int32Array },
+    /** seqTable(): SEQ_WORDS words per sequence, the last its tokens held. */
+    table: BigUint64Array,
     qSeq: readonly number[],
     qPos: readonly number[],
     /** Write each branch's output and lse (else the gated sum alone; o_cmp still where the three-launch merges read it). */
@@ -664,10 +665,11 @@ class DecodeStep {
     // Each query's copy of its sequence's words, so that a kernel reaches a query's cache in one round trip
     // instead of reading its sequence first.
     const queryPtrs = new BigUint64Array(Q * SEQ_WORDS);
-    qSeq.forEach((seq, r) => queryPtrs.set(table.ptrs.subarray(seq * SEQ_WORDS, (seq + 1) * SEQ_WORDS), r * SEQ_WORDS));
+    qSeq.forEach((seq, r) => queryPtrs.set(table.subarray(seq * SEQ_WORDS, (seq + 1) * SEQ_WORDS), r * SEQ_WORDS));
     this.tables = {
       queryPtrs: this.keep(ctx.upload(queryPtrs, 'decode query cache pointers')),
-      qLen: this.keep(ctx.upload(Int32Array.from(qSeq, (seq) => table.lengths[seq]!), 'decode query sequence lengths')),
+      // The three-launch select's lengths (the table's last word; the kernel reads them as ints).
+      qLen: this.keep(ctx.upload(Int32Array.from(qSeq, (seq) => Number(table[seq * SEQ_WORDS + SEQ_WORDS - 1]!)), 'decode query sequence lengths')),
       qPos: this.keep(ctx.upload(Int32Array.from(qPos), 'decode query positions')),
     };
   }
