@@ -37,8 +37,8 @@
 // one contiguous run) or [cap, H, D] (token-major), kc/vc likewise with the compressed capacity. query_ptrs holds,
 // per query (its sequence's, so that no launch reads a query's sequence before its cache: one round trip, not
 // two), SEQ_WORDS words: the addresses of k, v, kc, vc, then the row stride and the head strides (raw,
-// compressed), in rows: row i of head h of k is k + (i * stride + h * head_stride) * DK, then the tokens held
-// (q_len[r] too). Query r attends at position q_pos[r]; its K/V are already in the cache. Partial
+// compressed), in rows: row i of head h of k is k + (i * stride + h * head_stride) * DK, then the tokens held.
+// Query r attends at position q_pos[r]; its K/V are already in the cache. Partial
 // results partial_m/l/o are [Q, Hq, slots] (+ DV for o), m in log2 units, o unnormalised; the slots of a row are
 // laid out cmp, slc, win. Slices are [Q, H, slice_stride] floats: per slice of 16 compressed keys a record of
 // SREC = G * SLICE_W floats rounded up to a multiple of 4 (so that records can be staged with 16-byte copies).
@@ -571,7 +571,7 @@ extern "C" __global__ void __launch_bounds__(THREADS)
  */
 extern "C" __global__ void __launch_bounds__(SEL_THREADS)
     nsa_decode_select(const float *__restrict__ partial_m, const float *__restrict__ partial_l, const float *__restrict__ partial_o,
-                      const float *__restrict__ slices, i64 slice_stride, const int *__restrict__ q_len,
+                      const float *__restrict__ slices, i64 slice_stride, const unsigned long long *__restrict__ query_ptrs,
                       const int *__restrict__ q_pos, float *__restrict__ o_cmp,
                       float *__restrict__ lse_cmp, int *__restrict__ block_indices, float *__restrict__ cand_s,
                       int *__restrict__ cand_j, int *__restrict__ counters, int Hq, int H, int slots, int cmp_slots) {
@@ -588,7 +588,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int t = q_pos[r];
-  const int len = q_len[r];
+  const int len = (int)query_ptrs[(i64)r * SEQ_WORDS + 7];
   const int visible = cmp_visible_in(t, len);
 
   // The cmp lse of every head (a warp per head): m and l over the cmp chunks.

@@ -534,7 +534,7 @@ class DecodeStep {
   readonly lseWin: DeviceBuffer;
   readonly blockIndices: DeviceBuffer;
   private readonly buffers: DeviceBuffer[] = [];
-  private readonly tables: Record<'queryPtrs' | 'qLen' | 'qPos', DeviceBuffer>;
+  private readonly tables: Record<'queryPtrs' | 'qPos', DeviceBuffer>;
   private readonly partial: Record<'m' | 'l' | 'o', DeviceBuffer>;
   /** Branch 0's per-slice block sums [Q, H, sliceStride]; the select step's candidate lists; last-CTA counters. */
   private readonly slices: DeviceBuffer;
@@ -668,8 +668,6 @@ class DecodeStep {
     qSeq.forEach((seq, r) => queryPtrs.set(table.subarray(seq * SEQ_WORDS, (seq + 1) * SEQ_WORDS), r * SEQ_WORDS));
     this.tables = {
       queryPtrs: this.keep(ctx.upload(queryPtrs, 'decode query cache pointers')),
-      // The three-launch select's lengths (the table's last word; the kernel reads them as ints).
-      qLen: this.keep(ctx.upload(Int32Array.from(qSeq, (seq) => Number(table[seq * SEQ_WORDS + SEQ_WORDS - 1]!)), 'decode query sequence lengths')),
       qPos: this.keep(ctx.upload(Int32Array.from(qPos), 'decode query positions')),
     };
   }
@@ -759,7 +757,7 @@ class DecodeStep {
             block: [256, 1, 1],
             sharedBytes: Math.max(SELECT_STAGE * 4, this.selectCtas * config.selectCount * 8),
             args: [
-              ...parts, ptr(this.slices), { i64: this.sliceStride }, ptr(tables.qLen), ptr(tables.qPos),
+              ...parts, ptr(this.slices), { i64: this.sliceStride }, ptr(tables.queryPtrs), ptr(tables.qPos),
               ptr(this.oCmp), branch(this.lseCmp), ptr(this.blockIndices), ptr(this.candidates.s), ptr(this.candidates.j),
               ptr(this.counters.select), { i32: Hq }, { i32: H }, { i32: slots.nsa }, { i32: slots.cmp },
             ],
