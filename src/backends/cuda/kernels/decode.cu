@@ -450,8 +450,8 @@ __device__ __forceinline__ bool last_to_finish(int *counter, int total, int *fla
  * slots [slc_slot0, win_slot0), the win slots [win_slot0, slots)) and writes the branches' outputs and lse and the
  * gated sum. With cmp_n == 0, o_cmp was merged before (nsa_decode_select) and is read instead. A branch output or
  * lse passed as null is not written (a step without its branches' outputs: their stores measurably lengthen the
- * merges that end the step). Everything is read through L2: other CTAs of the same launch may have written it. Uses the first 2 * ROWS * (slots - first merged
- * slot) floats of `smem`.
+ * merges that end the step). Everything is read through L2: other CTAs of the same launch may have written it.
+ * Uses the first 2 * ROWS * (slots - first merged slot) floats of `smem`.
  */
 __device__ __forceinline__ void merge_outputs(int r, int y, const float *partial_m, const float *partial_l, const float *partial_o,
                                               int slots, int cmp_n, int slc_slot0, int win_slot0, int Hq, int H, const float *gate,
