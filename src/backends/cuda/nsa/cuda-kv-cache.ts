@@ -572,12 +572,14 @@ class DecodeStep {
     this.q = this.keep(ctx.alloc(Q * Hq * dk * 2, 'decode q'));
     this.gate = f32(Q * Hq * 3, 'decode gates');
     this.out = f32(Q * Hq * dv, 'decode o');
-    this.oCmp = f32(Q * Hq * dv, 'decode o_cmp');
-    this.oSlc = f32(Q * Hq * dv, 'decode o_slc');
-    this.oWin = f32(Q * Hq * dv, 'decode o_win');
-    this.lseCmp = f32(Q * Hq, 'decode lse_cmp');
-    this.lseSlc = f32(Q * Hq, 'decode lse_slc');
-    this.lseWin = f32(Q * Hq, 'decode lse_win');
+    // The branches' outputs take room only where they are written (a step without them passes null for each; its
+    // o_cmp is allocated below where the three-launch merges read it).
+    const branchOut = (count: number, what: string): DeviceBuffer => f32(branches ? count : 0, what);
+    this.oSlc = branchOut(Q * Hq * dv, 'decode o_slc');
+    this.oWin = branchOut(Q * Hq * dv, 'decode o_win');
+    this.lseCmp = branchOut(Q * Hq, 'decode lse_cmp');
+    this.lseSlc = branchOut(Q * Hq, 'decode lse_slc');
+    this.lseWin = branchOut(Q * Hq, 'decode lse_win');
     this.blockIndices = this.keep(ctx.alloc(Q * H * n * 4, 'decode block indices'));
     const maxCompressed = Math.max(1, config.compressedLength(maxLength));
     const gchunks = Math.ceil(G / 16);
@@ -598,6 +600,7 @@ class DecodeStep {
     const wanted = process.env['NSA_DECODE_FUSED'];
     const worth = ctaRows >= ctx.device.smCount && maxSlices * record <= FUSED_MAX_SLICE_FLOATS;
     this.fused = wanted !== '0' && fits && (wanted === '1' || worth);
+    this.oCmp = this.fused ? branchOut(Q * Hq * dv, 'decode o_cmp') : f32(Q * Hq * dv, 'decode o_cmp');
     // The fused step has work items enough without splitting the compressed keys finely: at least 512 per chunk
     // there where that still makes two chunks a row (H100, B = 64, fla preset, 64k: 0.1791 against 0.1858 ms; but
     // paper preset, 8k, one chunk of 512 against two of 256: 0.1555 against 0.1485 ms).
