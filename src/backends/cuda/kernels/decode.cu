@@ -60,7 +60,13 @@
 #define SEL_PER_THREAD 4 // candidate blocks per thread of nsa_decode_select: at most 1024 per CTA
 #define MAX_G 128
 #define SEL_STAGE 8192 // floats of nsa_decode_select's staging area (dynamic shared memory)
-#define SEQ_WORDS 8 // per query in query_ptrs: k, v, kc, vc, row stride, raw head stride, compressed head stride, tokens held
+#define SEQ_WORDS 8 // per query in query_ptrs, in this order:
+enum SeqWord { SEQ_K, SEQ_V, SEQ_KC, SEQ_VC, SEQ_ROW_STRIDE, SEQ_RAW_HEAD_STRIDE, SEQ_CMP_HEAD_STRIDE, SEQ_TOKENS_HELD };
+
+// Tokens held by the cache of query r's sequence.
+__device__ __forceinline__ int query_tokens_held(const unsigned long long *query_ptrs, int r) {
+  return (int)query_ptrs[(i64)r * SEQ_WORDS + SEQ_TOKENS_HELD];
+}
 
 #if defined(DECODE_BULK) && defined(NSA_HAS_BULK_COPY)
 #define DECODE_USE_BULK 1
@@ -226,12 +232,12 @@ __device__ __forceinline__ void attend_chunk(const Cache &c, const int *block_in
   const int rows = min(ROWS, G - head0);
   const unsigned long long *sp = c.query_ptrs + (i64)r * SEQ_WORDS;
   const int t = c.q_pos[r];
-  const int len = (int)sp[7];
+  const int len = query_tokens_held(c.query_ptrs, r);
   const int tc = cmp_held(len);
-  const elem_t *kbase = reinterpret_cast<const elem_t *>(sp[BRANCH == 0 ? 2 : 0]);
-  const elem_t *vbase = reinterpret_cast<const elem_t *>(sp[BRANCH == 0 ? 3 : 1]);
-  const i64 rstride = (i64)sp[4];                  // rows between tokens
-  const i64 hoff = (i64)h * (i64)sp[BRANCH == 0 ? 6 : 5]; // rows before head h's first token
+  const elem_t *kbase = reinterpret_cast<const elem_t *>(sp[BRANCH == 0 ? SEQ_KC : SEQ_K]);
+  const elem_t *vbase = reinterpret_cast<const elem_t *>(sp[BRANCH == 0 ? SEQ_VC : SEQ_V]);
+  const i64 rstride = (i64)sp[SEQ_ROW_STRIDE]; // rows between tokens
+  const i64 hoff = (i64)h * (i64)sp[BRANCH == 0 ? SEQ_CMP_HEAD_STRIDE : SEQ_RAW_HEAD_STRIDE]; // rows before head h's first token
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
 
@@ -588,7 +594,7 @@ extern "C" __global__ void __launch_bounds__(SEL_THREADS)
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int t = q_pos[r];
-  const int len = (int)query_ptrs[(i64)r * SEQ_WORDS + 7];
+  const int len = query_tokens_held(query_ptrs, r);
   const int visible = cmp_visible_in(t, len);
 
   // The cmp lse of every head (a warp per head): m and l over the cmp chunks.
@@ -751,7 +757,7 @@ __device__ __noinline__ void fused_select(int r, int h, const unsigned long long
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int t = q_pos[r];
-  const int len = (int)query_ptrs[(i64)r * SEQ_WORDS + 7];
+  const int len = query_tokens_held(query_ptrs, r);
   const int visible = cmp_visible_in(t, len);
   const int current = t / SEL_L;
   const int ncand = current + 1;
