@@ -232,7 +232,7 @@ __device__ __forceinline__ void attend_chunk(const Cache &c, const int *block_in
   const int rows = min(ROWS, G - head0);
   const unsigned long long *sp = c.query_ptrs + (i64)r * SEQ_WORDS;
   const int t = c.q_pos[r];
-  const int len = query_tokens_held(c.query_ptrs, r);
+  const int len = (int)sp[SEQ_TOKENS_HELD];
   const int tc = cmp_held(len);
   const elem_t *kbase = reinterpret_cast<const elem_t *>(sp[BRANCH == 0 ? SEQ_KC : SEQ_K]);
   const elem_t *vbase = reinterpret_cast<const elem_t *>(sp[BRANCH == 0 ? SEQ_VC : SEQ_V]);

@@ -43,11 +43,7 @@ __device__ __forceinline__ u32 pack_elem2(float lo, float hi) {
 
 // The ungated branch outputs ([N, Hq, DV]) are fp32, or elem_t where the caller keeps them in the half dtype
 // (`half`, a launch argument): the backward reads them once, and half the bytes is half the traffic.
-__device__ __forceinline__ void store_branch(void *base, i64 i, float x, bool half) {
-  if (half) static_cast<elem_t *>(base)[i] = float_to_elem(x);
-  else static_cast<float *>(base)[i] = x;
-}
-/** Elements i, i + 1 (i even). */
+// Stores elements i, i + 1 (i even).
 __device__ __forceinline__ void store_branch2(void *base, i64 i, float x0, float x1, bool half) {
   if (half) *reinterpret_cast<u32 *>(static_cast<elem_t *>(base) + i) = pack_elem2(x0, x1);
   else *reinterpret_cast<float2 *>(static_cast<float *>(base) + i) = make_float2(x0, x1);

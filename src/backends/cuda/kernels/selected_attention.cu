@@ -1,6 +1,6 @@
 // nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16
 // nvcc-check: -DDK=192 -DDV=128 -DSEL_L=32 -DSEL_N=16 -DNSA_FP16
-// nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DSLC_WARPS=2 -DSLC_STAGES=4 -DSLC_EPILOGUE_BATCHED=0
+// nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DSLC_WARPS=2 -DSLC_STAGES=4
 // nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DSLC_BULK
 // nvcc-check: -DDK=192 -DDV=128 -DSEL_L=32 -DSEL_N=16 -DSLC_BULK -DNSA_FP16
 // nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DSLC_BULK -DSLC_TMA
@@ -36,9 +36,6 @@
 #endif
 #ifndef SLC_MIN_BLOCKS
 #define SLC_MIN_BLOCKS 8 // CTAs per SM the register budget must allow
-#endif
-#ifndef SLC_EPILOGUE_BATCHED
-#define SLC_EPILOGUE_BATCHED 1 // the epilogue's loads of out and the gates all in flight first (0: one element at a time)
 #endif
 #define BLOCK_N (16 * SLC_WARPS)
 #define THREADS (32 * SLC_WARPS)
@@ -229,7 +226,6 @@ extern "C" __global__ void __launch_bounds__(THREADS, SLC_MIN_BLOCKS)
   float *merge_o = reinterpret_cast<float *>(ksmem); // SLC_WARPS x ROWS x DV floats, reusing the key stages
   stage_warp_state<DV, SLC_WARPS>(st, o, merge_m, merge_l, merge_o, warp, lane);
   __syncthreads();
-#if SLC_EPILOGUE_BATCHED
   // Each thread's pairs of columns: their rows of `out` (the other branches' sum, written by an earlier launch) and
   // gates all loaded first, in flight together. One element at a time, each load waited out a round trip before
   // the next was issued (19% of the stall samples on its FFMA, H100, 16k, G = 16, fla; batched, the selected stage
@@ -270,19 +266,4 @@ extern "C" __global__ void __launch_bounds__(THREADS, SLC_MIN_BLOCKS)
       else *reinterpret_cast<float2 *>(out + orow * DV + col) = make_float2(y0, y1);
     }
   }
-#else
-  for (int idx = threadIdx.x; idx < rows * DV; idx += THREADS) {
-    const int r = idx / DV;
-    const int col = idx % DV;
-    float m, l;
-    const float acc = merge_warp_states<DV, SLC_WARPS>(merge_m, merge_l, merge_o, r, col, &m, &l);
-    const float x = l > 0.f ? acc / l : 0.f;
-    const i64 orow = row * Hq + h * G + head0 + r;
-    if (col == 0) lse_out[orow] = l > 0.f ? (m + log2f(l)) * NSA_LN2 : NSA_NEG_INF;
-    if (branch_out != nullptr) store_branch(branch_out, orow * DV + col, x, branch_half != 0);
-    const float y = out[orow * DV + col] + gate[orow * 3 + 1] * x;
-    if (out_final != nullptr) out_final[orow * DV + col] = float_to_elem(y);
-    else out[orow * DV + col] = y;
-  }
-#endif
 }

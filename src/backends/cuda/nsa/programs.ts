@@ -283,8 +283,6 @@ export class NsaPrograms {
       `-DSLC_MIN_BLOCKS=${this.tuning.slcMinBlocks}`,
       ...(this.tuning.slcBulk ? ['-DSLC_BULK'] : []),
       ...(this.slcTma ? ['-DSLC_TMA'] : []),
-      // NSA_SLC_EPILOGUE=loop: the epilogue's loads of out and the gates one element at a time, as before (A/B).
-      ...(process.env['NSA_SLC_EPILOGUE'] === 'loop' ? ['-DSLC_EPILOGUE_BATCHED=0'] : []),
     ]);
   }
 
