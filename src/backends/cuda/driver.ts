@@ -4,7 +4,7 @@
 // argument is summed up at the top of ffi.ts.
 import type { LibraryHandle } from 'koffi';
 import { BackendUnavailableError, CudaError, DeviceOutOfMemoryError } from '../../errors.js';
-import { alias, bytesOf, opaqueHandle, outBigInt, outNumber } from './ffi.js';
+import { alias, byteParts, opaqueHandle, outBigInt, outNumber } from './ffi.js';
 
 /** A device address (CUdeviceptr, 64-bit). */
 export type DevicePtr = bigint;
@@ -311,11 +311,15 @@ export class CudaDriver {
   }
 
   memcpyHtoD(dst: DevicePtr, src: ArrayBufferView): void {
-    this.check('cuMemcpyHtoD_v2', this.c.cuMemcpyHtoD_v2(dst, bytesOf(src), src.byteLength));
+    for (const { offset, bytes } of byteParts(src)) {
+      this.check('cuMemcpyHtoD_v2', this.c.cuMemcpyHtoD_v2(dst + BigInt(offset), bytes, bytes.byteLength));
+    }
   }
 
   memcpyDtoH(dst: ArrayBufferView, src: DevicePtr): void {
-    this.check('cuMemcpyDtoH_v2', this.c.cuMemcpyDtoH_v2(bytesOf(dst), src, dst.byteLength));
+    for (const { offset, bytes } of byteParts(dst)) {
+      this.check('cuMemcpyDtoH_v2', this.c.cuMemcpyDtoH_v2(bytes, src + BigInt(offset), bytes.byteLength));
+    }
   }
 
   memcpyDtoD(dst: DevicePtr, src: DevicePtr, bytes: number): void {

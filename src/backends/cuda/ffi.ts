@@ -63,7 +63,20 @@ export function outNumber(out: readonly unknown[]): number {
   return typeof v === 'bigint' ? Number(v) : typeof v === 'number' ? v : 0;
 }
 
-/** A byte view of any typed array or DataView, so Koffi passes raw bytes whatever the element type. */
-export function bytesOf(view: ArrayBufferView): Uint8Array {
-  return new Uint8Array(view.buffer, view.byteOffset, view.byteLength);
+/**
+ * The most bytes one host copy passes: a Uint8Array spans at most 2^32 - 1 bytes in V8, and the outputs of a long
+ * forward are larger (1M tokens x 16 heads x 128 fp32 values: 9 GB), so copies go in parts of 1 GiB.
+ */
+export const MAX_COPY_BYTES = 2 ** 30;
+
+/**
+ * Byte views of consecutive parts of any typed array or DataView (so Koffi passes raw bytes whatever the element
+ * type), each at most maxBytes, with their byte offsets into it.
+ */
+export function byteParts(view: ArrayBufferView, maxBytes = MAX_COPY_BYTES): { offset: number; bytes: Uint8Array }[] {
+  const parts: { offset: number; bytes: Uint8Array }[] = [];
+  for (let offset = 0; offset < view.byteLength; offset += maxBytes) {
+    parts.push({ offset, bytes: new Uint8Array(view.buffer, view.byteOffset + offset, Math.min(maxBytes, view.byteLength - offset)) });
+  }
+  return parts;
 }
