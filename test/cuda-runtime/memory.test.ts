@@ -79,6 +79,24 @@ describe('DeviceMemoryPool', () => {
     expect(pool.stats().bytesCached).toBe(0);
   });
 
+  it("frees the caches of the device's other pools when its own cannot make room, and no other device's", () => {
+    const shared = Object.assign(fakeDevice(64 * MiB), { ordinal: 0 });
+    const other = new DeviceMemoryPool(shared); // another backend's context on the same GPU
+    const elsewhere = new DeviceMemoryPool(Object.assign(fakeDevice(64 * MiB), { ordinal: 1 }));
+    const pool = new DeviceMemoryPool(shared);
+    other.alloc(40 * MiB, 'cached by the other pool').dispose();
+    elsewhere.alloc(40 * MiB, 'cached on another device').dispose();
+    expect(pool.reclaimableBytes()).toBe(40 * MiB);
+    const big = pool.alloc(48 * MiB, 'needs the other pool\'s cache');
+    expect(big.capacity).toBe(48 * MiB);
+    expect(other.stats().bytesCached).toBe(0);
+    expect(elsewhere.stats().bytesCached).toBe(40 * MiB);
+    big.dispose();
+    other.dispose();
+    elsewhere.dispose();
+    pool.dispose();
+  });
+
   it('throws DeviceOutOfMemoryError with the requested bytes, and keeps working afterwards', () => {
     const device = fakeDevice(10 * MiB);
     const pool = new DeviceMemoryPool(device);

@@ -67,6 +67,7 @@ export class CudaContext implements LaunchTarget {
       free: (ptr) => driver.memFree(ptr),
       freeBytes: () => driver.memGetInfo().free,
       totalBytes: device.totalBytes,
+      ordinal: device.index,
     });
   }
 
@@ -254,11 +255,14 @@ export class CudaContext implements LaunchTarget {
     return this.pool.stats();
   }
 
-  /** Device bytes an allocation can take: the driver's free memory and the blocks the pool keeps for reuse. */
+  /**
+   * Device bytes an allocation can take: the driver's free memory and the blocks kept for reuse by this context's
+   * pool and the other live pools of the device (an allocation that runs out frees them).
+   */
   availableBytes(): number {
     this.assertLive();
     this.activate();
-    return this.driver.memGetInfo().free + this.pool.stats().bytesCached;
+    return this.driver.memGetInfo().free + this.pool.reclaimableBytes();
   }
 
   /** Frees the pool's cached blocks; returns the bytes freed. */

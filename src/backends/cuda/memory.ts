@@ -1,8 +1,9 @@
 // A pooled device allocator. Sizes round up to a size class (256-byte steps up to 1 MiB, 2 MiB steps above), and
 // a disposed buffer's block goes to its class's free list for the next allocation of that class, so a model that
 // repeats the same shapes stops calling the driver after its first step. When the device is out of memory the
-// pool frees its cached blocks and tries once more before throwing DeviceOutOfMemoryError. Sizes are plain numbers
-// (exact up to 2^53 bytes); device addresses are BigInt.
+// pool frees its cached blocks, and those of the other live pools on the same device (each backend's context has
+// its own), and tries once more before throwing DeviceOutOfMemoryError. Sizes are plain numbers (exact up to 2^53
+// bytes); device addresses are BigInt.
 import { DeviceOutOfMemoryError, DisposedError, InputValueError } from '../../errors.js';
 import type { DevicePtr } from './driver.js';
 
@@ -13,6 +14,8 @@ export interface DeviceAllocator {
   free(ptr: DevicePtr): void;
   freeBytes(): number;
   readonly totalBytes: number;
+  /** The device's ordinal: pools of one device give their cached blocks back when another runs out (none without). */
+  readonly ordinal?: number;
 }
 
 export interface DeviceBuffer {
@@ -46,6 +49,9 @@ export function sizeClass(bytes: number): number {
   return Math.ceil(bytes / LARGE_STEP) * LARGE_STEP;
 }
 
+/** Every pool not yet disposed, so that one out of memory can trim the others of its device. */
+const livePools = new Set<DeviceMemoryPool>();
+
 export class DeviceMemoryPool {
   private readonly cached = new Map<number, DevicePtr[]>();
   private readonly live = new Map<PooledBuffer, DevicePtr>();
@@ -53,7 +59,9 @@ export class DeviceMemoryPool {
   private bytesInUse = 0;
   private disposed = false;
 
-  constructor(private readonly device: DeviceAllocator) {}
+  constructor(private readonly device: DeviceAllocator) {
+    livePools.add(this);
+  }
 
   alloc(bytes: number, what: string): DeviceBuffer {
     if (this.disposed) throw new DisposedError('device memory pool');
@@ -77,6 +85,13 @@ export class DeviceMemoryPool {
     return freed;
   }
 
+  /** Cached bytes this pool and the other live pools of its device would give back on out-of-memory. */
+  reclaimableBytes(): number {
+    let bytes = 0;
+    for (const pool of this.siblingsAndSelf()) bytes += pool.bytesCached;
+    return bytes;
+  }
+
   stats(): PoolStats {
     let blocksCached = 0;
     for (const ptrs of this.cached.values()) blocksCached += ptrs.length;
@@ -87,6 +102,7 @@ export class DeviceMemoryPool {
   dispose(): void {
     if (this.disposed) return;
     this.disposed = true;
+    livePools.delete(this);
     const live = [...this.live];
     this.live.clear();
     this.bytesInUse = 0;
@@ -115,6 +131,11 @@ export class DeviceMemoryPool {
     this.bytesCached += buffer.capacity;
   }
 
+  private siblingsAndSelf(): DeviceMemoryPool[] {
+    const { ordinal } = this.device;
+    return [...livePools].filter((pool) => pool === this || (ordinal !== undefined && pool.device.ordinal === ordinal));
+  }
+
   private takeCached(capacity: number): DevicePtr | undefined {
     const ptr = this.cached.get(capacity)?.pop();
     if (ptr !== undefined) this.bytesCached -= capacity;
@@ -127,9 +148,9 @@ export class DeviceMemoryPool {
       return this.device.alloc(capacity, what);
     } catch (e) {
       if (!(e instanceof DeviceOutOfMemoryError)) throw e;
-      if (this.bytesCached === 0) throw new DeviceOutOfMemoryError(bytes, e.freeBytes, what);
+      if (this.reclaimableBytes() === 0) throw new DeviceOutOfMemoryError(bytes, e.freeBytes, what);
     }
-    this.trim();
+    for (const pool of this.siblingsAndSelf()) pool.trim();
     try {
       return this.device.alloc(capacity, what);
     } catch (e) {
