@@ -192,10 +192,11 @@ export class QueryEvaluator {
 
 /**
  * The selection-block scores of the query at packed row `row` for KV head h (the GQA-summed, overlap-mapped cmp
- * probabilities top-n ranks), one per candidate block. For checking a kernel's choice by scores.
+ * probabilities top-n ranks), one per candidate block. For checking a kernel's choice by scores. The query's heads
+ * come from q at row qRow (by default the problem's own q at `row`; a test past host-sized inputs passes its rows).
  */
-export function blockScoresAt(problem: NsaProblem, row: number, h: number): Float64Array {
-  const { config, layout, inputs } = problem;
+export function blockScoresAt(problem: NsaProblem, row: number, h: number, q: FloatArray = problem.inputs.q, qRow = row): Float64Array {
+  const { config, layout } = problem;
   const seq = layout.sequences.find((s) => row >= s.start && row < s.start + s.length)!;
   const t = row - seq.start;
   const keys = new BranchKeys(config);
@@ -206,8 +207,8 @@ export function blockScoresAt(problem: NsaProblem, row: number, h: number): Floa
   const ops = branchOperands(problem).cmp;
   const o = new Float64Array(config.valueDim);
   for (let gi = 0; gi < layout.group; gi++) {
-    const qo = (row * layout.heads + h * layout.group + gi) * layout.dk;
-    const lse = attendForward(ops, inputs.q, qo, h, keys.cmp, o, 0, scratch);
+    const qo = (qRow * layout.heads + h * layout.group + gi) * layout.dk;
+    const lse = attendForward(ops, q, qo, h, keys.cmp, o, 0, scratch);
     for (let i = 0; i < visible; i++) probs[i] = Math.exp(scratch.buffer[i]! - lse);
     accumulateBlockScores(config, probs, visible, scores);
   }

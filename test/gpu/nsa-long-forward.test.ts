@@ -1,0 +1,176 @@
+// The cuda forward past 32-bit offsets (issue 3: "T up to 1M tokens must not overflow"). At 1.1M tokens and 16
+// query heads of 128 the queries hold 2.25e9 elements and each fp32 output 9 GB, so the last rows' q, o, lse and
+// gate offsets lie past 2^31 elements (their byte offsets past 2^32); at G = 4 the FSA order's partial outputs,
+// one per (token, query head, slot), reach 1.8e10 elements. Rows on both sides of the boundary, and a packed
+// sequence that starts past it, are checked against the reference evaluated for those rows alone (the whole
+// reference would take days): the selection by the reference scores, the outputs given the blocks the GPU chose.
+// Skips, saying why, where no GPU is present or its memory is too small.
+
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { NSAConfig, type NSAConfigOptions } from '../../src/config/nsa-config.js';
+import { cudaAvailability } from '../../src/backends/cuda/libraries.js';
+import { createCudaBackend } from '../../src/backends/cuda/cuda-backend.js';
+import type { Backend } from '../../src/backends/backend.js';
+import {
+  allocateOutputs,
+  blockScoresAt,
+  branchOperands,
+  prepareNsaProblem,
+  QueryEvaluator,
+  type NsaReferenceOutputs,
+} from '../../src/reference/nsa-forward.js';
+import { nsaForward } from '../../src/nsa/operator.js';
+import type { NsaOutputs } from '../../src/nsa/types.js';
+import { bf16ToF32 } from '../../src/tensor/dtype.js';
+import { Tensor } from '../../src/tensor/tensor.js';
+import { expectRelativeRms } from '../helpers/compare.js';
+
+const availability = cudaAvailability();
+const TOL = { rtol: 5e-3 };
+const CU_SEQLENS = [0, 1_099_000, 1_100_000];
+const N = CU_SEQLENS[CU_SEQLENS.length - 1]!;
+// Both ends, the first row whose q lies wholly past 2^31 elements at 16 heads of 128 (2^31 / 2048 = 1,048,576),
+// the last row of the long sequence (68.7k compressed keys), and the packed sequence past the boundary.
+const ROWS = [7, 1_048_575, 1_048_576, 1_098_999, 1_099_000, 1_099_063, 1_099_999];
+
+interface Case {
+  readonly name: string;
+  readonly options: NSAConfigOptions;
+  readonly kernel: 'group' | 'fsa';
+  /** Device memory the case needs (inputs, fp32 outputs, the FSA scratch), with room to spare. */
+  readonly deviceBytes: number;
+}
+
+const CASES: Case[] = [
+  { name: 'G = 16, group-centric: 2.25e9 query elements', options: { heads: 16, kvHeads: 1, headDim: 128, valueDim: 128 }, kernel: 'group', deviceBytes: 50e9 },
+  { name: 'G = 4, FSA order: 1.8e10 partial-output elements', options: { heads: 8, kvHeads: 2, headDim: 128, valueDim: 128 }, kernel: 'fsa', deviceBytes: 66e9 },
+];
+
+/**
+ * `count` (even) N(0, 1) values in bf16: a table of 4096 normals picked two at a time by a xorshift32 stream
+ * (period 2^32 - 1), so that every row differs and 2.25e9 values take seconds (Tensor.randn's Box-Muller per
+ * element would take minutes).
+ */
+function normalBf16(count: number, seed: number): Uint16Array {
+  const table = Tensor.randn([4096], 'bf16', seed).data;
+  const out = new Uint16Array(count);
+  const pairs = new Uint32Array(out.buffer, 0, count / 2);
+  let x = (seed * 2654435761) >>> 0 || 1;
+  for (let i = 0; i < pairs.length; i++) {
+    x ^= x << 13;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    pairs[i] = table[x & 4095]! | (table[(x >>> 12) & 4095]! << 16);
+  }
+  return out;
+}
+
+/** Lets vitest's worker answer its runner between long synchronous steps (else its RPC times out). */
+function yieldToRunner(): Promise<void> {
+  return new Promise((resolve) => setImmediate(resolve));
+}
+
+/** The rows ROWS of a [N, heads, width] array, as doubles (`decode` turns a stored element into its value). */
+function rowsOf(data: ArrayLike<number>, heads: number, width: number, decode = (x: number) => x): Float64Array {
+  const out = new Float64Array(ROWS.length * heads * width);
+  const size = heads * width;
+  ROWS.forEach((row, i) => {
+    for (let e = 0; e < size; e++) out[i * size + e] = decode(data[row * size + e]!);
+  });
+  return out;
+}
+
+if (!availability.available) {
+  describe('cuda NSA forward past 32-bit offsets', () => {
+    it.skip(`skipped: no usable CUDA GPU here (${availability.reason.split('\n')[0]})`, () => {});
+  });
+} else {
+  const { device } = availability;
+  describe(`cuda NSA forward past 32-bit offsets on ${device.name}`, () => {
+    const backends = new Map<string, Backend>();
+    beforeAll(async () => {
+      for (const kernel of ['group', 'fsa'] as const) backends.set(kernel, await createCudaBackend({ selectedKernel: kernel }));
+    });
+    afterAll(() => {
+      for (const b of [...backends.values()].reverse()) b.dispose();
+    });
+
+    for (const [ci, c] of CASES.entries()) {
+      const test = device.totalBytes >= c.deviceBytes ? it : it.skip;
+      test(`${c.name}, T = ${N} in two sequences${device.totalBytes >= c.deviceBytes ? '' : ` (skipped: needs ${(c.deviceBytes / 1e9).toFixed(0)} GB of device memory)`}`, async () => {
+        const config = new NSAConfig(c.options);
+        const { heads: Hq, kvHeads: H, headDim: dk, valueDim: dv, selectCount: n } = config;
+        const seed = 500 + 31 * ci;
+        const q = new Tensor('bf16', [1, N, Hq, dk], normalBf16(N * Hq * dk, seed));
+        await yieldToRunner();
+        const k = new Tensor('bf16', [1, N, H, dk], normalBf16(N * H * dk, seed + 1));
+        const v = new Tensor('bf16', [1, N, H, dv], normalBf16(N * H * dv, seed + 2));
+        const g = Tensor.uniform([1, N, Hq, 3], 'f32', seed + 3);
+        const result = await nsaForward({ q, k, v, g, cuSeqlens: CU_SEQLENS }, config, {
+          backend: backends.get(c.kernel)!,
+          outputDType: 'f32',
+          checkFinite: false, // a scan of 2.25e9 values on the host; the inputs are made finite above
+        });
+        await yieldToRunner();
+        try {
+          // The reference for the checked rows alone: their queries and gates, all keys and values.
+          const problem = prepareNsaProblem(config, {
+            q: rowsOf(q.data, Hq, dk, bf16ToF32),
+            k: k.toFloat32(),
+            v: v.toFloat32(),
+            g: rowsOf(g.data, Hq, 3),
+            cuSeqlens: CU_SEQLENS,
+          });
+          const gpuBlocks = new Int32Array(ROWS.length * H * n);
+          ROWS.forEach((row, i) => gpuBlocks.set(result.blockIndices.data.subarray(row * H * n, (row + 1) * H * n), i * H * n));
+          const evaluator = new QueryEvaluator(config, branchOperands(problem), problem.layout.totalCompressed, CU_SEQLENS[1]!);
+          const shape = { totalTokens: ROWS.length, heads: Hq, kvHeads: H, dv };
+          const own = allocateOutputs(shape, n);
+          const given = allocateOutputs(shape, n);
+          let differing = 0;
+          for (const [i, row] of ROWS.entries()) {
+            await yieldToRunner();
+            const seq = problem.layout.sequences.find((s) => row >= s.start && row < s.start + s.length)!;
+            const t = row - seq.start;
+            evaluator.evaluate(seq, t, problem.inputs.q, problem.inputs.g, i, own, i);
+            evaluator.evaluate(seq, t, problem.inputs.q, problem.inputs.g, i, given, i, gpuBlocks);
+            for (let h = 0; h < H; h++) {
+              const o = (i * H + h) * n;
+              const got = Array.from(gpuBlocks.subarray(o, o + n)).filter((j) => j >= 0);
+              const want = Array.from(own.blockIndices.subarray(o, o + n)).filter((j) => j >= 0);
+              const where = `row ${row} (t = ${t}), head ${h}: got [${got}], reference [${want}]`;
+              expect(got.length, where).toBe(want.length);
+              const current = Math.floor(t / config.selectBlock);
+              for (let m = 1; m < got.length; m++) expect(got[m]! > got[m - 1]!, `${where}: ascending and distinct`).toBe(true);
+              for (const j of got) expect(j <= current, `${where}: no future block`).toBe(true);
+              for (const forced of [0, current - 1, current].filter((j) => j >= 0)) expect(got.includes(forced), `${where}: forced block ${forced}`).toBe(true);
+              if (got.join() === want.join()) continue;
+              differing++;
+              const scores = blockScoresAt(problem, row, h, problem.inputs.q, i);
+              const sum = (js: number[]): number => js.reduce((s, j) => s + scores[j]!, 0);
+              expect(sum(want) - sum(got), `${where}: score deficit`).toBeLessThanOrEqual(1e-2 * Math.max(sum(want), 1e-6));
+            }
+          }
+          compareRows(result, given, Hq, dv);
+          console.log(`${c.name}: ${ROWS.length} rows past and before 2^31 elements match; selection differs from the reference in ${differing} of ${ROWS.length * H}`);
+        } finally {
+          result.release();
+        }
+      });
+    }
+  });
+}
+
+function compareRows(out: NsaOutputs, ref: NsaReferenceOutputs, Hq: number, dv: number): void {
+  const rows = (t: Tensor, width: number): Float64Array => {
+    expect(t.dtype, 'outputs asked in f32').toBe('f32');
+    return rowsOf(t.data as Float32Array, Hq, width);
+  };
+  expectRelativeRms(rows(out.o, dv), ref.o, 'o', TOL);
+  expectRelativeRms(rows(out.oCmp, dv), ref.oCmp, 'o_cmp', TOL);
+  expectRelativeRms(rows(out.oSlc, dv), ref.oSlc, 'o_slc', TOL);
+  expectRelativeRms(rows(out.oWin, dv), ref.oWin, 'o_win', TOL);
+  expectRelativeRms(rows(out.lseCmp, 1), ref.lseCmp, 'lse_cmp', TOL);
+  expectRelativeRms(rows(out.lseSlc, 1), ref.lseSlc, 'lse_slc', TOL);
+  expectRelativeRms(rows(out.lseWin, 1), ref.lseWin, 'lse_win', TOL);
+}
