@@ -1,10 +1,12 @@
-// The cuda forward past 32-bit offsets (issue 3: "T up to 1M tokens must not overflow"). At 1.1M tokens and 16
+// The cuda forward and backward past 32-bit offsets (issue 3: "T up to 1M tokens must not overflow"). At 1.1M tokens and 16
 // query heads of 128 the queries hold 2.25e9 elements and each fp32 output 9 GB, so the last rows' q, o, lse and
 // gate offsets lie past 2^31 elements (their byte offsets past 2^32); at G = 4 the FSA order's partial outputs,
 // one per (token, query head, slot), reach 1.8e10 elements. Rows on both sides of the boundary, and a packed
 // sequence that starts past it, are checked against the reference evaluated for those rows alone (the whole
 // reference would take days): the selection by the reference scores, the outputs given the blocks the GPU chose.
-// Skips, saying why, where no GPU is present or its memory is too small.
+// The backward is checked through that packed sequence: its gradients (dq, dg and its tokens' dk, dv) must be those
+// the reference gives it alone, as packed sequences are independent. Skips, saying why, where no GPU is present or
+// its memory is too small.
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { NSAConfig, type NSAConfigOptions } from '../../src/config/nsa-config.js';
@@ -15,10 +17,12 @@ import {
   allocateOutputs,
   blockScoresAt,
   branchOperands,
+  nsaReferenceForward,
   prepareNsaProblem,
   QueryEvaluator,
   type NsaReferenceOutputs,
 } from '../../src/reference/nsa-forward.js';
+import { nsaReferenceBackward } from '../../src/reference/nsa-backward.js';
 import { nsaForward } from '../../src/nsa/operator.js';
 import type { NsaOutputs } from '../../src/nsa/types.js';
 import { bf16ToF32 } from '../../src/tensor/dtype.js';
@@ -65,6 +69,28 @@ function normalBf16(count: number, seed: number): Uint16Array {
   return out;
 }
 
+/** Seeded inputs of `config` over CU_SEQLENS: q, k, v ~ N(0, 1) in bf16, gates ~ U(0, 1). */
+async function longInputs(config: NSAConfig, seed: number): Promise<{ q: Tensor<'bf16'>; k: Tensor<'bf16'>; v: Tensor<'bf16'>; g: Tensor<'f32'> }> {
+  const { heads: Hq, kvHeads: H, headDim: dk, valueDim: dv } = config;
+  const q = new Tensor('bf16', [1, N, Hq, dk], normalBf16(N * Hq * dk, seed));
+  await yieldToRunner();
+  return {
+    q,
+    k: new Tensor('bf16', [1, N, H, dk], normalBf16(N * H * dk, seed + 1)),
+    v: new Tensor('bf16', [1, N, H, dv], normalBf16(N * H * dv, seed + 2)),
+    g: Tensor.uniform([1, N, Hq, 3], 'f32', seed + 3),
+  };
+}
+
+/** Elements [start, end) of a tensor's storage as doubles (bf16 decoded). */
+function elements(t: Tensor, start: number, end: number): Float64Array {
+  const out = new Float64Array(end - start);
+  const data = t.data as ArrayLike<number>;
+  const decode = t.dtype === 'bf16' ? bf16ToF32 : (x: number) => x;
+  for (let i = start; i < end; i++) out[i - start] = decode(data[i]!);
+  return out;
+}
+
 /** Lets vitest's worker answer its runner between long synchronous steps (else its RPC times out). */
 function yieldToRunner(): Promise<void> {
   return new Promise((resolve) => setImmediate(resolve));
@@ -81,12 +107,12 @@ function rowsOf(data: ArrayLike<number>, heads: number, width: number, decode = 
 }
 
 if (!availability.available) {
-  describe('cuda NSA forward past 32-bit offsets', () => {
+  describe('cuda NSA past 32-bit offsets', () => {
     it.skip(`skipped: no usable CUDA GPU here (${availability.reason.split('\n')[0]})`, () => {});
   });
 } else {
   const { device } = availability;
-  describe(`cuda NSA forward past 32-bit offsets on ${device.name}`, () => {
+  describe(`cuda NSA past 32-bit offsets on ${device.name}`, () => {
     const backends = new Map<string, Backend>();
     beforeAll(async () => {
       for (const kernel of ['group', 'fsa'] as const) backends.set(kernel, await createCudaBackend({ selectedKernel: kernel }));
@@ -100,12 +126,8 @@ if (!availability.available) {
       test(`${c.name}, T = ${N} in two sequences${device.totalBytes >= c.deviceBytes ? '' : ` (skipped: needs ${(c.deviceBytes / 1e9).toFixed(0)} GB of device memory)`}`, async () => {
         const config = new NSAConfig(c.options);
         const { heads: Hq, kvHeads: H, headDim: dk, valueDim: dv, selectCount: n } = config;
-        const seed = 500 + 31 * ci;
-        const q = new Tensor('bf16', [1, N, Hq, dk], normalBf16(N * Hq * dk, seed));
+        const { q, k, v, g } = await longInputs(config, 500 + 31 * ci);
         await yieldToRunner();
-        const k = new Tensor('bf16', [1, N, H, dk], normalBf16(N * H * dk, seed + 1));
-        const v = new Tensor('bf16', [1, N, H, dv], normalBf16(N * H * dv, seed + 2));
-        const g = Tensor.uniform([1, N, Hq, 3], 'f32', seed + 3);
         const result = await nsaForward({ q, k, v, g, cuSeqlens: CU_SEQLENS }, config, {
           backend: backends.get(c.kernel)!,
           outputDType: 'f32',
@@ -158,6 +180,39 @@ if (!availability.available) {
         }
       });
     }
+
+    const backwardCase = CASES[0]!;
+    const backwardBytes = 64e9; // the forward's saved state with bf16 branch outputs, dO, dq and its parts
+    const test = device.totalBytes >= backwardBytes ? it : it.skip;
+    test(`forward + backward, ${backwardCase.name}: the packed sequence past 2^31 elements gets the gradients it gets alone`, async () => {
+      const config = new NSAConfig(backwardCase.options);
+      const { heads: Hq, kvHeads: H, headDim: dk, valueDim: dv, selectCount: n } = config;
+      const { q, k, v, g } = await longInputs(config, 700);
+      await yieldToRunner();
+      const result = await nsaForward({ q, k, v, g, cuSeqlens: CU_SEQLENS }, config, { backend: backends.get('group')!, outputDType: 'bf16', checkFinite: false });
+      await yieldToRunner();
+      const dO = new Tensor('bf16', [1, N, Hq, dv], normalBf16(N * Hq * dv, 704));
+      await yieldToRunner();
+      let grads;
+      try {
+        grads = await result.backward(dO);
+      } finally {
+        result.release();
+      }
+      await yieldToRunner();
+      // The last sequence alone, [a, b) of the packed rows, through the reference with the blocks the GPU chose.
+      const a = CU_SEQLENS[1]!;
+      const b = CU_SEQLENS[2]!;
+      const alone = { q: elements(q, a * Hq * dk, b * Hq * dk), k: elements(k, a * H * dk, b * H * dk), v: elements(v, a * H * dv, b * H * dv), g: elements(g, a * Hq * 3, b * Hq * 3), cuSeqlens: [0, b - a] };
+      const blocks = result.blockIndices.data.slice(a * H * n, b * H * n);
+      const fwd = nsaReferenceForward(config, alone, blocks);
+      const want = nsaReferenceBackward(config, alone, fwd, elements(dO, a * Hq * dv, b * Hq * dv));
+      expectRelativeRms(elements(result.o, a * Hq * dv, b * Hq * dv), fwd.o, 'o', TOL);
+      expectRelativeRms(elements(grads.dq, a * Hq * dk, b * Hq * dk), want.dq, 'dq', TOL);
+      expectRelativeRms(elements(grads.dg, a * Hq * 3, b * Hq * 3), want.dg, 'dg', TOL);
+      expectRelativeRms(elements(grads.dk, a * H * dk, b * H * dk), want.dk, 'dk', TOL);
+      expectRelativeRms(elements(grads.dv, a * H * dv, b * H * dv), want.dv, 'dv', TOL);
+    });
   });
 }
 
