@@ -112,6 +112,20 @@ export function storageToFloat64(dtype: DType, data: DTypeMap[DType]): Float64Ar
   return out;
 }
 
+/**
+ * Element values of a float or int storage as f32 (a new array; halves exactly, doubles and ints rounded once).
+ * Written as a loop: TypedArray.from(source, map) first lists every value in a JS array, which for the 10^8-10^9
+ * elements of a long sequence exhausts the JS heap.
+ */
+export function storageToFloat32(dtype: DType, data: DTypeMap[DType]): Float32Array {
+  const out = new Float32Array(data.length);
+  if (dtype === 'f16') for (let i = 0; i < out.length; i++) out[i] = f16ToF32((data as Uint16Array)[i]!);
+  else if (dtype === 'bf16') for (let i = 0; i < out.length; i++) out[i] = bf16ToF32((data as Uint16Array)[i]!);
+  else if (dtype === 'i64') for (let i = 0; i < out.length; i++) out[i] = Number((data as BigInt64Array)[i]!);
+  else out.set(data as Float64Array | Float32Array | Int32Array);
+  return out;
+}
+
 /** Converts doubles to `dtype` storage: f32 rounds once, halves round f64 -> f32 -> half, ints must be integral. */
 export function float64ToStorage<D extends DType>(dtype: D, values: ArrayLike<number>): DTypeMap[D] {
   const out = allocateStorage(dtype, values.length);

@@ -6,6 +6,7 @@ import {
   allocateStorage,
   float64ToStorage,
   isFloatDType,
+  storageToFloat32,
   storageToFloat64,
   type DType,
   type DTypeMap,
@@ -82,7 +83,7 @@ export class Tensor<D extends DType = DType> {
   /** The values as f32 (the same array when already f32). */
   toFloat32(): Float32Array {
     if (this.dtype === 'f32') return this.data as Float32Array;
-    return Float32Array.from(this.toFloat64());
+    return storageToFloat32(this.dtype, this.data);
   }
 
   cast<E extends DType>(dtype: E): Tensor<E> {

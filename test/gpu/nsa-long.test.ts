@@ -1,14 +1,14 @@
-// The cuda forward and backward past 32-bit offsets (issue 3: "T up to 1M tokens must not overflow"). At 1.1M
-// tokens and 16 query heads of 128 the queries hold 2.25e9 elements and each fp32 output 9 GB, so the last rows'
-// q, o, lse and gate offsets lie past 2^31 elements (their byte offsets past 2^32); at G = 4 the FSA order's partial
-// outputs, one per (token, query head, slot), reach 1.8e10 elements. Rows on both sides of the boundary, and a
+// The cuda forward, backward and decode past 32-bit offsets (issue 3: "T up to 1M tokens must not overflow"). At
+// 1.1M tokens and 16 query heads of 128 the queries hold 2.25e9 elements and each fp32 output 9 GB, so the last
+// rows' q, o, lse and gate offsets lie past 2^31 elements (their byte offsets past 2^32); at G = 4 the FSA order's
+// partial outputs, one per (token, query head, slot), reach 1.8e10 elements. Rows on both sides of the boundary, and a
 // packed sequence that starts past it, are checked against the reference evaluated for those rows alone (the whole
 // reference would take days): the selection by the reference scores, the outputs given the blocks the GPU chose.
 // The backward is checked through that packed sequence: its gradients (dq, dg and its tokens' dk, dv) must be those
-// the reference gives it alone, as packed sequences are independent. Skips, saying why, where no GPU is present or
-// the GPU or the host has too little memory.
+// the reference gives it alone, as packed sequences are independent. Decode reads a 1.1M-token cache whose keys
+// hold 2.25e9 elements a sequence. Skips, saying why, where no GPU is present or the GPU or the host has too little
+// memory.
 
-import { totalmem } from 'node:os';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { NSAConfig, type NSAConfigOptions } from '../../src/config/nsa-config.js';
 import { cudaAvailability } from '../../src/backends/cuda/libraries.js';
@@ -21,14 +21,17 @@ import {
   nsaReferenceForward,
   prepareNsaProblem,
   QueryEvaluator,
+  type NsaProblem,
   type NsaReferenceOutputs,
 } from '../../src/reference/nsa-forward.js';
 import { nsaReferenceBackward } from '../../src/reference/nsa-backward.js';
+import { createKvCache } from '../../src/nsa/decode/create.js';
 import { nsaForward } from '../../src/nsa/operator.js';
 import type { NsaOutputs } from '../../src/nsa/types.js';
 import { bf16ToF32 } from '../../src/tensor/dtype.js';
 import { Tensor } from '../../src/tensor/tensor.js';
 import { expectRelativeRms } from '../helpers/compare.js';
+import { memoryMissing, normalBf16, yieldToRunner } from '../helpers/long-inputs.js';
 
 const availability = cudaAvailability();
 const TOL = { rtol: 5e-3 };
@@ -51,25 +54,6 @@ const CASES: Case[] = [
   { name: 'G = 4, FSA order: 1.8e10 partial-output elements', options: { heads: 8, kvHeads: 2, headDim: 128, valueDim: 128 }, kernel: 'fsa', deviceBytes: 66e9 },
 ];
 
-/**
- * `count` (even) N(0, 1) values in bf16: a table of 4096 normals picked two at a time by a xorshift32 stream
- * (period 2^32 - 1), so that every row differs and 2.25e9 values take seconds (Tensor.randn's Box-Muller per
- * element would take minutes).
- */
-function normalBf16(count: number, seed: number): Uint16Array {
-  const table = Tensor.randn([4096], 'bf16', seed).data;
-  const out = new Uint16Array(count);
-  const pairs = new Uint32Array(out.buffer, 0, count / 2);
-  let x = (seed * 2654435761) >>> 0 || 1;
-  for (let i = 0; i < pairs.length; i++) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    pairs[i] = table[x & 4095]! | (table[(x >>> 12) & 4095]! << 16);
-  }
-  return out;
-}
-
 /** Seeded inputs of `config` over CU_SEQLENS: q, k, v ~ N(0, 1) in bf16, gates ~ U(0, 1). */
 async function longInputs(config: NSAConfig, seed: number): Promise<{ q: Tensor<'bf16'>; k: Tensor<'bf16'>; v: Tensor<'bf16'>; g: Tensor<'f32'> }> {
   const { heads: Hq, kvHeads: H, headDim: dk, valueDim: dv } = config;
@@ -90,21 +74,6 @@ function elements(t: Tensor, start: number, end: number): Float64Array {
   const decode = t.dtype === 'bf16' ? bf16ToF32 : (x: number) => x;
   for (let i = start; i < end; i++) out[i - start] = decode(data[i]!);
   return out;
-}
-
-/** Host memory the tests hold at most (inputs, fp32 outputs, gradients): ~59 GB measured on the forward + backward. */
-const HOST_BYTES = 80e9;
-
-/** '' where the device and the host hold a case, else the skip's reason. */
-function memoryMissing(deviceTotal: number, deviceBytes: number): string {
-  if (deviceTotal < deviceBytes) return ` (skipped: needs ${(deviceBytes / 1e9).toFixed(0)} GB of device memory, this GPU has ${(deviceTotal / 1e9).toFixed(0)})`;
-  if (totalmem() < HOST_BYTES) return ` (skipped: needs ${(HOST_BYTES / 1e9).toFixed(0)} GB of host memory, this machine has ${(totalmem() / 1e9).toFixed(0)})`;
-  return '';
-}
-
-/** Lets vitest's worker answer its runner between long synchronous steps (else its RPC times out). */
-function yieldToRunner(): Promise<void> {
-  return new Promise((resolve) => setImmediate(resolve));
 }
 
 /** The rows ROWS of a [N, heads, width] array, as doubles (`decode` turns a stored element into its value). */
@@ -167,22 +136,7 @@ if (!availability.available) {
             const t = row - seq.start;
             evaluator.evaluate(seq, t, problem.inputs.q, problem.inputs.g, i, own, i);
             evaluator.evaluate(seq, t, problem.inputs.q, problem.inputs.g, i, given, i, gpuBlocks);
-            for (let h = 0; h < H; h++) {
-              const o = (i * H + h) * n;
-              const got = Array.from(gpuBlocks.subarray(o, o + n)).filter((j) => j >= 0);
-              const want = Array.from(own.blockIndices.subarray(o, o + n)).filter((j) => j >= 0);
-              const where = `row ${row} (t = ${t}), head ${h}: got [${got}], reference [${want}]`;
-              expect(got.length, where).toBe(want.length);
-              const current = Math.floor(t / config.selectBlock);
-              for (let m = 1; m < got.length; m++) expect(got[m]! > got[m - 1]!, `${where}: ascending and distinct`).toBe(true);
-              for (const j of got) expect(j <= current, `${where}: no future block`).toBe(true);
-              for (const forced of [0, current - 1, current].filter((j) => j >= 0)) expect(got.includes(forced), `${where}: forced block ${forced}`).toBe(true);
-              if (got.join() === want.join()) continue;
-              differing++;
-              const scores = blockScoresAt(problem, row, h, problem.inputs.q, i);
-              const sum = (js: number[]): number => js.reduce((s, j) => s + scores[j]!, 0);
-              expect(sum(want) - sum(got), `${where}: score deficit`).toBeLessThanOrEqual(1e-2 * Math.max(sum(want), 1e-6));
-            }
+            differing += checkChoice(problem, row, i, gpuBlocks, own.blockIndices);
           }
           compareRows(result, given, Hq, dv);
           console.log(`${c.name}: ${ROWS.length} rows past and before 2^31 elements match; selection differs from the reference in ${differing} of ${ROWS.length * H}`);
@@ -224,7 +178,94 @@ if (!availability.available) {
       expectRelativeRms(elements(grads.dk, a * H * dk, b * H * dk), want.dk, 'dk', TOL);
       expectRelativeRms(elements(grads.dv, a * H * dv, b * H * dv), want.dv, 'dv', TOL);
     });
+
+    // At 16 KV heads of 128 one sequence's cached keys hold 2.25e9 elements (4.5 GB), so its last blocks and its
+    // window lie past 2^31 elements of the sequence's storage.
+    const decodeMissing = memoryMissing(device.totalBytes, 40e9);
+    (decodeMissing === '' ? it : it.skip)(`decode: the last 2 positions of a ${N}-token cache (2.25e9 key elements) and of a short sequence beside it, G = 2${decodeMissing}`, async () => {
+      const config = new NSAConfig({ heads: 32, kvHeads: 16, headDim: 128, valueDim: 128 });
+      const { heads: Hq, kvHeads: H, headDim: dk, valueDim: dv, selectCount: n } = config;
+      const Tq = 2; // speculative decoding's few tokens a sequence
+      const cache = await createKvCache(config, { backend: backends.get('group')!, pageTokens: 65536 });
+      try {
+        const seqs = [];
+        for (const [s, T] of [N, 1000].entries()) {
+          const k = new Tensor('bf16', [T, H, dk], normalBf16(T * H * dk, 800 + 10 * s));
+          await yieldToRunner();
+          const v = new Tensor('bf16', [T, H, dv], normalBf16(T * H * dv, 801 + 10 * s));
+          await yieldToRunner();
+          const id = cache.addSequence();
+          // In uneven chunks, so that compression carries across their boundaries.
+          const chunk = (t: Tensor<'bf16'>, from: number, to: number): Tensor => {
+            const width = t.shape[1]! * t.shape[2]!;
+            return new Tensor('bf16', [to - from, t.shape[1]!, t.shape[2]!], t.data.subarray(from * width, to * width));
+          };
+          for (let at = 0; at < T; at += 150_001) cache.append(id, chunk(k, at, Math.min(T, at + 150_001)), chunk(v, at, Math.min(T, at + 150_001)));
+          expect(cache.compressedLength(id)).toBe(config.compressedLength(T));
+          const q = new Tensor('bf16', [Tq, Hq, dk], normalBf16(Tq * Hq * dk, 802 + 10 * s));
+          seqs.push({ id, T, k, v, q, g: Tensor.uniform([Tq, Hq, 3], 'f32', 803 + 10 * s) });
+          await yieldToRunner();
+        }
+        const out = await cache.decode(seqs.map((x) => ({ sequence: x.id, q: x.q, g: x.g })));
+        let row = 0;
+        for (const x of seqs) {
+          await yieldToRunner();
+          const problem = prepareNsaProblem(config, { q: x.q.toFloat64(), k: x.k.toFloat32(), v: x.v.toFloat32(), g: x.g.toFloat64(), cuSeqlens: [0, x.T] });
+          const evaluator = new QueryEvaluator(config, branchOperands(problem), problem.layout.totalCompressed, x.T);
+          const shape = { totalTokens: Tq, heads: Hq, kvHeads: H, dv };
+          const own = allocateOutputs(shape, n);
+          const given = allocateOutputs(shape, n);
+          const gpuBlocks = out.blockIndices.data.slice(row * H * n, (row + Tq) * H * n);
+          let differing = 0;
+          for (let j = 0; j < Tq; j++) {
+            const t = x.T - Tq + j;
+            evaluator.evaluate(problem.layout.sequences[0]!, t, problem.inputs.q, problem.inputs.g, j, own, j);
+            evaluator.evaluate(problem.layout.sequences[0]!, t, problem.inputs.q, problem.inputs.g, j, given, j, gpuBlocks);
+            differing += checkChoice(problem, t, j, gpuBlocks, own.blockIndices);
+          }
+          const mine = (t: Tensor, width: number): Float64Array => t.toFloat64().slice(row * width, (row + Tq) * width);
+          expectRelativeRms(mine(out.o, Hq * dv), given.o, `sequence of ${x.T}: o`, TOL);
+          expectRelativeRms(mine(out.lseCmp, Hq), given.lseCmp, `sequence of ${x.T}: lse_cmp`, TOL);
+          expectRelativeRms(mine(out.lseSlc, Hq), given.lseSlc, `sequence of ${x.T}: lse_slc`, TOL);
+          expectRelativeRms(mine(out.lseWin, Hq), given.lseWin, `sequence of ${x.T}: lse_win`, TOL);
+          console.log(`decode, sequence of ${x.T}: ${Tq} positions match; selection differs from the reference in ${differing} of ${Tq * H}`);
+          row += Tq;
+        }
+      } finally {
+        cache.dispose();
+      }
+    });
   });
+}
+
+/**
+ * Checks the blocks the GPU chose for packed row `row` (its query's heads at row qRow of problem.inputs.q; its
+ * choices at qRow of `gpu` and of the reference's `own`): a valid selection, and where it differs from the
+ * reference's, within 1% of its score. Returns for how many KV heads it differs.
+ */
+function checkChoice(problem: NsaProblem, row: number, qRow: number, gpu: Int32Array, own: Int32Array): number {
+  const { config, layout } = problem;
+  const { kvHeads: H, selectCount: n } = config;
+  const seq = layout.sequences.find((s) => row >= s.start && row < s.start + s.length)!;
+  const t = row - seq.start;
+  let differing = 0;
+  for (let h = 0; h < H; h++) {
+    const o = (qRow * H + h) * n;
+    const got = Array.from(gpu.subarray(o, o + n)).filter((j) => j >= 0);
+    const want = Array.from(own.subarray(o, o + n)).filter((j) => j >= 0);
+    const where = `row ${row} (t = ${t}), head ${h}: got [${got}], reference [${want}]`;
+    expect(got.length, where).toBe(want.length);
+    const current = Math.floor(t / config.selectBlock);
+    for (let m = 1; m < got.length; m++) expect(got[m]! > got[m - 1]!, `${where}: ascending and distinct`).toBe(true);
+    for (const j of got) expect(j <= current, `${where}: no future block`).toBe(true);
+    for (const forced of [0, current - 1, current].filter((j) => j >= 0)) expect(got.includes(forced), `${where}: forced block ${forced}`).toBe(true);
+    if (got.join() === want.join()) continue;
+    differing++;
+    const scores = blockScoresAt(problem, row, h, problem.inputs.q, qRow);
+    const sum = (js: number[]): number => js.reduce((a, j) => a + scores[j]!, 0);
+    expect(sum(want) - sum(got), `${where}: score deficit`).toBeLessThanOrEqual(1e-2 * Math.max(sum(want), 1e-6));
+  }
+  return differing;
 }
 
 function compareRows(out: NsaOutputs, ref: NsaReferenceOutputs, Hq: number, dv: number): void {

@@ -3,7 +3,7 @@
 // expected result is known exactly, not computed by another converter.
 
 import { describe, expect, it } from 'vitest';
-import { bf16ToF32, f16ToF32, f32Bits, f32FromBits, f32ToBf16, f32ToF16 } from '../../src/tensor/dtype.js';
+import { bf16ToF32, f16ToF32, f32Bits, f32FromBits, f32ToBf16, f32ToF16, storageToFloat32 } from '../../src/tensor/dtype.js';
 
 const hex = (n: number): string => `0x${n.toString(16).padStart(4, '0')}`;
 const isF16NaN = (h: number): boolean => (h & 0x7c00) === 0x7c00 && (h & 0x03ff) !== 0;
@@ -179,5 +179,17 @@ describe('bf16ToF32', () => {
       if (!ok && failures.length < 10) failures.push(`${hex(h)} -> ${bf16ToF32(h)} -> ${hex(back)}`);
     }
     expect(failures).toEqual([]);
+  });
+});
+
+describe('storageToFloat32', () => {
+  it('gives halves exactly and rounds doubles and 64-bit ints once, for every dtype', () => {
+    const halves = [1.5, -2, 65504, 2 ** -24];
+    expect(Array.from(storageToFloat32('f16', Uint16Array.from(halves, f32ToF16)))).toEqual(halves);
+    expect(Array.from(storageToFloat32('bf16', Uint16Array.from([1.5, -2, 3.140625], f32ToBf16)))).toEqual([1.5, -2, 3.140625]);
+    expect(Array.from(storageToFloat32('f64', Float64Array.from([0.1, 1 / 3])))).toEqual([Math.fround(0.1), Math.fround(1 / 3)]);
+    expect(Array.from(storageToFloat32('f32', Float32Array.from([0.25])))).toEqual([0.25]);
+    expect(Array.from(storageToFloat32('i32', Int32Array.from([-7, 16777217])))).toEqual([-7, 16777216]);
+    expect(Array.from(storageToFloat32('i64', BigInt64Array.from([-3n, 2n ** 40n + 1n])))).toEqual([-3, 2 ** 40]);
   });
 });

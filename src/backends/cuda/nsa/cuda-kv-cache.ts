@@ -17,7 +17,7 @@ import type { DecodeOptions, DecodeOutput, DecodeOutputs, DecodeQuery, KvCache, 
 import { phiParamsOf } from '../../../nsa/phi-params.js';
 import { validatePhiParams } from '../../../nsa/validate.js';
 import { BlockCompressor } from '../../../reference/compress.js';
-import { bf16ToF32, float64ToStorage } from '../../../tensor/dtype.js';
+import { float64ToStorage, storageToFloat32 } from '../../../tensor/dtype.js';
 import { Tensor } from '../../../tensor/tensor.js';
 import type { TimingOptions, TimingResult } from '../../backend.js';
 import type { CudaContext } from '../context.js';
@@ -181,8 +181,8 @@ export class CudaKvCache implements KvCache {
     this.uploadRows(store.v, vBits, store.length, T, store.capacity, dv);
     // Compress the blocks this append completes, from the kept tail and the new tokens as the cache holds them
     // (bf16), as the forward's compression reads them.
-    const roundedK = Float32Array.from(kBits, bf16ToF32);
-    const roundedV = Float32Array.from(vBits, bf16ToF32);
+    const roundedK = storageToFloat32('bf16', kBits);
+    const roundedV = storageToFloat32('bf16', vBits);
     const allK = concat(store.tailK, roundedK);
     const allV = concat(store.tailV, roundedV);
     const newLength = store.length + T;
