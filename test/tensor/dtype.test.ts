@@ -3,7 +3,7 @@
 // expected result is known exactly, not computed by another converter.
 
 import { describe, expect, it } from 'vitest';
-import { bf16ToF32, f16ToF32, f32Bits, f32FromBits, f32ToBf16, f32ToF16, storageToFloat32 } from '../../src/tensor/dtype.js';
+import { bf16ToF32, f16ToF32, f32Bits, f32FromBits, f32ToBf16, f32ToF16, float64ToStorage, storageToFloat32 } from '../../src/tensor/dtype.js';
 
 const hex = (n: number): string => `0x${n.toString(16).padStart(4, '0')}`;
 const isF16NaN = (h: number): boolean => (h & 0x7c00) === 0x7c00 && (h & 0x03ff) !== 0;
@@ -191,5 +191,29 @@ describe('storageToFloat32', () => {
     expect(Array.from(storageToFloat32('f32', Float32Array.from([0.25])))).toEqual([0.25]);
     expect(Array.from(storageToFloat32('i32', Int32Array.from([-7, 16777217])))).toEqual([-7, 16777216]);
     expect(Array.from(storageToFloat32('i64', BigInt64Array.from([-3n, 2n ** 40n + 1n])))).toEqual([-3, 2 ** 40]);
+  });
+});
+
+describe('the array conversions agree with the per-number ones', () => {
+  it('bf16 -> f32 over all 65536 bit patterns (NaNs stay NaN)', () => {
+    const bits = Uint16Array.from({ length: 0x10000 }, (_, h) => h);
+    const fast = storageToFloat32('bf16', bits);
+    const bad: string[] = [];
+    for (let h = 0; h < 0x10000; h++) {
+      const want = bf16ToF32(h);
+      const ok = Number.isNaN(want) ? Number.isNaN(fast[h]!) : Object.is(fast[h], Math.fround(want));
+      if (!ok && bad.length < 5) bad.push(`${h.toString(16)}: ${fast[h]} vs ${want}`);
+    }
+    expect(bad).toEqual([]);
+  });
+
+  it('f32 storage -> bf16 as f32ToBf16 number by number: ties, overflow, subnormals, signed zeros, NaN', () => {
+    const specials = [0, -0, 1, -1.5, 3.140625, 1 + 2 ** -8, 1 + 3 * 2 ** -8, 1 + 2 ** -9, 3.4e38, -3.4e38, Infinity, -Infinity, NaN, 1e-40, -1e-45, 2 ** -126];
+    const values = Float32Array.from([...specials, ...Array.from({ length: 4096 }, (_, i) => Math.sin(i * 12.9898) * 10 ** ((i % 80) - 40))]);
+    const fast = float64ToStorage('bf16', values);
+    const slow = Uint16Array.from(values, (x) => f32ToBf16(x));
+    expect(Array.from(fast)).toEqual(Array.from(slow));
+    const view = float64ToStorage('bf16', values.subarray(3, 9)); // a view at an offset into its buffer
+    expect(Array.from(view)).toEqual(Array.from(slow.subarray(3, 9)));
   });
 });
