@@ -148,7 +148,7 @@ export function float64ToStorage<D extends DType>(dtype: D, values: ArrayLike<nu
       for (let i = 0; i < n; i++) (out as Uint16Array)[i] = f32ToF16(values[i]!);
       break;
     case 'bf16':
-      // From f32 storage (the caches' and uploads' case) by its bits: ~10x faster than a number at a time.
+      // From f32 storage (the caches' and uploads' case) by its bits, without a JS number per element.
       if (values instanceof Float32Array) f32BitsToBf16(new Uint32Array(values.buffer, values.byteOffset, n), out as Uint16Array);
       else for (let i = 0; i < n; i++) (out as Uint16Array)[i] = f32ToBf16(values[i]!);
       break;
