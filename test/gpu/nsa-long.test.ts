@@ -15,12 +15,10 @@ import { createCudaBackend } from '../../src/backends/cuda/cuda-backend.js';
 import type { Backend } from '../../src/backends/backend.js';
 import {
   allocateOutputs,
-  blockScoresAt,
   branchOperands,
   nsaReferenceForward,
   prepareNsaProblem,
   QueryEvaluator,
-  type NsaProblem,
   type NsaReferenceOutputs,
 } from '../../src/reference/nsa-forward.js';
 import { nsaReferenceBackward } from '../../src/reference/nsa-backward.js';
@@ -30,6 +28,7 @@ import { bf16ToF32 } from '../../src/tensor/dtype.js';
 import { Tensor } from '../../src/tensor/tensor.js';
 import { expectRelativeRms } from '../helpers/compare.js';
 import { memoryMissing, normalBf16, yieldToRunner } from '../helpers/long-inputs.js';
+import { checkRowSelection } from '../helpers/selection-check.js';
 
 const availability = cudaAvailability();
 const TOL = { rtol: 5e-3 };
@@ -134,7 +133,7 @@ if (!availability.available) {
             const t = row - seq.start;
             evaluator.evaluate(seq, t, problem.inputs.q, problem.inputs.g, i, own, i);
             evaluator.evaluate(seq, t, problem.inputs.q, problem.inputs.g, i, given, i, gpuBlocks);
-            differing += checkChoice(problem, row, i, gpuBlocks, own.blockIndices);
+            differing += checkRowSelection(problem, row, i, gpuBlocks, own.blockIndices);
           }
           compareRows(result, given, Hq, dv);
           console.log(`${c.name}: ${ROWS.length} rows past and before 2^31 elements match; selection differs from the reference in ${differing} of ${ROWS.length * H}`);
@@ -177,36 +176,6 @@ if (!availability.available) {
       expectRelativeRms(elements(grads.dv, a * H * dv, b * H * dv), want.dv, 'dv', TOL);
     });
   });
-}
-
-/**
- * Checks the blocks the GPU chose for packed row `row` (its query's heads at row qRow of problem.inputs.q; its
- * choices at qRow of `gpu` and of the reference's `own`): a valid selection, and where it differs from the
- * reference's, within 1% of its score. Returns for how many KV heads it differs.
- */
-function checkChoice(problem: NsaProblem, row: number, qRow: number, gpu: Int32Array, own: Int32Array): number {
-  const { config, layout } = problem;
-  const { kvHeads: H, selectCount: n } = config;
-  const seq = layout.sequences.find((s) => row >= s.start && row < s.start + s.length)!;
-  const t = row - seq.start;
-  let differing = 0;
-  for (let h = 0; h < H; h++) {
-    const o = (qRow * H + h) * n;
-    const got = Array.from(gpu.subarray(o, o + n)).filter((j) => j >= 0);
-    const want = Array.from(own.subarray(o, o + n)).filter((j) => j >= 0);
-    const where = `row ${row} (t = ${t}), head ${h}: got [${got}], reference [${want}]`;
-    expect(got.length, where).toBe(want.length);
-    const current = Math.floor(t / config.selectBlock);
-    for (let m = 1; m < got.length; m++) expect(got[m]! > got[m - 1]!, `${where}: ascending and distinct`).toBe(true);
-    for (const j of got) expect(j <= current, `${where}: no future block`).toBe(true);
-    for (const forced of [0, current - 1, current].filter((j) => j >= 0)) expect(got.includes(forced), `${where}: forced block ${forced}`).toBe(true);
-    if (got.join() === want.join()) continue;
-    differing++;
-    const scores = blockScoresAt(problem, row, h, problem.inputs.q, qRow);
-    const sum = (js: number[]): number => js.reduce((a, j) => a + scores[j]!, 0);
-    expect(sum(want) - sum(got), `${where}: score deficit`).toBeLessThanOrEqual(1e-2 * Math.max(sum(want), 1e-6));
-  }
-  return differing;
 }
 
 function compareRows(out: NsaOutputs, ref: NsaReferenceOutputs, Hq: number, dv: number): void {
