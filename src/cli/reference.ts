@@ -12,7 +12,6 @@ import {
   type NsaReferenceOutputs,
 } from '../reference/nsa-forward.js';
 import type { FloatArray } from '../reference/layout.js';
-import { bf16ToF32, f16ToF32 } from '../tensor/dtype.js';
 import type { Tensor } from '../tensor/tensor.js';
 import type { NsaRequest } from '../nsa/validate.js';
 import { byInterchangeName } from '../nsa/interchange.js';
@@ -78,11 +77,5 @@ export function referenceTensorsByName(out: NsaReferenceOutputs, grads: NsaRefer
 
 /** f32/f64 storage as is; half storage widened to f32 (exact). */
 export function exactFloats(t: Tensor): FloatArray {
-  if (t.dtype === 'f32' || t.dtype === 'f64') return t.data as FloatArray;
-  if (t.dtype !== 'f16' && t.dtype !== 'bf16') return Float32Array.from(t.toFloat64());
-  const bits = t.data as Uint16Array;
-  const widen = t.dtype === 'bf16' ? bf16ToF32 : f16ToF32;
-  const out = new Float32Array(bits.length);
-  for (let i = 0; i < bits.length; i++) out[i] = widen(bits[i]!);
-  return out;
+  return t.dtype === 'f64' ? (t.data as Float64Array) : t.toFloat32();
 }

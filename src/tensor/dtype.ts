@@ -104,12 +104,7 @@ export function f16ToF32(h: number): number {
 
 /** Element values of a float or int storage as doubles (i64 through Number, exact below 2^53). */
 export function storageToFloat64(dtype: DType, data: DTypeMap[DType]): Float64Array {
-  const out = new Float64Array(data.length);
-  if (dtype === 'f16') for (let i = 0; i < out.length; i++) out[i] = f16ToF32((data as Uint16Array)[i]!);
-  else if (dtype === 'bf16') for (let i = 0; i < out.length; i++) out[i] = bf16ToF32((data as Uint16Array)[i]!);
-  else if (dtype === 'i64') for (let i = 0; i < out.length; i++) out[i] = Number((data as BigInt64Array)[i]!);
-  else out.set(data as Float64Array | Float32Array | Int32Array);
-  return out;
+  return widenStorage(dtype, data, new Float64Array(data.length));
 }
 
 /**
@@ -118,10 +113,16 @@ export function storageToFloat64(dtype: DType, data: DTypeMap[DType]): Float64Ar
  * elements of a long sequence exhausts the JS heap.
  */
 export function storageToFloat32(dtype: DType, data: DTypeMap[DType]): Float32Array {
-  const out = new Float32Array(data.length);
-  if (dtype === 'f16') for (let i = 0; i < out.length; i++) out[i] = f16ToF32((data as Uint16Array)[i]!);
-  else if (dtype === 'bf16') bf16ToF32Bits(data as Uint16Array, new Uint32Array(out.buffer));
-  else if (dtype === 'i64') for (let i = 0; i < out.length; i++) out[i] = Number((data as BigInt64Array)[i]!);
+  return widenStorage(dtype, data, new Float32Array(data.length));
+}
+
+/** Fills `out` (as long as data) with data's element values; bf16 into f32 by the bits. */
+function widenStorage<A extends Float32Array | Float64Array>(dtype: DType, data: DTypeMap[DType], out: A): A {
+  if (dtype === 'bf16' && out instanceof Float32Array) bf16ToF32Bits(data as Uint16Array, new Uint32Array(out.buffer));
+  else if (dtype === 'f16' || dtype === 'bf16') {
+    const widen = dtype === 'f16' ? f16ToF32 : bf16ToF32;
+    for (let i = 0; i < out.length; i++) out[i] = widen((data as Uint16Array)[i]!);
+  } else if (dtype === 'i64') for (let i = 0; i < out.length; i++) out[i] = Number((data as BigInt64Array)[i]!);
   else out.set(data as Float64Array | Float32Array | Int32Array);
   return out;
 }

@@ -94,7 +94,8 @@ export class Tensor<D extends DType = DType> {
     if (isFloatDType(this.dtype) && !isFloatDType(dtype)) {
       throw new DTypeError(`cannot cast ${this.dtype} to ${dtype}: use an explicit rounding first`);
     }
-    return Tensor.fromValues(this.toFloat64(), this.shape, dtype);
+    // f32 values are exact as doubles: convert from the storage itself, without a copy twice its size.
+    return Tensor.fromValues(this.dtype === 'f32' ? (this.data as Float32Array) : this.toFloat64(), this.shape, dtype);
   }
 
   /** The same storage viewed with another shape of the same size. */

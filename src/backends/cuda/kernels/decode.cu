@@ -60,8 +60,8 @@
 #define SEL_PER_THREAD 4 // candidate blocks per thread of nsa_decode_select: at most 1024 per CTA
 #define MAX_G 128
 #define SEL_STAGE 8192 // floats of nsa_decode_select's staging area (dynamic shared memory)
-#define SEQ_WORDS 8 // per query in query_ptrs, in this order:
-enum SeqWord { SEQ_K, SEQ_V, SEQ_KC, SEQ_VC, SEQ_ROW_STRIDE, SEQ_RAW_HEAD_STRIDE, SEQ_CMP_HEAD_STRIDE, SEQ_TOKENS_HELD };
+// The words per query in query_ptrs, in this order; SEQ_WORDS counts them.
+enum SeqWord { SEQ_K, SEQ_V, SEQ_KC, SEQ_VC, SEQ_ROW_STRIDE, SEQ_RAW_HEAD_STRIDE, SEQ_CMP_HEAD_STRIDE, SEQ_TOKENS_HELD, SEQ_WORDS };
 
 // Tokens held by the cache of query r's sequence.
 __device__ __forceinline__ int query_tokens_held(const unsigned long long *query_ptrs, int r) {

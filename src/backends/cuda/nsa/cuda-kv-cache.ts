@@ -175,9 +175,8 @@ export class CudaKvCache implements KvCache {
     const store = this.sequences[sequence]!;
     const { kvHeads: H, headDim: dk, valueDim: dv, compressStride: d } = this.config;
     this.reserve(store, store.length + T);
-    // The cache holds bf16: bf16 tokens go as they are (a long prefill's conversions cost seconds a chunk).
-    const kBits = k.dtype === 'bf16' ? (k.data as Uint16Array) : float64ToStorage('bf16', k.toFloat32());
-    const vBits = v.dtype === 'bf16' ? (v.data as Uint16Array) : float64ToStorage('bf16', v.toFloat32());
+    const kBits = k.cast('bf16').data; // the cache holds bf16 (bf16 tokens as they are)
+    const vBits = v.cast('bf16').data;
     this.uploadRows(store.k, kBits, store.length, T, store.capacity, dk);
     this.uploadRows(store.v, vBits, store.length, T, store.capacity, dv);
     // Compress the blocks this append completes, from the kept tail and the new tokens as the cache holds them
