@@ -10,6 +10,8 @@ import { cudaAvailability } from '../../src/backends/cuda/libraries.js';
 import { createCudaBackend, type CudaBackend } from '../../src/backends/cuda/cuda-backend.js';
 import { CudaKvCache } from '../../src/backends/cuda/nsa/cuda-kv-cache.js';
 import { createKvCache } from '../../src/nsa/decode/create.js';
+import { phiParamsOf } from '../../src/nsa/phi-params.js';
+import { randomPhiParams } from '../../src/nsa/random-inputs.js';
 import { blockScoresAt, nsaReferenceForward, prepareNsaProblem } from '../../src/reference/nsa-forward.js';
 import { Rng } from '../../src/tensor/random.js';
 import { Tensor } from '../../src/tensor/tensor.js';
@@ -68,6 +70,9 @@ const CASES: Case[] = [
   // n = 16 at G = 16: the three-launch selection takes 8 CTAs a pair (their 8 lists of 16 merge from registers),
   // each merging o_cmp for two heads.
   { name: 'G = 16, n = 16, selection over 8 CTAs a pair', options: { ...base, selectCount: 16, heads: 16, kvHeads: 1, headDim: 64, valueDim: 64 }, lengths: [1500, 777], speculative: 1 },
+  // Learned phi: the cache compresses on the host (phi = mean on the device), so these hold that path.
+  { name: 'learned phi = linear, G = 4, dk = 128 != dv = 64', options: { ...base, phi: 'linear', heads: 8, kvHeads: 2, headDim: 128, valueDim: 64 }, lengths: [403, 50], speculative: 2 },
+  { name: 'learned phi = mlp, G = 2', options: { ...base, phi: 'mlp', heads: 4, kvHeads: 2, headDim: 64, valueDim: 64 }, lengths: [333], speculative: 1 },
 ];
 
 if (!availability.available) {
@@ -86,7 +91,11 @@ if (!availability.available) {
       it(`${c.name} (${variant.name})`, () => withEnv(variant.env, async () => {
         const config = new NSAConfig(c.options);
         const rng = new Rng(40 + ci);
-        const cache = await createKvCache(config, { backend, pageTokens: 128 });
+        const phiK = randomPhiParams(config, config.headDim, 'f32', 60 + ci);
+        const phiV = randomPhiParams(config, config.valueDim, 'f32', 70 + ci);
+        const hidden = phiK?.['w1']?.shape[2] ?? 0;
+        const refPhi = (params: typeof phiK) => phiParamsOf(config, params, hidden, (t) => t.toFloat64());
+        const cache = await createKvCache(config, { backend, pageTokens: 128, phiK, phiV });
         const seqs = c.lengths.map((T) => ({
           k: bf16Tokens(rng, T, config.kvHeads, config.headDim),
           v: bf16Tokens(rng, T, config.kvHeads, config.valueDim),
@@ -119,7 +128,7 @@ if (!availability.available) {
         for (const [s, seq] of seqs.entries()) {
           const T = seq.k.shape[0]!;
           const Tq = queries[s]!.q.shape[0]!;
-          const ref = { q: seq.q.toFloat64(), k: seq.k.toFloat64(), v: seq.v.toFloat64(), g: seq.g.toFloat64(), cuSeqlens: [0, T] };
+          const ref = { q: seq.q.toFloat64(), k: seq.k.toFloat64(), v: seq.v.toFloat64(), g: seq.g.toFloat64(), cuSeqlens: [0, T], phiK: refPhi(phiK), phiV: refPhi(phiV) };
           const own = nsaReferenceForward(config, ref);
           const { heads: Hq, kvHeads: H, valueDim: dv, selectCount: n } = config;
           // The reference given the GPU's blocks on the decoded rows.

@@ -5,9 +5,10 @@
 // (query, KV head) merges the cmp branch, scores the blocks and picks the top-n), window chunks, then chunks of the
 // selected blocks (each waits for its pair's selection), the last of a row merging and writing the gated sum. Where
 // one CTA per pair cannot select (very long contexts) or NSA_DECODE_FUSED=0, the step is three launches instead:
-// cmp and win chunks, the selection spread over several CTAs per pair, slc chunks. Appends from the host compress
-// on the host with the same phi as the reference (the last l - 1 tokens are kept on the host for the next block)
-// and upload the rows; appendRandom (benchmarks) fills and compresses on the device. The timing methods replay the
+// cmp and win chunks, the selection spread over several CTAs per pair, slc chunks. Appends upload the rows; with
+// phi = mean the completed blocks are averaged on the device (compress_mean, as appendRandom's random rows are),
+// with learned phi on the host with the reference's phi (the last l - 1 tokens are kept on the host for the next
+// block). The timing methods replay the
 // step's launches as a CUDA graph.
 
 import type { NSAConfig } from '../../../config/nsa-config.js';
@@ -173,42 +174,15 @@ export class CudaKvCache implements KvCache {
     this.assertLive();
     const T = checkAppend(this, sequence, k, v);
     const store = this.sequences[sequence]!;
-    const { kvHeads: H, headDim: dk, valueDim: dv, compressStride: d } = this.config;
+    const { headDim: dk, valueDim: dv } = this.config;
     this.reserve(store, store.length + T);
     const kBits = k.cast('bf16').data; // the cache holds bf16 (bf16 tokens as they are)
     const vBits = v.cast('bf16').data;
     this.uploadRows(store.k, kBits, store.length, T, store.capacity, dk);
     this.uploadRows(store.v, vBits, store.length, T, store.capacity, dv);
-    // Compress the blocks this append completes, from the kept tail and the new tokens as the cache holds them
-    // (bf16), as the forward's compression reads them.
-    const roundedK = storageToFloat32('bf16', kBits);
-    const roundedV = storageToFloat32('bf16', vBits);
-    const allK = concat(store.tailK, roundedK);
-    const allV = concat(store.tailV, roundedV);
     const newLength = store.length + T;
-    const target = this.config.compressedLength(newLength);
-    if (target > store.compressed) {
-      const rows = target - store.compressed;
-      const kc = new Float64Array(rows * H * dk);
-      const vc = new Float64Array(rows * H * dv);
-      for (let i = store.compressed; i < target; i++) {
-        const first = i * d - store.tailStart; // row of the block's first token in allK/allV
-        for (let h = 0; h < H; h++) {
-          this.compressK.compress(allK, first, h, H, kc, ((i - store.compressed) * H + h) * dk);
-          this.compressV.compress(allV, first, h, H, vc, ((i - store.compressed) * H + h) * dv);
-        }
-      }
-      const ccap = this.compressedCapacity(store.capacity);
-      this.uploadRows(store.kc, float64ToStorage('bf16', kc), store.compressed, rows, ccap, dk);
-      this.uploadRows(store.vc, float64ToStorage('bf16', vc), store.compressed, rows, ccap, dv);
-      store.compressed = target;
-    }
-    // Keep the tokens the next blocks still need: from the next block's first token on (at most l - 1 of them).
-    const keepFrom = Math.max(store.tailStart, Math.min(newLength, target * d));
-    const drop = keepFrom - store.tailStart;
-    store.tailK = allK.slice(drop * H * dk);
-    store.tailV = allV.slice(drop * H * dv);
-    store.tailStart = keepFrom;
+    if (this.learned) this.compressOnHost(store, kBits, vBits, newLength);
+    else this.compressOnDevice(store, this.config.compressedLength(newLength));
     store.length = newLength;
   }
 
@@ -227,18 +201,8 @@ export class CudaKvCache implements KvCache {
     const rows = this.headMajor ? store.capacity : tokens;
     random.normal(store.k, rows * H * dk, seed);
     random.normal(store.v, rows * H * dv, seed + 1);
-    const compressed = this.config.compressedLength(tokens);
-    if (compressed > 0) {
-      const [rowStride, headStride, headStrideC] = this.strides(store.capacity);
-      this.programs.decode('compress_mean').launch({
-        grid: [compressed, H, 1],
-        block: [(dk + dv) / 8, 1, 1],
-        args: [ptr(store.k), ptr(store.v), ptr(store.kc), ptr(store.vc), { i32: 0 }, { i64: rowStride }, { i64: headStride }, { i64: headStrideC }],
-      });
-      this.ctx.synchronize();
-    }
+    this.compressOnDevice(store, this.config.compressedLength(tokens));
     store.length = tokens;
-    store.compressed = compressed;
   }
 
   decode(queries: readonly DecodeQuery[], options: DecodeOptions & { readonly branches: false }): Promise<DecodeOutput>;
@@ -405,6 +369,58 @@ export class CudaKvCache implements KvCache {
     } finally {
       graph.dispose();
     }
+  }
+
+  /**
+   * phi = mean: the blocks up to `target` are averaged on the device from the raw rows the cache already holds
+   * (as the forward's compression does, fp32 sums of the bf16 tokens), so a long prefill costs the host no more
+   * than its upload.
+   */
+  private compressOnDevice(store: SequenceStore, target: number): void {
+    if (target <= store.compressed) return;
+    const { kvHeads: H, headDim: dk, valueDim: dv } = this.config;
+    const [rowStride, headStride, headStrideC] = this.strides(store.capacity);
+    this.programs.decode('compress_mean').launch({
+      grid: [target - store.compressed, H, 1],
+      block: [(dk + dv) / 8, 1, 1],
+      args: [ptr(store.k), ptr(store.v), ptr(store.kc), ptr(store.vc), { i32: store.compressed }, { i64: rowStride }, { i64: headStride }, { i64: headStrideC }],
+    });
+    this.ctx.synchronize();
+    store.compressed = target;
+  }
+
+  /**
+   * Learned phi: the blocks this append completes are compressed on the host with the reference's phi, from the
+   * kept tail and the new tokens as the cache holds them (bf16), and uploaded; the tokens the next blocks still
+   * need stay on the host.
+   */
+  private compressOnHost(store: SequenceStore, kBits: Uint16Array, vBits: Uint16Array, newLength: number): void {
+    const { kvHeads: H, headDim: dk, valueDim: dv, compressStride: d } = this.config;
+    const allK = concat(store.tailK, storageToFloat32('bf16', kBits));
+    const allV = concat(store.tailV, storageToFloat32('bf16', vBits));
+    const target = this.config.compressedLength(newLength);
+    if (target > store.compressed) {
+      const rows = target - store.compressed;
+      const kc = new Float64Array(rows * H * dk);
+      const vc = new Float64Array(rows * H * dv);
+      for (let i = store.compressed; i < target; i++) {
+        const first = i * d - store.tailStart; // row of the block's first token in allK/allV
+        for (let h = 0; h < H; h++) {
+          this.compressK.compress(allK, first, h, H, kc, ((i - store.compressed) * H + h) * dk);
+          this.compressV.compress(allV, first, h, H, vc, ((i - store.compressed) * H + h) * dv);
+        }
+      }
+      const ccap = this.compressedCapacity(store.capacity);
+      this.uploadRows(store.kc, float64ToStorage('bf16', kc), store.compressed, rows, ccap, dk);
+      this.uploadRows(store.vc, float64ToStorage('bf16', vc), store.compressed, rows, ccap, dv);
+      store.compressed = target;
+    }
+    // Keep the tokens the next blocks still need: from the next block's first token on (at most l - 1 of them).
+    const keepFrom = Math.max(store.tailStart, Math.min(newLength, target * d));
+    const drop = keepFrom - store.tailStart;
+    store.tailK = allK.slice(drop * H * dk);
+    store.tailV = allV.slice(drop * H * dv);
+    store.tailStart = keepFrom;
   }
 
   dispose(): void {
