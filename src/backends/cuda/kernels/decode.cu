@@ -395,10 +395,10 @@ __device__ __forceinline__ void attend_chunk(const Cache &c, const int *block_in
   for (int idx = threadIdx.x; idx < rows * DV; idx += THREADS) {
     const int row = idx / DV;
     const int col = idx % DV;
-    float m, l;
-    const float acc = merge_warp_states<DV, 4>(sh.merge_m, sh.merge_l, merge_o, row, col, &m, &l);
+    float m, l, acc[1];
+    merge_warp_states<DV, 4>(sh.merge_m, sh.merge_l, merge_o, row, col, &m, &l, acc);
     const i64 at = (prow + row) * slots + slot;
-    partial_o[at * DV + col] = acc;
+    partial_o[at * DV + col] = acc[0];
     if (col == 0) {
       partial_m[at] = m;
       partial_l[at] = l;

@@ -547,22 +547,26 @@ __device__ __forceinline__ void softmax_grad_terms(float pt[NT][4], float dpt[NT
   }
 }
 
-/** Row r, column col merged over the NW warps, in warp order: sets m (log2 units) and l, returns the sum of o. */
-template <int VDIM, int NW>
-__device__ __forceinline__ float merge_warp_states(const float (*merge_m)[16], const float (*merge_l)[16], const float *merge_o,
-                                                   int r, int col, float *m_out, float *l_out) {
+/**
+ * Row r, columns col .. col + COLS - 1 merged over the NW warps, in warp order: sets m (log2 units) and l once for
+ * the row, and acc[c] to the sum of column col + c's o.
+ */
+template <int VDIM, int NW, int COLS = 1>
+__device__ __forceinline__ void merge_warp_states(const float (*merge_m)[16], const float (*merge_l)[16], const float *merge_o,
+                                                  int r, int col, float *m_out, float *l_out, float (&acc)[COLS]) {
   float m = NSA_NEG_INF;
   for (int w = 0; w < NW; w++) m = fmaxf(m, merge_m[w][r]);
   float l = 0.f;
-  float acc = 0.f;
+#pragma unroll
+  for (int c = 0; c < COLS; c++) acc[c] = 0.f;
   for (int w = 0; w < NW; w++) {
     const float f = merge_m[w][r] == NSA_NEG_INF ? 0.f : exp2f(merge_m[w][r] - m);
     l += f * merge_l[w][r];
-    acc += f * merge_o[(w * 16 + r) * VDIM + col];
+#pragma unroll
+    for (int c = 0; c < COLS; c++) acc[c] += f * merge_o[(w * 16 + r) * VDIM + col + c];
   }
   *m_out = m;
   *l_out = l;
-  return acc;
 }
 
 /**

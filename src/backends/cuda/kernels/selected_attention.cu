@@ -252,11 +252,10 @@ extern "C" __global__ void __launch_bounds__(THREADS, SLC_MIN_BLOCKS)
       const int r = idx / DV;
       const int col = idx % DV;
       if (r >= rows) continue;
-      float m, l;
-      const float acc0 = merge_warp_states<DV, SLC_WARPS>(merge_m, merge_l, merge_o, r, col, &m, &l);
-      const float acc1 = merge_warp_states<DV, SLC_WARPS>(merge_m, merge_l, merge_o, r, col + 1, &m, &l);
-      const float x0 = l > 0.f ? acc0 / l : 0.f;
-      const float x1 = l > 0.f ? acc1 / l : 0.f;
+      float m, l, acc[2];
+      merge_warp_states<DV, SLC_WARPS, 2>(merge_m, merge_l, merge_o, r, col, &m, &l, acc);
+      const float x0 = l > 0.f ? acc[0] / l : 0.f;
+      const float x1 = l > 0.f ? acc[1] / l : 0.f;
       const i64 orow = row * Hq + h * G + head0 + r;
       if (col == 0) lse_out[orow] = l > 0.f ? (m + log2f(l)) * NSA_LN2 : NSA_NEG_INF;
       if (branch_out != nullptr) store_branch2(branch_out, orow * DV + col, x0, x1, branch_half != 0);
