@@ -1,12 +1,13 @@
-// The cuda forward and backward past 32-bit offsets (issue 3: "T up to 1M tokens must not overflow"). At 1.1M
+// The cuda forward, backward and decode past 32-bit offsets (issue 3: "T up to 1M tokens must not overflow"). At 1.1M
 // tokens and 16 query heads of 128 the queries hold 2.25e9 elements and each fp32 output 9 GB, so the last rows'
 // q, o, lse and gate offsets lie past 2^31 elements (their byte offsets past 2^32); at G = 4 the FSA order's
 // partial outputs, one per (token, query head, slot), reach 1.8e10 elements. Rows on both sides of the boundary,
 // and a packed sequence that starts past it, are checked against the reference evaluated for those rows alone (the
 // whole reference would take days): the selection by the reference scores, the outputs given the blocks the GPU
 // chose. The backward is checked through that packed sequence: its gradients (dq, dg and its tokens' dk, dv) must
-// be those the reference gives it alone, as packed sequences are independent. Skips, saying why, where no GPU is
-// present or the GPU or the host has too little memory.
+// be those the reference gives it alone, as packed sequences are independent. Decode reads a 1.1M-token cache whose
+// keys hold 2.25e9 elements a sequence. Skips, saying why, where no GPU is present or the GPU or the host has too
+// little memory.
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { NSAConfig, type NSAConfigOptions } from '../../src/config/nsa-config.js';
@@ -22,6 +23,7 @@ import {
   type NsaReferenceOutputs,
 } from '../../src/reference/nsa-forward.js';
 import { nsaReferenceBackward } from '../../src/reference/nsa-backward.js';
+import { createKvCache } from '../../src/nsa/decode/create.js';
 import { nsaForward } from '../../src/nsa/operator.js';
 import type { NsaOutputs } from '../../src/nsa/types.js';
 import { bf16ToF32 } from '../../src/tensor/dtype.js';
@@ -174,6 +176,63 @@ if (!availability.available) {
       expectRelativeRms(elements(grads.dg, a * Hq * 3, b * Hq * 3), want.dg, 'dg', TOL);
       expectRelativeRms(elements(grads.dk, a * H * dk, b * H * dk), want.dk, 'dk', TOL);
       expectRelativeRms(elements(grads.dv, a * H * dv, b * H * dv), want.dv, 'dv', TOL);
+    });
+
+    // At 16 KV heads of 128 one sequence's cached keys hold 2.25e9 elements (4.5 GB), so its last blocks and its
+    // window lie past 2^31 elements of the sequence's storage.
+    const decodeMissing = memoryMissing(device.totalBytes, 40e9);
+    (decodeMissing === '' ? it : it.skip)(`decode: the last 2 positions of a ${N}-token cache (2.25e9 key elements) and of a short sequence beside it, G = 2${decodeMissing}`, async () => {
+      const config = new NSAConfig({ heads: 32, kvHeads: 16, headDim: 128, valueDim: 128 });
+      const { heads: Hq, kvHeads: H, headDim: dk, valueDim: dv, selectCount: n } = config;
+      const Tq = 2; // speculative decoding's few tokens a sequence
+      const cache = await createKvCache(config, { backend: backends.get('group')!, pageTokens: 65536 });
+      try {
+        const seqs = [];
+        for (const [s, T] of [N, 1000].entries()) {
+          const k = new Tensor('bf16', [T, H, dk], normalBf16(T * H * dk, 800 + 10 * s));
+          await yieldToRunner();
+          const v = new Tensor('bf16', [T, H, dv], normalBf16(T * H * dv, 801 + 10 * s));
+          await yieldToRunner();
+          const id = cache.addSequence();
+          // In uneven chunks, so that compression carries across their boundaries.
+          const chunk = (t: Tensor<'bf16'>, from: number, to: number): Tensor => {
+            const width = t.shape[1]! * t.shape[2]!;
+            return new Tensor('bf16', [to - from, t.shape[1]!, t.shape[2]!], t.data.subarray(from * width, to * width));
+          };
+          for (let at = 0; at < T; at += 150_001) cache.append(id, chunk(k, at, Math.min(T, at + 150_001)), chunk(v, at, Math.min(T, at + 150_001)));
+          expect(cache.compressedLength(id)).toBe(config.compressedLength(T));
+          const q = new Tensor('bf16', [Tq, Hq, dk], normalBf16(Tq * Hq * dk, 802 + 10 * s));
+          seqs.push({ id, T, k, v, q, g: Tensor.uniform([Tq, Hq, 3], 'f32', 803 + 10 * s) });
+          await yieldToRunner();
+        }
+        const out = await cache.decode(seqs.map((x) => ({ sequence: x.id, q: x.q, g: x.g })));
+        let row = 0;
+        for (const x of seqs) {
+          await yieldToRunner();
+          const problem = prepareNsaProblem(config, { q: x.q.toFloat64(), k: x.k.toFloat32(), v: x.v.toFloat32(), g: x.g.toFloat64(), cuSeqlens: [0, x.T] });
+          const evaluator = new QueryEvaluator(config, branchOperands(problem), problem.layout.totalCompressed, x.T);
+          const shape = { totalTokens: Tq, heads: Hq, kvHeads: H, dv };
+          const own = allocateOutputs(shape, n);
+          const given = allocateOutputs(shape, n);
+          const gpuBlocks = out.blockIndices.data.slice(row * H * n, (row + Tq) * H * n);
+          let differing = 0;
+          for (let j = 0; j < Tq; j++) {
+            const t = x.T - Tq + j;
+            evaluator.evaluate(problem.layout.sequences[0]!, t, problem.inputs.q, problem.inputs.g, j, own, j);
+            evaluator.evaluate(problem.layout.sequences[0]!, t, problem.inputs.q, problem.inputs.g, j, given, j, gpuBlocks);
+            differing += checkRowSelection(problem, t, j, gpuBlocks, own.blockIndices);
+          }
+          const mine = (t: Tensor, width: number): Float64Array => t.toFloat64().slice(row * width, (row + Tq) * width);
+          expectRelativeRms(mine(out.o, Hq * dv), given.o, `sequence of ${x.T}: o`, TOL);
+          expectRelativeRms(mine(out.lseCmp, Hq), given.lseCmp, `sequence of ${x.T}: lse_cmp`, TOL);
+          expectRelativeRms(mine(out.lseSlc, Hq), given.lseSlc, `sequence of ${x.T}: lse_slc`, TOL);
+          expectRelativeRms(mine(out.lseWin, Hq), given.lseWin, `sequence of ${x.T}: lse_win`, TOL);
+          console.log(`decode, sequence of ${x.T}: ${Tq} positions match; selection differs from the reference in ${differing} of ${Tq * H}`);
+          row += Tq;
+        }
+      } finally {
+        cache.dispose();
+      }
     });
   });
 }
