@@ -1,13 +1,13 @@
-// The cuda forward, backward and decode past 32-bit offsets (issue 3: "T up to 1M tokens must not overflow"). At 1.1M
-// tokens and 16 query heads of 128 the queries hold 2.25e9 elements and each fp32 output 9 GB, so the last rows'
-// q, o, lse and gate offsets lie past 2^31 elements (their byte offsets past 2^32); at G = 4 the FSA order's
-// partial outputs, one per (token, query head, slot), reach 1.8e10 elements. Rows on both sides of the boundary,
-// and a packed sequence that starts past it, are checked against the reference evaluated for those rows alone (the
-// whole reference would take days): the selection by the reference scores, the outputs given the blocks the GPU
-// chose. The backward is checked through that packed sequence: its gradients (dq, dg and its tokens' dk, dv) must
-// be those the reference gives it alone, as packed sequences are independent. Decode reads a 1.1M-token cache whose
-// keys hold 2.25e9 elements a sequence. Skips, saying why, where no GPU is present or the GPU or the host has too
-// little memory.
+// The cuda forward, backward and decode past 32-bit offsets (issue 3: "T up to 1M tokens must not overflow"). At
+// 1.1M tokens and 16 query heads of 128 the queries hold 2.25e9 elements and each fp32 output 9 GB, so the last
+// rows' q, o, lse and gate offsets lie past 2^31 elements (their byte offsets past 2^32); at G = 4 the FSA order's
+// partial outputs, one per (token, query head, slot), reach 1.8e10 elements. Rows on both sides of the boundary, and
+// a packed sequence that starts past it, are checked against the reference evaluated for those rows alone (the whole
+// reference would take days): the selection by the reference scores, the outputs given the blocks the GPU chose. The
+// backward is checked through that packed sequence: its gradients (dq, dg and its tokens' dk, dv) must be those the
+// reference gives it alone, as packed sequences are independent. Decode reads a 1.1M-token cache whose keys hold
+// 2.25e9 elements a sequence. Skips, saying why, where no GPU is present or the GPU or the host has too little
+// memory.
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { NSAConfig, type NSAConfigOptions } from '../../src/config/nsa-config.js';
