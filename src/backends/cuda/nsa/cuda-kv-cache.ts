@@ -8,8 +8,7 @@
 // cmp and win chunks, the selection spread over several CTAs per pair, slc chunks. Appends upload the rows; with
 // phi = mean the completed blocks are averaged on the device (compress_mean, as appendRandom's random rows are),
 // with learned phi on the host with the reference's phi (the last l - 1 tokens are kept on the host for the next
-// block). The timing methods replay the
-// step's launches as a CUDA graph.
+// block). The timing methods replay the step's launches as a CUDA graph.
 
 import type { NSAConfig } from '../../../config/nsa-config.js';
 import { DisposedError, UnsupportedConfigError } from '../../../errors.js';
@@ -36,7 +35,10 @@ interface SequenceStore {
   capacity: number;
   length: number;
   compressed: number;
-  /** Tokens from tailStart on, as f32 [rows, H, D]: what the next compression blocks still need (< l of them). */
+  /**
+   * Learned phi: tokens from tailStart on, as f32 [rows, H, D], what the next compression blocks still need (< l of
+   * them); empty with phi = mean, whose blocks are averaged on the device from the rows the cache holds.
+   */
   tailK: Float32Array;
   tailV: Float32Array;
   tailStart: number;
