@@ -10,12 +10,12 @@ import { cudaAvailability } from '../../src/backends/cuda/libraries.js';
 import { createCudaBackend, type CudaBackend } from '../../src/backends/cuda/cuda-backend.js';
 import { CudaKvCache } from '../../src/backends/cuda/nsa/cuda-kv-cache.js';
 import { createKvCache } from '../../src/nsa/decode/create.js';
-import { phiParamsOf } from '../../src/nsa/phi-params.js';
 import { randomPhiParams } from '../../src/nsa/random-inputs.js';
 import { blockScoresAt, nsaReferenceForward, prepareNsaProblem } from '../../src/reference/nsa-forward.js';
 import { Rng } from '../../src/tensor/random.js';
 import { Tensor } from '../../src/tensor/tensor.js';
 import { expectRelativeRms } from '../helpers/compare.js';
+import { referencePhi } from '../helpers/gpu-inputs.js';
 
 const availability = cudaAvailability();
 
@@ -93,8 +93,6 @@ if (!availability.available) {
         const rng = new Rng(40 + ci);
         const phiK = randomPhiParams(config, config.headDim, 'f32', 60 + ci);
         const phiV = randomPhiParams(config, config.valueDim, 'f32', 70 + ci);
-        const hidden = phiK?.['w1']?.shape[2] ?? 0;
-        const refPhi = (params: typeof phiK) => phiParamsOf(config, params, hidden, (t) => t.toFloat64());
         const cache = await createKvCache(config, { backend, pageTokens: 128, phiK, phiV });
         const seqs = c.lengths.map((T) => ({
           k: bf16Tokens(rng, T, config.kvHeads, config.headDim),
@@ -128,7 +126,7 @@ if (!availability.available) {
         for (const [s, seq] of seqs.entries()) {
           const T = seq.k.shape[0]!;
           const Tq = queries[s]!.q.shape[0]!;
-          const ref = { q: seq.q.toFloat64(), k: seq.k.toFloat64(), v: seq.v.toFloat64(), g: seq.g.toFloat64(), cuSeqlens: [0, T], phiK: refPhi(phiK), phiV: refPhi(phiV) };
+          const ref = { q: seq.q.toFloat64(), k: seq.k.toFloat64(), v: seq.v.toFloat64(), g: seq.g.toFloat64(), cuSeqlens: [0, T], ...referencePhi(config, phiK, phiV) };
           const own = nsaReferenceForward(config, ref);
           const { heads: Hq, kvHeads: H, valueDim: dv, selectCount: n } = config;
           // The reference given the GPU's blocks on the decoded rows.

@@ -7,13 +7,17 @@ import { phiParamsOf } from '../../src/nsa/phi-params.js';
 import type { NsaInputs } from '../../src/nsa/types.js';
 import { Tensor } from '../../src/tensor/tensor.js';
 
+/** A learned phi's parameter tensors (as the GPU takes them) as the reference's doubles; undefined for phi = mean. */
+export function referencePhi(config: NSAConfig, phiK: NsaInputs['phiK'], phiV: NsaInputs['phiV']): Pick<NsaReferenceInputs, 'phiK' | 'phiV'> {
+  const hidden = phiK?.['w1']?.shape[2] ?? 0;
+  const phi = (params: NsaInputs['phiK']) => phiParamsOf(config, params, hidden, (t) => t.toFloat64());
+  return { phiK: phi(phiK), phiV: phi(phiV) };
+}
+
 export function referenceInputs(inputs: NsaInputs, cuSeqlens: readonly number[], config: NSAConfig): NsaReferenceInputs {
   const f64 = (t: Tensor | undefined): Float64Array | undefined => t?.toFloat64();
-  const hidden = inputs.phiK?.['w1']?.shape[2] ?? 0;
-  const phi = (params: NsaInputs['phiK']) => phiParamsOf(config, params, hidden, (t) => t.toFloat64());
   return {
-    phiK: phi(inputs.phiK),
-    phiV: phi(inputs.phiV),
+    ...referencePhi(config, inputs.phiK, inputs.phiV),
     q: inputs.q.toFloat64(),
     k: inputs.k.toFloat64(),
     v: inputs.v.toFloat64(),

@@ -184,7 +184,7 @@ export class CudaKvCache implements KvCache {
     this.uploadRows(store.v, vBits, store.length, T, store.capacity, dv);
     const newLength = store.length + T;
     if (this.learned) this.compressOnHost(store, kBits, vBits, newLength);
-    else this.compressOnDevice(store, this.config.compressedLength(newLength));
+    else this.compressOnDevice(store, newLength);
     store.length = newLength;
   }
 
@@ -203,7 +203,7 @@ export class CudaKvCache implements KvCache {
     const rows = this.headMajor ? store.capacity : tokens;
     random.normal(store.k, rows * H * dk, seed);
     random.normal(store.v, rows * H * dv, seed + 1);
-    this.compressOnDevice(store, this.config.compressedLength(tokens));
+    this.compressOnDevice(store, tokens);
     store.length = tokens;
   }
 
@@ -374,11 +374,12 @@ export class CudaKvCache implements KvCache {
   }
 
   /**
-   * phi = mean: the blocks up to `target` are averaged on the device from the raw rows the cache already holds
-   * (as the forward's compression does, fp32 sums of the bf16 tokens), so a long prefill costs the host no more
-   * than its upload.
+   * phi = mean: the blocks that `newLength` tokens complete are averaged on the device from the raw rows the cache
+   * already holds (as the forward's compression does, fp32 sums of the bf16 tokens), so a long prefill costs the
+   * host no more than its upload.
    */
-  private compressOnDevice(store: SequenceStore, target: number): void {
+  private compressOnDevice(store: SequenceStore, newLength: number): void {
+    const target = this.config.compressedLength(newLength);
     if (target <= store.compressed) return;
     const { kvHeads: H, headDim: dk, valueDim: dv } = this.config;
     const [rowStride, headStride, headStrideC] = this.strides(store.capacity);
