@@ -47,10 +47,8 @@ export function denseFlops(config: NSAConfig, batch: number, seqlen: number, bac
   return backward ? forward * 3.5 : forward;
 }
 
-/** The JSON report: settings, device, torch, and per row every timing with its FLOP rates and ratios. */
-export function benchReport(argv: readonly string[], backend: Backend, torch: TorchProbe, s: BenchSettings, rows: readonly BenchRow[]): unknown {
-  const backward = s.timing.backward ?? false;
-  const tflops = (flops: number, ms: number | undefined): number | null => (ms === undefined ? null : flops / (ms * 1e-3) / 1e12);
+/** What every JSON report of a benchmark opens with: the exact command line, when, where and on what it ran. */
+export function reportHeader(argv: readonly string[], backend: Backend): Record<string, string> {
   return {
     command: ['nsa', ...argv].map(shellQuote).join(' '),
     date: new Date().toISOString(),
@@ -58,6 +56,15 @@ export function benchReport(argv: readonly string[], backend: Backend, torch: To
     platform: `${process.platform} ${process.arch}`,
     backend: backend.name,
     device: backend.description,
+  };
+}
+
+/** The JSON report: settings, device, torch, and per row every timing with its FLOP rates and ratios. */
+export function benchReport(argv: readonly string[], backend: Backend, torch: TorchProbe, s: BenchSettings, rows: readonly BenchRow[]): unknown {
+  const backward = s.timing.backward ?? false;
+  const tflops = (flops: number, ms: number | undefined): number | null => (ms === undefined ? null : flops / (ms * 1e-3) / 1e12);
+  return {
+    ...reportHeader(argv, backend),
     torch: torch.available ? { available: true, version: torch.torch, device: torch.device } : { available: false, reason: torch.reason },
     settings: {
       batch: s.batch,

@@ -11,7 +11,7 @@ import { NsaError } from '../../errors.js';
 import { createKvCache } from '../../nsa/decode/create.js';
 import { decodeBytesPerHead, type KvCache } from '../../nsa/decode/types.js';
 import { backendMemoryBytes, chooseBackend, isGpuBackend } from '../backend-choice.js';
-import { attempt, flatten, ratio, shellQuote, type Timed } from '../bench-report.js';
+import { attempt, flatten, ratio, reportHeader, type Timed } from '../bench-report.js';
 import type { CommandContext } from '../command.js';
 import { errorMessage, exitCodeFor } from '../exit.js';
 import { writeFileAtomic } from '../../tensor/atomic-write.js';
@@ -298,12 +298,7 @@ interface DecodeSettings {
 /** The JSON report: settings, device, and per row every timing with its bytes, bandwidths and ratios. */
 function decodeReport(argv: readonly string[], backend: Backend, s: DecodeSettings, rows: readonly DecodeRow[]): unknown {
   return {
-    command: ['nsa', ...argv].map(shellQuote).join(' '),
-    date: new Date().toISOString(),
-    node: process.version,
-    platform: `${process.platform} ${process.arch}`,
-    backend: backend.name,
-    device: backend.description,
+    ...reportHeader(argv, backend),
     mode: 'decode',
     settings: {
       seed: s.seed,
