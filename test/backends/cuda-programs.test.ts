@@ -39,7 +39,14 @@ describe('kernelTuning', () => {
       slcBwdItemTiles: undefined,
       slcBwdOrder: 'token',
       selectRing: undefined,
+      slcDense: true,
     });
+  });
+
+  it('computes a batch\'s selected branch as dense attention where every visible block is selected, unless NSA_SLC_DENSE=0', () => {
+    expect(kernelTuning(config(128, 128), {}, [9, 0]).slcDense).toBe(true);
+    expect(kernelTuning(config(128, 128), { NSA_SLC_DENSE: '0' }, [9, 0]).slcDense).toBe(false);
+    expect(kernelTuning(config(64, 64), {}, [8, 0]).slcDense).toBe(true);
   });
 
   it('takes the warp-specialised selected dK/dV on sm_90 at dk, dv <= 128 unless NSA_SLC_BWD=mma', () => {

@@ -2,11 +2,15 @@
 // Attention is compared given the blocks the GPU chose (relative RMS < 0.5% on o, each branch and each lse);
 // the choice itself is compared by the reference scores of the chosen blocks (near ties may flip in half
 // precision), and must be a valid selection: ascending, distinct, forced blocks present, nothing in the future.
+// Where no sequence is longer than n l' the selected branch runs as dense attention (ForwardRunner.denseSelected):
+// those cases also run the gathered path (NSA_SLC_DENSE=0) against the reference, and check that the dense path
+// ran (o_slc, lse_slc the dense kernel's bits).
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { NSAConfig, type NSAConfigOptions } from '../../src/config/nsa-config.js';
 import { cudaAvailability } from '../../src/backends/cuda/libraries.js';
 import type { CudaBackend} from '../../src/backends/cuda/cuda-backend.js';
+import { selectsEveryVisibleBlock } from '../../src/backends/cuda/nsa/forward-runner.js';
 import { createCudaBackend } from '../../src/backends/cuda/cuda-backend.js';
 import { denseCausalAttention } from '../../src/reference/dense-oracle.js';
 import { nsaReferenceForward, prepareNsaProblem, type NsaReferenceInputs } from '../../src/reference/nsa-forward.js';
@@ -43,6 +47,9 @@ const CASES: Case[] = [
   { name: 'independent K/V per branch, compressed K/V given', options: { ...base, heads: 8, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [300, 211], dtype: 'bf16', kernels: ['group', 'fsa'], independent: true },
   { name: 'learned phi = linear, G = 4, packed [333, 70]', options: { ...base, phi: 'linear', heads: 8, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [333, 70], dtype: 'bf16', kernels: ['fsa'] },
   { name: 'learned phi = mlp, dk = 128 != dv = 64, G = 16', options: { ...base, phi: 'mlp', heads: 16, kvHeads: 1, headDim: 128, valueDim: 64 }, seqlens: [301], dtype: 'bf16', kernels: ['group'] },
+  // No sequence longer than n l': the selected branch is dense attention (as in the four cases above with T <= 384).
+  { name: "every visible block selected (T <= n l' = 1024), G = 16, D = 128, packed [1024, 1, 700, 129]", options: { compressBlock: 64, compressStride: 64, selectBlock: 64, selectCount: 16, window: 512, heads: 16, kvHeads: 1, headDim: 128, valueDim: 128 }, seqlens: [1024, 1, 700, 129], dtype: 'bf16', kernels: ['group'] },
+  { name: "every visible block selected (T <= n l' = 384), G = 4, f16, dk = 192, dv = 128, packed [384, 5, 383]", options: { ...base, heads: 8, kvHeads: 2, headDim: 192, valueDim: 128 }, seqlens: [384, 5, 383], dtype: 'f16', kernels: ['group', 'fsa'] },
 ];
 
 
@@ -101,8 +108,33 @@ if (!availability.available) {
           console.log(`${c.name} [${kernel}]: selection differs from the reference in ${stats.differing} of ${stats.rows} rows`);
           const again = await nsaForward(inputs, config, { backend: backends.get(kernel)! });
           expect(Buffer.from(again.o.data.buffer).equals(Buffer.from(result.o.data.buffer)), 'two runs give identical o').toBe(true);
+          if (!selectsEveryVisibleBlock(config, cuSeqlens)) continue;
+          // The dense path ran: o_slc and lse_slc are the dense kernel's bits over the same keys.
+          if (!c.independent) {
+            const dense = backends.get(kernel)!.denseAttention(validateNsaInputs(inputs, config));
+            expect(Buffer.from(result.oSlc.data.buffer).equals(Buffer.from(dense.o.buffer)), `${c.name} [${kernel}]: o_slc is the dense kernel's`).toBe(true);
+            expect(Buffer.from(result.lseSlc.data.buffer).equals(Buffer.from(dense.lse.buffer)), `${c.name} [${kernel}]: lse_slc is the dense kernel's`).toBe(true);
+          }
+          // And the gathered path (scores, top-n, selected attention) agrees with the reference and selects the same blocks.
+          const gathered = await withGatheredSelection(kernel, (backend) => nsaForward(inputs, config, { backend }));
+          expect(Array.from(gathered.blockIndices.data), `${c.name} [${kernel}]: the gathered path's blocks`).toEqual(Array.from(gpuBlocks));
+          compareOutputs(gathered, nsaReferenceForward(config, ref, gpuBlocks));
         }
       });
+    }
+
+    /** `run` on a backend whose forward takes the scores and gathers even where every visible block is selected. */
+    async function withGatheredSelection<T>(kernel: 'group' | 'fsa', run: (backend: CudaBackend) => Promise<T>): Promise<T> {
+      const key = `${kernel} gathered`;
+      const saved = process.env['NSA_SLC_DENSE'];
+      process.env['NSA_SLC_DENSE'] = '0'; // read when the backend first builds a config's kernels
+      try {
+        if (!backends.has(key)) backends.set(key, (await createCudaBackend({ selectedKernel: kernel })) as CudaBackend); // disposed with the others
+        return await run(backends.get(key)!);
+      } finally {
+        if (saved === undefined) delete process.env['NSA_SLC_DENSE'];
+        else process.env['NSA_SLC_DENSE'] = saved;
+      }
     }
 
     // The group-centric kernel's TMA tiles (the default on sm_90) against its per-row bulk copies (NSA_SLC_TMA=0):

@@ -310,6 +310,7 @@ export class CudaBackend implements Backend {
           { i32: config.kvHeads },
           { f32: config.scale * Math.LOG2E },
           { i32: 0 },
+          none,
           ...maps,
         ],
       });

@@ -13,7 +13,10 @@
 // rows by default, so each key tile fetched into shared memory serves twice the rows of 64) and streams key
 // tiles of 64 through shared memory (cp.async, double buffered), with tensor-core MMA and an online softmax.
 // One kernel body serves the dense causal baseline and the NSA branches that read contiguous key ranges:
-//   NSA_MODE 0  dense causal: keys [0, t]
+//   NSA_MODE 0  dense causal: keys [0, t]. Without a gate, the benchmark's baseline (out = o, lse to lse_cmp); with
+//               one, the selected branch of a batch whose every visible block is selected (no sequence longer
+//               than n l'): out += g_slc * o, the branch's o and lse through out_cmp and lse_cmp, and out_final
+//               (when given) the gated sum rounded once, as this launch adds the last branch
 //   NSA_MODE 1  compressed (cmp): compressed keys i with i*d + l - 1 <= t
 //   NSA_MODE 2  sliding window (win): keys (t - w, t]
 //   NSA_MODE 3  cmp then win in one CTA (the query tile stays on chip; the gated sum of both goes to `out`)
@@ -118,6 +121,7 @@ struct Pointers {
   void *branch_out;    // [N, Hq, DV] ungated (fp32, or elem_t with branch_half), or null
   float *lse;          // [N, Hq]
   bool branch_half;
+  void *out_final;     // [N, Hq, DV] elem_t: `out` rounded once, written by the launch that adds the last branch; or null
 };
 
 /** What one phase of one CTA works on: its query rows, its keys, and where they live. */
@@ -223,7 +227,9 @@ __device__ __forceinline__ void write_phase_output(const Pointers &p, const Phas
       }
       acc.x += gate * x0;
       acc.y += gate * x1;
-      *dst = acc;
+      // The last branch's launch writes the sum rounded once where asked (as the selected attention does), else fp32.
+      if (p.out_final != nullptr) store_branch2(p.out_final, row * DV + col, acc.x, acc.y, true);
+      else *dst = acc;
     }
   }
 }
@@ -527,7 +533,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
                             float *__restrict__ out, void *__restrict__ out_cmp, void *__restrict__ out_win,
                             int branch_half, float *__restrict__ lse_cmp, float *__restrict__ lse_win, const int *__restrict__ cu_seqlens,
                             const int *__restrict__ cu_cmp, const int2 *__restrict__ tiles, int Hq, int H, float scale_log2,
-                            int accumulate, const __grid_constant__ TensorMapBytes q_map, const __grid_constant__ TensorMapBytes k_map,
+                            int accumulate, void *__restrict__ out_final, const __grid_constant__ TensorMapBytes q_map, const __grid_constant__ TensorMapBytes k_map,
                             const __grid_constant__ TensorMapBytes v_map, const __grid_constant__ TensorMapBytes kc_map,
                             const __grid_constant__ TensorMapBytes vc_map) {
 #if FA_USE_WGMMA && defined(NSA_HAS_BULK_COPY)
@@ -591,8 +597,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
   mbarrier_wait(&q_full, 0);
 
 #if NSA_MODE == 0
-  Pointers p{q, k, v, nullptr, out, nullptr, lse_cmp, false};
-  run_phase_tma<PHASE_DENSE>(p, -1, !accumulate, qsmem, g, 0, t0, hq, Hq, scale_log2);
+  Pointers p{q, k, v, gate, out, out_cmp, lse_cmp, branch_half != 0, out_final};
+  run_phase_tma<PHASE_DENSE>(p, gate != nullptr ? 1 : -1, !accumulate, qsmem, g, 0, t0, hq, Hq, scale_log2);
 #elif NSA_MODE == 1
   Pointers pc{q, kc, vc, gate, out, out_cmp, lse_cmp, branch_half != 0};
   run_phase_tma<PHASE_CMP>(pc, 0, !accumulate, qsmem, g, 0, t0, hq, Hq, scale_log2);
@@ -617,7 +623,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
                         float *__restrict__ out, void *__restrict__ out_cmp, void *__restrict__ out_win,
                         int branch_half, float *__restrict__ lse_cmp, float *__restrict__ lse_win, const int *__restrict__ cu_seqlens,
                         const int *__restrict__ cu_cmp, const int2 *__restrict__ tiles, int Hq, int H, float scale_log2,
-                        int accumulate) {
+                        int accumulate, void *__restrict__ out_final) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
 #if FA_USE_WGMMA
   elem_t *qsmem = reinterpret_cast<elem_t *>(wgmma_aligned(smem_raw));
@@ -648,8 +654,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
 
   const int kvh = hq / (Hq / H);
 #if NSA_MODE == 0
-  Pointers p{q, k, v, nullptr, out, nullptr, lse_cmp, false};
-  run_phase<PHASE_DENSE>(p, -1, !accumulate, qfrag, ksmem, vsmem, phase_tile<PHASE_DENSE>(q0, seq_start, seq_start, seq_len, 0, kvh),
+  Pointers p{q, k, v, gate, out, out_cmp, lse_cmp, branch_half != 0, out_final};
+  run_phase<PHASE_DENSE>(p, gate != nullptr ? 1 : -1, !accumulate, qfrag, ksmem, vsmem, phase_tile<PHASE_DENSE>(q0, seq_start, seq_start, seq_len, 0, kvh),
                          hq, Hq, H, scale_log2);
 #else
   const int c_start = cu_cmp[seq];

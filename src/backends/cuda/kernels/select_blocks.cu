@@ -325,3 +325,18 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     warp_write_ascending(chosen, count, block_indices + ((i64)(seq_start + t) * H + h) * SEL_N, lane);
   }
 }
+
+/**
+ * The selection where no sequence is longer than n l' (the host's check): every visible block is chosen, so token t
+ * of its sequence takes blocks 0 .. t / l' ascending, -1 after them, for every KV head: what nsa_select_blocks would
+ * write there, without its scores. One thread per (token, KV head); block_indices [N, H, n].
+ */
+extern "C" __global__ void nsa_all_visible_blocks(int *__restrict__ block_indices, const int *__restrict__ row_seq,
+                                                  const int *__restrict__ cu_seqlens, int N, int H) {
+  const i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (i64)N * H) return;
+  const int row = (int)(i / H);
+  const int t = row - cu_seqlens[row_seq[row]];
+#pragma unroll
+  for (int j = 0; j < SEL_N; j++) block_indices[i * SEL_N + j] = j <= t / SEL_L ? j : -1;
+}

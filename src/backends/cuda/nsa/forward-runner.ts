@@ -4,6 +4,8 @@
 //   2. cmp then win attention per 64-row query tile; out = g_cmp*o_cmp + g_win*o_win, lse of both
 //   3. block scores from the cmp probabilities (kept on chip) and top-n   nsa_select_blocks
 //   4. selected attention; out += g_slc*o_slc (final dtype if asked)     group-centric, or FSA for small G
+// Where no sequence is longer than n l' (every visible block selected: `denseSelected`), 3 writes the blocks
+// without scores (nsa_all_visible_blocks) and 4 is dense causal attention by the flash kernel (mode 0, gated).
 // Index tables come from the layout plan and are uploaded once per runner.
 
 import type { NSAConfig } from '../../../config/nsa-config.js';
@@ -80,9 +82,22 @@ export interface DeviceNsaOutputs {
 const NULL: KernelArg = { ptr: 0n };
 const ptr = (b: DeviceBuffer | undefined): KernelArg => (b === undefined ? NULL : { ptr: b.ptr });
 
+/**
+ * Whether the selected branch of a batch is dense causal attention: where no sequence is longer than n l', a token
+ * sees at most n blocks and the top-n takes them all.
+ */
+export function selectsEveryVisibleBlock(config: NSAConfig, cuSeqlens: ArrayLike<number>): boolean {
+  for (let s = 0; s + 1 < cuSeqlens.length; s++) {
+    if (cuSeqlens[s + 1]! - cuSeqlens[s]! > config.selectCount * config.selectBlock) return false;
+  }
+  return true;
+}
+
 export class ForwardRunner {
   readonly plan: LayoutPlan;
   readonly selectedKernel: 'group' | 'fsa';
+  /** The selected branch runs as dense causal attention (selectsEveryVisibleBlock, unless NSA_SLC_DENSE=0). */
+  readonly denseSelected: boolean;
   private readonly tables: Record<
     'cuSeqlens' | 'cuCmp' | 'cuBlocks' | 'rowSeq' | 'cmpRowSeq' | 'blockSeq' | 'queryTiles' | 'selectTiles',
     DeviceBuffer
@@ -104,6 +119,7 @@ export class ForwardRunner {
     this.plan = buildLayoutPlan(config, cuSeqlens, programs.queryTile, programs.positionsPerSelectTile());
     this.selectedKernel =
       choice === 'auto' ? autoSelectedKernel(config.groupSize, fsaScratchBytes(config, this.plan.totalTokens), ctx.availableBytes()) : choice;
+    this.denseSelected = programs.tuning.slcDense === true && selectsEveryVisibleBlock(config, cuSeqlens);
     const up = (a: Int32Array, what: string): DeviceBuffer => this.keep(ctx.upload(a, what));
     this.tables = {
       cuSeqlens: up(this.plan.cuSeqlens, 'cu_seqlens'),
@@ -119,7 +135,7 @@ export class ForwardRunner {
     const half = 2;
     this.kc = this.keep(ctx.alloc(Math.max(1, this.plan.totalCompressed) * H * dk * half, 'compressed keys'));
     this.vc = this.keep(ctx.alloc(Math.max(1, this.plan.totalCompressed) * H * dv * half, 'compressed values'));
-    if (this.selectedKernel === 'fsa') {
+    if (this.selectedKernel === 'fsa' && !this.denseSelected) {
       const N = this.plan.totalTokens;
       this.fsa = {
         index: new InverseIndex(ctx, programs, this.plan, this.tables),
@@ -136,7 +152,7 @@ export class ForwardRunner {
     return this.programs.config;
   }
 
-  /** The inverse index of the last run's selection, where the FSA-order attention built one. */
+  /** The inverse index of the last run's selection, where the FSA-order attention built one (not when denseSelected). */
   get selectionIndex(): InverseIndex | undefined {
     return this.fsa?.index;
   }
@@ -204,10 +220,17 @@ export class ForwardRunner {
         { i32: H },
         { f32: scaleLog2 },
         { i32: 0 },
+        NULL,
         ...programs.flashTensorMaps(inputs.q.ptr, (inputs.kWin ?? inputs.k).ptr, (inputs.vWin ?? inputs.v).ptr, plan.totalTokens, kc.ptr, vc.ptr, plan.totalCompressed),
       ],
     });
-    if (stage === 'select') programs.selectBlocks.launch({
+    if (stage === 'select' && this.denseSelected) {
+      programs.allVisibleBlocks.launch({
+        grid: [Math.ceil((N * H) / 256), 1, 1],
+        block: [256, 1, 1],
+        args: [ptr(outputs.blockIndices), ptr(tables.rowSeq), ptr(tables.cuSeqlens), { i32: N }, { i32: H }],
+      });
+    } else if (stage === 'select') programs.selectBlocks.launch({
       grid: [plan.selectTiles.length / 2, H, 1],
       block: [256, 1, 1],
       sharedBytes: programs.selectSharedBytes(plan.positionsPerTile),
@@ -228,7 +251,9 @@ export class ForwardRunner {
     if (stage !== 'selected') return;
     const kSlc = inputs.kSlc ?? inputs.k;
     const vSlc = inputs.vSlc ?? inputs.v;
-    if (this.selectedKernel === 'group') {
+    if (this.denseSelected) {
+      this.runDenseSelected(inputs.q, kSlc, vSlc, inputs.gate, outputs, scaleLog2);
+    } else if (this.selectedKernel === 'group') {
       programs.selectedAttention.launch({
         grid: [N, H, Math.ceil(config.groupSize / 16)],
         block: [programs.selectedThreads, 1, 1],
@@ -267,6 +292,39 @@ export class ForwardRunner {
     this.scratch.length = 0;
     this.fsa?.index.dispose();
     this.phi?.dispose();
+  }
+
+  /** The selected branch as dense causal attention: out += g_slc * o_slc, o_slc and lse_slc, out rounded once where asked. */
+  private runDenseSelected(q: DeviceBuffer, k: DeviceBuffer, v: DeviceBuffer, gate: DeviceBuffer, outputs: DeviceNsaOutputs, scaleLog2: number): void {
+    const { config, plan, programs, tables } = this;
+    programs.flash(0).launch({
+      grid: [plan.queryTiles.length / 2, config.heads, 1],
+      block: [2 * programs.queryTile, 1, 1],
+      sharedBytes: programs.flashSharedBytes(),
+      args: [
+        ptr(q),
+        ptr(k),
+        ptr(v),
+        NULL,
+        NULL,
+        ptr(gate),
+        ptr(outputs.out),
+        ptr(outputs.oSlc),
+        NULL,
+        { i32: outputs.branchHalf === true ? 1 : 0 },
+        ptr(outputs.lseSlc),
+        NULL,
+        ptr(tables.cuSeqlens),
+        NULL,
+        ptr(tables.queryTiles),
+        { i32: config.heads },
+        { i32: config.kvHeads },
+        { f32: scaleLog2 },
+        { i32: 1 },
+        ptr(outputs.outFinal),
+        ...programs.flashTensorMaps(q.ptr, k.ptr, v.ptr, plan.totalTokens),
+      ],
+    });
   }
 
   private runFsa(q: DeviceBuffer, k: DeviceBuffer, v: DeviceBuffer, gate: DeviceBuffer, outputs: DeviceNsaOutputs, scaleLog2: number): void {

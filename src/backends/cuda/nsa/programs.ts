@@ -111,6 +111,12 @@ export interface KernelTuning {
    */
   readonly slcBwdOrder?: 'token' | 'key' | undefined;
   /**
+   * Where no sequence of a batch is longer than n l', every visible block is selected and the selected branch is
+   * dense causal attention: the flash kernel (mode 0, gated) computes it, and the selection is written without
+   * scores (nsa_all_visible_blocks), instead of the block scoring and the gathers. NSA_SLC_DENSE=0 keeps those.
+   */
+  readonly slcDense?: boolean | undefined;
+  /**
    * Smallest ring of block scores per position in the block selection (NSA_SELECT_RING=128|256|512), for tuning:
    * a larger ring offers final blocks to the top-n lists in larger, rarer batches (select_blocks.cu).
    */
@@ -166,6 +172,7 @@ export function kernelTuning(
     slcBwdItemTiles: ['16', '32', '64', '128', '256'].includes(env['NSA_SLC_BWD_ITEM'] ?? '') ? Number(env['NSA_SLC_BWD_ITEM']) : undefined,
     slcBwdOrder: env['NSA_SLC_BWD_ORDER'] === 'key' ? 'key' : 'token',
     selectRing: ['128', '256', '512'].includes(env['NSA_SELECT_RING'] ?? '') ? Number(env['NSA_SELECT_RING']) : undefined,
+    slcDense: env['NSA_SLC_DENSE'] !== '0',
   };
 }
 
@@ -261,9 +268,19 @@ export class NsaPrograms {
   }
 
   get selectBlocks(): Kernel {
+    return this.selectKernel('nsa_select_blocks');
+  }
+
+  /** The selection of a batch whose every visible block is selected (tuning.slcDense). */
+  get allVisibleBlocks(): Kernel {
+    return this.selectKernel('nsa_all_visible_blocks');
+  }
+
+  /** A kernel of select_blocks.cu: one module holds the block scoring and the scoreless selection. */
+  private selectKernel(fn: string): Kernel {
     return this.kernel(
       'select_blocks.cu',
-      'nsa_select_blocks',
+      fn,
       [
         ...this.cmpDefines(),
         ...this.selDefines(),
