@@ -48,6 +48,10 @@ const CASES: Case[] = [
   { name: 'learned phi = mlp, dk = 128 != dv = 64, G = 16', options: { ...base, phi: 'mlp', heads: 16, kvHeads: 1, headDim: 128, valueDim: 64 }, seqlens: [301] },
   { name: 'G = 16, D = 128, packed [300, 1, 217], fused slc dQ, the selected dK/dV rows by TMA (sm_90 default)', options: { ...base, selectCount: 5, heads: 32, kvHeads: 2, headDim: 128, valueDim: 128 }, seqlens: [300, 1, 217], slcDq: 'fused' },
   { name: 'G = 16, D = 128, packed [300, 1, 217], fused slc dQ, the selected dK/dV rows by cp.async (NSA_SLC_BWD_TMA=0)', options: { ...base, selectCount: 6, heads: 32, kvHeads: 2, headDim: 128, valueDim: 128 }, seqlens: [300, 1, 217], slcDq: 'fused', env: { NSA_SLC_BWD_TMA: '0' } },
+  // No sequence longer than n l': the selected branch is dense attention, forward and backward (as in the cases above
+  // whose sequences are all <= 384 = n l'); and the same batch shape through the scores and gathers.
+  { name: "every visible block selected (T <= n l' = 256): the dense selected backward, G = 4, D = 128, packed [256, 1, 150]", options: { ...base, selectCount: 4, heads: 8, kvHeads: 2, headDim: 128, valueDim: 128 }, seqlens: [256, 1, 150] },
+  { name: "every visible block selected (T <= n l' = 256), through the scores and gathers (NSA_SLC_DENSE=0), G = 4, packed [256, 1, 150]", options: { ...base, selectCount: 4, heads: 8, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [256, 1, 150], slcDq: 'fused', env: { NSA_SLC_DENSE: '0' } },
 ];
 
 /** Runs `body` with NSA_SLC_DQ set to `mode` (left as it was when undefined), restoring it after. */

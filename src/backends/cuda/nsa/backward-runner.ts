@@ -6,7 +6,9 @@
 //   3. win: dQ and dK, dV of the window                                             flash backward, mode 2
 //   4. slc: dK, dV key-centric through a deterministic inverse index of the selection; dQ fused into that pass
 //      (per-slot parts, summed in slot order) where its buffer fits, else group-centric (see selectedDqMode).
-//      With cmp and win in one dQ launch, that launch runs after this pass and adds the parts itself
+//      With cmp and win in one dQ launch, that launch runs after this pass and adds the parts itself.
+//      Where the forward's selected branch was dense attention (ForwardRunner.denseSelected: every visible block
+//      selected), its dQ and dK, dV are the flash backward's dense mode with the slc gate instead
 //   5. phi: dK, dV += the compressed gradients through phi (mean: spread over their blocks; learned: the
 //      products of phi-runner.ts, which also give phi's parameter gradients); given compressed K/V keep theirs
 
@@ -86,13 +88,17 @@ export class BackwardRunner {
   private readonly cmpKeyTiles: DeviceBuffer;
   private readonly counts: { queryTiles: number; keyTiles: number; cmpKeyTiles: number };
   private readonly delta: DeviceBuffer;
-  private readonly index: InverseIndex;
+  /** The selection's inverse index, for the gathered selected backward (none where the forward's was dense). */
+  private readonly index: InverseIndex | undefined;
+  /** The dense mode's query and key tiles, where the forward's selected branch was dense attention. */
+  private readonly denseTiles: { queries: DeviceBuffer; keys: DeviceBuffer; queryCount: number; keyCount: number } | undefined;
   /** (token, slot) pairs per work item of the selected dK/dV: 64 tiles (NSA_SLC_BWD_ITEM) of 64 / G positions, at least 4 a tile. */
   private readonly itemEntries: number;
   private readonly cmpSplits: number;
   /** Partial sums of the split cmp dK/dV and of the selected dK/dV's work items (one after the other). */
   private readonly partial: DeviceBuffer;
-  readonly selectedDq: SelectedDqMode;
+  /** How the gathered selected backward's dQ runs; undefined where the selected branch is dense (forward.denseSelected). */
+  readonly selectedDq: SelectedDqMode | undefined;
   /** The fused selected dQ's parts [N, Hq, n, subs, dk] (bf16, or fp32 with NSA_SLC_DQ_PARTS=f32), when selectedDq is 'fused'. */
   private readonly partialQ: DeviceBuffer | undefined;
 
@@ -126,15 +132,22 @@ export class BackwardRunner {
     const minSplits = Math.ceil((2 * ctx.device.smCount) / Math.max(1, this.counts.cmpKeyTiles * H));
     this.cmpSplits = chooseSplits(cmpIterations, H, ctx.device.smCount, minSplits);
     // The forward's index (FSA order) holds this selection already: only the work items are the backward's own.
-    this.index = new InverseIndex(ctx, programs, plan, forward.deviceTables, forward.selectionIndex);
+    this.index = forward.denseSelected ? undefined : new InverseIndex(ctx, programs, plan, forward.deviceTables, forward.selectionIndex);
+    if (forward.denseSelected) {
+      const dq = tileList(cu, programs.flashBackwardTile('dq', 0), 'latest first');
+      const dkdv = tileList(cu, programs.flashBackwardTile('dkdv', 0), 'earliest first');
+      this.denseTiles = { queries: up(dq, 'dense backward query tiles'), keys: up(dkdv, 'dense backward key tiles'), queryCount: dq.length / 2, keyCount: dkdv.length / 2 };
+    } else {
+      this.denseTiles = undefined;
+    }
     const { headDim: dk, valueDim: dv, selectBlock } = programs.config;
     const partialFloats = Math.max(
       this.cmpSplits > 1 ? this.cmpSplits * plan.totalCompressed * H * (dk + dv) : 0,
-      this.index.itemUpperBound(this.itemEntries) * Math.ceil(selectBlock / TILE) * TILE * (dk + dv),
+      this.index === undefined ? 0 : this.index.itemUpperBound(this.itemEntries) * Math.ceil(selectBlock / TILE) * TILE * (dk + dv),
     );
     this.partial = this.keep(ctx.alloc(Math.max(1, partialFloats) * 4, 'backward partial sums'));
     const partialQBytes = N * Hq * programs.config.selectCount * Math.ceil(selectBlock / TILE) * dk * programs.selectedDqPartBytes;
-    this.selectedDq = selectedDqMode(partialQBytes, ctx.availableBytes());
+    this.selectedDq = forward.denseSelected ? undefined : selectedDqMode(partialQBytes, ctx.availableBytes());
     this.partialQ = this.selectedDq === 'fused' ? this.keep(ctx.alloc(Math.max(4, partialQBytes), 'selected dQ parts')) : undefined;
   }
 
@@ -278,6 +291,14 @@ export class BackwardRunner {
     // dQ parts too, summed after it by the cmp + win dQ launch or, with the branches' dQ apart, by 'slc dq'.
     const kSlc = inputs.kSlc ?? inputs.k;
     const vSlc = inputs.vSlc ?? inputs.v;
+    const phi = forward.phi;
+    if (this.index === undefined) {
+      // The forward's selected branch was dense attention: its backward is the flash backward's dense mode.
+      this.pushDenseSelected(stages, inputs, fwd, dOut, grads, kSlc, vSlc, accumulateInto);
+      this.pushCompress(stages, inputs, grads, phi, false);
+      return { stages, stored };
+    }
+    const index = this.index;
     const slcDq: [BackwardStage, () => void] = fused
       ? ['slc dq', () => {
           const rows = N * Hq;
@@ -298,16 +319,15 @@ export class BackwardRunner {
     // The work items' order (by KV head and token, for L2 reuse of the gathered rows) is the index stage's too.
     let itemOrder: DeviceBuffer | undefined;
     stages.push(['slc index', () => {
-      this.index.build(fwd.blockIndices, this.itemEntries);
-      itemOrder = programs.tuning.slcBwdOrder === 'key' ? undefined : this.index.orderItems(this.itemEntries);
+      index.build(fwd.blockIndices, this.itemEntries);
+      itemOrder = programs.tuning.slcBwdOrder === 'key' ? undefined : index.orderItems(this.itemEntries);
     }]);
     // Work items of up to itemEntries (token, slot) pairs per block, partial sums reduced in item order. With
     // phi = mean and the selected branch on the shared k, v, the reduce also adds the mean's backward (one read and
     // write of dk, dv fewer); there is then no 'compress' stage.
-    const phi = forward.phi;
     const meanInReduce = inputs.kCmp === undefined && plan.totalCompressed > 0 && phi === undefined && inputs.kSlc === undefined;
     const subs = Math.ceil(config.selectBlock / TILE);
-    const itemUpperBound = this.index.itemUpperBound(this.itemEntries);
+    const itemUpperBound = index.itemUpperBound(this.itemEntries);
     stages.push(['slc dkdv', () => {
       const partial = this.partial;
       const pv = partial.ptr + BigInt(itemUpperBound * subs * TILE * config.headDim * 4);
@@ -317,7 +337,7 @@ export class BackwardRunner {
         sharedBytes: programs.selectedBackwardSharedBytes('dkdv', fused),
         args: [
           ptr(inputs.q), ptr(kSlc), ptr(vSlc), ptr(dOut), ptr(fwd.lseSlc), ptr(inputs.gate), ptr(this.delta),
-          ptr(this.index.offsets), ptr(this.index.itemOffsets), ptr(itemOrder), ptr(this.index.entries), ptr(tables.blockSeq), ptr(tables.cuBlocks),
+          ptr(index.offsets), ptr(index.itemOffsets), ptr(itemOrder), ptr(index.entries), ptr(tables.blockSeq), ptr(tables.cuBlocks),
           ptr(tables.cuSeqlens), { ptr: partial.ptr }, { ptr: pv }, ptr(this.partialQ), ...common, { i32: plan.totalBlocks },
           { i32: this.itemEntries }, { f32: scaleLog2 }, { f32: config.scale },
           ...programs.selectedBackwardTensorMaps(inputs.q.ptr, dOut.ptr, N),
@@ -327,7 +347,7 @@ export class BackwardRunner {
         grid: [N * H, 1, 1],
         block: [128, 1, 1],
         args: [
-          { ptr: partial.ptr }, { ptr: pv }, ptr(this.index.itemOffsets), ptr(tables.rowSeq), ptr(tables.cuSeqlens), ptr(tables.cuBlocks),
+          { ptr: partial.ptr }, { ptr: pv }, ptr(index.itemOffsets), ptr(tables.rowSeq), ptr(tables.cuSeqlens), ptr(tables.cuBlocks),
           ptr(grads.dkSlc ?? grads.dk), ptr(grads.dvSlc ?? grads.dv), { i32: H }, { i32: plan.totalBlocks }, { i32: subs },
           ...(meanInReduce ? [ptr(grads.dkc), ptr(grads.dvc), ptr(tables.cuCmp)] : [NULL, NULL, NULL]),
         ],
@@ -336,7 +356,76 @@ export class BackwardRunner {
     if (partsInCmpWinDq && cmpWinDq !== undefined) stages.push(cmpWinDq);
     else if (fused) stages.push(slcDq);
 
-    // phi: dKc, dVc back onto the shared k, v (given compressed K/V keep their own gradients).
+    this.pushCompress(stages, inputs, grads, phi, meanInReduce);
+    return { stages, stored };
+  }
+
+  /**
+   * The selected branch's backward where the forward computed it as dense attention (every visible block
+   * selected): dQ, then dK/dV, by the flash backward's dense mode with the slc gate and delta (branch 1).
+   */
+  private pushDenseSelected(
+    stages: [BackwardStage, () => void][],
+    inputs: DeviceNsaInputs,
+    fwd: DeviceNsaOutputs,
+    dOut: DeviceBuffer,
+    grads: DeviceNsaGradients,
+    kSlc: DeviceBuffer,
+    vSlc: DeviceBuffer,
+    accumulateInto: (buffers: DeviceBuffer[]) => KernelArg,
+  ): void {
+    const { programs, forward } = this;
+    const tiles = this.denseTiles!;
+    const config = programs.config;
+    const { heads: Hq, kvHeads: H } = config;
+    const N = forward.plan.totalTokens;
+    const cu = forward.deviceTables.cuSeqlens;
+    const tail = [{ i32: Hq }, { i32: H }, { i32: 1 }, { f32: config.scale * Math.LOG2E }, { f32: config.scale }];
+    const dqAccumulate = accumulateInto([grads.dq]);
+    const dqMaps = programs.flashBackwardTensorMaps('dq', 0, inputs.q.ptr, dOut.ptr, N, [{ k: kSlc.ptr, v: vSlc.ptr, rows: N }]);
+    stages.push(['slc dq', () =>
+      programs.flashBackward(0, 'dq').launch({
+        grid: [tiles.queryCount, Hq, 1],
+        block: [programs.flashBackwardThreads('dq', 0), 1, 1],
+        sharedBytes: programs.flashBackwardSharedBytes('dq', 0),
+        args: [
+          ptr(inputs.q), ptr(kSlc), ptr(vSlc), ptr(dOut), ptr(fwd.lseSlc), ptr(inputs.gate), ptr(this.delta), ptr(grads.dq), ptr(cu), ptr(cu),
+          ptr(tiles.queries), ...tail, dqAccumulate, ...dqMaps,
+        ],
+      })]);
+    const dk = grads.dkSlc ?? grads.dk;
+    const dv = grads.dvSlc ?? grads.dv;
+    const dkdvAccumulate = accumulateInto([dk, dv]);
+    const dkdvMaps = programs.flashBackwardTensorMaps('dkdv', 0, inputs.q.ptr, dOut.ptr, N);
+    stages.push(['slc dkdv', () =>
+      programs.flashBackward(0, 'dkdv').launch({
+        grid: [tiles.keyCount, H, 1],
+        block: [programs.flashBackwardThreads('dkdv', 0), 1, 1],
+        sharedBytes: programs.flashBackwardSharedBytes('dkdv', 0),
+        args: [
+          ptr(inputs.q), ptr(kSlc), ptr(vSlc), ptr(dOut), ptr(fwd.lseSlc), ptr(inputs.gate), ptr(this.delta), ptr(dk), ptr(dv), ptr(cu), ptr(cu),
+          ptr(tiles.keys), ...tail, dkdvAccumulate, NULL, NULL, { i64: N * H }, ...dkdvMaps,
+        ],
+      })]);
+  }
+
+  /**
+   * dKc, dVc back onto the shared k, v: through a learned phi's products, or phi = mean's spread over the blocks
+   * unless the selected branch's reduce added it already (`meanDone`). Given compressed K/V keep their own gradients.
+   */
+  private pushCompress(
+    stages: [BackwardStage, () => void][],
+    inputs: DeviceNsaInputs,
+    grads: DeviceNsaGradients,
+    phi: ForwardRunner['phi'],
+    meanDone: boolean,
+  ): void {
+    const { programs, forward } = this;
+    const { plan } = forward;
+    const config = programs.config;
+    const H = config.kvHeads;
+    const N = plan.totalTokens;
+    const tables = forward.deviceTables;
     if (inputs.kCmp === undefined && plan.totalCompressed > 0 && phi !== undefined) {
       const { phiK, phiV } = inputs;
       const { dPhiK, dPhiV } = grads;
@@ -347,7 +436,7 @@ export class BackwardRunner {
         phi.backward('k', inputs.k, phiK, grads.dkc, grads.dk, dPhiK);
         phi.backward('v', inputs.v, phiV, grads.dvc, grads.dv, dPhiV);
       }]);
-    } else if (inputs.kCmp === undefined && plan.totalCompressed > 0 && !meanInReduce) {
+    } else if (inputs.kCmp === undefined && plan.totalCompressed > 0 && !meanDone) {
       stages.push(['compress', () =>
         programs.compressMeanBackward.launch({
           grid: [N, H, 1],
@@ -355,13 +444,12 @@ export class BackwardRunner {
           args: [ptr(grads.dkc), ptr(grads.dvc), ptr(grads.dk), ptr(grads.dv), ptr(tables.rowSeq), ptr(tables.cuSeqlens), ptr(tables.cuCmp), { i32: H }],
         })]);
     }
-    return { stages, stored };
   }
 
   dispose(): void {
     for (const b of this.buffers) b.dispose();
     this.buffers.length = 0;
-    this.index.dispose();
+    this.index?.dispose();
     this.forward.phi?.freeBackwardScratch();
   }
 
