@@ -226,7 +226,7 @@ export class ForwardRunner {
     });
     if (stage === 'select' && this.denseSelected) {
       programs.allVisibleBlocks.launch({
-        grid: [Math.ceil((N * H) / 256), 1, 1],
+        grid: [Math.max(1, Math.ceil((N * H) / 256)), 1, 1],
         block: [256, 1, 1],
         args: [ptr(outputs.blockIndices), ptr(tables.rowSeq), ptr(tables.cuSeqlens), { i32: N }, { i32: H }],
       });
