@@ -48,7 +48,7 @@ const CASES: Case[] = [
   { name: 'learned phi = linear, G = 4, packed [333, 70]', options: { ...base, phi: 'linear', heads: 8, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [333, 70], dtype: 'bf16', kernels: ['fsa'] },
   { name: 'learned phi = mlp, dk = 128 != dv = 64, G = 16', options: { ...base, phi: 'mlp', heads: 16, kvHeads: 1, headDim: 128, valueDim: 64 }, seqlens: [301], dtype: 'bf16', kernels: ['group'] },
   // No sequence longer than n l': the selected branch is dense attention (as in the four cases above with T <= 384).
-  { name: "every visible block selected (T <= n l' = 1024), G = 16, D = 128, packed [1024, 1, 700, 129]", options: { compressBlock: 64, compressStride: 64, selectBlock: 64, selectCount: 16, window: 512, heads: 16, kvHeads: 1, headDim: 128, valueDim: 128 }, seqlens: [1024, 1, 700, 129], dtype: 'bf16', kernels: ['group'] },
+  { name: "every visible block selected (T <= n l' = 512), G = 16, D = 128, packed [512, 1, 333, 129]", options: { compressBlock: 64, compressStride: 64, selectBlock: 64, selectCount: 8, window: 256, heads: 16, kvHeads: 1, headDim: 128, valueDim: 128 }, seqlens: [512, 1, 333, 129], dtype: 'bf16', kernels: ['group'] },
   { name: "every visible block selected (T <= n l' = 384), G = 4, f16, dk = 192, dv = 128, packed [384, 5, 383]", options: { ...base, heads: 8, kvHeads: 2, headDim: 192, valueDim: 128 }, seqlens: [384, 5, 383], dtype: 'f16', kernels: ['group', 'fsa'] },
 ];
 

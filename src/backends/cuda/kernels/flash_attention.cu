@@ -207,6 +207,15 @@ __device__ __forceinline__ void write_phase_output(const Pointers &p, const Phas
     const float inv = l > 0.f ? 1.f / l : 0.f;
     if (lane % 4 == 0) p.lse[row] = lse;
     const float gate = gate_index < 0 ? 1.f : p.gate[row * 3 + gate_index];
+    // The row's earlier sum, loaded before any store: interleaved with the stores (which may alias `out` as far as
+    // the compiler knows) each load's latency would be paid in turn, DV / 8 times a row.
+    float2 prev[DV / 8];
+    const bool accumulates = !overwrite && stash_use != STASH_PUT;
+#pragma unroll
+    for (int n = 0; n < DV / 8; n++) {
+      const int col = n * 8 + (lane % 4) * 2;
+      prev[n] = accumulates ? *reinterpret_cast<const float2 *>(p.out + row * DV + col) : make_float2(0.f, 0.f);
+    }
 #pragma unroll
     for (int n = 0; n < DV / 8; n++) {
       const int col = n * 8 + (lane % 4) * 2;
@@ -219,7 +228,7 @@ __device__ __forceinline__ void write_phase_output(const Pointers &p, const Phas
         continue;
       }
       float2 *dst = reinterpret_cast<float2 *>(p.out + row * DV + col);
-      float2 acc = overwrite ? make_float2(0.f, 0.f) : *dst;
+      float2 acc = prev[n];
       if (stash_use == STASH_TAKE) {
         const float2 c = *kept;
         acc.x += c.x;
