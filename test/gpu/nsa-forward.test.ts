@@ -5,8 +5,8 @@
 // Where no sequence is longer than n l' the selected branch runs as dense attention (ForwardRunner.denseSelected):
 // those cases also run the gathered path (NSA_SLC_DENSE=0) against the reference. Where the window reads the
 // selected branch's K/V the default is one launch for all three branches (flash mode 4, o_slc merged from the keys
-// before the window and the window's): its o_slc and lse_slc must match the dense kernel's to fp32 rounding, and
-// the two-launch form (NSA_SLC_WIN_MERGE=0) must give the dense kernel's bits and every other branch's bits as mode 4.
+// before the window and the window's): its o_slc must match the dense kernel's to the rounding of P (2e-3), its
+// lse_slc to fp32 rounding (1e-5), and the two-launch form (NSA_SLC_WIN_MERGE=0) must give the dense kernel's bits and every other branch's bits as mode 4.
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { NSAConfig, type NSAConfigOptions } from '../../src/config/nsa-config.js';
@@ -113,7 +113,9 @@ if (!availability.available) {
           if (!selectsEveryVisibleBlock(config, cuSeqlens)) continue;
           if (!c.independent) {
             const dense = backends.get(kernel)!.denseAttention(validateNsaInputs(inputs, config));
-            expectRelativeRms(result.oSlc.toFloat64(), dense.o, `${c.name} [${kernel}]: o_slc against the dense kernel's`, { rtol: 1e-5 });
+            // The merge rounds P to the half dtype against each phase's own running maximum, so o_slc agrees with the
+            // dense kernel's to that rounding (~5e-4 measured), not bit for bit; the lse sums unrounded P.
+            expectRelativeRms(result.oSlc.toFloat64(), dense.o, `${c.name} [${kernel}]: o_slc against the dense kernel's`, { rtol: 2e-3 });
             expectRelativeRms(result.lseSlc.toFloat64(), dense.lse, `${c.name} [${kernel}]: lse_slc against the dense kernel's`, { rtol: 1e-5 });
             const twoLaunches = await withEnv(kernel, { NSA_SLC_WIN_MERGE: '0' }, (backend) => nsaForward(inputs, config, { backend }));
             const bits = (t: { data: ArrayBufferView }): Buffer => Buffer.from(t.data.buffer, t.data.byteOffset, t.data.byteLength);
@@ -122,7 +124,7 @@ if (!availability.available) {
             for (const key of ['oCmp', 'lseCmp', 'oWin', 'lseWin'] as const) {
               expect(bits(twoLaunches[key]).equals(bits(result[key])), `${c.name} [${kernel}]: ${key} the same bits either way`).toBe(true);
             }
-            expectRelativeRms(twoLaunches.o.toFloat64(), result.o.toFloat64(), `${c.name} [${kernel}]: o either way`, { rtol: 1e-5 });
+            expectRelativeRms(twoLaunches.o.toFloat64(), result.o.toFloat64(), `${c.name} [${kernel}]: o either way`, { rtol: 2e-3 });
           }
           // And the gathered path (scores, top-n, selected attention) agrees with the reference and selects the same blocks.
           const gathered = await withEnv(kernel, { NSA_SLC_DENSE: '0' }, (backend) => nsaForward(inputs, config, { backend }));
