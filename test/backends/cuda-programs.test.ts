@@ -40,6 +40,7 @@ describe('kernelTuning', () => {
       slcBwdOrder: 'token',
       selectRing: undefined,
       slcDense: true,
+      slcWinMerge: true,
     });
   });
 
@@ -47,6 +48,11 @@ describe('kernelTuning', () => {
     expect(kernelTuning(config(128, 128), {}, [9, 0]).slcDense).toBe(true);
     expect(kernelTuning(config(128, 128), { NSA_SLC_DENSE: '0' }, [9, 0]).slcDense).toBe(false);
     expect(kernelTuning(config(64, 64), {}, [8, 0]).slcDense).toBe(true);
+  });
+
+  it('computes the window and the dense selected branch in one launch unless NSA_SLC_WIN_MERGE=0', () => {
+    expect(kernelTuning(config(128, 128), {}, [9, 0]).slcWinMerge).toBe(true);
+    expect(kernelTuning(config(128, 128), { NSA_SLC_WIN_MERGE: '0' }, [9, 0]).slcWinMerge).toBe(false);
   });
 
   it('takes the warp-specialised selected dK/dV on sm_90 at dk, dv <= 128 unless NSA_SLC_BWD=mma', () => {

@@ -311,6 +311,8 @@ export class CudaBackend implements Backend {
           { f32: config.scale * Math.LOG2E },
           { i32: 0 },
           none,
+          none,
+          none,
           ...maps,
         ],
       });

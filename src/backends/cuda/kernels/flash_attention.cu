@@ -8,6 +8,8 @@
 // nvcc-check: -DDK=128 -DDV=128 -DNSA_MODE=3 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512 -DFA_WGMMA -DCMP_STASH -DFA_PINGPONG
 // nvcc-check: -DDK=128 -DDV=64 -DNSA_MODE=1 -DCMP_L=32 -DCMP_D=16 -DWINDOW=512 -DFA_WGMMA -DFA_WARPS=4
 // nvcc-check: -DDK=64 -DDV=64 -DNSA_MODE=3 -DCMP_L=32 -DCMP_D=16 -DWINDOW=512 -DCMP_STASH
+// nvcc-check: -DDK=128 -DDV=128 -DNSA_MODE=4 -DCMP_L=64 -DCMP_D=64 -DWINDOW=512 -DFA_WGMMA -DCMP_STASH -DFA_PINGPONG
+// nvcc-check: -DDK=64 -DDV=128 -DNSA_MODE=4 -DCMP_L=32 -DCMP_D=16 -DWINDOW=96 -DCMP_STASH -DNSA_FP16
 //
 // FlashAttention-2 style tiles: a CTA takes 16 * FA_WARPS query rows of one query head (a warp per 16 rows; 128
 // rows by default, so each key tile fetched into shared memory serves twice the rows of 64) and streams key
@@ -20,6 +22,10 @@
 //   NSA_MODE 1  compressed (cmp): compressed keys i with i*d + l - 1 <= t
 //   NSA_MODE 2  sliding window (win): keys (t - w, t]
 //   NSA_MODE 3  cmp then win in one CTA (the query tile stays on chip; the gated sum of both goes to `out`)
+//   NSA_MODE 4  all three branches of a batch whose every visible block is selected, where the window reads the
+//               selected branch's K/V: keys [0, t - w] (phase OUT, its state parked in the stash), then the
+//               window's (t - w, t] (o_win; o_slc is the two phases' states merged, so the keys of the window are
+//               multiplied once for both branches), then the compressed keys; `out` is written once (needs CMP_STASH)
 // Each phase writes its lse (natural log) and, when asked, its ungated output, and adds gate * o into `out`
 // (fp32, [N, Hq, DV]); phase 0 of a launch overwrites `out` unless `accumulate` is set. With CMP_STASH (mode 3,
 // set by the host where shared memory allows) the cmp phase's gate * o waits in shared memory for the win phase,
@@ -71,7 +77,7 @@ typedef SwizzledTile<DV> VTile;
 #endif
 #define THREADS (32 * FA_WARPS)
 
-enum Phase { PHASE_DENSE = 0, PHASE_CMP = 1, PHASE_WIN = 2 };
+enum Phase { PHASE_DENSE = 0, PHASE_CMP = 1, PHASE_WIN = 2, PHASE_OUT = 3 };
 
 /** Keys [first, end) a query tile with local rows [q0, q1) may see in a phase, and the per-row visibility rule. */
 struct KeyRange {
@@ -87,12 +93,14 @@ __device__ __forceinline__ int cmp_visible(int t, int tc) {
 template <int PHASE> __device__ __forceinline__ KeyRange phase_keys(int q0, int q1, int tc) {
   if (PHASE == PHASE_CMP) return {0, cmp_visible(q1 - 1, tc)};
   if (PHASE == PHASE_WIN) return {max(0, q0 - WINDOW + 1), q1};
+  if (PHASE == PHASE_OUT) return {0, max(0, q1 - WINDOW)};
   return {0, q1};
 }
 
 template <int PHASE> __device__ __forceinline__ bool key_visible(int t, int key, int tc) {
   if (PHASE == PHASE_CMP) return key < cmp_visible(t, tc);
   if (PHASE == PHASE_WIN) return key <= t && key > t - WINDOW;
+  if (PHASE == PHASE_OUT) return key <= t - WINDOW;
   return key <= t;
 }
 
@@ -100,6 +108,7 @@ template <int PHASE> __device__ __forceinline__ bool key_visible(int t, int key,
 template <int PHASE> __device__ __forceinline__ bool tile_unmasked(int q0, int q1, int k0, int tc) {
   if (PHASE == PHASE_CMP) return k0 + BLOCK_N <= cmp_visible(q0, tc);
   if (PHASE == PHASE_WIN) return k0 + BLOCK_N - 1 <= q0 && k0 >= q1 - WINDOW;
+  if (PHASE == PHASE_OUT) return k0 + BLOCK_N - 1 <= q0 - WINDOW;
   return k0 + BLOCK_N - 1 <= q0;
 }
 
@@ -122,6 +131,8 @@ struct Pointers {
   float *lse;          // [N, Hq]
   bool branch_half;
   void *out_final;     // [N, Hq, DV] elem_t: `out` rounded once, written by the launch that adds the last branch; or null
+  void *slc_out;       // mode 4's window phase: the selected branch's ungated output (as branch_out), or null
+  float *slc_lse;      // and its lse
 };
 
 /** What one phase of one CTA works on: its query rows, its keys, and where they live. */
@@ -186,7 +197,10 @@ template <int PHASE> __device__ __forceinline__ void mask_scores(float s[BLOCK_N
  * and the win phase adds it back before its one write. A thread reads back only what it wrote itself (both phases
  * give a thread the same rows and columns), so no barrier is needed.
  */
-enum StashUse { STASH_NONE = 0, STASH_PUT = 1, STASH_TAKE = 2 };
+enum StashUse { STASH_NONE = 0, STASH_PUT = 1, STASH_TAKE = 2, STASH_PARK = 3, STASH_MERGE = 4 };
+// Mode 4's first two phases: PARK puts the ungated o of the keys before the window in the stash and its lse in
+// `park` (the thread's two rows, in registers); MERGE (the window phase) merges that state with its own into o_slc,
+// writes both branches, and puts g_slc * o_slc + g_win * o_win in the stash for the cmp phase's TAKE.
 
 __device__ __forceinline__ int stash_index(int row_in_tile, int col) {
   return row_in_tile * DV + (col ^ ((row_in_tile & 3) << 3));
@@ -195,7 +209,7 @@ __device__ __forceinline__ int stash_index(int row_in_tile, int col) {
 /** Epilogue: normalises this thread's two rows, writes their lse and (ungated) branch output, adds gate * o to out. */
 __device__ __forceinline__ void write_phase_output(const Pointers &p, const PhaseTile &t, const SoftmaxRows &st,
                                                    const float o[DV / 8][4], int gate_index, bool overwrite, int hq, int Hq,
-                                                   float *stash = nullptr, StashUse stash_use = STASH_NONE) {
+                                                   float *stash = nullptr, StashUse stash_use = STASH_NONE, float *park = nullptr) {
   const int lane = threadIdx.x % 32;
 #pragma unroll
   for (int h = 0; h < 2; h++) {
@@ -205,12 +219,32 @@ __device__ __forceinline__ void write_phase_output(const Pointers &p, const Phas
     if (row_local >= t.seq_len) continue;
     const i64 row = (i64)(t.seq_start + row_local) * Hq + hq;
     const float inv = l > 0.f ? 1.f / l : 0.f;
+    if (stash_use == STASH_PARK) {
+      park[h] = lse;
+#pragma unroll
+      for (int n = 0; n < DV / 8; n++) {
+        const int col = n * 8 + (lane % 4) * 2;
+        *reinterpret_cast<float2 *>(stash + stash_index(row_local - t.q0, col)) = make_float2(o[n][2 * h] * inv, o[n][2 * h + 1] * inv);
+      }
+      continue;
+    }
     if (lane % 4 == 0) p.lse[row] = lse;
     const float gate = gate_index < 0 ? 1.f : p.gate[row * 3 + gate_index];
+    // MERGE: o_slc = a * o_before + b * o_win over lse_slc = log(e^lse_before + e^lse_win); the window always holds
+    // key t, so lse_win is finite, and a row with no keys before the window gets a = 0, b = 1 (o_slc = o_win).
+    float a = 0.f, b = 1.f, slc_gate = 0.f;
+    if (stash_use == STASH_MERGE) {
+      const float mx = fmaxf(park[h], lse);
+      const float lse_slc = mx + logf(expf(park[h] - mx) + expf(lse - mx));
+      a = expf(park[h] - lse_slc);
+      b = expf(lse - lse_slc);
+      if (lane % 4 == 0) p.slc_lse[row] = lse_slc;
+      slc_gate = gate_index < 0 ? 1.f : p.gate[row * 3 + 1];
+    }
     // The row's earlier sum, loaded before any store: interleaved with the stores (which may alias `out` as far as
     // the compiler knows) each load's latency would be paid in turn, DV / 8 times a row.
     float2 prev[DV / 8];
-    const bool accumulates = !overwrite && stash_use != STASH_PUT;
+    const bool accumulates = !overwrite && stash_use != STASH_PUT && stash_use != STASH_MERGE;
 #pragma unroll
     for (int n = 0; n < DV / 8; n++) {
       const int col = n * 8 + (lane % 4) * 2;
@@ -225,6 +259,14 @@ __device__ __forceinline__ void write_phase_output(const Pointers &p, const Phas
       float2 *kept = stash_use == STASH_NONE ? nullptr : reinterpret_cast<float2 *>(stash + stash_index(row_local - t.q0, col));
       if (stash_use == STASH_PUT) {
         *kept = make_float2(gate * x0, gate * x1); // the same value 0 + gate * x the write to out would hold
+        continue;
+      }
+      if (stash_use == STASH_MERGE) {
+        const float2 before = *kept;
+        const float s0 = a * before.x + b * x0;
+        const float s1 = a * before.y + b * x1;
+        if (p.slc_out != nullptr) store_branch2(p.slc_out, row * DV + col, s0, s1, p.branch_half);
+        *kept = make_float2(slc_gate * s0 + gate * x0, slc_gate * s1 + gate * x1);
         continue;
       }
       float2 *dst = reinterpret_cast<float2 *>(p.out + row * DV + col);
@@ -253,7 +295,7 @@ __device__ __forceinline__ void write_phase_output(const Pointers &p, const Phas
 template <int PHASE>
 __device__ __forceinline__ void run_phase(const Pointers p, int gate_index, bool overwrite, const QOperand &qop, elem_t *ksmem,
                                           elem_t *vsmem, const PhaseTile t, int hq, int Hq, int H, float scale_log2,
-                                          float *stash = nullptr, StashUse stash_use = STASH_NONE) {
+                                          float *stash = nullptr, StashUse stash_use = STASH_NONE, float *park = nullptr) {
   const elem_t *qrows = qop.tile;
   const int wg_row0 = (threadIdx.x / 128) * 64;
   float o[DV / 8][4];
@@ -337,7 +379,7 @@ __device__ __forceinline__ void run_phase(const Pointers p, int gate_index, bool
     wgmma_fence_operands<DV / 8>(o);
     __syncthreads(); // the last stages are read; the next phase may refill them
   }
-  write_phase_output(p, t, st, o, gate_index, overwrite, hq, Hq, stash, stash_use);
+  write_phase_output(p, t, st, o, gate_index, overwrite, hq, Hq, stash, stash_use, park);
 }
 #else
 /**
@@ -347,7 +389,7 @@ __device__ __forceinline__ void run_phase(const Pointers p, int gate_index, bool
 template <int PHASE>
 __device__ __forceinline__ void run_phase(const Pointers p, int gate_index, bool overwrite, const QOperand &qop, elem_t *ksmem,
                                           elem_t *vsmem, const PhaseTile t, int hq, int Hq, int H, float scale_log2,
-                                          float *stash = nullptr, StashUse stash_use = STASH_NONE) {
+                                          float *stash = nullptr, StashUse stash_use = STASH_NONE, float *park = nullptr) {
   const int lane = threadIdx.x % 32;
   float o[DV / 8][4];
   zero_frags<DV / 8>(o);
@@ -377,7 +419,7 @@ __device__ __forceinline__ void run_phase(const Pointers p, int gate_index, bool
     pv_mma<DV, BLOCK_N / 16>(o, s, vs, 0, lane);
     __syncthreads();
   }
-  write_phase_output(p, t, st, o, gate_index, overwrite, hq, Hq, stash, stash_use);
+  write_phase_output(p, t, st, o, gate_index, overwrite, hq, Hq, stash, stash_use, park);
 }
 #endif
 
@@ -391,9 +433,13 @@ constexpr StashUse CMP_USE = STASH_NONE, WIN_USE = STASH_NONE;
 constexpr bool WIN_WRITES_FIRST = NSA_MODE == 2;
 #endif
 
+#if NSA_MODE == 4 && !defined(CMP_STASH)
+#error "NSA_MODE 4 parks a phase's output in the stash: it needs CMP_STASH"
+#endif
+
 /** The stash (BLOCK_M x DV fp32: the cmp phase's gate * o) after the value stages, or null without CMP_STASH. */
 __device__ __forceinline__ float *cmp_stash(elem_t *vsmem) {
-#if NSA_MODE == 3 && defined(CMP_STASH)
+#if (NSA_MODE == 3 || NSA_MODE == 4) && defined(CMP_STASH)
   return reinterpret_cast<float *>(vsmem + 2 * BLOCK_N * DV);
 #else
   return nullptr;
@@ -452,7 +498,7 @@ __device__ __forceinline__ void fa_turn_end() {}
 template <int PHASE>
 __device__ __forceinline__ void run_phase_tma(const Pointers p, int gate_index, bool overwrite, const elem_t *qrows, const FaRing &g,
                                               int j0, const PhaseTile t, int hq, int Hq, float scale_log2, float *stash = nullptr,
-                                              StashUse stash_use = STASH_NONE) {
+                                              StashUse stash_use = STASH_NONE, float *park = nullptr) {
   const int wg_row0 = (threadIdx.x / 128) * 64;
   float o[DV / 8][4];
   zero_frags<DV / 8>(o);
@@ -526,7 +572,7 @@ __device__ __forceinline__ void run_phase_tma(const Pointers p, int gate_index, 
     wgmma_fence_operands<DV / 8>(o);
     fa_ring_release<true>(g, j0 + n - 1);
   }
-  write_phase_output(p, t, st, o, gate_index, overwrite, hq, Hq, stash, stash_use);
+  write_phase_output(p, t, st, o, gate_index, overwrite, hq, Hq, stash, stash_use, park);
 }
 #endif
 
@@ -542,7 +588,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
                             float *__restrict__ out, void *__restrict__ out_cmp, void *__restrict__ out_win,
                             int branch_half, float *__restrict__ lse_cmp, float *__restrict__ lse_win, const int *__restrict__ cu_seqlens,
                             const int *__restrict__ cu_cmp, const int2 *__restrict__ tiles, int Hq, int H, float scale_log2,
-                            int accumulate, void *__restrict__ out_final, const __grid_constant__ TensorMapBytes q_map, const __grid_constant__ TensorMapBytes k_map,
+                            int accumulate, void *__restrict__ out_final, void *__restrict__ out_slc, float *__restrict__ lse_slc,
+                            const __grid_constant__ TensorMapBytes q_map, const __grid_constant__ TensorMapBytes k_map,
                             const __grid_constant__ TensorMapBytes v_map, const __grid_constant__ TensorMapBytes kc_map,
                             const __grid_constant__ TensorMapBytes vc_map) {
 #if FA_USE_WGMMA && defined(NSA_HAS_BULK_COPY)
@@ -561,6 +608,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
   const int seq_start = cu_seqlens[seq];
   const int seq_len = cu_seqlens[seq + 1] - seq_start;
   const int kvh = hq / (Hq / H);
+  // The ring's key sets: t0's keys through maps0, then t1's (the window's raw keys), then t2's (mode 4: compressed).
 #if NSA_MODE == 0
   const PhaseTile t0 = phase_tile<PHASE_DENSE>(q0, seq_start, seq_start, seq_len, 0, kvh);
   const PhaseTile t1 = t0;
@@ -571,15 +619,25 @@ extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
 #if NSA_MODE == 1 || NSA_MODE == 3
   const PhaseTile t0 = phase_tile<PHASE_CMP>(q0, seq_start, c_start, seq_len, tc, kvh);
   const TensorMapBytes *maps0[2] = {&kc_map, &vc_map};
+#elif NSA_MODE == 4
+  const PhaseTile t0 = phase_tile<PHASE_OUT>(q0, seq_start, seq_start, seq_len, tc, kvh);
+  const TensorMapBytes *maps0[2] = {&k_map, &v_map};
 #else
   const PhaseTile t0 = phase_tile<PHASE_WIN>(q0, seq_start, seq_start, seq_len, tc, kvh);
   const TensorMapBytes *maps0[2] = {&k_map, &v_map};
 #endif
   const PhaseTile t1 = phase_tile<PHASE_WIN>(q0, seq_start, seq_start, seq_len, tc, kvh);
 #endif
-  const int total = t0.ntiles + (NSA_MODE == 3 ? t1.ntiles : 0);
+#if NSA_MODE == 4
+  const PhaseTile t2 = phase_tile<PHASE_CMP>(q0, seq_start, c_start, seq_len, tc, kvh);
+#else
+  const PhaseTile t2 = t1; // no third key set
+#endif
+  const int n1 = t0.ntiles + (NSA_MODE >= 3 ? t1.ntiles : 0);
+  const int total = n1 + (NSA_MODE == 4 ? t2.ntiles : 0);
   const FaRing g{ksmem, vsmem, k_full, v_full, k_done, v_done,
-                 {t0.ntiles, total, BLOCK_N, t0.key_base + t0.keys.first, t1.key_base + t1.keys.first, kvh, maps0[0], maps0[1], &k_map, &v_map}};
+                 {t0.ntiles, n1, total, BLOCK_N, t0.key_base + t0.keys.first, t1.key_base + t1.keys.first, t2.key_base + t2.keys.first, kvh,
+                  maps0[0], maps0[1], &k_map, &v_map, &kc_map, &vc_map}};
   if (threadIdx.x == 0) {
     mbarrier_init(&q_full, 1);
     for (int st = 0; st < 2; st++) {
@@ -608,6 +666,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
 #if NSA_MODE == 0
   Pointers p{q, k, v, gate, out, out_cmp, lse_cmp, branch_half != 0, out_final};
   run_phase_tma<PHASE_DENSE>(p, gate != nullptr ? 1 : -1, !accumulate, qsmem, g, 0, t0, hq, Hq, scale_log2);
+#elif NSA_MODE == 4
+  float park[2]; // this thread's rows' lse over the keys before the window
+  Pointers po{q, k, v, gate, out, nullptr, nullptr, branch_half != 0};
+  run_phase_tma<PHASE_OUT>(po, 1, false, qsmem, g, 0, t0, hq, Hq, scale_log2, stash, STASH_PARK, park);
+  Pointers pw{q, k, v, gate, out, out_win, lse_win, branch_half != 0, nullptr, out_slc, lse_slc};
+  run_phase_tma<PHASE_WIN>(pw, 2, false, qsmem, g, t0.ntiles, t1, hq, Hq, scale_log2, stash, STASH_MERGE, park);
+  Pointers pc{q, kc, vc, gate, out, out_cmp, lse_cmp, branch_half != 0, out_final};
+  run_phase_tma<PHASE_CMP>(pc, 0, !accumulate, qsmem, g, n1, t2, hq, Hq, scale_log2, stash, STASH_TAKE);
 #elif NSA_MODE == 1
   Pointers pc{q, kc, vc, gate, out, out_cmp, lse_cmp, branch_half != 0};
   run_phase_tma<PHASE_CMP>(pc, 0, !accumulate, qsmem, g, 0, t0, hq, Hq, scale_log2);
@@ -632,7 +698,7 @@ extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
                         float *__restrict__ out, void *__restrict__ out_cmp, void *__restrict__ out_win,
                         int branch_half, float *__restrict__ lse_cmp, float *__restrict__ lse_win, const int *__restrict__ cu_seqlens,
                         const int *__restrict__ cu_cmp, const int2 *__restrict__ tiles, int Hq, int H, float scale_log2,
-                        int accumulate, void *__restrict__ out_final) {
+                        int accumulate, void *__restrict__ out_final, void *__restrict__ out_slc, float *__restrict__ lse_slc) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
 #if FA_USE_WGMMA
   elem_t *qsmem = reinterpret_cast<elem_t *>(wgmma_aligned(smem_raw));
@@ -678,6 +744,18 @@ extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
   Pointers pw{q, k, v, gate, out, out_win, lse_win, branch_half != 0};
   run_phase<PHASE_WIN>(pw, 2, WIN_WRITES_FIRST && !accumulate, qfrag, ksmem, vsmem,
                        phase_tile<PHASE_WIN>(q0, seq_start, seq_start, seq_len, tc, kvh), hq, Hq, H, scale_log2, stash, WIN_USE);
+#endif
+#if NSA_MODE == 4
+  float park[2]; // this thread's rows' lse over the keys before the window
+  Pointers po{q, k, v, gate, out, nullptr, nullptr, branch_half != 0};
+  run_phase<PHASE_OUT>(po, 1, false, qfrag, ksmem, vsmem, phase_tile<PHASE_OUT>(q0, seq_start, seq_start, seq_len, tc, kvh), hq, Hq, H,
+                       scale_log2, stash, STASH_PARK, park);
+  Pointers pw{q, k, v, gate, out, out_win, lse_win, branch_half != 0, nullptr, out_slc, lse_slc};
+  run_phase<PHASE_WIN>(pw, 2, false, qfrag, ksmem, vsmem, phase_tile<PHASE_WIN>(q0, seq_start, seq_start, seq_len, tc, kvh), hq, Hq, H,
+                       scale_log2, stash, STASH_MERGE, park);
+  Pointers pc{q, kc, vc, gate, out, out_cmp, lse_cmp, branch_half != 0, out_final};
+  run_phase<PHASE_CMP>(pc, 0, !accumulate, qfrag, ksmem, vsmem, phase_tile<PHASE_CMP>(q0, seq_start, c_start, seq_len, tc, kvh), hq, Hq,
+                       H, scale_log2, stash, STASH_TAKE);
 #endif
 #endif
 }

@@ -1210,9 +1210,10 @@ __device__ __forceinline__ int dq_pipelined(float dq_acc[DK / 8][4], unsigned ch
   __shared__ __align__(8) unsigned long long rows_full;
   __shared__ int stage_done[FB_DQ_STAGES];
   const int na = a.keys.ntiles;
+  const int total = na + (MODE_B >= 0 ? b.keys.ntiles : 0); // two key sets: the third is never reached
   const DqRing g{kbuf, kbuf + FB_DQ_STAGES * TILE * DK, stage_full, stage_done,
-                 {na, na + (MODE_B >= 0 ? b.keys.ntiles : 0), TILE, a.b.key_base + a.keys.first, b.b.key_base + b.keys.first, t.h,
-                  a.k_map, a.v_map, b.k_map, b.v_map}};
+                 {na, total, total, TILE, a.b.key_base + a.keys.first, b.b.key_base + b.keys.first, 0, t.h,
+                  a.k_map, a.v_map, b.k_map, b.v_map, b.k_map, b.v_map}};
   if (threadIdx.x == 0) {
     mbarrier_init(&rows_full, 1);
     for (int st = 0; st < FB_DQ_STAGES; st++) {

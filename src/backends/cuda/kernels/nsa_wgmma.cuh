@@ -37,25 +37,31 @@ __device__ __forceinline__ void tma_load_tile(elem_t *dst, const void *map, int 
 }
 
 /**
- * Where tile j of a ring of key/value tiles comes from: tiles [0, n0) walk the first key set, [n0, total) the second
- * (mode 3: the cmp keys, then the window's), `rows` key rows a tile from row0 / row1 on, of KV head h, through that
- * set's tensor maps. Plain fields, so that no key set is picked by a runtime index (which would put the struct in
- * local memory).
+ * Where tile j of a ring of key/value tiles comes from: tiles [0, n0) walk the first key set, [n0, n1) the second,
+ * [n1, total) the third (mode 3: the cmp keys, then the window's; mode 4: the keys before the window, the window's,
+ * the cmp keys), `rows` key rows a tile from row0 / row1 / row2 on, of KV head h, through that set's tensor maps.
+ * Plain fields, so that no key set is picked by a runtime index (which would put the struct in local memory).
  */
 struct RingWalks {
   int n0;
+  int n1;
   int total;
   int rows;
   int row0;
   int row1;
+  int row2;
   int h;
   const TensorMapBytes *k_map0;
   const TensorMapBytes *v_map0;
   const TensorMapBytes *k_map1;
   const TensorMapBytes *v_map1;
-  __device__ __forceinline__ int row(int j) const { return j >= n0 ? row1 + (j - n0) * rows : row0 + j * rows; }
-  __device__ __forceinline__ const TensorMapBytes *k_map(int j) const { return j >= n0 ? k_map1 : k_map0; }
-  __device__ __forceinline__ const TensorMapBytes *v_map(int j) const { return j >= n0 ? v_map1 : v_map0; }
+  const TensorMapBytes *k_map2;
+  const TensorMapBytes *v_map2;
+  __device__ __forceinline__ int row(int j) const {
+    return j >= n1 ? row2 + (j - n1) * rows : j >= n0 ? row1 + (j - n0) * rows : row0 + j * rows;
+  }
+  __device__ __forceinline__ const TensorMapBytes *k_map(int j) const { return j >= n1 ? k_map2 : j >= n0 ? k_map1 : k_map0; }
+  __device__ __forceinline__ const TensorMapBytes *v_map(int j) const { return j >= n1 ? v_map2 : j >= n0 ? v_map1 : v_map0; }
 };
 #endif
 

@@ -5,7 +5,9 @@
 //   3. block scores from the cmp probabilities (kept on chip) and top-n   nsa_select_blocks
 //   4. selected attention; out += g_slc*o_slc (final dtype if asked)     group-centric, or FSA for small G
 // Where no sequence is longer than n l' (every visible block selected: `denseSelected`), 3 writes the blocks
-// without scores (nsa_all_visible_blocks) and 4 is dense causal attention by the flash kernel (mode 0, gated).
+// without scores (nsa_all_visible_blocks) and 4 is dense causal attention by the flash kernel (mode 0, gated); where
+// the window also reads the selected branch's K/V, 2 computes all three branches at once (flash mode 4: the window's
+// keys multiplied once for both branches; `mergesSelectedWithWindow`) and 4 has nothing left to do.
 // Index tables come from the layout plan and are uploaded once per runner.
 
 import type { NSAConfig } from '../../../config/nsa-config.js';
@@ -196,10 +198,12 @@ export class ForwardRunner {
         args: [ptr(inputs.k), ptr(inputs.v), ptr(kc), ptr(vc), ptr(tables.cmpRowSeq), ptr(tables.cuSeqlens), ptr(tables.cuCmp), { i32: H }],
       });
     }
-    if (stage === 'cmp+win') programs.flash(3).launch({
+    const merged = this.mergesSelectedWithWindow(inputs);
+    const mode = merged ? 4 : 3;
+    if (stage === 'cmp+win') programs.flash(mode).launch({
       grid: [plan.queryTiles.length / 2, Hq, 1],
       block: [2 * programs.queryTile, 1, 1],
-      sharedBytes: programs.flashSharedBytes(3),
+      sharedBytes: programs.flashSharedBytes(mode),
       args: [
         ptr(inputs.q),
         ptr(inputs.kWin ?? inputs.k),
@@ -220,7 +224,9 @@ export class ForwardRunner {
         { i32: H },
         { f32: scaleLog2 },
         { i32: 0 },
-        NULL,
+        merged ? ptr(outputs.outFinal) : NULL,
+        merged ? ptr(outputs.oSlc) : NULL,
+        merged ? ptr(outputs.lseSlc) : NULL,
         ...programs.flashTensorMaps(inputs.q.ptr, (inputs.kWin ?? inputs.k).ptr, (inputs.vWin ?? inputs.v).ptr, plan.totalTokens, kc.ptr, vc.ptr, plan.totalCompressed),
       ],
     });
@@ -248,7 +254,7 @@ export class ForwardRunner {
         { f32: scaleLog2 },
       ],
     });
-    if (stage !== 'selected') return;
+    if (stage !== 'selected' || merged) return;
     const kSlc = inputs.kSlc ?? inputs.k;
     const vSlc = inputs.vSlc ?? inputs.v;
     if (this.denseSelected) {
@@ -280,6 +286,15 @@ export class ForwardRunner {
     } else {
       this.runFsa(inputs.q, kSlc, vSlc, inputs.gate, outputs, scaleLog2);
     }
+  }
+
+  /**
+   * Whether the cmp + win launch computes the selected branch too (flash mode 4): on the dense path, where the window
+   * reads the selected branch's K/V and the query tile's fp32 rows fit in shared memory beside the tiles.
+   */
+  mergesSelectedWithWindow(inputs: Pick<DeviceNsaInputs, 'k' | 'v' | 'kSlc' | 'vSlc' | 'kWin' | 'vWin'>): boolean {
+    const sameKv = (inputs.kSlc ?? inputs.k).ptr === (inputs.kWin ?? inputs.k).ptr && (inputs.vSlc ?? inputs.v).ptr === (inputs.vWin ?? inputs.v).ptr;
+    return this.denseSelected && sameKv && this.programs.tuning.slcWinMerge === true && this.programs.cmpStash;
   }
 
   /** Device bytes this runner holds (index tables, compressed K/V, FSA buffers and inverse index). */
@@ -322,6 +337,8 @@ export class ForwardRunner {
         { f32: scaleLog2 },
         { i32: 1 },
         ptr(outputs.outFinal),
+        NULL,
+        NULL,
         ...programs.flashTensorMaps(q.ptr, k.ptr, v.ptr, plan.totalTokens),
       ],
     });

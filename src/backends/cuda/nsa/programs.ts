@@ -117,6 +117,13 @@ export interface KernelTuning {
    */
   readonly slcDense?: boolean | undefined;
   /**
+   * On that dense path, where the window reads the selected branch's K/V and the stash fits: one launch (flash mode
+   * 4) computes all three branches, the window's keys multiplied once for both the window and the selected branch
+   * (the selected branch's state over the keys before the window merged with the window's). NSA_SLC_WIN_MERGE=0
+   * keeps the cmp + win launch and the dense selected launch.
+   */
+  readonly slcWinMerge?: boolean | undefined;
+  /**
    * Smallest ring of block scores per position in the block selection (NSA_SELECT_RING=128|256|512), for tuning:
    * a larger ring offers final blocks to the top-n lists in larger, rarer batches (select_blocks.cu).
    */
@@ -173,6 +180,7 @@ export function kernelTuning(
     slcBwdOrder: env['NSA_SLC_BWD_ORDER'] === 'key' ? 'key' : 'token',
     selectRing: ['128', '256', '512'].includes(env['NSA_SELECT_RING'] ?? '') ? Number(env['NSA_SELECT_RING']) : undefined,
     slcDense: env['NSA_SLC_DENSE'] !== '0',
+    slcWinMerge: env['NSA_SLC_WIN_MERGE'] !== '0',
   };
 }
 
@@ -194,6 +202,9 @@ export function checkCudaSupport(config: NSAConfig): void {
     );
   }
 }
+
+/** The flash kernel's modes (flash_attention.cu's NSA_MODE). */
+export type FlashMode = 0 | 1 | 2 | 3 | 4;
 
 /** The compiled kernels of one (config, dtype), created lazily and memoised by the context. */
 export class NsaPrograms {
@@ -222,8 +233,8 @@ export class NsaPrograms {
     return this.kernel('compress_phi.cu', `nsa_phi_${fn}`, this.cmpDefines());
   }
 
-  /** mode 0 dense causal, 1 cmp, 2 win, 3 cmp then win. */
-  flash(mode: 0 | 1 | 2 | 3): Kernel {
+  /** mode 0 dense causal, 1 cmp, 2 win, 3 cmp then win, 4 all three branches where every visible block is selected (needs cmpStash). */
+  flash(mode: FlashMode): Kernel {
     return this.kernel(
       'flash_attention.cu',
       this.flashTma ? 'nsa_flash_attention_tma' : 'nsa_flash_attention',
@@ -233,7 +244,7 @@ export class NsaPrograms {
         ...(this.tuning.faWgmma ? ['-DFA_WGMMA'] : []),
         ...(this.flashTma && this.tuning.faPingpong === true ? ['-DFA_PINGPONG'] : []),
         ...(mode === 0 ? [] : [...this.cmpDefines(), `-DWINDOW=${this.config.window}`]),
-        ...(mode === 3 && this.cmpStash ? ['-DCMP_STASH'] : []),
+        ...((mode === 3 && this.cmpStash) || mode === 4 ? ['-DCMP_STASH'] : []),
       ],
       this.tuning.faWgmma,
     );
@@ -545,9 +556,9 @@ export class NsaPrograms {
     return 2 * 16 * (dk + dv) + Math.max(2 * 64 * (dk + dv + 2 * pad), 4 * 4 * 16 * dk);
   }
 
-  /** The flash kernel's dynamic shared memory for `mode` (0 dense, 3 cmp then win; see flash()). */
-  flashSharedBytes(mode: 0 | 3 = 0): number {
-    return this.flashTileBytes() + (mode === 3 && this.cmpStash ? this.cmpStashBytes() : 0);
+  /** The flash kernel's dynamic shared memory for `mode` (see flash()). */
+  flashSharedBytes(mode: FlashMode = 0): number {
+    return this.flashTileBytes() + ((mode === 3 && this.cmpStash) || mode === 4 ? this.cmpStashBytes() : 0);
   }
 
   private flashTileBytes(): number {
