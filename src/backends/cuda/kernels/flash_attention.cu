@@ -77,7 +77,11 @@ typedef SwizzledTile<DV> VTile;
 #endif
 #define THREADS (32 * FA_WARPS)
 
-enum Phase { PHASE_DENSE = 0, PHASE_CMP = 1, PHASE_WIN = 2, PHASE_OUT = 3 };
+// PHASE_BAND: row t sees the raw keys [t + lo, t + hi] (the tile's Band). PHASE_ANY: whichever kind the tile holds
+// (PhaseTile::kind), decided at run time, so that the phases of one launch share one body of code: each copy of
+// a phase's unrolled loop and epilogue is ~3000 instructions, and three copies (mode 4) cost the launch a fifth of
+// its time in instruction-cache misses (Nsight Compute: "no instruction" 20.6% of the stall samples).
+enum Phase { PHASE_DENSE = 0, PHASE_CMP = 1, PHASE_WIN = 2, PHASE_BAND = 3, PHASE_ANY = 4 };
 
 /** Keys [first, end) a query tile with local rows [q0, q1) may see in a phase, and the per-row visibility rule. */
 struct KeyRange {
@@ -90,25 +94,35 @@ __device__ __forceinline__ int cmp_visible(int t, int tc) {
   return t < CMP_L - 1 ? 0 : min(tc, (t - CMP_L + 1) / CMP_D + 1);
 }
 
-template <int PHASE> __device__ __forceinline__ KeyRange phase_keys(int q0, int q1, int tc) {
+/** Row offsets of a PHASE_BAND tile's keys: row t sees [t + lo, t + hi]. */
+struct Band {
+  int lo;
+  int hi;
+};
+constexpr Band NO_BAND{0, 0};
+constexpr int BAND_FROM_START = -(1 << 30); // a band's lo that reaches key 0 from any row
+constexpr Band BEFORE_WINDOW{BAND_FROM_START, -WINDOW}; // mode 4's first phase: keys [0, t - w]
+constexpr Band THE_WINDOW{1 - WINDOW, 0};               // and its second: (t - w, t], as PHASE_WIN
+
+template <int PHASE> __device__ __forceinline__ KeyRange phase_keys(int q0, int q1, int tc, Band b) {
   if (PHASE == PHASE_CMP) return {0, cmp_visible(q1 - 1, tc)};
   if (PHASE == PHASE_WIN) return {max(0, q0 - WINDOW + 1), q1};
-  if (PHASE == PHASE_OUT) return {0, max(0, q1 - WINDOW)};
+  if (PHASE == PHASE_BAND) return {max(0, q0 + b.lo), max(0, q1 + b.hi)};
   return {0, q1};
 }
 
-template <int PHASE> __device__ __forceinline__ bool key_visible(int t, int key, int tc) {
+template <int PHASE> __device__ __forceinline__ bool key_visible(int t, int key, int tc, Band b) {
   if (PHASE == PHASE_CMP) return key < cmp_visible(t, tc);
   if (PHASE == PHASE_WIN) return key <= t && key > t - WINDOW;
-  if (PHASE == PHASE_OUT) return key <= t - WINDOW;
+  if (PHASE == PHASE_BAND) return key >= t + b.lo && key <= t + b.hi;
   return key <= t;
 }
 
 /** True when every row of the tile [q0, q1) sees every key of [k0, k0 + BLOCK_N): the tile needs no mask. */
-template <int PHASE> __device__ __forceinline__ bool tile_unmasked(int q0, int q1, int k0, int tc) {
+template <int PHASE> __device__ __forceinline__ bool tile_unmasked(int q0, int q1, int k0, int tc, Band b) {
   if (PHASE == PHASE_CMP) return k0 + BLOCK_N <= cmp_visible(q0, tc);
   if (PHASE == PHASE_WIN) return k0 + BLOCK_N - 1 <= q0 && k0 >= q1 - WINDOW;
-  if (PHASE == PHASE_OUT) return k0 + BLOCK_N - 1 <= q0 - WINDOW;
+  if (PHASE == PHASE_BAND) return k0 + BLOCK_N - 1 <= q0 + b.hi && k0 >= q1 - 1 + b.lo;
   return k0 + BLOCK_N - 1 <= q0;
 }
 
@@ -146,13 +160,16 @@ struct PhaseTile {
   int row_lo;    // local positions of the two rows this thread holds (row_lo + 8 is the other)
   KeyRange keys;
   int ntiles;    // key tiles of BLOCK_N
+  Band band;     // PHASE_BAND's row offsets
+  int kind;      // the Phase it was made for (what PHASE_ANY dispatches on)
 };
 
-template <int PHASE> __device__ __forceinline__ PhaseTile phase_tile(int q0, int seq_start, int key_base, int seq_len, int tc, int kvh) {
+template <int PHASE>
+__device__ __forceinline__ PhaseTile phase_tile(int q0, int seq_start, int key_base, int seq_len, int tc, int kvh, Band band = NO_BAND) {
   const int q1 = min(q0 + BLOCK_M, seq_len);
-  const KeyRange keys = phase_keys<PHASE>(q0, q1, tc);
+  const KeyRange keys = phase_keys<PHASE>(q0, q1, tc, band);
   const int ntiles = keys.end > keys.first ? (keys.end - keys.first + BLOCK_N - 1) / BLOCK_N : 0;
-  return {q0, seq_start, key_base, seq_len, tc, kvh, q0 + (int)(threadIdx.x / 32) * 16 + (int)(threadIdx.x % 32) / 4, keys, ntiles};
+  return {q0, seq_start, key_base, seq_len, tc, kvh, q0 + (int)(threadIdx.x / 32) * 16 + (int)(threadIdx.x % 32) / 4, keys, ntiles, band, PHASE};
 }
 
 /** Row width and shared layout of key tiles (IS_V false) and value tiles (NVRTC has no <type_traits>). */
@@ -174,18 +191,55 @@ template <bool IS_V> __device__ __forceinline__ void load_key_tile(const Pointer
 }
 
 /** Sets the scores of key tile `it` that a row may not see (or past the end) to -inf; the scale comes in the softmax. */
+/** The keys [lo, hi] row t of a tile sees, whatever its kind (for PHASE_ANY's masks). */
+__device__ __forceinline__ void visible_keys(const PhaseTile &t, int row, int &lo, int &hi) {
+  lo = 0;
+  hi = row;
+  if (t.kind == PHASE_CMP) hi = cmp_visible(row, t.tc) - 1;
+  else if (t.kind == PHASE_WIN) lo = row - WINDOW + 1;
+  else if (t.kind == PHASE_BAND) {
+    lo = row + t.band.lo;
+    hi = row + t.band.hi;
+  }
+  hi = min(hi, t.keys.end - 1);
+  if (row >= t.seq_len) hi = lo - 1; // rows past the sequence see nothing
+}
+
+__device__ __forceinline__ bool any_tile_unmasked(const PhaseTile &t, int k0) {
+  const int q0 = t.q0, q1 = t.q0 + BLOCK_M;
+  if (t.kind == PHASE_CMP) return tile_unmasked<PHASE_CMP>(q0, q1, k0, t.tc, t.band);
+  if (t.kind == PHASE_WIN) return tile_unmasked<PHASE_WIN>(q0, q1, k0, t.tc, t.band);
+  if (t.kind == PHASE_BAND) return tile_unmasked<PHASE_BAND>(q0, q1, k0, t.tc, t.band);
+  return tile_unmasked<PHASE_DENSE>(q0, q1, k0, t.tc, t.band);
+}
+
 template <int PHASE> __device__ __forceinline__ void mask_scores(float s[BLOCK_N / 8][4], const PhaseTile &t, int it) {
   const int k0 = t.keys.first + it * BLOCK_N;
   const int lane = threadIdx.x % 32;
+  if (PHASE == PHASE_ANY) {
+    if (k0 + BLOCK_N <= t.keys.end && any_tile_unmasked(t, k0)) return;
+    int lo[2], hi[2];
+    visible_keys(t, t.row_lo, lo[0], hi[0]);
+    visible_keys(t, t.row_lo + 8, lo[1], hi[1]);
+#pragma unroll
+    for (int n = 0; n < BLOCK_N / 8; n++) {
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int key = k0 + n * 8 + (lane % 4) * 2 + (e & 1);
+        if (key < lo[e / 2] || key > hi[e / 2]) s[n][e] = NSA_NEG_INF;
+      }
+    }
+    return;
+  }
   // Interior tiles need nothing (rows past the sequence end compute garbage that is never written).
-  if (k0 + BLOCK_N <= t.keys.end && tile_unmasked<PHASE>(t.q0, t.q0 + BLOCK_M, k0, t.tc)) return;
+  if (k0 + BLOCK_N <= t.keys.end && tile_unmasked<PHASE>(t.q0, t.q0 + BLOCK_M, k0, t.tc, t.band)) return;
 #pragma unroll
   for (int n = 0; n < BLOCK_N / 8; n++) {
 #pragma unroll
     for (int e = 0; e < 4; e++) {
       const int key = k0 + n * 8 + (lane % 4) * 2 + (e & 1);
       const int row = e < 2 ? t.row_lo : t.row_lo + 8;
-      const bool ok = key < t.keys.end && row < t.seq_len && key_visible<PHASE>(row, key, t.tc);
+      const bool ok = key < t.keys.end && row < t.seq_len && key_visible<PHASE>(row, key, t.tc, t.band);
       if (!ok) s[n][e] = NSA_NEG_INF;
     }
   }
@@ -620,13 +674,17 @@ extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
   const PhaseTile t0 = phase_tile<PHASE_CMP>(q0, seq_start, c_start, seq_len, tc, kvh);
   const TensorMapBytes *maps0[2] = {&kc_map, &vc_map};
 #elif NSA_MODE == 4
-  const PhaseTile t0 = phase_tile<PHASE_OUT>(q0, seq_start, seq_start, seq_len, tc, kvh);
+  const PhaseTile t0 = phase_tile<PHASE_BAND>(q0, seq_start, seq_start, seq_len, tc, kvh, BEFORE_WINDOW);
   const TensorMapBytes *maps0[2] = {&k_map, &v_map};
 #else
   const PhaseTile t0 = phase_tile<PHASE_WIN>(q0, seq_start, seq_start, seq_len, tc, kvh);
   const TensorMapBytes *maps0[2] = {&k_map, &v_map};
 #endif
+#if NSA_MODE == 4
+  const PhaseTile t1 = phase_tile<PHASE_BAND>(q0, seq_start, seq_start, seq_len, tc, kvh, THE_WINDOW);
+#else
   const PhaseTile t1 = phase_tile<PHASE_WIN>(q0, seq_start, seq_start, seq_len, tc, kvh);
+#endif
 #endif
 #if NSA_MODE == 4
   const PhaseTile t2 = phase_tile<PHASE_CMP>(q0, seq_start, c_start, seq_len, tc, kvh);
@@ -668,12 +726,15 @@ extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
   run_phase_tma<PHASE_DENSE>(p, gate != nullptr ? 1 : -1, !accumulate, qsmem, g, 0, t0, hq, Hq, scale_log2);
 #elif NSA_MODE == 4
   float park[2]; // this thread's rows' lse over the keys before the window
-  Pointers po{q, k, v, gate, out, nullptr, nullptr, branch_half != 0};
-  run_phase_tma<PHASE_OUT>(po, 1, false, qsmem, g, 0, t0, hq, Hq, scale_log2, stash, STASH_PARK, park);
-  Pointers pw{q, k, v, gate, out, out_win, lse_win, branch_half != 0, nullptr, out_slc, lse_slc};
-  run_phase_tma<PHASE_WIN>(pw, 2, false, qsmem, g, t0.ntiles, t1, hq, Hq, scale_log2, stash, STASH_MERGE, park);
-  Pointers pc{q, kc, vc, gate, out, out_cmp, lse_cmp, branch_half != 0, out_final};
-  run_phase_tma<PHASE_CMP>(pc, 0, !accumulate, qsmem, g, n1, t2, hq, Hq, scale_log2, stash, STASH_TAKE);
+  // The keys before the window, the window's, the compressed keys: one body of code run three times (PHASE_ANY).
+#pragma unroll 1
+  for (int r = 0; r < 3; r++) {
+    const bool win = r == 1, cmp = r == 2;
+    const Pointers pr{q, k, v, gate, out, win ? out_win : cmp ? out_cmp : nullptr, win ? lse_win : cmp ? lse_cmp : nullptr,
+                      branch_half != 0, cmp ? out_final : nullptr, win ? out_slc : nullptr, win ? lse_slc : nullptr};
+    run_phase_tma<PHASE_ANY>(pr, win ? 2 : cmp ? 0 : 1, cmp && !accumulate, qsmem, g, win ? t0.ntiles : cmp ? n1 : 0, win ? t1 : cmp ? t2 : t0,
+                             hq, Hq, scale_log2, stash, win ? STASH_MERGE : cmp ? STASH_TAKE : STASH_PARK, park);
+  }
 #elif NSA_MODE == 1
   Pointers pc{q, kc, vc, gate, out, out_cmp, lse_cmp, branch_half != 0};
   run_phase_tma<PHASE_CMP>(pc, 0, !accumulate, qsmem, g, 0, t0, hq, Hq, scale_log2);
@@ -681,10 +742,14 @@ extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
   Pointers pw{q, k, v, gate, out, out_win, lse_win, branch_half != 0};
   run_phase_tma<PHASE_WIN>(pw, 2, WIN_WRITES_FIRST && !accumulate, qsmem, g, 0, t0, hq, Hq, scale_log2);
 #else
-  Pointers pc{q, kc, vc, gate, out, out_cmp, lse_cmp, branch_half != 0};
-  run_phase_tma<PHASE_CMP>(pc, 0, !accumulate, qsmem, g, 0, t0, hq, Hq, scale_log2, stash, CMP_USE);
-  Pointers pw{q, k, v, gate, out, out_win, lse_win, branch_half != 0};
-  run_phase_tma<PHASE_WIN>(pw, 2, WIN_WRITES_FIRST && !accumulate, qsmem, g, t0.ntiles, t1, hq, Hq, scale_log2, stash, WIN_USE);
+  // The compressed keys, then the window's: one body of code run twice (PHASE_ANY).
+#pragma unroll 1
+  for (int r = 0; r < 2; r++) {
+    const bool win = r == 1;
+    const Pointers pr{q, k, v, gate, out, win ? out_win : out_cmp, win ? lse_win : lse_cmp, branch_half != 0};
+    run_phase_tma<PHASE_ANY>(pr, win ? 2 : 0, win ? WIN_WRITES_FIRST && !accumulate : !accumulate, qsmem, g, win ? t0.ntiles : 0, win ? t1 : t0,
+                             hq, Hq, scale_log2, stash, win ? WIN_USE : CMP_USE);
+  }
 #endif
 #if FA_WARPS == 8 && defined(FA_PINGPONG)
   if (threadIdx.x < 128) named_barrier_sync(1, 256); // warpgroup 1's last opening
@@ -748,11 +813,11 @@ extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
 #if NSA_MODE == 4
   float park[2]; // this thread's rows' lse over the keys before the window
   Pointers po{q, k, v, gate, out, nullptr, nullptr, branch_half != 0};
-  run_phase<PHASE_OUT>(po, 1, false, qfrag, ksmem, vsmem, phase_tile<PHASE_OUT>(q0, seq_start, seq_start, seq_len, tc, kvh), hq, Hq, H,
-                       scale_log2, stash, STASH_PARK, park);
+  run_phase<PHASE_BAND>(po, 1, false, qfrag, ksmem, vsmem, phase_tile<PHASE_BAND>(q0, seq_start, seq_start, seq_len, tc, kvh, BEFORE_WINDOW),
+                        hq, Hq, H, scale_log2, stash, STASH_PARK, park);
   Pointers pw{q, k, v, gate, out, out_win, lse_win, branch_half != 0, nullptr, out_slc, lse_slc};
-  run_phase<PHASE_WIN>(pw, 2, false, qfrag, ksmem, vsmem, phase_tile<PHASE_WIN>(q0, seq_start, seq_start, seq_len, tc, kvh), hq, Hq, H,
-                       scale_log2, stash, STASH_MERGE, park);
+  run_phase<PHASE_BAND>(pw, 2, false, qfrag, ksmem, vsmem, phase_tile<PHASE_BAND>(q0, seq_start, seq_start, seq_len, tc, kvh, THE_WINDOW),
+                        hq, Hq, H, scale_log2, stash, STASH_MERGE, park);
   Pointers pc{q, kc, vc, gate, out, out_cmp, lse_cmp, branch_half != 0, out_final};
   run_phase<PHASE_CMP>(pc, 0, !accumulate, qfrag, ksmem, vsmem, phase_tile<PHASE_CMP>(q0, seq_start, c_start, seq_len, tc, kvh), hq, Hq,
                        H, scale_log2, stash, STASH_TAKE);
