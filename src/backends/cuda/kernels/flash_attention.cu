@@ -23,7 +23,7 @@
 //   NSA_MODE 2  sliding window (win): keys (t - w, t]
 //   NSA_MODE 3  cmp then win in one CTA (the query tile stays on chip; the gated sum of both goes to `out`)
 //   NSA_MODE 4  all three branches of a batch whose every visible block is selected, where the window reads the
-//               selected branch's K/V: keys [0, t - w] (phase OUT, its state parked in the stash), then the
+//               selected branch's K/V: keys [0, t - w] (a PHASE_BAND, its state parked in the stash), then the
 //               window's (t - w, t] (o_win; o_slc is the two phases' states merged, so the keys of the window are
 //               multiplied once for both branches), then the compressed keys; `out` is written once (needs CMP_STASH)
 // Each phase writes its lse (natural log) and, when asked, its ungated output, and adds gate * o into `out`
@@ -190,7 +190,6 @@ template <bool IS_V> __device__ __forceinline__ void load_key_tile(const Pointer
   copy_rows<BLOCK_N, D, typename KeyTileOf<IS_V>::Layout, THREADS>(tile, first, (i64)H * D, min(BLOCK_N, t.keys.end - k0));
 }
 
-/** Sets the scores of key tile `it` that a row may not see (or past the end) to -inf; the scale comes in the softmax. */
 /** The keys [lo, hi] row t of a tile sees, whatever its kind (for PHASE_ANY's masks). */
 __device__ __forceinline__ void visible_keys(const PhaseTile &t, int row, int &lo, int &hi) {
   lo = 0;
@@ -213,6 +212,7 @@ __device__ __forceinline__ bool any_tile_unmasked(const PhaseTile &t, int k0) {
   return tile_unmasked<PHASE_DENSE>(q0, q1, k0, t.tc, t.band);
 }
 
+/** Sets the scores of key tile `it` that a row may not see (or past the end) to -inf; the scale comes in the softmax. */
 template <int PHASE> __device__ __forceinline__ void mask_scores(float s[BLOCK_N / 8][4], const PhaseTile &t, int it) {
   const int k0 = t.keys.first + it * BLOCK_N;
   const int lane = threadIdx.x % 32;
@@ -742,7 +742,8 @@ extern "C" __global__ void __launch_bounds__(THREADS, FA_WARPS == 4 ? 2 : 1)
   Pointers pw{q, k, v, gate, out, out_win, lse_win, branch_half != 0};
   run_phase_tma<PHASE_WIN>(pw, 2, WIN_WRITES_FIRST && !accumulate, qsmem, g, 0, t0, hq, Hq, scale_log2);
 #else
-  // The compressed keys, then the window's: one body of code run twice (PHASE_ANY).
+  // The compressed keys, then the window's: one body of code run twice (PHASE_ANY). The ring's maps say where each
+  // phase's keys are; a phase's Pointers serve only its epilogue, so they name the raw k and v throughout.
 #pragma unroll 1
   for (int r = 0; r < 2; r++) {
     const bool win = r == 1;
