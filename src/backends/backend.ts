@@ -1,6 +1,7 @@
 // The Backend interface every implementation (cpu, cuda, webgpu) provides. The operator in nsa/ validates
 // inputs once and hands backends an NsaRequest they can trust; backends return host tensors.
 
+import type { InputPattern } from '../nsa/random-inputs.js';
 import type { NSAConfig } from '../config/nsa-config.js';
 import type { KvCache, KvCacheOptions } from '../nsa/decode/types.js';
 import type { NsaRequest } from '../nsa/validate.js';
@@ -51,6 +52,8 @@ export interface BenchmarkProblem {
   /** Dtype of q, k, v (gates are f32). */
   readonly dtype: FloatDType;
   readonly seed: number;
+  /** Default `random` (src/nsa/random-inputs.ts). */
+  readonly inputs?: InputPattern | undefined;
 }
 
 export interface Backend {

@@ -5,6 +5,7 @@ import type { Backend } from '../backends/index.js';
 import type { TimingOptions, TimingResult } from '../backends/backend.js';
 import { PRESETS, type NSAConfig, type PresetName } from '../config/nsa-config.js';
 import { NsaError } from '../errors.js';
+import type { InputPattern } from '../nsa/random-inputs.js';
 import { errorMessage, exitCodeFor } from './exit.js';
 import { EXIT_USAGE } from './io.js';
 import type { InputDType } from './options.js';
@@ -30,6 +31,7 @@ export interface BenchRow {
 export interface BenchSettings {
   readonly batch: number;
   readonly seed: number;
+  readonly inputs: InputPattern;
   readonly dtype: InputDType;
   readonly timing: TimingOptions;
   readonly lengths: readonly number[];
@@ -70,6 +72,7 @@ export function benchReport(argv: readonly string[], backend: Backend, torch: To
       batch: s.batch,
       dtype: s.dtype,
       seed: s.seed,
+      inputs: s.inputs,
       backward,
       warmup: s.timing.warmup,
       iterations: s.timing.iterations,

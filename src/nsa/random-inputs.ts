@@ -8,23 +8,42 @@ import type { FloatDType } from '../tensor/dtype.js';
 import { Tensor, type Shape } from '../tensor/tensor.js';
 import type { NsaInputs } from './types.js';
 
+/**
+ * What benchmark inputs look like: `random`, q, k, v ~ N(0, 1) (the peers' benchmarks' inputs: neighbouring queries
+ * choose unrelated blocks); `smooth`, the same plus a slowly varying component of each position added to q and k
+ * (addSmoothWave), so that neighbouring queries choose alike, a stand-in for a trained model's locality.
+ */
+export type InputPattern = 'random' | 'smooth';
+export const INPUT_PATTERNS: readonly InputPattern[] = ['random', 'smooth'];
+
+/** Amplitude of the smooth inputs' positional component (q and k's noise has unit variance). */
+export const SMOOTH_WAVE_AMPLITUDE = 1;
+
 export interface RandomInputsSpec {
   readonly config: NSAConfig;
   readonly cuSeqlens: readonly number[];
   readonly dtype: FloatDType;
   readonly seed: number;
+  /** Default `random`. */
+  readonly pattern?: InputPattern | undefined;
 }
 
 /**
  * Packed inputs ([1, N, ...] with cuSeqlens); a single sequence gets no cuSeqlens. A learned phi gets its
  * parameters (randomPhiParams, seeds seed + 10 and seed + 20).
  */
-export function randomInputs({ config, cuSeqlens, dtype, seed }: RandomInputsSpec): NsaInputs {
+export function randomInputs({ config, cuSeqlens, dtype, seed, pattern = 'random' }: RandomInputsSpec): NsaInputs {
   const N = cuSeqlens[cuSeqlens.length - 1]!;
   const { heads: Hq, kvHeads: H, headDim: dk, valueDim: dv } = config;
+  const q = Tensor.randn([1, N, Hq, dk], dtype, seed);
+  const k = Tensor.randn([1, N, H, dk], dtype, seed + 1);
+  if (pattern === 'smooth') {
+    addSmoothWave(q, seed + 100);
+    addSmoothWave(k, seed + 101);
+  }
   return {
-    q: Tensor.randn([1, N, Hq, dk], dtype, seed),
-    k: Tensor.randn([1, N, H, dk], dtype, seed + 1),
+    q,
+    k,
     v: Tensor.randn([1, N, H, dv], dtype, seed + 2),
     g: Tensor.uniform([1, N, Hq, 3], 'f32', seed + 3),
     cuSeqlens: cuSeqlens.length > 2 ? cuSeqlens : undefined,
@@ -58,4 +77,28 @@ export function randomPhiParams(config: NSAConfig, D: number, dtype: FloatDType,
       return [name, Tensor.randn(shape, dtype, seed + i, std)];
     }),
   );
+}
+
+/**
+ * Adds SMOOTH_WAVE_AMPLITUDE * sin(2 pi (t / P_d + u_d)) to element (t, ., d) of a [1, N, rows, D] tensor, t the
+ * packed token: periods P_d = 256 * 2^(8 d / D) tokens (256 to 65536), phases u_d uniform from the seed, the same for
+ * every row (head). q and k take it with different seeds, so q_t . k_j gains sum_d (cos(2 pi (t - j) / P_d + a_d) -
+ * cos(2 pi (t + j) / P_d + b_d)) / 2 with random offsets a_d, b_d: scores vary slowly with both positions, so
+ * neighbouring queries rank the blocks alike and adjacent blocks score alike, without favouring the nearest ones
+ * (fla preset, G = 16, T = 8k: 2, 4 and 8 consecutive queries have 11.2, 8.0 and 6.2 of their 16 blocks in common;
+ * 4.5, 3.0 and 3.0, the forced blocks, with random inputs). The CUDA backend's device inputs add the same wave
+ * (kernels/random_fill.cu, nsa_add_wave), its phases from its own hash of the seed.
+ */
+export function addSmoothWave(x: Tensor, seed: number): void {
+  const [, N, rows, D] = x.shape as [number, number, number, number];
+  const phases = Tensor.uniform([D], 'f64', seed).data as Float64Array;
+  const values = x.toFloat64();
+  for (let t = 0; t < N; t++) {
+    for (let d = 0; d < D; d++) {
+      const period = 256 * 2 ** ((8 * d) / D);
+      const wave = SMOOTH_WAVE_AMPLITUDE * Math.sin(2 * Math.PI * ((t % period) / period + phases[d]!));
+      for (let r = 0; r < rows; r++) values[(t * rows + r) * D + d]! += wave;
+    }
+  }
+  x.data.set(Tensor.fromValues(values, x.shape, x.dtype).data as never);
 }

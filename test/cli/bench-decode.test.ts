@@ -91,7 +91,7 @@ describe('nsa bench --decode', () => {
     expect(r.stdout).toMatch(/^paper +1 +130 /m);
   });
 
-  for (const [flag, ...value] of [['--backward'], ['--lengths', '1k'], ['--batch', '2'], ['--dtype', 'bf16']] as const) {
+  for (const [flag, ...value] of [['--backward'], ['--lengths', '1k'], ['--batch', '2'], ['--dtype', 'bf16'], ['--inputs', 'smooth']] as const) {
     it(`refuses ${flag} with exit 2`, async () => {
       const r = await cli('bench', '--decode', flag, ...value, ...TINY);
       expect(r.code).toBe(2);

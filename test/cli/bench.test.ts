@@ -44,6 +44,18 @@ describe('nsa bench', () => {
     expect(results[0]!.seqlen).toBe(96);
     expect(results[0]!.nsa.samplesMs).toHaveLength(2);
     expect(results[0]!.nsa.medianMs).toBeGreaterThan(0);
+    expect((report['settings'] as { inputs: string }).inputs).toBe('random');
+  });
+
+  it('times smooth inputs with --inputs smooth and says so, and refuses a pattern it does not know', async () => {
+    const args = ['bench', '--backend', 'cpu', '--lengths', '64', '--presets', 'fla', '--iters', '1', '--warmup', '0', '--heads', '2', '--head-dim', '8', '--value-dim', '8', '--no-torch'];
+    const r = await cli(...args, '--inputs', 'smooth');
+    expect(r.code, r.stderr).toBe(0);
+    expect(r.stdout).toMatch(/^shapes .*; smooth inputs; /m);
+    expect(r.stdout).toMatch(/^fla +64 +[\d.]+ /m);
+    const bad = await cli(...args, '--inputs', 'sorted');
+    expect(bad.code).toBe(2);
+    expect(bad.stderr).toMatch(/--inputs.*sorted.*random, smooth/);
   });
 
   it('quotes the command line as a shell would need it', () => {

@@ -99,7 +99,7 @@ export class CpuBackend implements Backend {
   }
 
   async time(problem: BenchmarkProblem, options: TimingOptions): Promise<TimingResult> {
-    const request = validateNsaInputs(randomInputs(problem), problem.config, { checkFinite: false });
+    const request = validateNsaInputs(randomInputs({ ...problem, pattern: problem.inputs }), problem.config, { checkFinite: false });
     const samples: number[] = [];
     const total = options.warmup + options.iterations;
     for (let i = 0; i < total; i++) {

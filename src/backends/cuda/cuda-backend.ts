@@ -472,9 +472,15 @@ export class CudaBackend implements Backend {
     // A learned phi's parameters are small: made on the host by the library's recipe and uploaded.
     const phi = (D: number, s: number, what: string): DevicePhiParams | undefined =>
       this.uploadPhi({ config, phiHidden: config.headDim, inputs: {} }, randomPhiParams(config, D, 'f32', s), what, scope);
+    const q = normal(N * config.heads * config.headDim, seed, 'q');
+    const k = normal(N * config.kvHeads * config.headDim, seed + 1, 'k');
+    if (problem.inputs === 'smooth') {
+      random.addSmoothWave(q, N, config.heads, config.headDim, seed + 100);
+      random.addSmoothWave(k, N, config.kvHeads, config.headDim, seed + 101);
+    }
     return {
-      q: normal(N * config.heads * config.headDim, seed, 'q'),
-      k: normal(N * config.kvHeads * config.headDim, seed + 1, 'k'),
+      q,
+      k,
       v: normal(N * config.kvHeads * config.valueDim, seed + 2, 'v'),
       gate,
       phiK: phi(config.headDim, seed + 10, 'phiK'),

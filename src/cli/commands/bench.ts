@@ -6,6 +6,7 @@ import { Option, type Command } from 'commander';
 import type { Backend } from '../../backends/index.js';
 import type { BenchmarkProblem, TimingOptions } from '../../backends/backend.js';
 import { NSAConfig, type PresetName } from '../../config/nsa-config.js';
+import { INPUT_PATTERNS, type InputPattern } from '../../nsa/random-inputs.js';
 import { chooseBackend, isGpuBackend } from '../backend-choice.js';
 import { newCommand, type CommandContext } from '../command.js';
 import { formatLength, formatMs, formatRatio, renderTable } from '../format.js';
@@ -49,6 +50,7 @@ interface BenchFlags extends BackendFlags, ConfigFlags, HeadFlags, InputFlags {
   readonly decode?: boolean;
   readonly batches?: readonly number[];
   readonly contexts?: readonly number[];
+  readonly inputs?: InputPattern;
 }
 
 interface BenchDefaults extends ProblemDefaults {
@@ -102,6 +104,9 @@ export function benchCommand(ctx: CommandContext): Command {
     .addOption(new Option('--iters <n>', 'timed runs (the median is reported)').argParser(parsePositiveInt))
     .option('--json <file>', 'also write every number, the device and the command line as JSON')
     .option('--no-torch', 'do not time torch SDPA')
+    .addOption(
+      new Option('--inputs <pattern>', 'random (default; q, k, v ~ N(0, 1), as the peers measure) or smooth (q and k plus a slow wave in the position: neighbouring queries choose alike)').choices(INPUT_PATTERNS),
+    )
     .option('--decode', 'time decode steps on a KV cache (one query per sequence) instead of the prefill')
     .addOption(new Option('--batches <list>', 'with --decode: batch sizes B, e.g. 1,8,64').argParser(parsePositiveIntList))
     .addOption(new Option('--contexts <list>', 'with --decode: tokens S in each cached sequence, e.g. 8k,64k,128k').argParser(parseLengthList));
@@ -147,6 +152,7 @@ function checkModeFlags(flags: BenchFlags): void {
       ['--lengths', flags.lengths, 'give the cached tokens per sequence with --contexts'],
       ['--batch', flags.batch, 'give the batch sizes with --batches'],
       ['--dtype', flags.dtype, 'the cache stores f32 on cpu and bf16 on a GPU'],
+      ['--inputs', flags.inputs, 'the cache is filled with random keys and values'],
     ];
     for (const [flag, value, why] of prefillOnly) {
       if (value !== undefined && value !== false) throw new UsageError(`--decode cannot be used with ${flag}: ${why}`);
@@ -175,6 +181,7 @@ async function runBench(flags: BenchFlags, ctx: CommandContext): Promise<number>
   const dtype: InputDType = flags.dtype ?? defaults.dtype;
   const batch = flags.batch ?? defaults.batch;
   const seed = flags.seed ?? DEFAULT_SEED;
+  const inputs: InputPattern = flags.inputs ?? 'random';
   const timing: TimingOptions = { warmup: flags.warmup ?? defaults.warmup, iterations: flags.iters ?? defaults.iters, backward: flags.backward ?? false };
   // Validate every config before timing anything, so a bad flag fails at once.
   const configs = new Map(presets.map((p) => [p, NSAConfig.preset(p, { ...configOverrides(flags, undefined), ...headOptions(flags, defaults) })]));
@@ -186,7 +193,7 @@ async function runBench(flags: BenchFlags, ctx: CommandContext): Promise<number>
   out(
     `backend  ${backend.description}`,
     `shapes   B = ${batch}, Hq = ${first.heads}, H = ${first.kvHeads}, Dk = ${first.headDim}, Dv = ${first.valueDim}, ${dtype}; ` +
-      `${timing.backward ? 'forward + backward' : 'forward'}; median of ${timing.iterations} after ${timing.warmup} warm-up`,
+      `${timing.backward ? 'forward + backward' : 'forward'}; ${inputs} inputs; median of ${timing.iterations} after ${timing.warmup} warm-up`,
     `SDPA     ${torch.available ? `torch ${torch.torch} on ${torch.device}` : 'not timed'}`,
   );
 
@@ -206,7 +213,7 @@ async function runBench(flags: BenchFlags, ctx: CommandContext): Promise<number>
       for (const preset of presets) {
         const config = configs.get(preset)!;
         progress.label(`${preset} T=${formatLength(seqlen)}`);
-        const problem: BenchmarkProblem = { config, cuSeqlens: offsets(Array.from({ length: batch }, () => seqlen)), dtype, seed };
+        const problem: BenchmarkProblem = { config, cuSeqlens: offsets(Array.from({ length: batch }, () => seqlen)), dtype, seed, inputs };
         const options = { ...timing, onIteration: () => progress.advance(1) };
         const nsa = await attempt(() => backend.time(problem, options));
         const dense = backend.timeDense === undefined ? undefined : await attempt(() => backend.timeDense!(problem, options));
@@ -221,7 +228,7 @@ async function runBench(flags: BenchFlags, ctx: CommandContext): Promise<number>
   if (backend.timeDense === undefined) out(`(the ${backend.name} backend has no dense attention to compare with)`);
   if (flags.json !== undefined) {
     const path = flags.json;
-    const json = JSON.stringify(benchReport(ctx.argv, backend, torch, { batch, seed, dtype, timing, lengths, presets }, rows), null, 2);
+    const json = JSON.stringify(benchReport(ctx.argv, backend, torch, { batch, seed, inputs, dtype, timing, lengths, presets }, rows), null, 2);
     await withFile('write', path, () => writeFileAtomic(path, `${json}\n`));
     out(`wrote ${path}`);
   }

@@ -31,3 +31,19 @@ extern "C" __global__ void nsa_fill_normal(elem_t *__restrict__ out, i64 n, unsi
 extern "C" __global__ void nsa_fill_uniform(float *__restrict__ out, i64 n, unsigned long long seed) {
   for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) out[i] = uniform01(seed, i);
 }
+
+/**
+ * Adds amplitude * sin(2 pi t / P_d + phi_d) to element (t, ., d) of a [tokens, rows, D] tensor: a slowly varying
+ * component of each position, the same for every row (head), with periods P_d from 256 to 65536 tokens and phases
+ * from the seed. Added to q and k with one seed, it makes scores depend smoothly on both positions, so neighbouring
+ * queries choose alike (benchmark inputs `smooth`, a stand-in for a trained model's locality).
+ */
+extern "C" __global__ void nsa_add_wave(elem_t *__restrict__ x, i64 n, int row_elems, int D, unsigned long long seed, float amplitude) {
+  for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+    const i64 t = i / row_elems;
+    const int d = (int)(i % D);
+    const double period = 256.0 * exp2(8.0 * d / D);
+    const double turns = fmod((double)t, period) / period + (double)uniform01(seed, d);
+    x[i] = float_to_elem(elem_to_float(x[i]) + amplitude * (float)sin(6.283185307179586 * turns));
+  }
+}

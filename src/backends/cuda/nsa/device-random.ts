@@ -4,12 +4,14 @@
 import type { CudaContext } from '../context.js';
 import type { Kernel } from '../launch.js';
 import type { DeviceBuffer } from '../memory.js';
+import { SMOOTH_WAVE_AMPLITUDE } from '../../../nsa/random-inputs.js';
 import { kernelSource } from './kernel-source.js';
 import type { HalfDType } from './programs.js';
 
 export class DeviceRandom {
   private readonly normalKernel: Kernel;
   private readonly uniformKernel: Kernel;
+  private readonly waveKernel: Kernel;
 
   constructor(
     private readonly ctx: CudaContext,
@@ -19,6 +21,18 @@ export class DeviceRandom {
     const module = ctx.module('random_fill', kernelSource('random_fill.cu'), { options });
     this.normalKernel = ctx.kernel(module, 'nsa_fill_normal');
     this.uniformKernel = ctx.kernel(module, 'nsa_fill_uniform');
+    this.waveKernel = ctx.kernel(module, 'nsa_add_wave');
+  }
+
+  /** Adds the smooth inputs' positional wave (random-inputs.ts, addSmoothWave) to a [tokens, rows, D] half tensor. */
+  addSmoothWave(buffer: DeviceBuffer, tokens: number, rows: number, D: number, seed: number): void {
+    const elements = tokens * rows * D;
+    if (elements * 2 > buffer.bytes) throw new RangeError(`wave past the end of ${buffer.what}`);
+    this.waveKernel.launch({
+      grid: [gridFor(elements), 1, 1],
+      block: [256, 1, 1],
+      args: [{ ptr: buffer.ptr }, { i64: elements }, { i32: rows * D }, { i32: D }, { u64: BigInt(seed >>> 0) }, { f32: SMOOTH_WAVE_AMPLITUDE }],
+    });
   }
 
   /** `elements` N(0, std^2) values of the half dtype, from element `offset` of the buffer on. */
