@@ -25,6 +25,7 @@ describe('kernelTuning', () => {
       slcMinBlocks: 8,
       slcBulk: true,
       slcTma: true,
+      slcUnion: 4,
       slcDqParts: 'bf16',
       slcBwdWs: true,
       slcBwdTma: true,
@@ -48,6 +49,20 @@ describe('kernelTuning', () => {
     expect(kernelTuning(config(128, 128), {}, [9, 0]).slcDense).toBe(true);
     expect(kernelTuning(config(128, 128), { NSA_SLC_DENSE: '0' }, [9, 0]).slcDense).toBe(false);
     expect(kernelTuning(config(64, 64), {}, [8, 0]).slcDense).toBe(true);
+  });
+
+  it('takes four positions a CTA over the union of their blocks on sm_90 unless NSA_SLC_UNION says 2, 8 or off', () => {
+    expect(kernelTuning(config(128, 128), {}, [9, 0]).slcUnion).toBe(4);
+    expect(kernelTuning(config(128, 128), { NSA_SLC_UNION: '2' }, [9, 0]).slcUnion).toBe(2);
+    expect(kernelTuning(config(128, 128), { NSA_SLC_UNION: '8' }, [9, 0]).slcUnion).toBe(8);
+    expect(kernelTuning(config(128, 128), { NSA_SLC_UNION: '0' }, [9, 0]).slcUnion).toBeUndefined();
+    expect(kernelTuning(config(128, 128), { NSA_SLC_UNION: '1' }, [9, 0]).slcUnion).toBeUndefined();
+    expect(kernelTuning(config(128, 128), {}, [8, 0]).slcUnion).toBeUndefined();
+    const programs = (env: Record<string, string>): NsaPrograms => new NsaPrograms(fakeContext, config(128, 128), 'bf16', kernelTuning(config(128, 128), env, [9, 0]));
+    expect(programs({}).slcUnionPositions).toBe(4);
+    expect(programs({}).selectedUnionThreads).toBe(160);
+    expect(programs({ NSA_SLC_TMA: '0' }).slcUnionPositions).toBe(0); // the union's tiles come by TMA only
+    expect(programs({ NSA_SLC_PIPELINE: '4x1x4' }).slcUnionPositions).toBe(0); // its tensor maps' boxes are 32 keys
   });
 
   it('computes the window and the dense selected branch in one launch unless NSA_SLC_WIN_MERGE=0', () => {

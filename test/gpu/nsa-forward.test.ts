@@ -150,8 +150,8 @@ if (!availability.available) {
       }
     }
 
-    // The group-centric kernel's TMA tiles (the default on sm_90) against its per-row bulk copies (NSA_SLC_TMA=0):
-    // the same keys in the same order, the rows past t masked either way, so the same bits.
+    // The group-centric kernel's TMA tiles (one position a CTA, NSA_SLC_UNION=0) against its per-row bulk copies
+    // (NSA_SLC_TMA=0): the same keys in the same order, the rows past t masked either way, so the same bits.
     it('group-centric selected attention by TMA tiles and by per-row copies (NSA_SLC_TMA=0) give the same bits', async () => {
       for (const i of [0, 3, 5, 7]) {
         const c = CASES[i]!;
@@ -159,9 +159,9 @@ if (!availability.available) {
         const cuSeqlens = [0];
         for (const len of c.seqlens) cuSeqlens.push(cuSeqlens[cuSeqlens.length - 1]! + len);
         const inputs = randomInputs({ config, cuSeqlens, dtype: c.dtype, seed: 1000 + 17 * i });
-        const tiles = await nsaForward(inputs, config, { backend: backends.get('group')! });
+        const tiles = await withEnv('group', { NSA_SLC_UNION: '0' }, (backend) => nsaForward(inputs, config, { backend }));
         const saved = process.env['NSA_SLC_TMA'];
-        process.env['NSA_SLC_TMA'] = '0'; // read when the backend builds this config's kernels
+        process.env['NSA_SLC_TMA'] = '0'; // read when the backend builds this config's kernels (no TMA: no union kernel)
         try {
           const backend = (await createCudaBackend({ selectedKernel: 'group' })) as CudaBackend;
           backends.set(`group rows ${i}`, backend); // disposed with the others
@@ -176,6 +176,33 @@ if (!availability.available) {
         }
       }
     });
+
+    // CTAs of 2, 4 and 8 consecutive positions over the union of their blocks (NSA_SLC_UNION), a warp a position:
+    // the same blocks, each warp's keys in the same ascending order but all of a tile's in one warp (so o_slc to the
+    // rounding of P against another running maximum, lse_slc to fp32's); a CTA's positions across sequence boundaries
+    // (the packed case), past the last row, G = 1 to 16, l' of 32, 64 and 128, dk = 192.
+    for (const i of [0, 1, 2, 3, 5, 6, 7, 8]) {
+      it(`group-centric selected attention over unions of positions (NSA_SLC_UNION=2|4|8) against the reference and one position a CTA: ${CASES[i]!.name}`, async () => {
+        const c = CASES[i]!;
+        const config = new NSAConfig(c.options);
+        const cuSeqlens = [0];
+        for (const len of c.seqlens) cuSeqlens.push(cuSeqlens[cuSeqlens.length - 1]! + len);
+        let inputs = randomInputs({ config, cuSeqlens, dtype: c.dtype, seed: 1000 + 17 * i });
+        if (c.independent) inputs = withIndependentKv(inputs, config, cuSeqlens, 1000 + 17 * i);
+        const ref = referenceInputs(inputs, cuSeqlens, config);
+        const plain = await withEnv('group', { NSA_SLC_UNION: '0' }, (backend) => nsaForward(inputs, config, { backend }));
+        for (const size of ['2', '4', '8']) {
+          const what = `${c.name}, unions of ${size}`;
+          const union = await withEnv('group', { NSA_SLC_UNION: size }, (backend) => nsaForward(inputs, config, { backend }));
+          expect(Array.from(union.blockIndices.data), `${what}: blocks`).toEqual(Array.from(plain.blockIndices.data));
+          compareOutputs(union, nsaReferenceForward(config, ref, union.blockIndices.data));
+          expectRelativeRms(union.oSlc.toFloat64(), plain.oSlc.toFloat64(), `${what}: o_slc against one position a CTA`, { rtol: 2e-3 });
+          expectRelativeRms(union.lseSlc.toFloat64(), plain.lseSlc.toFloat64(), `${what}: lse_slc against one position a CTA`, { rtol: 1e-5 });
+          const again = await withEnv('group', { NSA_SLC_UNION: size }, (backend) => nsaForward(inputs, config, { backend }));
+          expect(Buffer.from(again.o.data.buffer).equals(Buffer.from(union.o.data.buffer)), `${what}: two runs give identical o`).toBe(true);
+        }
+      });
+    }
 
     it('dense causal kernel (the benchmark baseline) against float64 attention', () => {
       const config = new NSAConfig({ heads: 8, kvHeads: 2, headDim: 128, valueDim: 128 });

@@ -45,6 +45,12 @@ export interface KernelTuning {
    */
   readonly slcTma?: boolean | undefined;
   /**
+   * With slcTma, the group-centric selected attention takes this many consecutive positions a CTA and streams the
+   * union of their blocks once (kernels/selected_attention_union.cu): 4 on sm_90 unless NSA_SLC_UNION says 2, 8, or
+   * 0 / 1 (undefined: one position a CTA, selected_attention.cu). Pays most where neighbouring positions choose alike.
+   */
+  readonly slcUnion?: number | undefined;
+  /**
    * Storage of the fused selected dQ's per-slot parts (NSA_SLC_DQ_PARTS=f32|bf16): bfloat16 by default, half the
    * bytes of that pass's largest traffic for ~0.02% more relative RMS error in dQ (docs/performance.md).
    */
@@ -136,6 +142,9 @@ export interface KernelTuning {
  */
 const SLC_WS_STAGES = 5;
 
+/** Stages of 32-key tiles in the union kernel's ring (selected_attention_union.cu). */
+const UNION_STAGES = 4;
+
 export function kernelTuning(
   config: NSAConfig,
   env: Readonly<Record<string, string | undefined>> = process.env,
@@ -161,6 +170,11 @@ export function kernelTuning(
     slcTma:
       slcBulk && env['NSA_SLC_TMA'] !== '0' &&
       config.selectBlock % (16 * slcWarps) === 0 && config.headDim % 64 === 0 && config.valueDim % 64 === 0,
+    // Four positions a CTA by default on sm_90 (H100, G = 16, fla, 64k: selected stage 16.75 -> 15.2 ms on random
+    // inputs, 15.3 -> 12.0 ms on smooth ones; two positions were slower, docs/performance.md); 0 or 1 turns it off.
+    slcUnion: ['2', '4', '8'].includes(env['NSA_SLC_UNION'] ?? '')
+      ? Number(env['NSA_SLC_UNION'])
+      : hopper && !['0', '1'].includes(env['NSA_SLC_UNION'] ?? '') ? 4 : undefined,
     slcDqParts: env['NSA_SLC_DQ_PARTS'] === 'f32' ? 'f32' : 'bf16',
     slcBwdWs: hopper && config.headDim <= 128 && config.valueDim <= 128 && env['NSA_SLC_BWD'] !== 'mma',
     slcBwdTma: hopper && [8, 16, 32, 64].includes(config.groupSize) && env['NSA_SLC_BWD_TMA'] !== '0',
@@ -312,6 +326,31 @@ export class NsaPrograms {
       ...(this.tuning.slcBulk ? ['-DSLC_BULK'] : []),
       ...(this.slcTma ? ['-DSLC_TMA'] : []),
     ]);
+  }
+
+  /** Positions a CTA of the union kernel (tuning.slcUnion where the tiles come by TMA in 32-key boxes); 0: not used. */
+  get slcUnionPositions(): number {
+    return this.slcTma && this.tuning.slcWarps === 2 ? (this.tuning.slcUnion ?? 0) : 0;
+  }
+
+  get selectedUnion(): Kernel {
+    return this.kernel('selected_attention_union.cu', 'nsa_selected_union', [
+      ...this.selDefines(),
+      '-DSLC_BULK',
+      `-DUNION_POSITIONS=${this.slcUnionPositions}`,
+      `-DUNION_STAGES=${UNION_STAGES}`,
+    ]);
+  }
+
+  /** A warp a position and the warp that issues the tiles. */
+  get selectedUnionThreads(): number {
+    return 32 * (this.slcUnionPositions + 1);
+  }
+
+  /** The union kernel's key/value ring (32-key tiles) and its positions' query rows, 1024-byte aligned. */
+  selectedUnionSharedBytes(): number {
+    const { headDim: dk, valueDim: dv } = this.config;
+    return 1024 + 2 * UNION_STAGES * 32 * (dk + dv) + 2 * this.slcUnionPositions * 16 * dk;
   }
 
   /** Whether the group-centric selected attention loads its tiles by TMA (its launches then take selectedTensorMaps). */
