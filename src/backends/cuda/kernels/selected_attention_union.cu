@@ -7,8 +7,8 @@
 // position. The blocks any of its positions chose are streamed once, ascending, as tiles of 32 tokens (TMA boxes
 // through a ring of UNION_STAGES stages, refilled by a warp of its own as soon as every position's warp has let a
 // stage go, so that the warps run apart by up to the ring's depth), and each warp multiplies the tiles of the
-// blocks its own position chose:
-// no position does more work than alone, and a block that several chose is read once for all of them. On random
+// blocks its own position chose: no position does more work than alone, and a block that several chose is read
+// once for all of them. On random
 // inputs only the forced blocks are shared (the union is ~3 + 13 P of 16 P blocks); where neighbouring positions
 // choose alike (a trained model's locality) the union, and the bytes, shrink towards one position's.
 // Each warp owns its 16 rows' whole softmax state, so nothing is merged across warps; the epilogue adds
