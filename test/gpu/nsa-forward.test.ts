@@ -55,6 +55,16 @@ const CASES: Case[] = [
 ];
 
 
+/** Case i's config, packed offsets and seeded inputs (its own K/V per branch where the case says so). */
+function caseInputs(i: number): { config: NSAConfig; cuSeqlens: number[]; inputs: ReturnType<typeof randomInputs> } {
+  const c = CASES[i]!;
+  const config = new NSAConfig(c.options);
+  const cuSeqlens = [0];
+  for (const len of c.seqlens) cuSeqlens.push(cuSeqlens[cuSeqlens.length - 1]! + len);
+  const inputs = randomInputs({ config, cuSeqlens, dtype: c.dtype, seed: 1000 + 17 * i });
+  return { config, cuSeqlens, inputs: c.independent ? withIndependentKv(inputs, config, cuSeqlens, 1000 + 17 * i) : inputs };
+}
+
 /** Every row's selection is valid, and where it differs from the reference its score is within tolerance. */
 function checkSelection(config: NSAConfig, ref: NsaReferenceInputs, gpu: Int32Array, expected: Int32Array): { differing: number; rows: number } {
   const problem = prepareNsaProblem(config, ref);
@@ -95,11 +105,7 @@ if (!availability.available) {
 
     for (const [i, c] of CASES.entries()) {
       it(c.name, async () => {
-        const config = new NSAConfig(c.options);
-        const cuSeqlens = [0];
-        for (const len of c.seqlens) cuSeqlens.push(cuSeqlens[cuSeqlens.length - 1]! + len);
-        let inputs = randomInputs({ config, cuSeqlens, dtype: c.dtype, seed: 1000 + 17 * i });
-        if (c.independent) inputs = withIndependentKv(inputs, config, cuSeqlens, 1000 + 17 * i);
+        const { config, cuSeqlens, inputs } = caseInputs(i);
         const ref = referenceInputs(inputs, cuSeqlens, config);
         const refOwn = nsaReferenceForward(config, ref);
         for (const kernel of c.kernels) {
@@ -155,10 +161,7 @@ if (!availability.available) {
     it('group-centric selected attention by TMA tiles and by per-row copies (NSA_SLC_TMA=0) give the same bits', async () => {
       for (const i of [0, 3, 5, 7]) {
         const c = CASES[i]!;
-        const config = new NSAConfig(c.options);
-        const cuSeqlens = [0];
-        for (const len of c.seqlens) cuSeqlens.push(cuSeqlens[cuSeqlens.length - 1]! + len);
-        const inputs = randomInputs({ config, cuSeqlens, dtype: c.dtype, seed: 1000 + 17 * i });
+        const { config, inputs } = caseInputs(i);
         const tiles = await withEnv('group', { NSA_SLC_UNION: '0' }, (backend) => nsaForward(inputs, config, { backend }));
         const saved = process.env['NSA_SLC_TMA'];
         process.env['NSA_SLC_TMA'] = '0'; // read when the backend builds this config's kernels (no TMA: no union kernel)
@@ -184,11 +187,7 @@ if (!availability.available) {
     for (const i of [0, 1, 2, 3, 5, 6, 7, 8]) {
       it(`group-centric selected attention over unions of positions (NSA_SLC_UNION=2|4|8) against the reference and one position a CTA: ${CASES[i]!.name}`, async () => {
         const c = CASES[i]!;
-        const config = new NSAConfig(c.options);
-        const cuSeqlens = [0];
-        for (const len of c.seqlens) cuSeqlens.push(cuSeqlens[cuSeqlens.length - 1]! + len);
-        let inputs = randomInputs({ config, cuSeqlens, dtype: c.dtype, seed: 1000 + 17 * i });
-        if (c.independent) inputs = withIndependentKv(inputs, config, cuSeqlens, 1000 + 17 * i);
+        const { config, cuSeqlens, inputs } = caseInputs(i);
         const ref = referenceInputs(inputs, cuSeqlens, config);
         const plain = await withEnv('group', { NSA_SLC_UNION: '0' }, (backend) => nsaForward(inputs, config, { backend }));
         for (const size of ['2', '4', '8']) {

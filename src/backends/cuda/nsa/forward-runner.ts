@@ -259,53 +259,38 @@ export class ForwardRunner {
     const vSlc = inputs.vSlc ?? inputs.v;
     if (this.denseSelected) {
       this.runDenseSelected(inputs.q, kSlc, vSlc, inputs.gate, outputs, scaleLog2);
-    } else if (this.selectedKernel === 'group' && programs.slcUnionPositions > 0) {
-      programs.selectedUnion.launch({
-        grid: [Math.ceil(N / programs.slcUnionPositions), H, Math.ceil(config.groupSize / 16)],
-        block: [programs.selectedUnionThreads, 1, 1],
-        sharedBytes: programs.selectedUnionSharedBytes(),
-        args: [
-          ptr(inputs.q),
-          ptr(inputs.gate),
-          ptr(outputs.blockIndices),
-          ptr(tables.rowSeq),
-          ptr(tables.cuSeqlens),
-          ptr(outputs.out),
-          ptr(outputs.outFinal),
-          ptr(outputs.oSlc),
-          { i32: outputs.branchHalf === true ? 1 : 0 },
-          ptr(outputs.lseSlc),
-          { i32: Hq },
-          { i32: H },
-          { f32: scaleLog2 },
-          { i32: N },
-          ...programs.selectedTensorMaps(kSlc.ptr, vSlc.ptr, N),
-        ],
-      });
     } else if (this.selectedKernel === 'group') {
-      programs.selectedAttention.launch({
-        grid: [N, H, Math.ceil(config.groupSize / 16)],
-        block: [programs.selectedThreads, 1, 1],
-        sharedBytes: programs.selectedSharedBytes(),
-        args: [
-          ptr(inputs.q),
-          ptr(kSlc),
-          ptr(vSlc),
-          ptr(inputs.gate),
-          ptr(outputs.blockIndices),
-          ptr(tables.rowSeq),
-          ptr(tables.cuSeqlens),
-          ptr(outputs.out),
-          ptr(outputs.outFinal),
-          ptr(outputs.oSlc),
-          { i32: outputs.branchHalf === true ? 1 : 0 },
-          ptr(outputs.lseSlc),
-          { i32: Hq },
-          { i32: H },
-          { f32: scaleLog2 },
-          ...programs.selectedTensorMaps(kSlc.ptr, vSlc.ptr, N),
-        ],
-      });
+      // Both group-centric kernels take the selection's rows and the epilogue's outputs alike.
+      const rowsAndOutputs: KernelArg[] = [
+        ptr(outputs.blockIndices),
+        ptr(tables.rowSeq),
+        ptr(tables.cuSeqlens),
+        ptr(outputs.out),
+        ptr(outputs.outFinal),
+        ptr(outputs.oSlc),
+        { i32: outputs.branchHalf === true ? 1 : 0 },
+        ptr(outputs.lseSlc),
+        { i32: Hq },
+        { i32: H },
+        { f32: scaleLog2 },
+      ];
+      const tensorMaps = programs.selectedTensorMaps(kSlc.ptr, vSlc.ptr, N);
+      const positions = programs.slcUnionPositions;
+      if (positions > 0) {
+        programs.selectedUnion.launch({
+          grid: [Math.ceil(N / positions), H, Math.ceil(config.groupSize / 16)],
+          block: [programs.selectedUnionThreads, 1, 1],
+          sharedBytes: programs.selectedUnionSharedBytes(),
+          args: [ptr(inputs.q), ptr(inputs.gate), ...rowsAndOutputs, { i32: N }, ...tensorMaps],
+        });
+      } else {
+        programs.selectedAttention.launch({
+          grid: [N, H, Math.ceil(config.groupSize / 16)],
+          block: [programs.selectedThreads, 1, 1],
+          sharedBytes: programs.selectedSharedBytes(),
+          args: [ptr(inputs.q), ptr(kSlc), ptr(vSlc), ptr(inputs.gate), ...rowsAndOutputs, ...tensorMaps],
+        });
+      }
     } else {
       this.runFsa(inputs.q, kSlc, vSlc, inputs.gate, outputs, scaleLog2);
     }
