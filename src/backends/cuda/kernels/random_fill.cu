@@ -33,10 +33,10 @@ extern "C" __global__ void nsa_fill_uniform(float *__restrict__ out, i64 n, unsi
 }
 
 /**
- * Adds amplitude * sin(2 pi t / P_d + phi_d) to element (t, ., d) of a [tokens, rows, D] tensor: a slowly varying
- * component of each position, the same for every row (head), with periods P_d from 256 to 65536 tokens and phases
- * from the seed. Added to q and k with one seed, it makes scores depend smoothly on both positions, so neighbouring
- * queries choose alike (benchmark inputs `smooth`, a stand-in for a trained model's locality).
+ * Adds amplitude * sin(2 pi (t / P_d + u_d)) to element (t, ., d) of a [tokens, rows, D] tensor, t the packed token:
+ * a slowly varying component of each position, the same for every row (head), with periods P_d = 256 * 2^(8 d / D)
+ * tokens and phases u_d from the seed. Added to q and k, each with its own seed, it makes scores depend smoothly on
+ * both positions, so neighbouring queries choose alike (benchmark inputs `smooth`, src/nsa/random-inputs.ts).
  */
 extern "C" __global__ void nsa_add_wave(elem_t *__restrict__ x, i64 n, int row_elems, int D, unsigned long long seed, float amplitude) {
   for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
