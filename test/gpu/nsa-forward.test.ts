@@ -7,6 +7,8 @@
 // selected branch's K/V the default is one launch for all three branches (flash mode 4, o_slc merged from the keys
 // before the window and the window's): its o_slc must match the dense kernel's to the rounding of P (2e-3), its
 // lse_slc to fp32 rounding (1e-5), and the two-launch form (NSA_SLC_WIN_MERGE=0) must give the dense kernel's bits and every other branch's bits as mode 4.
+// On sm_90 the group-centric kernel takes four positions a CTA over the union of their blocks by default; unions
+// of 2, 4 and 8 are also checked against the one-position kernel (NSA_SLC_UNION=0), within the rounding of P.
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { NSAConfig, type NSAConfigOptions } from '../../src/config/nsa-config.js';
