@@ -77,6 +77,14 @@ export function selectedDqMode(
   return partialBytes <= 0.75 * availableBytes ? 'fused' : 'group';
 }
 
+/** The flash backward's query and key tile lists (and their counts) over the whole batch, for its dense mode. */
+interface DenseTiles {
+  readonly queries: DeviceBuffer;
+  readonly keys: DeviceBuffer;
+  readonly queryCount: number;
+  readonly keyCount: number;
+}
+
 const NULL: KernelArg = { ptr: 0n };
 const ptr = (b: DeviceBuffer | undefined): KernelArg => (b === undefined ? NULL : { ptr: b.ptr });
 const TILE = 64;
@@ -88,10 +96,11 @@ export class BackwardRunner {
   private readonly cmpKeyTiles: DeviceBuffer;
   private readonly counts: { queryTiles: number; keyTiles: number; cmpKeyTiles: number };
   private readonly delta: DeviceBuffer;
-  /** The selection's inverse index, for the gathered selected backward (none where the forward's was dense). */
-  private readonly index: InverseIndex | undefined;
-  /** The dense mode's query and key tiles, where the forward's selected branch was dense attention. */
-  private readonly denseTiles: { queries: DeviceBuffer; keys: DeviceBuffer; queryCount: number; keyCount: number } | undefined;
+  /**
+   * How the selected branch's backward runs: through the selection's inverse index (the gathered backward), or, where
+   * the forward's selected branch was dense attention, as the flash backward's dense mode over these query and key tiles.
+   */
+  private readonly slc: { index: InverseIndex } | { dense: DenseTiles };
   /** (token, slot) pairs per work item of the selected dK/dV: 64 tiles (NSA_SLC_BWD_ITEM) of 64 / G positions, at least 4 a tile. */
   private readonly itemEntries: number;
   private readonly cmpSplits: number;
@@ -132,18 +141,17 @@ export class BackwardRunner {
     const minSplits = Math.ceil((2 * ctx.device.smCount) / Math.max(1, this.counts.cmpKeyTiles * H));
     this.cmpSplits = chooseSplits(cmpIterations, H, ctx.device.smCount, minSplits);
     // The forward's index (FSA order) holds this selection already: only the work items are the backward's own.
-    this.index = forward.denseSelected ? undefined : new InverseIndex(ctx, programs, plan, forward.deviceTables, forward.selectionIndex);
     if (forward.denseSelected) {
       const dq = tileList(cu, programs.flashBackwardTile('dq', 0), 'latest first');
       const dkdv = tileList(cu, programs.flashBackwardTile('dkdv', 0), 'earliest first');
-      this.denseTiles = { queries: up(dq, 'dense backward query tiles'), keys: up(dkdv, 'dense backward key tiles'), queryCount: dq.length / 2, keyCount: dkdv.length / 2 };
+      this.slc = { dense: { queries: up(dq, 'dense backward query tiles'), keys: up(dkdv, 'dense backward key tiles'), queryCount: dq.length / 2, keyCount: dkdv.length / 2 } };
     } else {
-      this.denseTiles = undefined;
+      this.slc = { index: new InverseIndex(ctx, programs, plan, forward.deviceTables, forward.selectionIndex) };
     }
     const { headDim: dk, valueDim: dv, selectBlock } = programs.config;
     const partialFloats = Math.max(
       this.cmpSplits > 1 ? this.cmpSplits * plan.totalCompressed * H * (dk + dv) : 0,
-      this.index === undefined ? 0 : this.index.itemUpperBound(this.itemEntries) * Math.ceil(selectBlock / TILE) * TILE * (dk + dv),
+      'index' in this.slc ? this.slc.index.itemUpperBound(this.itemEntries) * Math.ceil(selectBlock / TILE) * TILE * (dk + dv) : 0,
     );
     this.partial = this.keep(ctx.alloc(Math.max(1, partialFloats) * 4, 'backward partial sums'));
     const partialQBytes = N * Hq * programs.config.selectCount * Math.ceil(selectBlock / TILE) * dk * programs.selectedDqPartBytes;
@@ -292,13 +300,13 @@ export class BackwardRunner {
     const kSlc = inputs.kSlc ?? inputs.k;
     const vSlc = inputs.vSlc ?? inputs.v;
     const phi = forward.phi;
-    if (this.index === undefined) {
+    if ('dense' in this.slc) {
       // The forward's selected branch was dense attention: its backward is the flash backward's dense mode.
-      this.pushDenseSelected(stages, inputs, fwd, dOut, grads, kSlc, vSlc, accumulateInto);
+      this.pushDenseSelected(stages, this.slc.dense, inputs, fwd, dOut, grads, kSlc, vSlc, accumulateInto);
       this.pushCompress(stages, inputs, grads, phi, false);
       return { stages, stored };
     }
-    const index = this.index;
+    const index = this.slc.index;
     const slcDq: [BackwardStage, () => void] = fused
       ? ['slc dq', () => {
           const rows = N * Hq;
@@ -366,6 +374,7 @@ export class BackwardRunner {
    */
   private pushDenseSelected(
     stages: [BackwardStage, () => void][],
+    tiles: DenseTiles,
     inputs: DeviceNsaInputs,
     fwd: DeviceNsaOutputs,
     dOut: DeviceBuffer,
@@ -375,38 +384,33 @@ export class BackwardRunner {
     accumulateInto: (buffers: DeviceBuffer[]) => KernelArg,
   ): void {
     const { programs, forward } = this;
-    const tiles = this.denseTiles!;
     const config = programs.config;
     const { heads: Hq, kvHeads: H } = config;
     const N = forward.plan.totalTokens;
     const cu = forward.deviceTables.cuSeqlens;
+    // Both passes take the same operands first (the slc branch's lse and delta) and the same scalars after their tiles.
+    const operands = [ptr(inputs.q), ptr(kSlc), ptr(vSlc), ptr(dOut), ptr(fwd.lseSlc), ptr(inputs.gate), ptr(this.delta)];
     const tail = [{ i32: Hq }, { i32: H }, { i32: 1 }, { f32: config.scale * Math.LOG2E }, { f32: config.scale }];
     const dqAccumulate = accumulateInto([grads.dq]);
     const dqMaps = programs.flashBackwardTensorMaps('dq', 0, inputs.q.ptr, dOut.ptr, N, [{ k: kSlc.ptr, v: vSlc.ptr, rows: N }]);
+    // The dense mode (0) of the flash backward's dQ or dK/dV pass over the given grid.
+    const launch = (pass: 'dq' | 'dkdv', grid: [number, number, number], args: KernelArg[]): void =>
+      programs.flashBackward(0, pass).launch({
+        grid,
+        block: [programs.flashBackwardThreads(pass, 0), 1, 1],
+        sharedBytes: programs.flashBackwardSharedBytes(pass, 0),
+        args,
+      });
     stages.push(['slc dq', () =>
-      programs.flashBackward(0, 'dq').launch({
-        grid: [tiles.queryCount, Hq, 1],
-        block: [programs.flashBackwardThreads('dq', 0), 1, 1],
-        sharedBytes: programs.flashBackwardSharedBytes('dq', 0),
-        args: [
-          ptr(inputs.q), ptr(kSlc), ptr(vSlc), ptr(dOut), ptr(fwd.lseSlc), ptr(inputs.gate), ptr(this.delta), ptr(grads.dq), ptr(cu), ptr(cu),
-          ptr(tiles.queries), ...tail, dqAccumulate, ...dqMaps,
-        ],
-      })]);
+      launch('dq', [tiles.queryCount, Hq, 1], [...operands, ptr(grads.dq), ptr(cu), ptr(cu), ptr(tiles.queries), ...tail, dqAccumulate, ...dqMaps])]);
     const dk = grads.dkSlc ?? grads.dk;
     const dv = grads.dvSlc ?? grads.dv;
     const dkdvAccumulate = accumulateInto([dk, dv]);
     const dkdvMaps = programs.flashBackwardTensorMaps('dkdv', 0, inputs.q.ptr, dOut.ptr, N);
     stages.push(['slc dkdv', () =>
-      programs.flashBackward(0, 'dkdv').launch({
-        grid: [tiles.keyCount, H, 1],
-        block: [programs.flashBackwardThreads('dkdv', 0), 1, 1],
-        sharedBytes: programs.flashBackwardSharedBytes('dkdv', 0),
-        args: [
-          ptr(inputs.q), ptr(kSlc), ptr(vSlc), ptr(dOut), ptr(fwd.lseSlc), ptr(inputs.gate), ptr(this.delta), ptr(dk), ptr(dv), ptr(cu), ptr(cu),
-          ptr(tiles.keys), ...tail, dkdvAccumulate, NULL, NULL, { i64: N * H }, ...dkdvMaps,
-        ],
-      })]);
+      launch('dkdv', [tiles.keyCount, H, 1], [
+        ...operands, ptr(dk), ptr(dv), ptr(cu), ptr(cu), ptr(tiles.keys), ...tail, dkdvAccumulate, NULL, NULL, { i64: N * H }, ...dkdvMaps,
+      ])]);
   }
 
   /**
@@ -449,7 +453,7 @@ export class BackwardRunner {
   dispose(): void {
     for (const b of this.buffers) b.dispose();
     this.buffers.length = 0;
-    this.index?.dispose();
+    if ('index' in this.slc) this.slc.index.dispose();
     this.forward.phi?.freeBackwardScratch();
   }
 
