@@ -25,7 +25,9 @@ describe('kernelTuning', () => {
       slcMinBlocks: 8,
       slcBulk: true,
       slcTma: true,
-      slcUnion: 4,
+      slcUnion: 3,
+      slcUnionStages: undefined,
+      slcUnionMinBlocks: undefined,
       slcDqParts: 'bf16',
       slcBwdWs: true,
       slcBwdTma: true,
@@ -51,18 +53,33 @@ describe('kernelTuning', () => {
     expect(kernelTuning(config(64, 64), {}, [8, 0]).slcDense).toBe(true);
   });
 
-  it('takes four positions a CTA over the union of their blocks on sm_90 unless NSA_SLC_UNION says 2, 8 or off', () => {
-    expect(kernelTuning(config(128, 128), {}, [9, 0]).slcUnion).toBe(4);
+  it('takes three positions a CTA over the union of their blocks on sm_90 unless NSA_SLC_UNION says 2 to 8 or off', () => {
+    expect(kernelTuning(config(128, 128), {}, [9, 0]).slcUnion).toBe(3);
     expect(kernelTuning(config(128, 128), { NSA_SLC_UNION: '2' }, [9, 0]).slcUnion).toBe(2);
     expect(kernelTuning(config(128, 128), { NSA_SLC_UNION: '8' }, [9, 0]).slcUnion).toBe(8);
     expect(kernelTuning(config(128, 128), { NSA_SLC_UNION: '0' }, [9, 0]).slcUnion).toBeUndefined();
     expect(kernelTuning(config(128, 128), { NSA_SLC_UNION: '1' }, [9, 0]).slcUnion).toBeUndefined();
+    expect(kernelTuning(config(128, 128), { NSA_SLC_UNION: '9' }, [9, 0]).slcUnion).toBe(3); // out of range: the default
+    expect(kernelTuning(config(128, 128), { NSA_SLC_UNION: 'x' }, [9, 0]).slcUnion).toBe(3);
     expect(kernelTuning(config(128, 128), {}, [8, 0]).slcUnion).toBeUndefined();
     const programs = (env: Record<string, string>): NsaPrograms => new NsaPrograms(fakeContext, config(128, 128), 'bf16', kernelTuning(config(128, 128), env, [9, 0]));
-    expect(programs({}).slcUnionPositions).toBe(4);
-    expect(programs({}).selectedUnionThreads).toBe(160);
+    expect(programs({}).slcUnionPositions).toBe(3);
+    expect(programs({}).selectedUnionThreads).toBe(128);
     expect(programs({ NSA_SLC_TMA: '0' }).slcUnionPositions).toBe(0); // the union's tiles come by TMA only
     expect(programs({ NSA_SLC_PIPELINE: '4x1x4' }).slcUnionPositions).toBe(0); // its tensor maps' boxes are 32 keys
+  });
+
+  it('gives the union kernel as many ring stages as positions and about nine position warps an SM, unless NSA_SLC_UNION_STAGES / _MIN say', () => {
+    const programs = (env: Record<string, string>, dk = 128): NsaPrograms =>
+      new NsaPrograms(fakeContext, config(dk, 128), 'bf16', kernelTuning(config(dk, 128), env, [9, 0]));
+    // ring: 3 stages x 32 keys x (dk + dv) x 2 bytes; queries: 3 positions x 16 rows x dk x 2 bytes; 1 KB alignment
+    expect(programs({}).selectedUnionSharedBytes()).toBe(1024 + 3 * 32 * 256 * 2 + 3 * 16 * 128 * 2);
+    expect(programs({ NSA_SLC_UNION: '8' }).selectedUnionSharedBytes()).toBe(1024 + 8 * 32 * 256 * 2 + 8 * 16 * 128 * 2);
+    expect(programs({ NSA_SLC_UNION_STAGES: '2' }).selectedUnionSharedBytes()).toBe(1024 + 2 * 32 * 256 * 2 + 3 * 16 * 128 * 2);
+    expect(programs({ NSA_SLC_UNION_STAGES: '9' }).selectedUnionSharedBytes()).toBe(1024 + 3 * 32 * 256 * 2 + 3 * 16 * 128 * 2);
+    expect([2, 3, 4, 8].map((p) => programs({ NSA_SLC_UNION: String(p) }).unionMinBlocks)).toEqual([4, 3, 2, 1]);
+    expect(programs({}, 192).unionMinBlocks).toBe(2);
+    expect(programs({ NSA_SLC_UNION_MIN: '1' }).unionMinBlocks).toBe(1);
   });
 
   it('computes the window and the dense selected branch in one launch unless NSA_SLC_WIN_MERGE=0', () => {

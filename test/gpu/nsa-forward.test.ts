@@ -7,8 +7,8 @@
 // selected branch's K/V the default is one launch for all three branches (flash mode 4, o_slc merged from the keys
 // before the window and the window's): its o_slc must match the dense kernel's to the rounding of P (2e-3), its
 // lse_slc to fp32 rounding (1e-5), and the two-launch form (NSA_SLC_WIN_MERGE=0) must give the dense kernel's bits and every other branch's bits as mode 4.
-// On sm_90 the group-centric kernel takes four positions a CTA over the union of their blocks by default; unions
-// of 2, 4 and 8 are also checked against the one-position kernel (NSA_SLC_UNION=0), within the rounding of P.
+// On sm_90 the group-centric kernel takes three positions a CTA over the union of their blocks by default; unions
+// of 2, 3, 4 and 8 are also checked against the one-position kernel (NSA_SLC_UNION=0), within the rounding of P.
 
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { NSAConfig, type NSAConfigOptions } from '../../src/config/nsa-config.js';
@@ -182,17 +182,17 @@ if (!availability.available) {
       }
     });
 
-    // CTAs of 2, 4 and 8 consecutive positions over the union of their blocks (NSA_SLC_UNION), a warp a position:
+    // CTAs of 2, 3, 4 and 8 consecutive positions over the union of their blocks (NSA_SLC_UNION), a warp a position:
     // the same blocks, each warp's keys in the same ascending order but all of a tile's in one warp (so o_slc to the
     // rounding of P against another running maximum, lse_slc to fp32's); a CTA's positions across sequence boundaries
     // (the packed case), past the last row, G = 1 to 16, l' of 32, 64 and 128, dk = 192.
     for (const i of [0, 1, 2, 3, 5, 6, 7, 8]) {
-      it(`group-centric selected attention over unions of positions (NSA_SLC_UNION=2|4|8) against the reference and one position a CTA: ${CASES[i]!.name}`, async () => {
+      it(`group-centric selected attention over unions of positions (NSA_SLC_UNION=2|3|4|8) against the reference and one position a CTA: ${CASES[i]!.name}`, async () => {
         const c = CASES[i]!;
         const { config, cuSeqlens, inputs } = caseInputs(i);
         const ref = referenceInputs(inputs, cuSeqlens, config);
         const plain = await withEnv('group', { NSA_SLC_UNION: '0' }, (backend) => nsaForward(inputs, config, { backend }));
-        for (const size of ['2', '4', '8']) {
+        for (const size of ['2', '3', '4', '8']) {
           const what = `${c.name}, unions of ${size}`;
           const union = await withEnv('group', { NSA_SLC_UNION: size }, (backend) => nsaForward(inputs, config, { backend }));
           expect(Array.from(union.blockIndices.data), `${what}: blocks`).toEqual(Array.from(plain.blockIndices.data));

@@ -1,6 +1,7 @@
 // nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DSLC_BULK
-// nvcc-check: -DDK=192 -DDV=128 -DSEL_L=32 -DSEL_N=32 -DSLC_BULK -DUNION_POSITIONS=2 -DNSA_FP16
-// nvcc-check: -DDK=64 -DDV=128 -DSEL_L=128 -DSEL_N=8 -DSLC_BULK -DUNION_POSITIONS=8 -DUNION_STAGES=2
+// nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DSLC_BULK -DUNION_POSITIONS=4 -DUNION_MIN_BLOCKS=2
+// nvcc-check: -DDK=192 -DDV=128 -DSEL_L=32 -DSEL_N=32 -DSLC_BULK -DUNION_POSITIONS=2 -DUNION_MIN_BLOCKS=3 -DNSA_FP16
+// nvcc-check: -DDK=64 -DDV=128 -DSEL_L=128 -DSEL_N=8 -DSLC_BULK -DUNION_POSITIONS=8 -DUNION_STAGES=2 -DUNION_MIN_BLOCKS=1
 //
 // Selected attention, group-centric, over the union of consecutive positions' blocks (sm_90: TMA tiles): a CTA
 // takes UNION_POSITIONS consecutive packed rows (query positions) and up to 16 query heads of one KV head, a warp a
@@ -17,14 +18,16 @@
 #include "nsa_gather_tiles.cuh"
 #include "nsa_wgmma.cuh"
 
+// The host's defaults (programs.ts): 3 positions, as many stages, 3 CTAs an SM at dk = dv = 128 (small CTAs whose
+// rings run independently beat larger shared unions: H100, docs/performance.md).
 #ifndef UNION_POSITIONS
-#define UNION_POSITIONS 4
+#define UNION_POSITIONS 3
 #endif
 #ifndef UNION_STAGES
-#define UNION_STAGES 4
+#define UNION_STAGES UNION_POSITIONS
 #endif
 #ifndef UNION_MIN_BLOCKS
-#define UNION_MIN_BLOCKS (UNION_POSITIONS >= 8 ? 1 : 2) // CTAs per SM the registers must allow
+#define UNION_MIN_BLOCKS 3 // CTAs per SM the registers must allow
 #endif
 #define POSITIONS UNION_POSITIONS
 #define TILE 32 // keys a tile: one TMA box row count (tensor-map.ts, the tile of selectedTensorMaps)

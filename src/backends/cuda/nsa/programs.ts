@@ -50,6 +50,10 @@ export interface KernelTuning {
    * 0 / 1 (undefined: one position a CTA, selected_attention.cu). Pays most where neighbouring positions choose alike.
    */
   readonly slcUnion?: number | undefined;
+  /** The union kernel's ring depth (NSA_SLC_UNION_STAGES; default: as many stages as positions). */
+  readonly slcUnionStages?: number | undefined;
+  /** CTAs per SM the union kernel's registers must allow (NSA_SLC_UNION_MIN; default: Programs.unionMinBlocks). */
+  readonly slcUnionMinBlocks?: number | undefined;
   /**
    * Storage of the fused selected dQ's per-slot parts (NSA_SLC_DQ_PARTS=f32|bf16): bfloat16 by default, half the
    * bytes of that pass's largest traffic for ~0.02% more relative RMS error in dQ (docs/performance.md).
@@ -142,8 +146,13 @@ export interface KernelTuning {
  */
 const SLC_WS_STAGES = 5;
 
-/** Stages of 32-key tiles in the union kernel's ring (selected_attention_union.cu). */
-const UNION_STAGES = 4;
+/** An integer from env[name] within [lo, hi]; undefined when unset or out of range. */
+function envInt(env: Readonly<Record<string, string | undefined>>, name: string, lo: number, hi: number): number | undefined {
+  const v = env[name];
+  if (v === undefined || !/^\d+$/.test(v)) return undefined;
+  const n = Number(v);
+  return n >= lo && n <= hi ? n : undefined;
+}
 
 export function kernelTuning(
   config: NSAConfig,
@@ -170,11 +179,12 @@ export function kernelTuning(
     slcTma:
       slcBulk && env['NSA_SLC_TMA'] !== '0' &&
       config.selectBlock % (16 * slcWarps) === 0 && config.headDim % 64 === 0 && config.valueDim % 64 === 0,
-    // Four positions a CTA by default on sm_90 (H100, G = 16, fla, 64k: selected stage 16.75 -> 15.2 ms on random
-    // inputs, 15.3 -> 12.0 ms on smooth ones; two positions were slower, docs/performance.md); 0 or 1 turns it off.
-    slcUnion: ['2', '4', '8'].includes(env['NSA_SLC_UNION'] ?? '')
-      ? Number(env['NSA_SLC_UNION'])
-      : hopper && !['0', '1'].includes(env['NSA_SLC_UNION'] ?? '') ? 4 : undefined,
+    // Three positions a CTA by default on sm_90 (H100, G = 16, fla, 64k: selected stage 16.75 -> 14.9-15.0 ms on
+    // random inputs, 15.3 -> 11.6 ms on smooth ones, three CTAs of three an SM beating two of four by 2-5%,
+    // docs/performance.md); 0 or 1 turns it off.
+    slcUnion: envInt(env, 'NSA_SLC_UNION', 2, 8) ?? (hopper && !['0', '1'].includes(env['NSA_SLC_UNION'] ?? '') ? 3 : undefined),
+    slcUnionStages: envInt(env, 'NSA_SLC_UNION_STAGES', 2, 8),
+    slcUnionMinBlocks: envInt(env, 'NSA_SLC_UNION_MIN', 1, 4),
     slcDqParts: env['NSA_SLC_DQ_PARTS'] === 'f32' ? 'f32' : 'bf16',
     slcBwdWs: hopper && config.headDim <= 128 && config.valueDim <= 128 && env['NSA_SLC_BWD'] !== 'mma',
     slcBwdTma: hopper && [8, 16, 32, 64].includes(config.groupSize) && env['NSA_SLC_BWD_TMA'] !== '0',
@@ -338,7 +348,8 @@ export class NsaPrograms {
       ...this.selDefines(),
       '-DSLC_BULK',
       `-DUNION_POSITIONS=${this.slcUnionPositions}`,
-      `-DUNION_STAGES=${UNION_STAGES}`,
+      `-DUNION_STAGES=${this.unionStages}`,
+      `-DUNION_MIN_BLOCKS=${this.unionMinBlocks}`,
     ]);
   }
 
@@ -350,7 +361,21 @@ export class NsaPrograms {
   /** The union kernel's key/value ring (32-key tiles) and its positions' query rows, 1024-byte aligned. */
   selectedUnionSharedBytes(): number {
     const { headDim: dk, valueDim: dv } = this.config;
-    return 1024 + 2 * UNION_STAGES * 32 * (dk + dv) + 2 * this.slcUnionPositions * 16 * dk;
+    return 1024 + 2 * this.unionStages * 32 * (dk + dv) + 2 * this.slcUnionPositions * 16 * dk;
+  }
+
+  /** As many stages as positions: measured best at 2, 3, 4 and 8 (H100, docs/performance.md). */
+  private get unionStages(): number {
+    return this.tuning.slcUnionStages ?? Math.max(2, this.slcUnionPositions);
+  }
+
+  /**
+   * CTAs per SM the union kernel's registers must allow: about nine position warps an SM (4, 3, 2, 1 CTAs of 2, 3, 4,
+   * 8 positions; ~168 registers a thread at dk = dv = 128), two thirds of that where dk or dv is above 128.
+   */
+  get unionMinBlocks(): number {
+    const warps = this.config.headDim <= 128 && this.config.valueDim <= 128 ? 9 : 6;
+    return this.tuning.slcUnionMinBlocks ?? Math.max(1, Math.floor(warps / this.slcUnionPositions));
   }
 
   /** Whether the group-centric selected attention loads its tiles by TMA (its launches then take selectedTensorMaps). */
