@@ -18,8 +18,9 @@
 #include "nsa_gather_tiles.cuh"
 #include "nsa_wgmma.cuh"
 
-// The host's defaults (programs.ts): 3 positions, as many stages, 3 CTAs an SM at dk = dv = 128 (small CTAs whose
-// rings run independently beat larger shared unions: H100, docs/performance.md).
+// The host's defaults (programs.ts): 3 positions, as many stages, 3 CTAs an SM at dk = dv = 128 (several small CTAs
+// an SM beat larger unions, which take more instructions a useful tile with fewer warps a scheduler: H100,
+// docs/performance.md).
 #ifndef UNION_POSITIONS
 #define UNION_POSITIONS 3
 #endif

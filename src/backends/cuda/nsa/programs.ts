@@ -371,7 +371,8 @@ export class NsaPrograms {
 
   /**
    * CTAs per SM the union kernel's registers must allow: about nine position warps an SM (4, 3, 2, 1 CTAs of 2, 3, 4,
-   * 8 positions; ~168 registers a thread at dk = dv = 128), two thirds of that where dk or dv is above 128.
+   * 8 positions; ~168 registers a thread at dk = dv = 128), two thirds of that where dk or dv is above 128 (dk = 192
+   * takes ~193 registers a thread, which three CTAs of three positions would spill).
    */
   get unionMinBlocks(): number {
     const warps = this.config.headDim <= 128 && this.config.valueDim <= 128 ? 9 : 6;
