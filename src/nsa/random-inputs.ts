@@ -19,6 +19,11 @@ export const INPUT_PATTERNS: readonly InputPattern[] = ['random', 'smooth'];
 /** Amplitude of the smooth inputs' positional component (q and k's noise has unit variance). */
 export const SMOOTH_WAVE_AMPLITUDE = 1;
 
+/** The seeds of q's and k's waves, from the inputs' seed (every backend's smooth inputs take these). */
+export function smoothWaveSeeds(seed: number): { readonly q: number; readonly k: number } {
+  return { q: seed + 100, k: seed + 101 };
+}
+
 export interface RandomInputsSpec {
   readonly config: NSAConfig;
   readonly cuSeqlens: readonly number[];
@@ -38,8 +43,9 @@ export function randomInputs({ config, cuSeqlens, dtype, seed, pattern = 'random
   const q = Tensor.randn([1, N, Hq, dk], dtype, seed);
   const k = Tensor.randn([1, N, H, dk], dtype, seed + 1);
   if (pattern === 'smooth') {
-    addSmoothWave(q, seed + 100);
-    addSmoothWave(k, seed + 101);
+    const waves = smoothWaveSeeds(seed);
+    addSmoothWave(q, waves.q);
+    addSmoothWave(k, waves.k);
   }
   return {
     q,

@@ -25,7 +25,7 @@ import { DeviceRandom } from './nsa/device-random.js';
 import type { KvCache, KvCacheOptions } from '../../nsa/decode/types.js';
 import { buildLayoutPlan } from './nsa/layout-plan.js';
 import type { DevicePhiParams } from './nsa/phi-runner.js';
-import { randomPhiParams } from '../../nsa/random-inputs.js';
+import { randomPhiParams, smoothWaveSeeds } from '../../nsa/random-inputs.js';
 import { PHI_PARAM_NAMES } from '../../reference/compress.js';
 import { NsaPrograms, type HalfDType } from './nsa/programs.js';
 
@@ -475,8 +475,9 @@ export class CudaBackend implements Backend {
     const q = normal(N * config.heads * config.headDim, seed, 'q');
     const k = normal(N * config.kvHeads * config.headDim, seed + 1, 'k');
     if (problem.inputs === 'smooth') {
-      random.addSmoothWave(q, N, config.heads, config.headDim, seed + 100);
-      random.addSmoothWave(k, N, config.kvHeads, config.headDim, seed + 101);
+      const waves = smoothWaveSeeds(seed);
+      random.addSmoothWave(q, N, config.heads, config.headDim, waves.q);
+      random.addSmoothWave(k, N, config.kvHeads, config.headDim, waves.k);
     }
     return {
       q,

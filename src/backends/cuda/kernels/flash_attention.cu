@@ -101,8 +101,8 @@ struct Band {
 };
 constexpr Band NO_BAND{0, 0};
 constexpr int BAND_FROM_START = -(1 << 30); // a band's lo that reaches key 0 from any row
-constexpr Band BEFORE_WINDOW{BAND_FROM_START, -WINDOW}; // mode 4's first phase: keys [0, t - w]
-constexpr Band THE_WINDOW{1 - WINDOW, 0};               // and its second: (t - w, t], as PHASE_WIN
+[[maybe_unused]] constexpr Band BEFORE_WINDOW{BAND_FROM_START, -WINDOW}; // mode 4's first phase: keys [0, t - w]
+[[maybe_unused]] constexpr Band THE_WINDOW{1 - WINDOW, 0};               // and its second: (t - w, t], as PHASE_WIN
 
 template <int PHASE> __device__ __forceinline__ KeyRange phase_keys(int q0, int q1, int tc, Band b) {
   if (PHASE == PHASE_CMP) return {0, cmp_visible(q1 - 1, tc)};
@@ -480,11 +480,11 @@ __device__ __forceinline__ void run_phase(const Pointers p, int gate_index, bool
 // How mode 3 uses the stash (CMP_STASH): the cmp phase puts its gate * o there and the win phase adds it to its one
 // write of `out`; without it the cmp phase writes `out` and the win phase adds to it.
 #if NSA_MODE == 3 && defined(CMP_STASH)
-constexpr StashUse CMP_USE = STASH_PUT, WIN_USE = STASH_TAKE;
-constexpr bool WIN_WRITES_FIRST = true; // out was not touched by the cmp phase
+[[maybe_unused]] constexpr StashUse CMP_USE = STASH_PUT, WIN_USE = STASH_TAKE;
+[[maybe_unused]] constexpr bool WIN_WRITES_FIRST = true; // out was not touched by the cmp phase
 #else
-constexpr StashUse CMP_USE = STASH_NONE, WIN_USE = STASH_NONE;
-constexpr bool WIN_WRITES_FIRST = NSA_MODE == 2;
+[[maybe_unused]] constexpr StashUse CMP_USE = STASH_NONE, WIN_USE = STASH_NONE;
+[[maybe_unused]] constexpr bool WIN_WRITES_FIRST = NSA_MODE == 2;
 #endif
 
 #if NSA_MODE == 4 && !defined(CMP_STASH)

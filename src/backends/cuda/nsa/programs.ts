@@ -188,17 +188,16 @@ export function kernelTuning(
     slcDqParts: env['NSA_SLC_DQ_PARTS'] === 'f32' ? 'f32' : 'bf16',
     slcBwdWs: hopper && config.headDim <= 128 && config.valueDim <= 128 && env['NSA_SLC_BWD'] !== 'mma',
     slcBwdTma: hopper && [8, 16, 32, 64].includes(config.groupSize) && env['NSA_SLC_BWD_TMA'] !== '0',
-    fsaMinBlocks: /^[1-8]$/.test(env['NSA_FSA_MIN_BLOCKS'] ?? '')
-      ? Number(env['NSA_FSA_MIN_BLOCKS'])
-      : config.headDim === 128 && config.valueDim === 128
+    fsaMinBlocks: envInt(env, 'NSA_FSA_MIN_BLOCKS', 1, 8) ??
+      (config.headDim === 128 && config.valueDim === 128
         ? (fsaPersistent ? 3 : 4) // the persistent form's loop state takes 168 registers
-        : undefined,
+        : undefined),
     fsaPersistent,
     cmpWinDqFused: env['NSA_FA_BWD_DQ_FUSED'] !== '0',
     faTma: hopper && env['NSA_FA_WGMMA'] !== '0' && env['NSA_FA_TMA'] !== '0',
     faPingpong: env['NSA_FA_PINGPONG'] !== '0',
     faBwdTma: hopper ? { dq: !['0', 'dkdv'].includes(env['NSA_FA_BWD_TMA'] ?? ''), dkdv: !['0', 'dq'].includes(env['NSA_FA_BWD_TMA'] ?? '') } : undefined,
-    faBwdStages: /^[234]$/.test(env['NSA_FA_BWD_STAGES'] ?? '') ? Number(env['NSA_FA_BWD_STAGES']) : undefined,
+    faBwdStages: envInt(env, 'NSA_FA_BWD_STAGES', 2, 4),
     faBwdDefer: env['NSA_FA_BWD_DEFER'] !== '0',
     slcBwdItemTiles: ['16', '32', '64', '128', '256'].includes(env['NSA_SLC_BWD_ITEM'] ?? '') ? Number(env['NSA_SLC_BWD_ITEM']) : undefined,
     slcBwdOrder: env['NSA_SLC_BWD_ORDER'] === 'key' ? 'key' : 'token',
