@@ -9,7 +9,10 @@ import { kernelTuning, NsaPrograms, SUPPORTED_HEAD_DIMS, type KernelTuning } fro
 import { selectedDqMode } from '../../src/backends/cuda/nsa/backward-runner.js';
 
 /** The context fields the size arithmetic reads; no kernel is compiled. */
-const fakeContext = { device: { computeCapability: [9, 0] }, maxSharedBytesOptin: 227 * 1024 } as unknown as CudaContext;
+const fakeContext = {
+  device: { computeCapability: [9, 0], sharedBytesPerSm: 228 * 1024, reservedSharedBytesPerBlock: 1024 }, // an H100's
+  maxSharedBytesOptin: 227 * 1024,
+} as unknown as CudaContext;
 
 function config(dk: number, dv: number): NSAConfig {
   return new NSAConfig({ heads: 16, kvHeads: 1, headDim: dk, valueDim: dv });
@@ -42,6 +45,8 @@ describe('kernelTuning', () => {
       slcBwdItemTiles: undefined,
       slcBwdOrder: 'token',
       selectRing: undefined,
+      selectOfferMin: undefined,
+      selectMinBlocks: undefined,
       slcDense: true,
       slcWinMerge: true,
     });
@@ -137,11 +142,11 @@ describe('kernelTuning', () => {
     expect(kernelTuning(config(64, 64), { NSA_FSA_MIN_BLOCKS: '2' }, [9, 0]).fsaMinBlocks).toBe(2);
   });
 
-  it('reads the tuning switches NSA_FSA_MIN_BLOCKS (1..8), NSA_SELECT_RING (128, 256, 512) and NSA_SLC_BWD_ITEM (16..256, powers of two), ignoring other values', () => {
-    const t = kernelTuning(config(128, 128), { NSA_FSA_MIN_BLOCKS: '4', NSA_SELECT_RING: '512', NSA_SLC_BWD_ITEM: '128' }, [9, 0]);
-    expect([t.fsaMinBlocks, t.selectRing, t.slcBwdItemTiles]).toEqual([4, 512, 128]);
-    const bad = kernelTuning(config(192, 128), { NSA_FSA_MIN_BLOCKS: '9', NSA_SELECT_RING: '300', NSA_SLC_BWD_ITEM: '100' }, [9, 0]);
-    expect([bad.fsaMinBlocks, bad.selectRing, bad.slcBwdItemTiles]).toEqual([undefined, undefined, undefined]);
+  it('reads the tuning switches NSA_FSA_MIN_BLOCKS (1..8), NSA_SELECT_RING (128, 256, 512), NSA_SELECT_OFFER_MIN (16..256), NSA_SELECT_MIN_BLOCKS (1..4) and NSA_SLC_BWD_ITEM (16..256, powers of two), ignoring other values', () => {
+    const t = kernelTuning(config(128, 128), { NSA_FSA_MIN_BLOCKS: '4', NSA_SELECT_RING: '512', NSA_SELECT_OFFER_MIN: '16', NSA_SELECT_MIN_BLOCKS: '4', NSA_SLC_BWD_ITEM: '128' }, [9, 0]);
+    expect([t.fsaMinBlocks, t.selectRing, t.selectOfferMin, t.selectMinBlocks, t.slcBwdItemTiles]).toEqual([4, 512, 16, 4, 128]);
+    const bad = kernelTuning(config(192, 128), { NSA_FSA_MIN_BLOCKS: '9', NSA_SELECT_RING: '300', NSA_SELECT_OFFER_MIN: '8', NSA_SELECT_MIN_BLOCKS: '5', NSA_SLC_BWD_ITEM: '100' }, [9, 0]);
+    expect([bad.fsaMinBlocks, bad.selectRing, bad.selectOfferMin, bad.selectMinBlocks, bad.slcBwdItemTiles]).toEqual([undefined, undefined, undefined, undefined, undefined]);
   });
 
   it('runs the selected dK/dV work items by token unless NSA_SLC_BWD_ORDER=key', () => {
@@ -283,10 +288,11 @@ describe('shared memory of the selected-attention kernels', () => {
 
 describe('shared memory of the block-selection kernel', () => {
   // select_blocks.cu: Q (128 rows) and two 64-key stages, the per-tile head sums, then per position a ring of
-  // block scores (a power of two holding one tile's blocks and 64 more) and its n best candidates as 8-byte keys.
-  const ringOf = (c: NSAConfig): number => {
+  // block scores (a power of two holding one tile's blocks and offerMin more) and its n best candidates as 8-byte
+  // keys.
+  const ringOf = (c: NSAConfig, offerMin: number): number => {
     const tileBlocks = Math.floor((63 * c.compressStride + c.compressBlock - 1 + c.selectBlock - 1) / c.selectBlock) + 1;
-    return [128, 256, 512].find((r) => tileBlocks + 64 <= r)!;
+    return [128, 256, 512].find((r) => tileBlocks + offerMin <= r)!;
   };
   for (const preset of ['fla', 'paper'] as const) {
     for (const [G, dk] of [[16, 128], [4, 128], [1, 64], [3, 192]] as const) {
@@ -296,7 +302,7 @@ describe('shared memory of the block-selection kernel', () => {
         const P = programs.positionsPerSelectTile();
         const headSums = (G & (G - 1)) === 0 ? 8 * Math.max(1, 16 / G) * 64 : 128 * 65;
         const bytes = programs.selectSharedBytes(P);
-        expect(bytes).toBe(2 * (128 * dk + 2 * 64 * dk) + 4 * headSums + P * (4 * ringOf(c) + 8 * c.selectCount) + 1024);
+        expect(bytes).toBe(2 * (128 * dk + 2 * 64 * dk) + 4 * headSums + P * (4 * ringOf(c, programs.selectShape.offerMin) + 8 * c.selectCount) + 1024);
         expect(bytes).toBeLessThanOrEqual(227 * 1024);
         expect(P).toBe(Math.floor(128 / G));
       });
@@ -307,8 +313,24 @@ describe('shared memory of the block-selection kernel', () => {
     const c = NSAConfig.preset('fla', { heads: 64, kvHeads: 4, headDim: 128, valueDim: 128 }); // 65 blocks a tile
     const bytes = (selectRing?: number): number =>
       new NsaPrograms(fakeContext, c, 'bf16', { ...kernelTuning(c, {}, [9, 0]), faWgmma: true, selectRing }).selectSharedBytes(8);
-    expect(bytes(512) - bytes()).toBe(8 * 4 * (512 - 256));
-    expect(bytes(128)).toBe(bytes());
+    expect(bytes(512) - bytes()).toBe(8 * 4 * (512 - 128)); // the default ring is 128 here: selectShape's offerMin 32
+    expect(bytes(256) - bytes()).toBe(8 * 4 * (256 - 128));
+  });
+
+  it('shapes the block selection by the CTAs an SM its shared memory allows: a smaller ring where it adds one, registers for up to three', () => {
+    const shape = (preset: 'fla' | 'paper', hq: number, h: number, dk: number, env: Record<string, string> = {}, wgmma = true) => {
+      const c = NSAConfig.preset(preset, { heads: hq, kvHeads: h, headDim: dk, valueDim: 128 });
+      const programs = new NsaPrograms(fakeContext, c, 'bf16', { ...kernelTuning(c, env, [9, 0]), faWgmma: wgmma });
+      const perSm = Math.floor((228 * 1024) / (programs.selectSharedBytes(programs.positionsPerSelectTile()) + 1024));
+      return { ...programs.selectShape, perSm };
+    };
+    // G = 16, fla: a tile touches 65 blocks, so 64 more need a ring of 256 (two CTAs an SM), 32 more fit 128 (three).
+    expect(shape('fla', 64, 4, 128)).toEqual({ offerMin: 32, minBlocks: 3, perSm: 3 });
+    expect(shape('paper', 64, 4, 128)).toEqual({ offerMin: 64, minBlocks: 3, perSm: 3 }); // 18 blocks a tile: 128 already
+    expect(shape('fla', 32, 8, 128)).toEqual({ offerMin: 64, minBlocks: 2, perSm: 2 }); // G = 4: 32 positions' rings
+    expect(shape('fla', 16, 16, 128)).toEqual({ offerMin: 64, minBlocks: undefined, perSm: 1 }); // G = 1: ptxas chooses
+    expect(shape('fla', 64, 4, 128, {}, false)).toMatchObject({ offerMin: 64, minBlocks: undefined }); // mma.sync
+    expect(shape('fla', 64, 4, 128, { NSA_SELECT_OFFER_MIN: '64', NSA_SELECT_MIN_BLOCKS: '1' })).toEqual({ offerMin: 64, minBlocks: 1, perSm: 2 });
   });
 
   it('fits two CTAs an SM at G = 4, dk = 128 with either preset (one, when scores of whole sequences were kept)', () => {

@@ -56,6 +56,8 @@ describe.skipIf(fake === undefined)('CUDA runtime over a fake libcuda + libnvrtc
       computeCapability: [9, 0],
       smCount: 132,
       maxSharedBytesOptin: 232448,
+      sharedBytesPerSm: 233472,
+      reservedSharedBytesPerBlock: 1024,
       l2Bytes: 50 * MiB,
       totalBytes: 64 * MiB,
     });

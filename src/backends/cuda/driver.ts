@@ -27,7 +27,9 @@ export const CU_DEVICE_ATTRIBUTE = {
   L2_CACHE_SIZE: 38,
   COMPUTE_CAPABILITY_MAJOR: 75,
   COMPUTE_CAPABILITY_MINOR: 76,
+  MAX_SHARED_MEMORY_PER_MULTIPROCESSOR: 81,
   MAX_SHARED_MEMORY_PER_BLOCK_OPTIN: 97,
+  RESERVED_SHARED_MEMORY_PER_BLOCK: 111,
 } as const;
 export const CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8;
 /** Stream flag 0: a blocking stream, ordered with the legacy default stream that the synchronous copies use. */

@@ -23,6 +23,9 @@ export interface CudaDeviceInfo {
   readonly smCount: number;
   /** The most dynamic shared memory a block may opt in to. */
   readonly maxSharedBytesOptin: number;
+  /** Shared memory an SM holds, and what the driver keeps of it for each resident block (CTAs an SM by shared memory). */
+  readonly sharedBytesPerSm: number;
+  readonly reservedSharedBytesPerBlock: number;
   readonly l2Bytes: number;
   readonly totalBytes: number;
 }
@@ -76,6 +79,8 @@ export function readDeviceInfo(driver: CudaDriver, index: number): CudaDeviceInf
     computeCapability: [attr(CU_DEVICE_ATTRIBUTE.COMPUTE_CAPABILITY_MAJOR), attr(CU_DEVICE_ATTRIBUTE.COMPUTE_CAPABILITY_MINOR)],
     smCount: attr(CU_DEVICE_ATTRIBUTE.MULTIPROCESSOR_COUNT),
     maxSharedBytesOptin: attr(CU_DEVICE_ATTRIBUTE.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN),
+    sharedBytesPerSm: attr(CU_DEVICE_ATTRIBUTE.MAX_SHARED_MEMORY_PER_MULTIPROCESSOR),
+    reservedSharedBytesPerBlock: attr(CU_DEVICE_ATTRIBUTE.RESERVED_SHARED_MEMORY_PER_BLOCK),
     l2Bytes: attr(CU_DEVICE_ATTRIBUTE.L2_CACHE_SIZE),
     totalBytes: driver.deviceTotalMem(dev),
   };

@@ -6,6 +6,7 @@
 // nvcc-check: -DDK=192 -DCMP_L=32 -DCMP_D=16 -DSEL_L=64 -DSEL_N=16 -DGROUP=3 -DNSA_FP16 -DFA_WGMMA
 // nvcc-check: -DDK=128 -DCMP_L=32 -DCMP_D=16 -DSEL_L=64 -DSEL_N=16 -DGROUP=16 -DFA_WGMMA -DSCORE_RING_MIN=512
 // nvcc-check: -DDK=128 -DCMP_L=128 -DCMP_D=32 -DSEL_L=32 -DSEL_N=8 -DGROUP=8 -DFA_WGMMA
+// nvcc-check: -DDK=128 -DCMP_L=64 -DCMP_D=64 -DSEL_L=64 -DSEL_N=16 -DGROUP=16 -DFA_WGMMA -DOFFER_MIN=32 -DSEL_MIN_BLOCKS=3
 //
 // Block scores and top-n, without the [T, Hq, Tc] probability matrix ever reaching global memory.
 // A CTA takes P consecutive query positions of one sequence and all G query heads of one KV head (rows = P*G
@@ -41,13 +42,24 @@
 #define SEGS (GROUP >= 16 ? 1 : 16 / GROUP)
 #define PSTRIDE (BLOCK_N + 1) // padded rows of the generic path's probability tile (fewer bank conflicts)
 // Selection blocks one tile of compressed keys can touch, and the per-position ring of block scores: a power of
-// two that holds them and at least 64 final blocks more. Final blocks wait in the ring until OFFER_BATCH of them
-// are there (offering after every tile measured slower at G = 16), so a tile's open blocks always find room.
+// two that holds them and at least OFFER_MIN final blocks more. Final blocks wait in the ring until OFFER_BATCH of
+// them are there, so a tile's open blocks always find room. OFFER_MIN is 64 (offering after every tile measured
+// slower at G = 16), or 32 where the smaller ring lets a third CTA share an SM (the host's selectShape).
 #define TILE_BLOCKS (((BLOCK_N - 1) * CMP_D + CMP_L - 1 + SEL_L - 1) / SEL_L + 1)
 #ifndef SCORE_RING_MIN
 #define SCORE_RING_MIN 128 // the host's NSA_SELECT_RING, for tuning
 #endif
-#define SCORE_RING (TILE_BLOCKS + 64 <= 128 && SCORE_RING_MIN <= 128 ? 128 : TILE_BLOCKS + 64 <= 256 && SCORE_RING_MIN <= 256 ? 256 : 512)
+#ifndef OFFER_MIN
+#define OFFER_MIN 64
+#endif
+// CTAs an SM the registers must allow, with wgmma: as many as shared memory holds, up to 3 (the host's
+// selectShape); otherwise ptxas chooses.
+#ifdef SEL_MIN_BLOCKS
+#define SELECT_BOUNDS __launch_bounds__(THREADS, SEL_MIN_BLOCKS)
+#else
+#define SELECT_BOUNDS __launch_bounds__(THREADS)
+#endif
+#define SCORE_RING (TILE_BLOCKS + OFFER_MIN <= 128 && SCORE_RING_MIN <= 128 ? 128 : TILE_BLOCKS + OFFER_MIN <= 256 && SCORE_RING_MIN <= 256 ? 256 : 512)
 #define OFFER_BATCH (SCORE_RING - TILE_BLOCKS)
 #if SEL_USE_WGMMA
 typedef WgmmaTile<ROWS, DK> QTile;
@@ -92,7 +104,7 @@ __device__ __forceinline__ void offer_blocks(float *ring, unsigned long long *li
   if (lane < SEL_N) list[lane] = mine;
 }
 
-extern "C" __global__ void __launch_bounds__(THREADS)
+extern "C" __global__ void SELECT_BOUNDS
     nsa_select_blocks(const elem_t *__restrict__ q, const elem_t *__restrict__ kc, const float *__restrict__ lse_cmp,
                       const int *__restrict__ cu_seqlens, const int *__restrict__ cu_cmp, const int2 *__restrict__ tiles,
                       int *__restrict__ block_indices, int Hq, int H, int P, float scale_log2) {

@@ -138,6 +138,13 @@ export interface KernelTuning {
    * a larger ring offers final blocks to the top-n lists in larger, rarer batches (select_blocks.cu).
    */
   readonly selectRing?: number | undefined;
+  /**
+   * Final blocks the ring must hold beyond a tile's (NSA_SELECT_OFFER_MIN=16..256), and the CTAs an SM the block
+   * selection's registers must allow (NSA_SELECT_MIN_BLOCKS=1..4), for tuning; by default NsaPrograms.selectShape
+   * picks both from the device's shared memory.
+   */
+  readonly selectOfferMin?: number | undefined;
+  readonly selectMinBlocks?: number | undefined;
 }
 
 /**
@@ -202,6 +209,8 @@ export function kernelTuning(
     slcBwdItemTiles: ['16', '32', '64', '128', '256'].includes(env['NSA_SLC_BWD_ITEM'] ?? '') ? Number(env['NSA_SLC_BWD_ITEM']) : undefined,
     slcBwdOrder: env['NSA_SLC_BWD_ORDER'] === 'key' ? 'key' : 'token',
     selectRing: ['128', '256', '512'].includes(env['NSA_SELECT_RING'] ?? '') ? Number(env['NSA_SELECT_RING']) : undefined,
+    selectOfferMin: envInt(env, 'NSA_SELECT_OFFER_MIN', 16, 256),
+    selectMinBlocks: envInt(env, 'NSA_SELECT_MIN_BLOCKS', 1, 4),
     slcDense: env['NSA_SLC_DENSE'] !== '0',
     slcWinMerge: env['NSA_SLC_WIN_MERGE'] !== '0',
   };
@@ -233,6 +242,7 @@ export type FlashMode = 0 | 1 | 2 | 3 | 4;
 export class NsaPrograms {
   private readonly kernels = new Map<string, Kernel>();
   private readonly tileMaps = new Map<string, Uint8Array>();
+  private selectShapeMemo: { readonly offerMin: number; readonly minBlocks: number | undefined } | undefined;
   constructor(
     private readonly ctx: CudaContext,
     readonly config: NSAConfig,
@@ -321,6 +331,8 @@ export class NsaPrograms {
         `-DGROUP=${this.config.groupSize}`,
         ...(this.tuning.faWgmma ? ['-DFA_WGMMA'] : []),
         ...(this.tuning.selectRing === undefined ? [] : [`-DSCORE_RING_MIN=${this.tuning.selectRing}`]),
+        `-DOFFER_MIN=${this.selectShape.offerMin}`,
+        ...(this.selectShape.minBlocks === undefined ? [] : [`-DSEL_MIN_BLOCKS=${this.selectShape.minBlocks}`]),
       ],
       this.tuning.faWgmma,
     );
@@ -640,18 +652,42 @@ export class NsaPrograms {
    * Q (128 rows), two key stages, the per-tile head sums, and per position the ring of open block scores and the
    * list of its best n candidates (select_blocks.cu).
    */
-  selectSharedBytes(positionsPerTile: number): number {
+  selectSharedBytes(positionsPerTile: number, offerMin = this.selectShape.offerMin): number {
     const G = this.config.groupSize;
     const headSums = (G & (G - 1)) === 0 ? 8 * Math.max(1, 16 / G) * 64 : 128 * 65;
     const slack = this.tuning.faWgmma ? 1024 : 0; // to align the wgmma tiles for the 128-byte swizzle
-    return 2 * (128 * this.config.headDim + 2 * 64 * this.config.headDim) + 4 * headSums + positionsPerTile * this.selectBytesPerPosition() + slack;
+    return 2 * (128 * this.config.headDim + 2 * 64 * this.config.headDim) + 4 * headSums + positionsPerTile * this.selectBytesPerPosition(offerMin) + slack;
+  }
+
+  /**
+   * The block selection's shape on this device. Its score ring holds a tile's blocks and at least `offerMin` final
+   * ones more, so that they are offered to the top-n lists in batches: 64, or, with wgmma, 32 where the smaller ring
+   * lets one more CTA share an SM. And with wgmma its registers must allow as many CTAs an SM as shared memory does
+   * (`minBlocks`), up to three: the kernel is bound by issuing instructions and by the top-n's dependent warp votes,
+   * so a third CTA pays, and left to itself ptxas took 72 to 110 registers a thread, two or three CTAs, as the code
+   * around changed (H100, 64k, G = 16, fla: select 3.9-4.0 -> 3.36 ms with a third CTA and the smaller ring;
+   * docs/performance.md). The mma.sync build (sm_80) holds the queries' fragments in registers and spills at three,
+   * so it keeps ptxas's choice and the larger ring.
+   */
+  get selectShape(): { readonly offerMin: number; readonly minBlocks: number | undefined } {
+    if (this.selectShapeMemo !== undefined) return this.selectShapeMemo;
+    const { sharedBytesPerSm, reservedSharedBytesPerBlock } = this.ctx.device;
+    const P = this.positionsPerSelectTile(64);
+    const ctas = (offerMin: number): number =>
+      Math.floor(sharedBytesPerSm / (this.selectSharedBytes(P, offerMin) + reservedSharedBytesPerBlock));
+    const wgmma = this.tuning.faWgmma;
+    const offerMin = this.tuning.selectOfferMin ?? (wgmma && ctas(32) > ctas(64) ? 32 : 64);
+    const fit = Math.min(3, ctas(offerMin));
+    const minBlocks = this.tuning.selectMinBlocks ?? (wgmma && fit >= 2 ? fit : undefined);
+    this.selectShapeMemo = { offerMin, minBlocks };
+    return this.selectShapeMemo;
   }
 
   /** select_blocks.cu's SCORE_RING floats and SEL_N 8-byte keys per position. */
-  private selectBytesPerPosition(): number {
+  private selectBytesPerPosition(offerMin: number): number {
     const { compressBlock: l, compressStride: d, selectBlock: lp, selectCount: n } = this.config;
     const tileBlocks = Math.floor((63 * d + l - 1 + lp - 1) / lp) + 1;
-    const ring = [128, 256, 512].find((r) => tileBlocks + 64 <= r && r >= (this.tuning.selectRing ?? 0));
+    const ring = [128, 256, 512].find((r) => tileBlocks + offerMin <= r && r >= (this.tuning.selectRing ?? 0));
     if (ring === undefined) {
       throw new UnsupportedConfigError(`cuda backend: compressed tokens every ${d} over selection blocks of ${lp} touch too many blocks per tile (${tileBlocks}; at most 448)`);
     }
@@ -679,9 +715,9 @@ export class NsaPrograms {
   }
 
   /** Positions per block-selection tile: as many as the G heads and shared memory allow. */
-  positionsPerSelectTile(): number {
+  positionsPerSelectTile(offerMin = this.selectShape.offerMin): number {
     const byRows = Math.max(1, Math.floor(128 / this.config.groupSize));
-    const byShared = Math.floor((this.ctx.maxSharedBytesOptin - this.selectSharedBytes(0)) / this.selectBytesPerPosition());
+    const byShared = Math.floor((this.ctx.maxSharedBytesOptin - this.selectSharedBytes(0, offerMin)) / this.selectBytesPerPosition(offerMin));
     return Math.max(1, Math.min(byRows, byShared));
   }
 
