@@ -47,6 +47,7 @@ describe('kernelTuning', () => {
       selectRing: undefined,
       selectOfferMin: undefined,
       selectMinBlocks: undefined,
+      selectTma: true,
       slcDense: true,
       slcWinMerge: true,
     });
@@ -302,7 +303,7 @@ describe('shared memory of the block-selection kernel', () => {
         const P = programs.positionsPerSelectTile();
         const headSums = (G & (G - 1)) === 0 ? 8 * Math.max(1, 16 / G) * 64 : 128 * 65;
         const bytes = programs.selectSharedBytes(P);
-        expect(bytes).toBe(2 * (128 * dk + 2 * 64 * dk) + 4 * headSums + P * (4 * ringOf(c, programs.selectShape.offerMin) + 8 * c.selectCount) + 1024);
+        expect(bytes).toBe(2 * (128 * dk + 2 * 64 * dk) + 4 * headSums + P * (4 * ringOf(c, programs.selectShape.offerMin) + 8 * c.selectCount) + 16 + 1024); // 16: two mbarriers (TMA)
         expect(bytes).toBeLessThanOrEqual(227 * 1024);
         expect(P).toBe(Math.floor(128 / G));
       });

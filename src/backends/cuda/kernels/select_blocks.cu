@@ -6,7 +6,8 @@
 // nvcc-check: -DDK=192 -DCMP_L=32 -DCMP_D=16 -DSEL_L=64 -DSEL_N=16 -DGROUP=3 -DNSA_FP16 -DFA_WGMMA
 // nvcc-check: -DDK=128 -DCMP_L=32 -DCMP_D=16 -DSEL_L=64 -DSEL_N=16 -DGROUP=16 -DFA_WGMMA -DSCORE_RING_MIN=512
 // nvcc-check: -DDK=128 -DCMP_L=128 -DCMP_D=32 -DSEL_L=32 -DSEL_N=8 -DGROUP=8 -DFA_WGMMA
-// nvcc-check: -DDK=128 -DCMP_L=64 -DCMP_D=64 -DSEL_L=64 -DSEL_N=16 -DGROUP=16 -DFA_WGMMA -DOFFER_MIN=32 -DSEL_MIN_BLOCKS=3
+// nvcc-check: -DDK=128 -DCMP_L=64 -DCMP_D=64 -DSEL_L=64 -DSEL_N=16 -DGROUP=16 -DFA_WGMMA -DOFFER_MIN=32 -DSEL_MIN_BLOCKS=3 -DSELECT_TMA
+// nvcc-check: -DDK=192 -DCMP_L=32 -DCMP_D=16 -DSEL_L=64 -DSEL_N=16 -DGROUP=3 -DNSA_FP16 -DFA_WGMMA -DSEL_MIN_BLOCKS=2 -DSELECT_TMA
 //
 // Block scores and top-n, without the [T, Hq, Tc] probability matrix ever reaching global memory.
 // A CTA takes P consecutive query positions of one sequence and all G query heads of one KV head (rows = P*G
@@ -31,6 +32,14 @@
 #define SEL_USE_WGMMA 1
 #else
 #define SEL_USE_WGMMA 0
+#endif
+// SELECT_TMA (the host's, with wgmma): the compressed key tiles come by TMA boxes, one thread issuing them, into
+// stages that complete on mbarriers, instead of every thread computing the addresses of its 16-byte cp.async copies
+// (the kernel is bound by issuing instructions: those were ~15% of them).
+#if SEL_USE_WGMMA && defined(SELECT_TMA)
+#define SEL_TMA 1
+#else
+#define SEL_TMA 0
 #endif
 
 #define ROWS 128
@@ -107,7 +116,11 @@ __device__ __forceinline__ void offer_blocks(float *ring, unsigned long long *li
 extern "C" __global__ void SELECT_BOUNDS
     nsa_select_blocks(const elem_t *__restrict__ q, const elem_t *__restrict__ kc, const float *__restrict__ lse_cmp,
                       const int *__restrict__ cu_seqlens, const int *__restrict__ cu_cmp, const int2 *__restrict__ tiles,
-                      int *__restrict__ block_indices, int Hq, int H, int P, float scale_log2) {
+                      int *__restrict__ block_indices, int Hq, int H, int P, float scale_log2
+#if SEL_TMA
+                      , const __grid_constant__ TensorMapBytes kc_map // [Nc, H, DK], boxes of 64 columns x 64 rows
+#endif
+) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
 #if SEL_USE_WGMMA
   elem_t *qsmem = reinterpret_cast<elem_t *>(wgmma_aligned(smem_raw));
@@ -120,6 +133,9 @@ extern "C" __global__ void SELECT_BOUNDS
   float *ring = psmem + (POW2_GROUP ? WARPS * SEGS * BLOCK_N : ROWS * PSTRIDE); // [P][SCORE_RING] open block scores
   // [P][SEL_N] each position's best candidates so far as topk_key keys, best first, 0 for none yet.
   unsigned long long *best = reinterpret_cast<unsigned long long *>(ring + P * SCORE_RING);
+#if SEL_TMA
+  unsigned long long *stage_full = best + P * SEL_N; // one mbarrier a key stage
+#endif
 
   const int2 tile = tiles[blockIdx.x];
   const int seq = tile.x;
@@ -137,6 +153,13 @@ extern "C" __global__ void SELECT_BOUNDS
 
   for (int i = threadIdx.x; i < P * SCORE_RING; i += THREADS) ring[i] = 0.f;
   for (int i = threadIdx.x; i < P * SEL_N; i += THREADS) best[i] = 0ull;
+#if SEL_TMA
+  if (threadIdx.x == 0) {
+    mbarrier_init(&stage_full[0], 1);
+    mbarrier_init(&stage_full[1], 1);
+    mbarrier_init_fence();
+  }
+#endif
   load_tile_async<DK, THREADS, QTile>(qsmem, ROWS, [&](int r) -> const elem_t * {
     if (r >= rows) return nullptr;
     return q + ((i64)(seq_start + pos0 + r / G) * Hq + h * G + r % G) * DK;
@@ -147,6 +170,20 @@ extern "C" __global__ void SELECT_BOUNDS
   const int last = pos0 + npos - 1;
   const int nkeys = cmp_visible(last, tc);
   const int ntiles = (nkeys + BLOCK_N - 1) / BLOCK_N;
+#if SEL_TMA
+  // Rows past the sequence's visible keys are another sequence's (or zeros past the tensor): the masks weigh them 0.
+  // A stage is refilled only after both warpgroups' products that read it have completed (the barriers between).
+  auto issue = [&](int it) {
+    if (threadIdx.x == 0) {
+      mbarrier_arrive_expect_tx(&stage_full[it & 1], BLOCK_N * DK * (u32)sizeof(elem_t));
+      tma_load_tile<BLOCK_N, DK>(ksmem + (it & 1) * BLOCK_N * DK, &kc_map, h, c_start + it * BLOCK_N, &stage_full[it & 1]);
+    }
+  };
+  cp_async_wait<0>(); // the queries
+  fence_proxy_async_shared(); // the cp.async writes and the ring's, before the async proxy reads or writes
+  __syncthreads(); // the queries, the cleared ring and lists, the mbarriers' inits
+  if (ntiles > 0) issue(0);
+#else
   auto issue = [&](int it) {
     const int k0 = it * BLOCK_N;
     load_tile_async<DK, THREADS, KTile>(ksmem + (it & 1) * BLOCK_N * DK, BLOCK_N, [&](int r) -> const elem_t * {
@@ -155,6 +192,7 @@ extern "C" __global__ void SELECT_BOUNDS
     cp_async_commit();
   };
   if (ntiles > 0) issue(0);
+#endif
 
   // This thread's two rows: local position, and lse in log2 units (rows past the CTA's positions are inert).
   const int r_lo = warp * 16 + lane / 4;
@@ -170,6 +208,10 @@ extern "C" __global__ void SELECT_BOUNDS
   u32 qfrag[DK / 16][4];
 #endif
   for (int it = 0; it < ntiles; it++) {
+#if SEL_TMA
+    if (it + 1 < ntiles) issue(it + 1);
+    mbarrier_wait(&stage_full[it & 1], (it >> 1) & 1);
+#else
     if (it + 1 < ntiles) issue(it + 1);
     else cp_async_commit();
     cp_async_wait<1>();
@@ -177,6 +219,7 @@ extern "C" __global__ void SELECT_BOUNDS
     fence_proxy_async_shared(); // the cp.async writes, before wgmma reads them through the async proxy
 #endif
     __syncthreads();
+#endif
     const int k0 = it * BLOCK_N;
     const elem_t *ktile = ksmem + (it & 1) * BLOCK_N * DK;
     float s[BLOCK_N / 8][4];

@@ -252,6 +252,7 @@ export class ForwardRunner {
         { i32: H },
         { i32: plan.positionsPerTile },
         { f32: scaleLog2 },
+        ...programs.selectTensorMaps(kc.ptr, plan.totalCompressed),
       ],
     });
     if (stage !== 'selected' || merged) return;

@@ -145,6 +145,11 @@ export interface KernelTuning {
    */
   readonly selectOfferMin?: number | undefined;
   readonly selectMinBlocks?: number | undefined;
+  /**
+   * The block selection's compressed key tiles by TMA (sm_90 with wgmma) rather than every thread's cp.async copies;
+   * NSA_SELECT_TMA=0 keeps those.
+   */
+  readonly selectTma?: boolean | undefined;
 }
 
 /**
@@ -211,6 +216,7 @@ export function kernelTuning(
     selectRing: ['128', '256', '512'].includes(env['NSA_SELECT_RING'] ?? '') ? Number(env['NSA_SELECT_RING']) : undefined,
     selectOfferMin: envInt(env, 'NSA_SELECT_OFFER_MIN', 16, 256),
     selectMinBlocks: envInt(env, 'NSA_SELECT_MIN_BLOCKS', 1, 4),
+    selectTma: hopper && env['NSA_FA_WGMMA'] !== '0' && env['NSA_SELECT_TMA'] !== '0',
     slcDense: env['NSA_SLC_DENSE'] !== '0',
     slcWinMerge: env['NSA_SLC_WIN_MERGE'] !== '0',
   };
@@ -332,6 +338,7 @@ export class NsaPrograms {
         ...(this.tuning.faWgmma ? ['-DFA_WGMMA'] : []),
         ...(this.tuning.selectRing === undefined ? [] : [`-DSCORE_RING_MIN=${this.tuning.selectRing}`]),
         `-DOFFER_MIN=${this.selectShape.offerMin}`,
+        ...(this.selectTma ? ['-DSELECT_TMA'] : []),
         ...(this.selectShape.minBlocks === undefined ? [] : [`-DSEL_MIN_BLOCKS=${this.selectShape.minBlocks}`]),
       ],
       this.tuning.faWgmma,
@@ -656,7 +663,18 @@ export class NsaPrograms {
     const G = this.config.groupSize;
     const headSums = (G & (G - 1)) === 0 ? 8 * Math.max(1, 16 / G) * 64 : 128 * 65;
     const slack = this.tuning.faWgmma ? 1024 : 0; // to align the wgmma tiles for the 128-byte swizzle
-    return 2 * (128 * this.config.headDim + 2 * 64 * this.config.headDim) + 4 * headSums + positionsPerTile * this.selectBytesPerPosition(offerMin) + slack;
+    const barriers = this.selectTma ? 16 : 0; // a key stage's mbarrier each
+    return 2 * (128 * this.config.headDim + 2 * 64 * this.config.headDim) + 4 * headSums + positionsPerTile * this.selectBytesPerPosition(offerMin) + barriers + slack;
+  }
+
+  /** Whether the block selection takes its compressed key tiles by TMA (tuning.selectTma, with wgmma). */
+  get selectTma(): boolean {
+    return this.tuning.faWgmma && this.tuning.selectTma === true;
+  }
+
+  /** The tensor map a block-selection launch takes after its other arguments: the compressed keys' [Nc, H, dk], with TMA. */
+  selectTensorMaps(kc: DevicePtr, cmpRows: number): KernelArg[] {
+    return this.selectTma ? [this.tileMap(kc, this.config.headDim, this.config.kvHeads, cmpRows, 'compressed keys')] : [];
   }
 
   /**
