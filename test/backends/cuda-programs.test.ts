@@ -48,6 +48,7 @@ describe('kernelTuning', () => {
       selectOfferMin: undefined,
       selectMinBlocks: undefined,
       selectTma: true,
+      selectMergeMin: undefined,
       slcDense: true,
       slcWinMerge: true,
     });
@@ -143,11 +144,11 @@ describe('kernelTuning', () => {
     expect(kernelTuning(config(64, 64), { NSA_FSA_MIN_BLOCKS: '2' }, [9, 0]).fsaMinBlocks).toBe(2);
   });
 
-  it('reads the tuning switches NSA_FSA_MIN_BLOCKS (1..8), NSA_SELECT_RING (128, 256, 512), NSA_SELECT_OFFER_MIN (16..256), NSA_SELECT_MIN_BLOCKS (1..4) and NSA_SLC_BWD_ITEM (16..256, powers of two), ignoring other values', () => {
-    const t = kernelTuning(config(128, 128), { NSA_FSA_MIN_BLOCKS: '4', NSA_SELECT_RING: '512', NSA_SELECT_OFFER_MIN: '16', NSA_SELECT_MIN_BLOCKS: '4', NSA_SLC_BWD_ITEM: '128' }, [9, 0]);
-    expect([t.fsaMinBlocks, t.selectRing, t.selectOfferMin, t.selectMinBlocks, t.slcBwdItemTiles]).toEqual([4, 512, 16, 4, 128]);
-    const bad = kernelTuning(config(192, 128), { NSA_FSA_MIN_BLOCKS: '9', NSA_SELECT_RING: '300', NSA_SELECT_OFFER_MIN: '8', NSA_SELECT_MIN_BLOCKS: '5', NSA_SLC_BWD_ITEM: '100' }, [9, 0]);
-    expect([bad.fsaMinBlocks, bad.selectRing, bad.selectOfferMin, bad.selectMinBlocks, bad.slcBwdItemTiles]).toEqual([undefined, undefined, undefined, undefined, undefined]);
+  it('reads the tuning switches NSA_FSA_MIN_BLOCKS (1..8), NSA_SELECT_RING (128, 256, 512), NSA_SELECT_OFFER_MIN (16..256), NSA_SELECT_MIN_BLOCKS (1..4), NSA_SELECT_MERGE_MIN (1..33) and NSA_SLC_BWD_ITEM (16..256, powers of two), ignoring other values', () => {
+    const t = kernelTuning(config(128, 128), { NSA_FSA_MIN_BLOCKS: '4', NSA_SELECT_RING: '512', NSA_SELECT_OFFER_MIN: '16', NSA_SELECT_MIN_BLOCKS: '4', NSA_SELECT_MERGE_MIN: '33', NSA_SLC_BWD_ITEM: '128' }, [9, 0]);
+    expect([t.fsaMinBlocks, t.selectRing, t.selectOfferMin, t.selectMinBlocks, t.selectMergeMin, t.slcBwdItemTiles]).toEqual([4, 512, 16, 4, 33, 128]);
+    const bad = kernelTuning(config(192, 128), { NSA_FSA_MIN_BLOCKS: '9', NSA_SELECT_RING: '300', NSA_SELECT_OFFER_MIN: '8', NSA_SELECT_MIN_BLOCKS: '5', NSA_SELECT_MERGE_MIN: '0', NSA_SLC_BWD_ITEM: '100' }, [9, 0]);
+    expect([bad.fsaMinBlocks, bad.selectRing, bad.selectOfferMin, bad.selectMinBlocks, bad.selectMergeMin, bad.slcBwdItemTiles]).toEqual([undefined, undefined, undefined, undefined, undefined, undefined]);
   });
 
   it('runs the selected dK/dV work items by token unless NSA_SLC_BWD_ORDER=key', () => {

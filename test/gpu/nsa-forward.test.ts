@@ -205,6 +205,32 @@ if (!availability.available) {
       });
     }
 
+    // The block selection's top-n: rounds of offered blocks sorted and merged into each position's list
+    // (NSA_SELECT_MERGE_MIN=1), or inserted one at a time (33), or the default mix, over sequences with 55-160
+    // candidate blocks a position (a non-power-of-two n included): the same keys, so the same blocks, which the
+    // reference's scores confirm.
+    it('block selection: top-n by sort-and-merge and by one-at-a-time inserts choose the same blocks (NSA_SELECT_MERGE_MIN=1|33)', async () => {
+      const long: Case[] = [
+        { name: 'fla form, G = 16, n = 16, T = 3500', options: { compressBlock: 64, compressStride: 64, selectBlock: 64, selectCount: 16, window: 128, heads: 16, kvHeads: 1, headDim: 64, valueDim: 64 }, seqlens: [3500], dtype: 'bf16', kernels: ['group'] },
+        { name: "l' = 32, n = 8, G = 8, T = 5000", options: { compressBlock: 16, compressStride: 8, selectBlock: 32, selectCount: 8, window: 40, heads: 8, kvHeads: 1, headDim: 64, valueDim: 64 }, seqlens: [5000], dtype: 'bf16', kernels: ['group'] },
+        { name: 'n = 5, G = 2, f16, packed [3000, 1, 2047]', options: { ...base, selectBlock: 32, selectCount: 5, heads: 4, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [3000, 1, 2047], dtype: 'f16', kernels: ['group'] },
+      ];
+      for (const [i, c] of long.entries()) {
+        const config = new NSAConfig(c.options);
+        const cuSeqlens = [0];
+        for (const len of c.seqlens) cuSeqlens.push(cuSeqlens[cuSeqlens.length - 1]! + len);
+        const inputs = randomInputs({ config, cuSeqlens, dtype: c.dtype, seed: 4242 + i });
+        const blocks = async (env: Record<string, string>): Promise<number[]> =>
+          Array.from((await withEnv('group', env, (backend) => nsaForward(inputs, config, { backend }))).blockIndices.data);
+        const merged = await blocks({ NSA_SELECT_MERGE_MIN: '1' });
+        expect(await blocks({ NSA_SELECT_MERGE_MIN: '33' }), `${c.name}: inserts against merges`).toEqual(merged);
+        expect(await blocks({}), `${c.name}: the default against merges`).toEqual(merged);
+        const ref = referenceInputs(inputs, cuSeqlens, config);
+        const stats = checkSelection(config, ref, Int32Array.from(merged), nsaReferenceForward(config, ref).blockIndices);
+        console.log(`${c.name}: selection differs from the reference in ${stats.differing} of ${stats.rows} rows`);
+      }
+    });
+
     it('dense causal kernel (the benchmark baseline) against float64 attention', () => {
       const config = new NSAConfig({ heads: 8, kvHeads: 2, headDim: 128, valueDim: 128 });
       const cuSeqlens = [0, 333, 334, 700];

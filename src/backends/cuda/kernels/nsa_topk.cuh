@@ -52,6 +52,42 @@ __device__ __forceinline__ unsigned long long warp_max_key(unsigned long long ke
 }
 
 /**
+ * The warp's 32 keys, one a lane, sorted best first across the lanes (lane 0 the largest): a bitonic network of 15
+ * compare-exchange steps, each a 64-bit shuffle.
+ */
+__device__ __forceinline__ unsigned long long warp_sort_keys(unsigned long long key, int lane) {
+#pragma unroll
+  for (int size = 2; size <= 32; size <<= 1) {
+#pragma unroll
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      const unsigned long long other = __shfl_xor_sync(0xffffffff, key, stride);
+      // Runs of `size` alternate descending / ascending, so each pair of them is bitonic for the next size.
+      const bool keep_max = ((lane & stride) == 0) == ((lane & size) == 0);
+      key = keep_max == (other > key) ? other : key;
+    }
+  }
+  return key;
+}
+
+/**
+ * The best SEL_N keys of a list (lanes 0 .. SEL_N - 1, best first, 0 past its end and in lanes >= SEL_N) and of
+ * the warp's 32 keys sorted best first (warp_sort_keys), as such a list. With W the power of two >= SEL_N, the
+ * larger of list[i] and sorted[W - 1 - i] are the best W of both (falling, then rising: bitonic), which a merge
+ * network of log2 W steps orders.
+ */
+__device__ __forceinline__ unsigned long long warp_merge_keys(unsigned long long list, unsigned long long sorted, int lane) {
+  constexpr int W = SEL_N <= 2 ? 2 : SEL_N <= 4 ? 4 : SEL_N <= 8 ? 8 : SEL_N <= 16 ? 16 : 32;
+  const unsigned long long reversed = __shfl_sync(0xffffffff, sorted, (W - 1 - lane) & 31);
+  unsigned long long key = lane < W && reversed > list ? reversed : list;
+#pragma unroll
+  for (int stride = W / 2; stride > 0; stride >>= 1) {
+    const unsigned long long other = __shfl_xor_sync(0xffffffff, key, stride);
+    key = ((lane & stride) == 0) == (other > key) ? other : key;
+  }
+  return lane < SEL_N ? key : 0ull;
+}
+
+/**
  * The warp's best `need` pairs of the keys its lanes hold (E each, 0 for none; keys are distinct), best first, into
  * out_s/out_j[0 .. need), padded with (-inf, NO_BLOCK). Each lane keeps its own best; a round takes the warp's
  * maximum and only the lane it came from looks for its next. Returns how many real pairs it took.

@@ -150,6 +150,12 @@ export interface KernelTuning {
    * NSA_SELECT_TMA=0 keeps those.
    */
   readonly selectTma?: boolean | undefined;
+  /**
+   * The offered blocks above a top-n list's last that make the block selection sort a round of 32 and merge it into
+   * the list instead of inserting them one at a time (NSA_SELECT_MERGE_MIN=1..33, 33: never; default 8 in
+   * select_blocks.cu), for tuning.
+   */
+  readonly selectMergeMin?: number | undefined;
 }
 
 /**
@@ -217,6 +223,7 @@ export function kernelTuning(
     selectOfferMin: envInt(env, 'NSA_SELECT_OFFER_MIN', 16, 256),
     selectMinBlocks: envInt(env, 'NSA_SELECT_MIN_BLOCKS', 1, 4),
     selectTma: hopper && env['NSA_FA_WGMMA'] !== '0' && env['NSA_SELECT_TMA'] !== '0',
+    selectMergeMin: envInt(env, 'NSA_SELECT_MERGE_MIN', 1, 33),
     slcDense: env['NSA_SLC_DENSE'] !== '0',
     slcWinMerge: env['NSA_SLC_WIN_MERGE'] !== '0',
   };
@@ -339,6 +346,7 @@ export class NsaPrograms {
         ...(this.tuning.selectRing === undefined ? [] : [`-DSCORE_RING_MIN=${this.tuning.selectRing}`]),
         `-DOFFER_MIN=${this.selectShape.offerMin}`,
         ...(this.selectTma ? ['-DSELECT_TMA'] : []),
+        ...(this.tuning.selectMergeMin === undefined ? [] : [`-DTOPK_MERGE_MIN=${this.tuning.selectMergeMin}`]),
         ...(this.selectShape.minBlocks === undefined ? [] : [`-DSEL_MIN_BLOCKS=${this.selectShape.minBlocks}`]),
       ],
       this.tuning.faWgmma,
