@@ -344,7 +344,10 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
   elem_t *vsmem = ksmem + TILE * DK;                                    // TILE keys x DV
   elem_t *rowbuf = vsmem + TILE * DV;                                   // S stages
   __shared__ __align__(16) float row_lse[S][TILE], row_gate[S][TILE], row_delta[S][TILE];
-  __shared__ __align__(16) int row_t[S][TILE], row_slot[S][TILE];
+  __shared__ __align__(16) int row_t[S][TILE];
+#ifdef SLC_DQ_FUSED
+  __shared__ __align__(16) int row_slot[S][TILE]; // the entries' slots, where the dQ parts go
+#endif
   __shared__ __align__(8) unsigned long long full_bar[S], empty_bar[S], kv_bar;
 
   DkdvItem w;
@@ -424,7 +427,9 @@ extern "C" __global__ void __launch_bounds__(WS_THREADS, 1)
       if (half == 0) {
         cp_async_4(&row_lse[s][r], lse + qrow, live);
         row_t[s][r] = live ? en.x - seq_start : -1;
+#ifdef SLC_DQ_FUSED
         row_slot[s][r] = en.y;
+#endif
       } else {
         cp_async_4(&row_gate[s][r], gate + qrow * 3 + 1, live);
         cp_async_4(&row_delta[s][r], delta + qrow * 3 + 1, live);
