@@ -691,7 +691,7 @@ export class NsaPrograms {
    * lets one more CTA share an SM. And with wgmma its registers must allow as many CTAs an SM as shared memory does
    * (`minBlocks`), up to three: the kernel is bound by issuing instructions and by the top-n's dependent warp votes,
    * so a third CTA pays, and left to itself ptxas took 72 to 110 registers a thread, two or three CTAs, as the code
-   * around changed (H100, 64k, G = 16, fla: select 3.9-4.0 -> 3.36 ms with a third CTA and the smaller ring;
+   * around changed (H100, 64k, G = 16, fla: select 3.9-4.1 -> 3.4 ms with a third CTA and the smaller ring;
    * docs/performance.md). The mma.sync build (sm_80) holds the queries' fragments in registers and spills at three,
    * so it keeps ptxas's choice and the larger ring.
    */
