@@ -24,7 +24,7 @@
 // swizzled) issued by one thread. The per-row copies were the kernel's largest cost: each lane's bulk copy is issued
 // through the uniform datapath one lane at a time (Nsight Compute, H100, 16k: half of the stall samples). Keys past
 // t within the tile arrive too and are masked; past the tensor's end TMA fills zeros. (Where the tiles come by TMA,
-// the host's default is selected_attention_union.cu, four positions a CTA over the union of their blocks;
+// the host's default is selected_attention_union.cu, three positions a CTA over the union of their blocks;
 // NSA_SLC_UNION=0 keeps this kernel.)
 #include "nsa_common.cuh"
 #include "nsa_gather_tiles.cuh"

@@ -46,7 +46,7 @@ export interface KernelTuning {
   readonly slcTma?: boolean | undefined;
   /**
    * With slcTma, the group-centric selected attention takes this many consecutive positions a CTA and streams the
-   * union of their blocks once (kernels/selected_attention_union.cu): 4 on sm_90 unless NSA_SLC_UNION says 2, 8, or
+   * union of their blocks once (kernels/selected_attention_union.cu): 3 on sm_90 unless NSA_SLC_UNION says 2 to 8, or
    * 0 / 1 (undefined: one position a CTA, selected_attention.cu). Pays most where neighbouring positions choose alike.
    */
   readonly slcUnion?: number | undefined;
@@ -698,9 +698,8 @@ export class NsaPrograms {
   get selectShape(): { readonly offerMin: number; readonly minBlocks: number | undefined } {
     if (this.selectShapeMemo !== undefined) return this.selectShapeMemo;
     const { sharedBytesPerSm, reservedSharedBytesPerBlock } = this.ctx.device;
-    const P = this.positionsPerSelectTile(64);
     const ctas = (offerMin: number): number =>
-      Math.floor(sharedBytesPerSm / (this.selectSharedBytes(P, offerMin) + reservedSharedBytesPerBlock));
+      Math.floor(sharedBytesPerSm / (this.selectSharedBytes(this.positionsPerSelectTile(offerMin), offerMin) + reservedSharedBytesPerBlock));
     const wgmma = this.tuning.faWgmma;
     const offerMin = this.tuning.selectOfferMin ?? (wgmma && ctas(32) > ctas(64) ? 32 : 64);
     const fit = Math.min(3, ctas(offerMin));
