@@ -335,6 +335,22 @@ describe('shared memory of the block-selection kernel', () => {
     expect(shape('fla', 64, 4, 128, { NSA_SELECT_OFFER_MIN: '64', NSA_SELECT_MIN_BLOCKS: '1' })).toEqual({ offerMin: 64, minBlocks: 1, perSm: 2 });
   });
 
+  it('stages the FSA partial outputs where the stage costs no CTA an SM (H100 at dk = dv = 128), unless NSA_FSA_STAGE says', () => {
+    const staged = (dk: number, dv: number, env: Record<string, string> = {}, device = fakeContext) => {
+      const c = new NSAConfig({ heads: 32, kvHeads: 8, headDim: dk, valueDim: dv });
+      const programs = new NsaPrograms(device, c, 'bf16', kernelTuning(c, env, [9, 0]));
+      return { staged: programs.fsaStaged, bytes: programs.fsaSharedBytes() };
+    };
+    // Q, K and V tiles of 64 rows (48 KB at dk = dv = 128), and with the stage 4 warps x (16 rows of dv + 8, 16 i64).
+    expect(staged(128, 128)).toEqual({ staged: true, bytes: 2 * 64 * (128 + 128 + 128) + 4 * (16 * 136 * 2 + 16 * 8) });
+    expect(staged(192, 128).staged).toBe(false); // 3 CTAs an SM without it, 2 with it
+    expect(staged(64, 64).staged).toBe(false); // shared memory holds 9 without it, 6 with it (registers not capped)
+    expect(staged(128, 128, { NSA_FSA_STAGE: '0' })).toEqual({ staged: false, bytes: 2 * 64 * 384 });
+    expect(staged(192, 128, { NSA_FSA_STAGE: '1' }).staged).toBe(true);
+    const a100 = { ...fakeContext, device: { computeCapability: [8, 0], sharedBytesPerSm: 164 * 1024, reservedSharedBytesPerBlock: 1024 } } as unknown as CudaContext;
+    expect(staged(128, 128, {}, a100).staged).toBe(false); // 164 KB an SM: two staged CTAs where the registers allow three
+  });
+
   it('fits two CTAs an SM at G = 4, dk = 128 with either preset (one, when scores of whole sequences were kept)', () => {
     for (const preset of ['fla', 'paper'] as const) {
       const c = NSAConfig.preset(preset, { heads: 32, kvHeads: 8, headDim: 128, valueDim: 128 });

@@ -182,6 +182,25 @@ if (!availability.available) {
       }
     });
 
+    // The FSA order's partial outputs written straight from the fragments (NSA_FSA_STAGE=0) or through a per-warp
+    // stage along whole rows (1): the same values to the same places, so the same bits; the persistent kernel
+    // (l' <= 64) and the CTA-per-tile one (l' = 128), padding rows (tiles of fewer pairs than rows), G = 1 to 16,
+    // dv = 64 and 128, packed sequences.
+    it('FSA-order partial outputs from the fragments and through a stage (NSA_FSA_STAGE=0|1) give the same bits', async () => {
+      const bits = (t: { data: ArrayBufferView }): Buffer => Buffer.from(t.data.buffer, t.data.byteOffset, t.data.byteLength);
+      for (const i of [0, 1, 2, 3, 4, 5, 6, 7, 9]) {
+        const c = CASES[i]!;
+        expect(c.kernels, c.name).toContain('fsa');
+        const { config, inputs } = caseInputs(i);
+        const direct = await withEnv('fsa', { NSA_FSA_STAGE: '0', NSA_SLC_DENSE: '0' }, (backend) => nsaForward(inputs, config, { backend }));
+        const staged = await withEnv('fsa', { NSA_FSA_STAGE: '1', NSA_SLC_DENSE: '0' }, (backend) => nsaForward(inputs, config, { backend }));
+        for (const key of ['blockIndices', 'oSlc', 'lseSlc', 'o'] as const) {
+          expect(bits(staged[key]).equals(bits(direct[key])), `${c.name}: ${key} bits`).toBe(true);
+        }
+        await new Promise<void>((resolve) => setImmediate(resolve)); // let vitest's RPC replies in between the compiles
+      }
+    });
+
     // CTAs of 2, 3, 4 and 8 consecutive positions over the union of their blocks (NSA_SLC_UNION), a warp a position:
     // the same blocks, each warp's keys in the same ascending order but all of a tile's in one warp (so o_slc to the
     // rounding of P against another running maximum, lse_slc to fp32's); a CTA's positions across sequence boundaries

@@ -3,6 +3,9 @@
 // nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DGROUP=1 -DFSA_MIN_BLOCKS=4
 // nvcc-check: -DDK=192 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DGROUP=2
 // nvcc-check: -DDK=128 -DDV=128 -DSEL_L=32 -DSEL_N=16 -DGROUP=4 -DFSA_MIN_BLOCKS=3
+// nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DGROUP=4 -DFSA_MIN_BLOCKS=3 -DFSA_STAGE_OUT
+// nvcc-check: -DDK=192 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DGROUP=2 -DFSA_STAGE_OUT
+// nvcc-check: -DDK=64 -DDV=64 -DSEL_L=32 -DSEL_N=8 -DGROUP=3 -DFSA_STAGE_OUT
 //
 // Selected attention for small G, FSA's loop order: the outer loop runs over (KV head, key block), and each CTA
 // gathers the queries that selected its block into one MMA tile, so a K/V block is read once per tile of queries
@@ -100,6 +103,55 @@ __device__ __forceinline__ void write_partials(const SoftmaxRows &st, const floa
   }
 }
 
+// FSA_STAGE_OUT (the host's NSA_FSA_STAGE): a warp writes its 16 rows of partial outputs through a stage of its own
+// in shared memory, 16 bytes a lane along whole rows, instead of 4 bytes a lane straight from the accumulator
+// fragments, where each store instruction half-fills the 32-byte sectors of 8 rows (Nsight Compute, G = 4, 64k:
+// 15.3 of 32 bytes a sector used, L1 the busiest unit at 76%).
+#ifdef FSA_STAGE_OUT
+#define STAGE_STRIDE (DV + 8) // elements: consecutive rows 16 bytes apart in bank terms, so the fragments' stores do not conflict
+#define STAGE_WARP_BYTES (16 * STAGE_STRIDE * 2 + 16 * 8) // a warp's 16 rows, then their partial rows (i64)
+
+/**
+ * write_partials through this warp's stage (`stage`: STAGE_WARP_BYTES of shared memory): the rows' normalised
+ * outputs go to the stage in the fragments' layout, their partial rows beside them, and then out along whole rows.
+ */
+__device__ __forceinline__ void write_partials_staged(const SoftmaxRows &st, const float o[DV / 8][4], int r_lo, int r_hi,
+                                                      int2 ent_lo, int2 ent_hi, int rows, int h, int Hq, elem_t *partial_o,
+                                                      float *partial_lse, unsigned char *stage, int lane) {
+  constexpr int G = GROUP;
+  elem_t *srows = reinterpret_cast<elem_t *>(stage);
+  i64 *sprow = reinterpret_cast<i64 *>(stage + 16 * STAGE_STRIDE * 2);
+#pragma unroll
+  for (int hh = 0; hh < 2; hh++) {
+    float lse;
+    const float l = softmax_finish_row(st, hh, &lse);
+    const int r = hh == 0 ? r_lo : r_hi;
+    const int2 ent = hh == 0 ? ent_lo : ent_hi;
+    const int local = lane / 4 + hh * 8;
+    const i64 prow = r < rows ? ((i64)ent.x * Hq + h * G + r % G) * SEL_N + ent.y : -1;
+    if (lane % 4 == 0) {
+      sprow[local] = prow;
+      if (prow >= 0) partial_lse[prow] = lse;
+    }
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+    for (int n = 0; n < DV / 8; n++) {
+      *reinterpret_cast<u32 *>(srows + local * STAGE_STRIDE + n * 8 + (lane % 4) * 2) = pack_elem2(o[n][2 * hh] * inv, o[n][2 * hh + 1] * inv);
+    }
+  }
+  __syncwarp();
+  constexpr int CHUNKS = DV / 8; // 16-byte chunks a row
+  static_assert(32 % CHUNKS == 0, "a warp covers whole rows");
+#pragma unroll
+  for (int rr = lane / CHUNKS; rr < 16; rr += 32 / CHUNKS) {
+    const i64 prow = sprow[rr];
+    const uint4 x = *reinterpret_cast<const uint4 *>(srows + rr * STAGE_STRIDE + (lane % CHUNKS) * 8);
+    if (prow >= 0) *reinterpret_cast<uint4 *>(partial_o + prow * DV + (lane % CHUNKS) * 8) = x;
+  }
+  __syncwarp(); // every lane has read the stage before the next tile rewrites it
+}
+#endif
+
 extern "C" __global__ void FSA_BOUNDS
     nsa_fsa_attend(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
                    const int *__restrict__ offsets, const int *__restrict__ tile_offsets, const int2 *__restrict__ entries,
@@ -166,7 +218,12 @@ extern "C" __global__ void FSA_BOUNDS
     pv_mma<DV, BLOCK_N / 16>(o, s, vsmem, 0, lane);
     __syncthreads();
   }
+#ifdef FSA_STAGE_OUT
+  write_partials_staged(st, o, r_lo, r_hi, ent_lo, ent_hi, rows, h, Hq, partial_o, partial_lse,
+                        reinterpret_cast<unsigned char *>(vsmem + BLOCK_N * DV) + warp * STAGE_WARP_BYTES, lane);
+#else
   write_partials(st, o, r_lo, r_hi, ent_lo, ent_hi, rows, h, Hq, partial_o, partial_lse, lane);
+#endif
 }
 
 #if SEL_L <= BLOCK_N
@@ -217,6 +274,9 @@ extern "C" __global__ void FSA_BOUNDS
   elem_t *qsmem = reinterpret_cast<elem_t *>(smem_raw); // ROWS x DK
   elem_t *ksmem = qsmem + ROWS * DK;                    // BLOCK_N x DK
   elem_t *vsmem = ksmem + BLOCK_N * DK;                 // BLOCK_N x DV
+#ifdef FSA_STAGE_OUT
+  unsigned char *stage = reinterpret_cast<unsigned char *>(vsmem + BLOCK_N * DV) + (threadIdx.x / 32) * STAGE_WARP_BYTES;
+#endif
   constexpr int G = GROUP;
   const int nkeys_total = H * total_blocks;
   const int total = tile_offsets[nkeys_total];
@@ -284,7 +344,11 @@ extern "C" __global__ void FSA_BOUNDS
     scale_and_mask(s, f.key0, f.nk, t_lo, t_hi, scale_log2, lane);
     softmax_update<BLOCK_N / 8, DV>(st, s, o);
     pv_mma<DV, BLOCK_N / 16>(o, s, vsmem, 0, lane);
+#ifdef FSA_STAGE_OUT
+    write_partials_staged(st, o, r_lo, r_hi, ent_lo, ent_hi, rows, f.h, Hq, partial_o, partial_lse, stage, lane);
+#else
     write_partials(st, o, r_lo, r_hi, ent_lo, ent_hi, rows, f.h, Hq, partial_o, partial_lse, lane);
+#endif
 
     if (!next_same_key && b + 1 < b_end) {
       // The next tile is the next key's (keys nobody chose have no tiles): a new block, loaded by every thread.

@@ -84,6 +84,12 @@ export interface KernelTuning {
    */
   readonly fsaPersistent?: boolean | undefined;
   /**
+   * The FSA-order attention writes its partial outputs through a per-warp shared-memory stage, 16 bytes a lane along
+   * whole rows (NSA_FSA_STAGE=1), or straight from its accumulator fragments (0). Unset: staged where the stage's
+   * shared memory costs no CTA an SM (NsaPrograms.fsaStaged).
+   */
+  readonly fsaStage?: boolean | undefined;
+  /**
    * The cmp and win branches' dQ in one launch (nsa_flash_bwd_dq_cmp_win: Q and dO read once, dq written once),
    * the default; NSA_FA_BWD_DQ_FUSED=0 runs one launch per branch.
    */
@@ -211,6 +217,7 @@ export function kernelTuning(
         ? (fsaPersistent ? 3 : 4) // the persistent form's loop state takes 168 registers
         : undefined),
     fsaPersistent,
+    fsaStage: env['NSA_FSA_STAGE'] === '1' ? true : env['NSA_FSA_STAGE'] === '0' ? false : undefined,
     cmpWinDqFused: env['NSA_FA_BWD_DQ_FUSED'] !== '0',
     faTma: hopper && env['NSA_FA_WGMMA'] !== '0' && env['NSA_FA_TMA'] !== '0',
     faPingpong: env['NSA_FA_PINGPONG'] !== '0',
@@ -424,6 +431,7 @@ export class NsaPrograms {
       ...this.selDefines(),
       `-DGROUP=${this.config.groupSize}`,
       ...(minBlocks === undefined ? [] : [`-DFSA_MIN_BLOCKS=${minBlocks}`]),
+      ...(this.fsaStaged ? ['-DFSA_STAGE_OUT'] : []),
     ]);
   }
 
@@ -734,9 +742,24 @@ export class NsaPrograms {
     return 32 * this.tuning.slcWarps;
   }
 
-  fsaSharedBytes(): number {
+  fsaSharedBytes(staged = this.fsaStaged): number {
     const { headDim: dk, valueDim: dv } = this.config;
-    return 2 * (64 * dk + 64 * dk + 64 * dv);
+    // The stage (FSA_STAGE_OUT): each of the 4 warps' 16 rows of dv + 8 elements and their 16 partial rows (i64).
+    const stage = staged ? 4 * (16 * (dv + 8) * 2 + 16 * 8) : 0;
+    return 2 * (64 * dk + 64 * dk + 64 * dv) + stage;
+  }
+
+  /**
+   * Whether the FSA-order attention stages its partial outputs (tuning.fsaStage): by default where shared memory
+   * holds as many of its CTAs an SM with the stage as the registers allow without it (the launch bounds' count,
+   * else shared memory's): H100 at dk = dv = 128, three either way (selected stage 2-3% faster at G = 4, 16k-64k,
+   * docs/performance.md); not at dk = 192 (three CTAs -> two) nor on GPUs with less shared memory.
+   */
+  get fsaStaged(): boolean {
+    if (this.tuning.fsaStage !== undefined) return this.tuning.fsaStage;
+    const { sharedBytesPerSm, reservedSharedBytesPerBlock } = this.ctx.device;
+    const ctas = (staged: boolean): number => Math.floor(sharedBytesPerSm / (this.fsaSharedBytes(staged) + reservedSharedBytesPerBlock));
+    return ctas(true) >= (this.tuning.fsaMinBlocks ?? ctas(false));
   }
 
   /** Positions per block-selection tile: as many as the G heads and shared memory allow. */
