@@ -248,6 +248,27 @@ if (!availability.available) {
         const stats = checkSelection(config, ref, Int32Array.from(merged), nsaReferenceForward(config, ref).blockIndices);
         console.log(`${c.name}: selection differs from the reference in ${stats.differing} of ${stats.rows} rows`);
       }
+      // Ties everywhere: with zero queries every visible compressed key has the same probability, and with fla's form
+      // (one compressed key a block, so each block's score is one sum, in the same order for every block) the blocks
+      // score the same bits on the GPU and in the reference: the tie rule (the lower block first) alone decides, and
+      // merges, inserts (ties within a round included) and the default must pick exactly the reference's blocks. (Where
+      // compressed keys overlap blocks, a block whose keys straddle two score tiles sums in another order, so its
+      // score may differ in the last bit: those near-ties may flip, which the checks above allow.)
+      const ties: Case[] = [
+        long[0]!,
+        { name: 'fla form, G = 4, n = 16, T = 2500', options: { compressBlock: 64, compressStride: 64, selectBlock: 64, selectCount: 16, window: 128, heads: 8, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [2500], dtype: 'bf16', kernels: ['group'] },
+      ];
+      for (const [i, c] of ties.entries()) {
+        const config = new NSAConfig(c.options);
+        const cuSeqlens = [0, c.seqlens[0]!];
+        const inputs = randomInputs({ config, cuSeqlens, dtype: c.dtype, seed: 99 + i });
+        (inputs.q.data as Uint16Array).fill(0); // bf16 zeros
+        const expected = Array.from(nsaReferenceForward(config, referenceInputs(inputs, cuSeqlens, config)).blockIndices);
+        for (const env of [{ NSA_SELECT_MERGE_MIN: '1' }, { NSA_SELECT_MERGE_MIN: '33' }, {}]) {
+          const got = Array.from((await withEnv('group', env, (backend) => nsaForward(inputs, config, { backend }))).blockIndices.data);
+          expect(got, `${c.name}, zero queries, ${JSON.stringify(env)}: the tie rule's blocks`).toEqual(expected);
+        }
+      }
     });
 
     it('dense causal kernel (the benchmark baseline) against float64 attention', () => {

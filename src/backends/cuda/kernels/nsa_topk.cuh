@@ -29,13 +29,16 @@ __device__ __forceinline__ void warp_reduce_best(float &bs, int &bj, int &at) {
 /**
  * The order-preserving key of a (score, index) pair: a larger key is a better pair (higher score, then lower
  * index), so a warp finds the best pair with two 32-bit `redux.sync` maxima instead of shuffling three words per
- * level. 0 is no pair (score -inf or NaN); index in [0, NO_BLOCK].
+ * level. 0 is no pair (score -inf or NaN); index in [0, NO_BLOCK]. topk_score_bits is the key's high word alone.
  */
+__device__ __forceinline__ unsigned topk_score_bits(float s) {
+  if (!(s > NSA_NEG_INF)) return 0u;
+  const unsigned u = __float_as_uint(s);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u); // floats in order as unsigned: above 0x007fffff (-inf's) for all
+}
 __device__ __forceinline__ unsigned long long topk_key(float s, int j) {
-  if (!(s > NSA_NEG_INF)) return 0ull;
-  unsigned u = __float_as_uint(s);
-  u = (u & 0x80000000u) ? ~u : (u | 0x80000000u); // floats in order as unsigned: above 0x007fffff (-inf's) for all
-  return ((unsigned long long)u << 32) | (unsigned)(NO_BLOCK - j);
+  const unsigned u = topk_score_bits(s);
+  return u == 0u ? 0ull : ((unsigned long long)u << 32) | (unsigned)(NO_BLOCK - j);
 }
 __device__ __forceinline__ float topk_key_score(unsigned long long key) {
   const unsigned u = (unsigned)(key >> 32);
