@@ -77,6 +77,22 @@ __device__ __forceinline__ void scale_and_mask(float s[BLOCK_N / 8][4], int tile
 }
 
 /**
+ * Half hh of a thread's rows (tile row r, entry (token, slot) ent) of KV head h at a tile's end: its partial row
+ * (-1 for padding rows, r >= rows, which write nothing), its lse written there, and 1 / l for its outputs. The whole
+ * warp calls it (the row sums are shuffles).
+ */
+__device__ __forceinline__ i64 finish_partial_row(const SoftmaxRows &st, int hh, int r, int2 ent, int rows, int h, int Hq,
+                                                  float *partial_lse, int lane, float *inv) {
+  float lse;
+  const float l = softmax_finish_row(st, hh, &lse);
+  *inv = l > 0.f ? 1.f / l : 0.f;
+  if (r >= rows) return -1;
+  const i64 prow = ((i64)ent.x * Hq + h * GROUP + r % GROUP) * SEL_N + ent.y;
+  if (lane % 4 == 0) partial_lse[prow] = lse;
+  return prow;
+}
+
+/**
  * A tile's epilogue: for this thread's two rows (tile rows r_lo, r_hi; entries (token, slot) ent_lo, ent_hi) of KV
  * head h, the lse and the normalised output of this key block into the (token, head, slot) partials. Padding rows
  * (r >= rows) write nothing.
@@ -84,17 +100,11 @@ __device__ __forceinline__ void scale_and_mask(float s[BLOCK_N / 8][4], int tile
 __device__ __forceinline__ void write_partials(const SoftmaxRows &st, const float o[DV / 8][4], int r_lo, int r_hi, int2 ent_lo,
                                                int2 ent_hi, int rows, int h, int Hq, elem_t *partial_o, float *partial_lse,
                                                int lane) {
-  constexpr int G = GROUP;
 #pragma unroll
   for (int hh = 0; hh < 2; hh++) {
-    float lse;
-    const float l = softmax_finish_row(st, hh, &lse);
-    const int r = hh == 0 ? r_lo : r_hi;
-    const int2 ent = hh == 0 ? ent_lo : ent_hi;
-    if (r >= rows) continue;
-    const i64 prow = ((i64)ent.x * Hq + h * G + r % G) * SEL_N + ent.y;
-    if (lane % 4 == 0) partial_lse[prow] = lse;
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    float inv;
+    const i64 prow = finish_partial_row(st, hh, hh == 0 ? r_lo : r_hi, hh == 0 ? ent_lo : ent_hi, rows, h, Hq, partial_lse, lane, &inv);
+    if (prow < 0) continue;
 #pragma unroll
     for (int n = 0; n < DV / 8; n++) {
       const int col = n * 8 + (lane % 4) * 2;
@@ -118,22 +128,14 @@ __device__ __forceinline__ void write_partials(const SoftmaxRows &st, const floa
 __device__ __forceinline__ void write_partials_staged(const SoftmaxRows &st, const float o[DV / 8][4], int r_lo, int r_hi,
                                                       int2 ent_lo, int2 ent_hi, int rows, int h, int Hq, elem_t *partial_o,
                                                       float *partial_lse, unsigned char *stage, int lane) {
-  constexpr int G = GROUP;
   elem_t *srows = reinterpret_cast<elem_t *>(stage);
   i64 *sprow = reinterpret_cast<i64 *>(stage + 16 * STAGE_STRIDE * 2);
 #pragma unroll
   for (int hh = 0; hh < 2; hh++) {
-    float lse;
-    const float l = softmax_finish_row(st, hh, &lse);
-    const int r = hh == 0 ? r_lo : r_hi;
-    const int2 ent = hh == 0 ? ent_lo : ent_hi;
+    float inv;
+    const i64 prow = finish_partial_row(st, hh, hh == 0 ? r_lo : r_hi, hh == 0 ? ent_lo : ent_hi, rows, h, Hq, partial_lse, lane, &inv);
     const int local = lane / 4 + hh * 8;
-    const i64 prow = r < rows ? ((i64)ent.x * Hq + h * G + r % G) * SEL_N + ent.y : -1;
-    if (lane % 4 == 0) {
-      sprow[local] = prow;
-      if (prow >= 0) partial_lse[prow] = lse;
-    }
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    if (lane % 4 == 0) sprow[local] = prow;
 #pragma unroll
     for (int n = 0; n < DV / 8; n++) {
       *reinterpret_cast<u32 *>(srows + local * STAGE_STRIDE + n * 8 + (lane % 4) * 2) = pack_elem2(o[n][2 * hh] * inv, o[n][2 * hh + 1] * inv);
