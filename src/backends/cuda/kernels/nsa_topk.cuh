@@ -36,10 +36,11 @@ __device__ __forceinline__ unsigned topk_score_bits(float s) {
   const unsigned u = __float_as_uint(s);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u); // floats in order as unsigned: above 0x007fffff (-inf's) for all
 }
-__device__ __forceinline__ unsigned long long topk_key(float s, int j) {
-  const unsigned u = topk_score_bits(s);
+/** The key of score bits u (topk_score_bits; 0: no pair, whatever j) and index j. */
+__device__ __forceinline__ unsigned long long topk_key_from_bits(unsigned u, int j) {
   return u == 0u ? 0ull : ((unsigned long long)u << 32) | (unsigned)(NO_BLOCK - j);
 }
+__device__ __forceinline__ unsigned long long topk_key(float s, int j) { return topk_key_from_bits(topk_score_bits(s), j); }
 __device__ __forceinline__ float topk_key_score(unsigned long long key) {
   const unsigned u = (unsigned)(key >> 32);
   return __uint_as_float((u & 0x80000000u) ? (u & 0x7fffffffu) : ~u);

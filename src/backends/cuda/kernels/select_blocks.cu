@@ -98,7 +98,7 @@ __device__ __forceinline__ int cmp_visible(int t, int tc) {
  * Every listed block has a lower index than the offered ones, so a new block enters only with a score above the
  * list's last, and below any listed one of equal score; within a round of 32, lanes hold consecutive blocks, so the
  * lowest lane of equal scores goes first. The one-at-a-time inserts therefore compare 32-bit scores alone
- * (topk_score_bits; the list as a score and an index a lane), which takes about a third fewer instructions than
+ * (topk_score_bits; the list as a score and an index a lane, topk_key_from_bits rebuilding the keys), which takes about a third fewer instructions than
  * 64-bit keys; the merges of full rounds work on the keys.
  */
 __device__ __forceinline__ void offer_blocks(float *ring, unsigned long long *list, int lo, int hi, int current, int lane) {
@@ -118,9 +118,7 @@ __device__ __forceinline__ void offer_blocks(float *ring, unsigned long long *li
     unsigned cand = ks > last ? ks : 0u;
 #if TOPK_MERGE_MIN <= 32
     if (__popc(__ballot_sync(0xffffffff, cand != 0u)) >= TOPK_MERGE_MIN) {
-      const unsigned long long mine = ms == 0u ? 0ull : ((unsigned long long)ms << 32) | (unsigned)(NO_BLOCK - mj);
-      const unsigned long long key = cand == 0u ? 0ull : ((unsigned long long)cand << 32) | (unsigned)(NO_BLOCK - j);
-      const unsigned long long merged = warp_merge_keys(mine, warp_sort_keys(key, lane), lane);
+      const unsigned long long merged = warp_merge_keys(topk_key_from_bits(ms, mj), warp_sort_keys(topk_key_from_bits(cand, j), lane), lane);
       ms = (unsigned)(merged >> 32);
       mj = topk_key_index(merged);
       last = __shfl_sync(0xffffffff, ms, SEL_N - 1);
@@ -144,7 +142,7 @@ __device__ __forceinline__ void offer_blocks(float *ring, unsigned long long *li
       cand = lane != src && cand > last ? cand : 0u;
     }
   }
-  if (lane < SEL_N) list[lane] = ms == 0u ? 0ull : ((unsigned long long)ms << 32) | (unsigned)(NO_BLOCK - mj);
+  if (lane < SEL_N) list[lane] = topk_key_from_bits(ms, mj);
 }
 
 extern "C" __global__ void SELECT_BOUNDS

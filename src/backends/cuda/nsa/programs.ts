@@ -705,9 +705,7 @@ export class NsaPrograms {
    */
   get selectShape(): { readonly offerMin: number; readonly minBlocks: number | undefined } {
     if (this.selectShapeMemo !== undefined) return this.selectShapeMemo;
-    const { sharedBytesPerSm, reservedSharedBytesPerBlock } = this.ctx.device;
-    const ctas = (offerMin: number): number =>
-      Math.floor(sharedBytesPerSm / (this.selectSharedBytes(this.positionsPerSelectTile(offerMin), offerMin) + reservedSharedBytesPerBlock));
+    const ctas = (offerMin: number): number => this.ctasBySharedMemory(this.selectSharedBytes(this.positionsPerSelectTile(offerMin), offerMin));
     const wgmma = this.tuning.faWgmma;
     const offerMin = this.tuning.selectOfferMin ?? (wgmma && ctas(32) > ctas(64) ? 32 : 64);
     const fit = Math.min(3, ctas(offerMin));
@@ -757,9 +755,13 @@ export class NsaPrograms {
    */
   get fsaStaged(): boolean {
     if (this.tuning.fsaStage !== undefined) return this.tuning.fsaStage;
+    return this.ctasBySharedMemory(this.fsaSharedBytes(true)) >= (this.tuning.fsaMinBlocks ?? this.ctasBySharedMemory(this.fsaSharedBytes(false)));
+  }
+
+  /** CTAs of `bytes` dynamic shared memory an SM holds (the driver keeps a reserve of each resident CTA's). */
+  private ctasBySharedMemory(bytes: number): number {
     const { sharedBytesPerSm, reservedSharedBytesPerBlock } = this.ctx.device;
-    const ctas = (staged: boolean): number => Math.floor(sharedBytesPerSm / (this.fsaSharedBytes(staged) + reservedSharedBytesPerBlock));
-    return ctas(true) >= (this.tuning.fsaMinBlocks ?? ctas(false));
+    return Math.floor(sharedBytesPerSm / (bytes + reservedSharedBytesPerBlock));
   }
 
   /** Positions per block-selection tile: as many as the G heads and shared memory allow. */
