@@ -36,6 +36,7 @@ describe('kernelTuning', () => {
       slcBwdTma: true,
       fsaMinBlocks: 3,
       fsaPersistent: true,
+      fsaPhases: 'head',
       cmpWinDqFused: true,
       faTma: true,
       faPingpong: true,
@@ -333,6 +334,12 @@ describe('shared memory of the block-selection kernel', () => {
     expect(shape('fla', 16, 16, 128)).toEqual({ offerMin: 64, minBlocks: undefined, perSm: 1 }); // G = 1: ptxas chooses
     expect(shape('fla', 64, 4, 128, {}, false)).toMatchObject({ offerMin: 64, minBlocks: undefined }); // mma.sync
     expect(shape('fla', 64, 4, 128, { NSA_SELECT_OFFER_MIN: '64', NSA_SELECT_MIN_BLOCKS: '1' })).toEqual({ offerMin: 64, minBlocks: 1, perSm: 2 });
+  });
+
+  it("shares the persistent FSA attention's tiles out a KV head at a time unless NSA_FSA_PHASES=all", () => {
+    expect(kernelTuning(config(128, 128), {}, [9, 0]).fsaPhases).toBe('head');
+    expect(kernelTuning(config(128, 128), { NSA_FSA_PHASES: 'all' }, [9, 0]).fsaPhases).toBe('all');
+    expect(kernelTuning(config(128, 128), { NSA_FSA_PHASES: 'x' }, [8, 0]).fsaPhases).toBe('head');
   });
 
   it('stages the FSA partial outputs where the stage costs no CTA an SM (H100 at dk = dv = 128), unless NSA_FSA_STAGE says', () => {

@@ -201,6 +201,24 @@ if (!availability.available) {
       }
     });
 
+    // The persistent FSA-order attention's tiles shared out a KV head at a time (NSA_FSA_PHASES=head, the default)
+    // or all at once (all): only which CTA computes a tile changes, so the same bits; two or more KV heads, packed
+    // sequences, l' = 32 and 64, independent K/V per branch, a learned phi.
+    it('persistent FSA-order attention by KV-head phases and in one phase (NSA_FSA_PHASES=head|all) gives the same bits', async () => {
+      const bits = (t: { data: ArrayBufferView }): Buffer => Buffer.from(t.data.buffer, t.data.byteOffset, t.data.byteLength);
+      for (const i of [1, 2, 3, 8, 9]) {
+        const c = CASES[i]!;
+        expect(c.options.kvHeads, c.name).toBeGreaterThan(1);
+        const { config, inputs } = caseInputs(i);
+        const all = await withEnv('fsa', { NSA_FSA_PHASES: 'all', NSA_SLC_DENSE: '0' }, (backend) => nsaForward(inputs, config, { backend }));
+        const head = await withEnv('fsa', { NSA_FSA_PHASES: 'head', NSA_SLC_DENSE: '0' }, (backend) => nsaForward(inputs, config, { backend }));
+        for (const key of ['blockIndices', 'oSlc', 'lseSlc', 'o'] as const) {
+          expect(bits(head[key]).equals(bits(all[key])), `${c.name}: ${key} bits`).toBe(true);
+        }
+        await new Promise<void>((resolve) => setImmediate(resolve)); // let vitest's RPC replies in between the compiles
+      }
+    });
+
     // CTAs of 2, 3, 4 and 8 consecutive positions over the union of their blocks (NSA_SLC_UNION), a warp a position:
     // the same blocks, each warp's keys in the same ascending order but all of a tile's in one warp (so o_slc to the
     // rounding of P against another running maximum, lse_slc to fp32's); a CTA's positions across sequence boundaries

@@ -259,8 +259,9 @@ __device__ __forceinline__ FsaKey fsa_key(int key, const int *__restrict__ offse
 
 /**
  * nsa_fsa_attend's tiles by persistent CTAs (the host's default for blocks of at most 64 keys): CTA c
- * takes tiles [c T / grid, (c + 1) T / grid) of the T tiles in order, so that consecutive tiles mostly share their
- * key. The key's K/V block stays in shared memory until the key changes, and each warp gathers its 16 query rows of
+ * takes tiles [c T / grid, (c + 1) T / grid) of a phase's T tiles in order, so that consecutive tiles mostly share
+ * their key, phase by phase (phase_keys keys a phase: one KV head's by default, so that the CTAs running together
+ * gather the query rows of one head, which L2 then holds more of; or all keys in one phase). The key's K/V block stays in shared memory until the key changes, and each warp gathers its 16 query rows of
  * the next tile while this one computes: its A fragments are in registers once loaded, and thread t always fills
  * row t / 2, so a warp's rows are its own (no block-wide barrier between tiles of one key). The token of a
  * thread's next row is loaded a tile ahead, so that no gather waits on its lookup.
@@ -271,7 +272,7 @@ extern "C" __global__ void FSA_BOUNDS
                               const int2 *__restrict__ entries, const int *__restrict__ block_seq,
                               const int *__restrict__ cu_blocks, const int *__restrict__ cu_seqlens,
                               elem_t *__restrict__ partial_o, float *__restrict__ partial_lse, int Hq, int H,
-                              int total_blocks, int per_tile, float scale_log2) {
+                              int total_blocks, int per_tile, float scale_log2, int phase_keys) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
   elem_t *qsmem = reinterpret_cast<elem_t *>(smem_raw); // ROWS x DK
   elem_t *ksmem = qsmem + ROWS * DK;                    // BLOCK_N x DK
@@ -281,10 +282,6 @@ extern "C" __global__ void FSA_BOUNDS
 #endif
   constexpr int G = GROUP;
   const int nkeys_total = H * total_blocks;
-  const int total = tile_offsets[nkeys_total];
-  const int b_begin = (int)((i64)total * blockIdx.x / gridDim.x);
-  const int b_end = (int)((i64)total * (blockIdx.x + 1) / gridDim.x);
-  if (b_begin >= b_end) return;
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int my_row = threadIdx.x / 2; // the query row this thread gathers
@@ -307,61 +304,71 @@ extern "C" __global__ void FSA_BOUNDS
     });
   };
 
-  int key = range_holding(tile_offsets, nkeys_total, b_begin);
-  FsaKey f = fsa_key(key, offsets, tile_offsets, block_seq, cu_blocks, cu_seqlens, total_blocks);
-  load_block(f);
-  gather_rows(f, token_of(f, b_begin));
-  cp_async_commit();
-  bool block_fresh = true;
-  int next_token = b_begin + 1 < min(b_end, f.tile_end) ? token_of(f, b_begin + 1) : -1;
-
-  for (int b = b_begin; b < b_end; b++) {
-    cp_async_wait<0>();
-    if (block_fresh) __syncthreads(); // the K/V block came from every thread
-    else __syncwarp();                // this warp's rows came from its own lanes
-    block_fresh = false;
-    const int e0 = f.e_begin + (b - f.tile0) * per_tile;
-    const int rows = min(per_tile, f.e_end - e0) * G;
-    const int r_lo = warp * 16 + lane / 4;
-    const int r_hi = r_lo + 8;
-    const int2 ent_lo = r_lo < rows ? entries[e0 + r_lo / G] : make_int2(-1, 0);
-    const int2 ent_hi = r_hi < rows ? entries[e0 + r_hi / G] : make_int2(-1, 0);
-    u32 qfrag[DK / 16][4];
-    load_a_fragments<DK>(qfrag, qsmem, warp * 16, lane);
-    __syncwarp(); // every lane has read its fragments before the rows are refilled
-    const bool next_same_key = b + 1 < min(b_end, f.tile_end);
-    if (next_same_key) gather_rows(f, next_token);
+  // The keys in phases of phase_keys (a KV head's, or all): every CTA takes its share of a phase's tiles before the
+  // next phase's, so that the CTAs running together gather the query rows of one head.
+  for (int p0 = 0; p0 < nkeys_total; p0 += phase_keys) {
+    const int phase_first = tile_offsets[p0];
+    const int phase_tiles = tile_offsets[min(nkeys_total, p0 + phase_keys)] - phase_first;
+    const int b_begin = phase_first + (int)((i64)phase_tiles * blockIdx.x / gridDim.x);
+    const int b_end = phase_first + (int)((i64)phase_tiles * (blockIdx.x + 1) / gridDim.x);
+    if (b_begin >= b_end) continue;
+    __syncthreads(); // every warp is done with the previous phase's block
+    int key = range_holding(tile_offsets, nkeys_total, b_begin);
+    FsaKey f = fsa_key(key, offsets, tile_offsets, block_seq, cu_blocks, cu_seqlens, total_blocks);
+    load_block(f);
+    gather_rows(f, token_of(f, b_begin));
     cp_async_commit();
-    next_token = b + 2 < min(b_end, f.tile_end) ? token_of(f, b + 2) : -1;
+    bool block_fresh = true;
+    int next_token = b_begin + 1 < min(b_end, f.tile_end) ? token_of(f, b_begin + 1) : -1;
 
-    const int t_lo = ent_lo.x >= 0 ? ent_lo.x - f.seq_start : -1;
-    const int t_hi = ent_hi.x >= 0 ? ent_hi.x - f.seq_start : -1;
-    float o[DV / 8][4];
-    zero_frags<DV / 8>(o);
-    SoftmaxRows st;
-    st.init();
-    float s[BLOCK_N / 8][4];
-    zero_frags<BLOCK_N / 8>(s);
-    qk_mma<DK, BLOCK_N / 16>(s, qfrag, ksmem, 0, lane);
-    scale_and_mask(s, f.key0, f.nk, t_lo, t_hi, scale_log2, lane);
-    softmax_update<BLOCK_N / 8, DV>(st, s, o);
-    pv_mma<DV, BLOCK_N / 16>(o, s, vsmem, 0, lane);
+    for (int b = b_begin; b < b_end; b++) {
+      cp_async_wait<0>();
+      if (block_fresh) __syncthreads(); // the K/V block came from every thread
+      else __syncwarp();                // this warp's rows came from its own lanes
+      block_fresh = false;
+      const int e0 = f.e_begin + (b - f.tile0) * per_tile;
+      const int rows = min(per_tile, f.e_end - e0) * G;
+      const int r_lo = warp * 16 + lane / 4;
+      const int r_hi = r_lo + 8;
+      const int2 ent_lo = r_lo < rows ? entries[e0 + r_lo / G] : make_int2(-1, 0);
+      const int2 ent_hi = r_hi < rows ? entries[e0 + r_hi / G] : make_int2(-1, 0);
+      u32 qfrag[DK / 16][4];
+      load_a_fragments<DK>(qfrag, qsmem, warp * 16, lane);
+      __syncwarp(); // every lane has read its fragments before the rows are refilled
+      const bool next_same_key = b + 1 < min(b_end, f.tile_end);
+      if (next_same_key) gather_rows(f, next_token);
+      cp_async_commit();
+      next_token = b + 2 < min(b_end, f.tile_end) ? token_of(f, b + 2) : -1;
+
+      const int t_lo = ent_lo.x >= 0 ? ent_lo.x - f.seq_start : -1;
+      const int t_hi = ent_hi.x >= 0 ? ent_hi.x - f.seq_start : -1;
+      float o[DV / 8][4];
+      zero_frags<DV / 8>(o);
+      SoftmaxRows st;
+      st.init();
+      float s[BLOCK_N / 8][4];
+      zero_frags<BLOCK_N / 8>(s);
+      qk_mma<DK, BLOCK_N / 16>(s, qfrag, ksmem, 0, lane);
+      scale_and_mask(s, f.key0, f.nk, t_lo, t_hi, scale_log2, lane);
+      softmax_update<BLOCK_N / 8, DV>(st, s, o);
+      pv_mma<DV, BLOCK_N / 16>(o, s, vsmem, 0, lane);
 #ifdef FSA_STAGE_OUT
-    write_partials_staged(st, o, r_lo, r_hi, ent_lo, ent_hi, rows, f.h, Hq, partial_o, partial_lse, stage, lane);
+      write_partials_staged(st, o, r_lo, r_hi, ent_lo, ent_hi, rows, f.h, Hq, partial_o, partial_lse, stage, lane);
 #else
-    write_partials(st, o, r_lo, r_hi, ent_lo, ent_hi, rows, f.h, Hq, partial_o, partial_lse, lane);
+      write_partials(st, o, r_lo, r_hi, ent_lo, ent_hi, rows, f.h, Hq, partial_o, partial_lse, lane);
 #endif
 
-    if (!next_same_key && b + 1 < b_end) {
-      // The next tile is the next key's (keys nobody chose have no tiles): a new block, loaded by every thread.
-      while (tile_offsets[key + 1] <= b + 1) key++;
-      f = fsa_key(key, offsets, tile_offsets, block_seq, cu_blocks, cu_seqlens, total_blocks);
-      __syncthreads(); // every warp is done with the old block
-      load_block(f);
-      gather_rows(f, token_of(f, b + 1));
-      cp_async_commit();
-      block_fresh = true;
-      next_token = b + 2 < min(b_end, f.tile_end) ? token_of(f, b + 2) : -1;
+      if (!next_same_key && b + 1 < b_end) {
+        // The next tile is the next key's (keys nobody chose have no tiles): a new block, loaded by every thread.
+        while (tile_offsets[key + 1] <= b + 1) key++;
+        f = fsa_key(key, offsets, tile_offsets, block_seq, cu_blocks, cu_seqlens, total_blocks);
+        __syncthreads(); // every warp is done with the old block
+        load_block(f);
+        gather_rows(f, token_of(f, b + 1));
+        cp_async_commit();
+        block_fresh = true;
+        next_token = b + 2 < min(b_end, f.tile_end) ? token_of(f, b + 2) : -1;
+      }
     }
   }
 }

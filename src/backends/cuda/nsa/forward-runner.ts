@@ -387,6 +387,7 @@ export class ForwardRunner {
         { i32: plan.totalBlocks },
         { i32: perTile },
         { f32: scaleLog2 },
+        ...(persistent ? [{ i32: programs.tuning.fsaPhases === 'all' ? H * plan.totalBlocks : plan.totalBlocks }] : []), // keys a phase
       ],
     });
     const rows = N * Hq;

@@ -90,6 +90,12 @@ export interface KernelTuning {
    */
   readonly fsaStage?: boolean | undefined;
   /**
+   * The persistent FSA-order attention's CTAs take their shares of one KV head's tiles at a time ('head', the
+   * default), so that the query rows they gather together are one head's; 'all' (NSA_FSA_PHASES=all) shares out all
+   * tiles at once. The selected stage was 2-7% faster by head on an H100 at G = 4, 16k and 64k (docs/performance.md).
+   */
+  readonly fsaPhases?: 'head' | 'all' | undefined;
+  /**
    * The cmp and win branches' dQ in one launch (nsa_flash_bwd_dq_cmp_win: Q and dO read once, dq written once),
    * the default; NSA_FA_BWD_DQ_FUSED=0 runs one launch per branch.
    */
@@ -218,6 +224,7 @@ export function kernelTuning(
         : undefined),
     fsaPersistent,
     fsaStage: env['NSA_FSA_STAGE'] === '1' ? true : env['NSA_FSA_STAGE'] === '0' ? false : undefined,
+    fsaPhases: env['NSA_FSA_PHASES'] === 'all' ? 'all' : 'head',
     cmpWinDqFused: env['NSA_FA_BWD_DQ_FUSED'] !== '0',
     faTma: hopper && env['NSA_FA_WGMMA'] !== '0' && env['NSA_FA_TMA'] !== '0',
     faPingpong: env['NSA_FA_PINGPONG'] !== '0',
