@@ -55,6 +55,12 @@ describe('kernelTuning', () => {
     });
   });
 
+  it("shares the persistent FSA attention's tiles out a KV head at a time unless NSA_FSA_PHASES=all", () => {
+    expect(kernelTuning(config(128, 128), {}, [9, 0]).fsaPhases).toBe('head');
+    expect(kernelTuning(config(128, 128), { NSA_FSA_PHASES: 'all' }, [9, 0]).fsaPhases).toBe('all');
+    expect(kernelTuning(config(128, 128), { NSA_FSA_PHASES: 'x' }, [8, 0]).fsaPhases).toBe('head');
+  });
+
   it('computes a batch\'s selected branch as dense attention where every visible block is selected, unless NSA_SLC_DENSE=0', () => {
     expect(kernelTuning(config(128, 128), {}, [9, 0]).slcDense).toBe(true);
     expect(kernelTuning(config(128, 128), { NSA_SLC_DENSE: '0' }, [9, 0]).slcDense).toBe(false);
@@ -334,12 +340,6 @@ describe('shared memory of the block-selection kernel', () => {
     expect(shape('fla', 16, 16, 128)).toEqual({ offerMin: 64, minBlocks: undefined, perSm: 1 }); // G = 1: ptxas chooses
     expect(shape('fla', 64, 4, 128, {}, false)).toMatchObject({ offerMin: 64, minBlocks: undefined }); // mma.sync
     expect(shape('fla', 64, 4, 128, { NSA_SELECT_OFFER_MIN: '64', NSA_SELECT_MIN_BLOCKS: '1' })).toEqual({ offerMin: 64, minBlocks: 1, perSm: 2 });
-  });
-
-  it("shares the persistent FSA attention's tiles out a KV head at a time unless NSA_FSA_PHASES=all", () => {
-    expect(kernelTuning(config(128, 128), {}, [9, 0]).fsaPhases).toBe('head');
-    expect(kernelTuning(config(128, 128), { NSA_FSA_PHASES: 'all' }, [9, 0]).fsaPhases).toBe('all');
-    expect(kernelTuning(config(128, 128), { NSA_FSA_PHASES: 'x' }, [8, 0]).fsaPhases).toBe('head');
   });
 
   it('stages the FSA partial outputs where the stage costs no CTA an SM (H100 at dk = dv = 128), unless NSA_FSA_STAGE says', () => {

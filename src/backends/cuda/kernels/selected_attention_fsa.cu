@@ -258,13 +258,14 @@ __device__ __forceinline__ FsaKey fsa_key(int key, const int *__restrict__ offse
 }
 
 /**
- * nsa_fsa_attend's tiles by persistent CTAs (the host's default for blocks of at most 64 keys): CTA c
- * takes tiles [c T / grid, (c + 1) T / grid) of a phase's T tiles in order, so that consecutive tiles mostly share
- * their key, phase by phase (phase_keys keys a phase: one KV head's by default, so that the CTAs running together
- * gather the query rows of one head, which L2 then holds more of; or all keys in one phase). The key's K/V block stays in shared memory until the key changes, and each warp gathers its 16 query rows of
- * the next tile while this one computes: its A fragments are in registers once loaded, and thread t always fills
- * row t / 2, so a warp's rows are its own (no block-wide barrier between tiles of one key). The token of a
- * thread's next row is loaded a tile ahead, so that no gather waits on its lookup.
+ * nsa_fsa_attend's tiles by persistent CTAs (the host's default for blocks of at most 64 keys): CTA c takes tiles
+ * [c T / grid, (c + 1) T / grid) of a phase's T tiles in order, so that consecutive tiles mostly share their key,
+ * phase by phase (phase_keys keys a phase: one KV head's by default, so that the CTAs running together gather the
+ * query rows of one head, which L2 then holds more of; or all keys in one phase). The key's K/V block stays in
+ * shared memory until the key changes, and each warp gathers its 16 query rows of the next tile while this one
+ * computes: its A fragments are in registers once loaded, and thread t always fills row t / 2, so a warp's rows
+ * are its own (no block-wide barrier between tiles of one key). The token of a thread's next row is loaded a tile
+ * ahead, so that no gather waits on its lookup.
  */
 extern "C" __global__ void FSA_BOUNDS
     nsa_fsa_attend_persistent(const elem_t *__restrict__ q, const elem_t *__restrict__ k, const elem_t *__restrict__ v,
