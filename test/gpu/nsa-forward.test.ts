@@ -88,6 +88,16 @@ function compareOutputs(out: NsaOutputs, ref: ReturnType<typeof nsaReferenceForw
   expectRelativeRms(out.lseWin.toFloat64(), ref.lseWin, 'lse_win', TOL);
 }
 
+/** A tensor's bytes, to compare two results bit for bit. */
+const bits = (t: { data: ArrayBufferView }): Buffer => Buffer.from(t.data.buffer, t.data.byteOffset, t.data.byteLength);
+
+/** Two forwards chose the same blocks and gave the same selected branch and output, bit for bit. */
+function expectSameSelectedBits(a: NsaOutputs, b: NsaOutputs, what: string): void {
+  for (const key of ['blockIndices', 'oSlc', 'lseSlc', 'o'] as const) {
+    expect(bits(a[key]).equals(bits(b[key])), `${what}: ${key} bits`).toBe(true);
+  }
+}
+
 if (!availability.available) {
   describe('cuda NSA forward', () => {
     it.skip(`skipped: no usable CUDA GPU here (${availability.reason.split('\n')[0]})`, () => {});
@@ -126,7 +136,6 @@ if (!availability.available) {
             expectRelativeRms(result.oSlc.toFloat64(), dense.o, `${c.name} [${kernel}]: o_slc against the dense kernel's`, { rtol: 2e-3 });
             expectRelativeRms(result.lseSlc.toFloat64(), dense.lse, `${c.name} [${kernel}]: lse_slc against the dense kernel's`, { rtol: 1e-5 });
             const twoLaunches = await withEnv(kernel, { NSA_SLC_WIN_MERGE: '0' }, (backend) => nsaForward(inputs, config, { backend }));
-            const bits = (t: { data: ArrayBufferView }): Buffer => Buffer.from(t.data.buffer, t.data.byteOffset, t.data.byteLength);
             expect(bits(twoLaunches.oSlc).equals(Buffer.from(dense.o.buffer)), `${c.name} [${kernel}]: two launches' o_slc is the dense kernel's`).toBe(true);
             expect(bits(twoLaunches.lseSlc).equals(Buffer.from(dense.lse.buffer)), `${c.name} [${kernel}]: two launches' lse_slc is the dense kernel's`).toBe(true);
             for (const key of ['oCmp', 'lseCmp', 'oWin', 'lseWin'] as const) {
@@ -171,10 +180,7 @@ if (!availability.available) {
           const backend = (await createCudaBackend({ selectedKernel: 'group' })) as CudaBackend;
           backends.set(`group rows ${i}`, backend); // disposed with the others
           const rows = await nsaForward(inputs, config, { backend });
-          expect(Buffer.from(rows.blockIndices.data.buffer).equals(Buffer.from(tiles.blockIndices.data.buffer)), c.name).toBe(true);
-          expect(Buffer.from(rows.oSlc.data.buffer).equals(Buffer.from(tiles.oSlc.data.buffer)), `${c.name}: o_slc bits`).toBe(true);
-          expect(Buffer.from(rows.lseSlc.data.buffer).equals(Buffer.from(tiles.lseSlc.data.buffer)), `${c.name}: lse_slc bits`).toBe(true);
-          expect(Buffer.from(rows.o.data.buffer).equals(Buffer.from(tiles.o.data.buffer)), `${c.name}: o bits`).toBe(true);
+          expectSameSelectedBits(rows, tiles, c.name);
         } finally {
           if (saved === undefined) delete process.env['NSA_SLC_TMA'];
           else process.env['NSA_SLC_TMA'] = saved;
@@ -187,16 +193,13 @@ if (!availability.available) {
     // (l' <= 64) and the CTA-per-tile one (l' = 128), padding rows (tiles of fewer pairs than rows), G = 1 to 16,
     // dv = 64 and 128, packed sequences.
     it('FSA-order partial outputs from the fragments and through a stage (NSA_FSA_STAGE=0|1) give the same bits', async () => {
-      const bits = (t: { data: ArrayBufferView }): Buffer => Buffer.from(t.data.buffer, t.data.byteOffset, t.data.byteLength);
       for (const i of [0, 1, 2, 3, 4, 5, 6, 7, 9]) {
         const c = CASES[i]!;
         expect(c.kernels, c.name).toContain('fsa');
         const { config, inputs } = caseInputs(i);
         const direct = await withEnv('fsa', { NSA_FSA_STAGE: '0', NSA_SLC_DENSE: '0' }, (backend) => nsaForward(inputs, config, { backend }));
         const staged = await withEnv('fsa', { NSA_FSA_STAGE: '1', NSA_SLC_DENSE: '0' }, (backend) => nsaForward(inputs, config, { backend }));
-        for (const key of ['blockIndices', 'oSlc', 'lseSlc', 'o'] as const) {
-          expect(bits(staged[key]).equals(bits(direct[key])), `${c.name}: ${key} bits`).toBe(true);
-        }
+        expectSameSelectedBits(staged, direct, c.name);
         await new Promise<void>((resolve) => setImmediate(resolve)); // let vitest's RPC replies in between the compiles
       }
     });
@@ -205,16 +208,13 @@ if (!availability.available) {
     // or all at once (all): only which CTA computes a tile changes, so the same bits; two or more KV heads, packed
     // sequences, l' = 32 and 64, independent K/V per branch, a learned phi.
     it('persistent FSA-order attention by KV-head phases and in one phase (NSA_FSA_PHASES=head|all) gives the same bits', async () => {
-      const bits = (t: { data: ArrayBufferView }): Buffer => Buffer.from(t.data.buffer, t.data.byteOffset, t.data.byteLength);
       for (const i of [1, 2, 3, 8, 9]) {
         const c = CASES[i]!;
         expect(c.options.kvHeads, c.name).toBeGreaterThan(1);
         const { config, inputs } = caseInputs(i);
         const all = await withEnv('fsa', { NSA_FSA_PHASES: 'all', NSA_SLC_DENSE: '0' }, (backend) => nsaForward(inputs, config, { backend }));
         const head = await withEnv('fsa', { NSA_FSA_PHASES: 'head', NSA_SLC_DENSE: '0' }, (backend) => nsaForward(inputs, config, { backend }));
-        for (const key of ['blockIndices', 'oSlc', 'lseSlc', 'o'] as const) {
-          expect(bits(head[key]).equals(bits(all[key])), `${c.name}: ${key} bits`).toBe(true);
-        }
+        expectSameSelectedBits(head, all, c.name);
         await new Promise<void>((resolve) => setImmediate(resolve)); // let vitest's RPC replies in between the compiles
       }
     });

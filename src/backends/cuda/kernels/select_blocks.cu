@@ -98,8 +98,8 @@ __device__ __forceinline__ int cmp_visible(int t, int tc) {
  * Every listed block has a lower index than the offered ones, so a new block enters only with a score above the
  * list's last, and below any listed one of equal score; within a round of 32, lanes hold consecutive blocks, so the
  * lowest lane of equal scores goes first. The one-at-a-time inserts therefore compare 32-bit scores alone
- * (topk_score_bits; the list as a score and an index a lane, topk_key_from_bits rebuilding the keys), which takes about a third fewer instructions than
- * 64-bit keys; the merges of full rounds work on the keys.
+ * (topk_score_bits; the list as a score and an index a lane, topk_key_from_bits rebuilding the keys), which takes
+ * about a third fewer instructions than 64-bit keys; the merges of full rounds work on the keys.
  */
 __device__ __forceinline__ void offer_blocks(float *ring, unsigned long long *list, int lo, int hi, int current, int lane) {
   if (lo > hi) return;
