@@ -37,6 +37,7 @@ describe('kernelTuning', () => {
       fsaMinBlocks: 3,
       fsaPersistent: true,
       fsaPhases: 'head',
+      indexRanked: true,
       cmpWinDqFused: true,
       faTma: true,
       faPingpong: true,
@@ -53,6 +54,12 @@ describe('kernelTuning', () => {
       slcDense: true,
       slcWinMerge: true,
     });
+  });
+
+  it('builds the inverse index by ranked warps unless NSA_INDEX_RANKED=0', () => {
+    expect(kernelTuning(config(128, 128), {}, [9, 0]).indexRanked).toBe(true);
+    expect(kernelTuning(config(128, 128), {}, [8, 0]).indexRanked).toBe(true);
+    expect(kernelTuning(config(128, 128), { NSA_INDEX_RANKED: '0' }, [9, 0]).indexRanked).toBe(false);
   });
 
   it("shares the persistent FSA attention's tiles out a KV head at a time unless NSA_FSA_PHASES=all", () => {

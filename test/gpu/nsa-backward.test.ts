@@ -85,10 +85,16 @@ if (!availability.available) {
 } else {
   describe(`cuda NSA backward on ${availability.device.name}`, () => {
     let backend: CudaBackend;
+    /** Backends built under an environment of their own (kernel tuning), disposed before the first. */
+    const others: CudaBackend[] = [];
     beforeAll(async () => {
       backend = (await createCudaBackend()) as CudaBackend;
     });
-    afterAll(() => backend.dispose());
+    afterAll(() => {
+      // One context per process: dispose the first backend only after the others.
+      for (const b of others.reverse()) b.dispose();
+      backend.dispose();
+    });
 
     // Dense causal attention is the window branch with w >= T: with gates (0, 0, 1) the reference NSA backward's dq,
     // dk and dv are dense attention's gradients.
@@ -127,6 +133,45 @@ if (!availability.available) {
         }
       });
     }
+
+    // The inverse index by ranked warps (the default where a chunk's counters fit shared memory) and by one thread's
+    // walk a chunk (NSA_INDEX_RANKED=0): a stable counting sort has one answer, so the same entries in the same order,
+    // and the selected dK/dV, which sums each key's pairs in that order, the same bits. n = 5, 6 and 7 (a token's
+    // slots do not divide a warp), packed sequences with one-token ones, l' = 32, 64 and 128, G = 1 to 16, both
+    // selected dQ forms, the FSA forward's index shared with the backward.
+    it('inverse index by ranked warps and by walks (NSA_INDEX_RANKED=0) give the same gradients, bit for bit', async () => {
+      for (const i of [1, 3, 4, 5, 6, 9, 11, 13]) {
+        const c = CASES[i]!;
+        const config = new NSAConfig(c.options);
+        const cuSeqlens = [0];
+        for (const len of c.seqlens) cuSeqlens.push(cuSeqlens[cuSeqlens.length - 1]! + len);
+        const inputs = randomInputs({ config, cuSeqlens, dtype: 'bf16', seed: 700 + 31 * i });
+        const dO = Tensor.randn([...inputs.q.shape.slice(0, 3), config.valueDim], 'bf16', 800 + i);
+        const gradients = async (env: Record<string, string>): Promise<{ blocks: Int32Array; grads: NsaGradients }> => {
+          const saved = Object.keys(env).map((name) => [name, process.env[name]] as const);
+          Object.assign(process.env, env);
+          try {
+            const b = (await createCudaBackend()) as CudaBackend; // reads the tuning when it builds this config's kernels
+            others.push(b);
+            const result = await nsaForward(inputs, config, { backend: b });
+            const grads = await withSlcDq(c.slcDq, () => result.backward(dO));
+            const blocks = Int32Array.from(result.blockIndices.data);
+            result.release();
+            return { blocks, grads };
+          } finally {
+            for (const [name, value] of saved) {
+              if (value === undefined) delete process.env[name];
+              else process.env[name] = value;
+            }
+          }
+        };
+        const walked = await gradients({ ...c.env, NSA_INDEX_RANKED: '0' });
+        const ranked = await gradients({ ...c.env });
+        expect(Buffer.from(ranked.blocks.buffer).equals(Buffer.from(walked.blocks.buffer)), `${c.name}: the same blocks`).toBe(true);
+        expect(sameBits(ranked.grads, walked.grads), `${c.name}: gradients bit for bit`).toBe(true);
+        await new Promise<void>((resolve) => setImmediate(resolve)); // let vitest's RPC replies in between the compiles
+      }
+    });
 
     async function runCase(c: Case, i: number): Promise<void> {
       const config = new NSAConfig(c.options);

@@ -12,6 +12,8 @@
 //   nsa_index_scan           exclusive scans of the totals -> key offsets, and of the tiles they need
 //   nsa_index_chunk_starts   where each (key, chunk) run starts: key offset + earlier chunks' counts, a warp per key
 //   nsa_index_fill           entries (token, slot), one thread per (chunk, h) again, in token order
+// or, where a chunk's keys fit shared memory (the host's rule), count and fill by a warp per (chunk, h) over counters
+// in shared memory (nsa_index_count_ranked, nsa_index_fill_ranked: no global read-modify-write chain per token).
 #include "nsa_common.cuh"
 
 /**
@@ -161,6 +163,130 @@ extern "C" __global__ void nsa_index_fill(const int *__restrict__ block_indices,
                  }
                }
              });
+}
+
+/**
+ * The ranked walks' warp: chunk c of KV head h (warp w of the CTA takes (chunk, h) number blockIdx.x * warps + w),
+ * and its counters in shared memory, one per key the chunk can have chosen: keys h * total_blocks + first .. +
+ * first + span - 1, first being the global number of block 0 of the chunk's first token's sequence (a token chooses
+ * no block after its own; the host's span covers every chunk's range).
+ */
+struct RankedChunk {
+  int c, h, t0, end;
+  int first;  // global block number of the first sequence's block 0
+  int limit;  // counters in use: min(span, total_blocks - first)
+  bool valid; // a (chunk, h) exists for this warp
+};
+__device__ __forceinline__ RankedChunk ranked_chunk(const int *__restrict__ row_seq, const int *__restrict__ cu_blocks, int N,
+                                                    int H, int total_blocks, int chunk, int chunks, int span) {
+  RankedChunk r;
+  const int idx = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  r.valid = idx < chunks * H;
+  r.c = idx / H;
+  r.h = idx % H;
+  r.t0 = r.c * chunk;
+  r.end = min(N, r.t0 + chunk);
+  r.valid = r.valid && r.t0 < r.end;
+  r.first = r.valid ? cu_blocks[row_seq[r.t0]] : 0;
+  r.limit = min(span, total_blocks - r.first);
+  return r;
+}
+
+/** Lane `lane`'s token t's blocks (-1 past `end`), their offset from the chunk's first block 0, its valid slots. */
+__device__ __forceinline__ int ranked_token(const int *__restrict__ block_indices, const int *__restrict__ row_seq,
+                                            const int *__restrict__ cu_blocks, int t, int end, int H, int h, int first,
+                                            int blocks[SEL_N], int *offset) {
+  const int *sel = block_indices + ((i64)t * H + h) * SEL_N;
+#pragma unroll
+  for (int s = 0; s < SEL_N; s++) blocks[s] = t < end ? sel[s] : -1;
+  *offset = t < end ? cu_blocks[row_seq[t]] - first : 0;
+  int valid = SEL_N; // slots before the first -1, as walk_chunk counts them
+#pragma unroll
+  for (int s = SEL_N - 1; s >= 0; s--) valid = blocks[s] < 0 ? s : valid;
+  return valid;
+}
+
+/** nsa_index_count's counts by a warp per (chunk, h): the chunk's counts summed in shared memory, written once. */
+extern "C" __global__ void nsa_index_count_ranked(const int *__restrict__ block_indices, const int *__restrict__ row_seq,
+                                                  const int *__restrict__ cu_blocks, int *__restrict__ counts, int N, int H,
+                                                  int total_blocks, int chunk, int chunks, int span) {
+  extern __shared__ int ranked_smem[];
+  const RankedChunk rc = ranked_chunk(row_seq, cu_blocks, N, H, total_blocks, chunk, chunks, span);
+  if (!rc.valid) return; // the whole warp
+  const int lane = threadIdx.x % 32;
+  int *hist = ranked_smem + (threadIdx.x / 32) * 2 * span;
+  for (int i = lane; i < rc.limit; i += 32) hist[i] = 0;
+  __syncwarp();
+  for (int r0 = rc.t0; r0 < rc.end; r0 += 32) {
+    int blocks[SEL_N];
+    int offset;
+    const int valid = ranked_token(block_indices, row_seq, cu_blocks, r0 + lane, rc.end, H, rc.h, rc.first, blocks, &offset);
+#pragma unroll
+    for (int s = 0; s < SEL_N; s++) {
+      if (s < valid) atomicAdd(&hist[offset + blocks[s]], 1);
+    }
+  }
+  __syncwarp();
+  const i64 key_lo = (i64)rc.h * total_blocks + rc.first;
+  for (int i = lane; i < rc.limit; i += 32) {
+    if (hist[i] != 0) counts[(key_lo + i) * chunks + rc.c] = hist[i]; // the host zeroed the others
+  }
+}
+
+/**
+ * nsa_index_fill's entries by a warp per (chunk, h): the chunk's (key, chunk) cursors loaded into shared memory,
+ * 32 tokens a round (a lane a token). In a round the lanes that chose one key mark a bit each in that key's mask,
+ * then each takes the place its bit's rank gives (lanes in token order, so each (key, chunk) run stays in token
+ * order), and the lowest of them advances the cursor: the same entries as nsa_index_fill.
+ */
+extern "C" __global__ void nsa_index_fill_ranked(const int *__restrict__ block_indices, const int *__restrict__ row_seq,
+                                                 const int *__restrict__ cu_blocks, const int *__restrict__ starts,
+                                                 int2 *__restrict__ entries, int N, int H, int total_blocks, int chunk,
+                                                 int chunks, int span) {
+  extern __shared__ int ranked_smem[];
+  const RankedChunk rc = ranked_chunk(row_seq, cu_blocks, N, H, total_blocks, chunk, chunks, span);
+  if (!rc.valid) return; // the whole warp
+  const int lane = threadIdx.x % 32;
+  int *cursor = ranked_smem + (threadIdx.x / 32) * 2 * span;
+  unsigned *mask = reinterpret_cast<unsigned *>(cursor + span);
+  const i64 key_lo = (i64)rc.h * total_blocks + rc.first;
+  for (int i = lane; i < rc.limit; i += 32) {
+    cursor[i] = starts[(key_lo + i) * chunks + rc.c];
+    mask[i] = 0;
+  }
+  __syncwarp();
+  const unsigned below = (1u << lane) - 1; // the lanes (tokens) before this one
+  for (int r0 = rc.t0; r0 < rc.end; r0 += 32) {
+    const int t = r0 + lane;
+    int blocks[SEL_N];
+    int offset;
+    const int valid = ranked_token(block_indices, row_seq, cu_blocks, t, rc.end, H, rc.h, rc.first, blocks, &offset);
+#pragma unroll
+    for (int s = 0; s < SEL_N; s++) {
+      if (s < valid) atomicOr(&mask[offset + blocks[s]], 1u << lane);
+    }
+    __syncwarp();
+    unsigned lowest = 0; // the slots whose key's mask this lane is the lowest bit of
+#pragma unroll
+    for (int s = 0; s < SEL_N; s++) {
+      if (s < valid) {
+        const int i = offset + blocks[s];
+        const unsigned m = mask[i];
+        entries[cursor[i] + __popc(m & below)] = make_int2(t, s);
+        if ((m & below) == 0) lowest |= 1u << s;
+      }
+    }
+    __syncwarp();
+#pragma unroll
+    for (int s = 0; s < SEL_N; s++) {
+      if (lowest & (1u << s)) {
+        const int i = offset + blocks[s];
+        cursor[i] += __popc(mask[i]);
+        mask[i] = 0;
+      }
+    }
+    __syncwarp();
+  }
 }
 
 // The order the selected dK/dV runs its work items in (not what they sum: each item writes its own partial rows,

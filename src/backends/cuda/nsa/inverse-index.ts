@@ -13,6 +13,25 @@ import type { NsaPrograms } from './programs.js';
 const ptr = (b: DeviceBuffer): KernelArg => ({ ptr: b.ptr });
 /** Tokens per bucket of the work items' order: one selection block at the usual l' = 64. */
 const BUCKET_TOKENS = 64;
+/** The ranked walks: tokens a chunk at least, warps a CTA, and counters a chunk at most (8 bytes each in shared memory). */
+const RANKED_MIN_CHUNK = 128;
+const RANKED_WARPS = 4;
+const RANKED_MAX_SPAN = 4096;
+
+/**
+ * The counters a ranked walk's chunk of `chunk` tokens needs, the most over all chunks: from block 0 of its first
+ * token's sequence to its last token's own block (no token chooses a later block), in global block numbers.
+ */
+export function rankedSpan(plan: Pick<LayoutPlan, 'totalTokens' | 'cuSeqlens' | 'cuBlocks' | 'rowSeq'>, selectBlock: number, chunk: number): number {
+  let span = 1;
+  for (let t0 = 0; t0 < plan.totalTokens; t0 += chunk) {
+    const last = Math.min(plan.totalTokens, t0 + chunk) - 1;
+    const seq = plan.rowSeq[last]!;
+    const lastBlock = plan.cuBlocks[seq]! + Math.floor((last - plan.cuSeqlens[seq]!) / selectBlock);
+    span = Math.max(span, lastBlock - plan.cuBlocks[plan.rowSeq[t0]!]! + 1);
+  }
+  return span;
+}
 
 export class InverseIndex {
   /** [keys + 1]: where each key's pairs start in `entries`. */
@@ -23,8 +42,13 @@ export class InverseIndex {
   readonly entries: DeviceBuffer;
   /** Pairs per key ([keys]), which the item scan reads. */
   private readonly totals: DeviceBuffer;
-  /** The sort's own buffers; undefined when this index shares another's entries. */
-  private readonly sort: { counts: DeviceBuffer; starts: DeviceBuffer; chunks: number; chunk: number } | undefined;
+  /**
+   * The sort's own buffers and chunks; undefined when this index shares another's entries. `span`: counters a chunk
+   * needs for the ranked walks (a warp per chunk, its counters in shared memory), or undefined for one thread's walk.
+   */
+  private readonly sort:
+    | { counts: DeviceBuffer; starts: DeviceBuffer; chunks: number; chunk: number; span: number | undefined }
+    | undefined;
   /** Where the scan writes the key offsets: `offsets`, or scratch when they are a shared index's. */
   private readonly scanOffsets: DeviceBuffer;
   private readonly buffers: DeviceBuffer[];
@@ -57,15 +81,21 @@ export class InverseIndex {
       this.buffers = [this.itemOffsets, this.scanOffsets];
       return;
     }
-    // Tokens are cut into chunks of at least 16 (at most 1024 chunks); one thread per (chunk, KV head) walks its
-    // chunk in order. Each step of a walk waits on its counters' read-modify-writes, so shorter walks are faster:
-    // 256 chunks took 2.9 ms at 64k tokens, H = 4 (H100).
-    const chunks = Math.max(1, Math.min(1024, Math.ceil(N / 16)));
+    // The ranked walks (a warp per (chunk, KV head), 32 tokens a round, its counters in shared memory) take chunks of
+    // at least 128 tokens where every chunk's counters fit RANKED_MAX_SPAN (programs.tuning.indexRanked). Otherwise
+    // tokens are cut into chunks of at least 16 (at most 1024 chunks); one thread per (chunk, KV head) walks its
+    // chunk in order. Each step of such a walk waits on its counters' read-modify-writes, so shorter walks are
+    // faster: 256 chunks took 2.9 ms at 64k tokens, H = 4 (H100).
+    const rankedChunks = Math.max(1, Math.min(1024, Math.ceil(N / RANKED_MIN_CHUNK)));
+    const span = programs.tuning.indexRanked === false ? undefined : rankedSpan(plan, programs.config.selectBlock, Math.ceil(N / rankedChunks));
+    const ranked = span !== undefined && span <= RANKED_MAX_SPAN;
+    const chunks = ranked ? rankedChunks : Math.max(1, Math.min(1024, Math.ceil(N / 16)));
     this.sort = {
       counts: ctx.alloc(keys * chunks * 4, 'inverse index counts'),
       starts: ctx.alloc(keys * chunks * 4, 'inverse index starts'),
       chunks,
       chunk: Math.ceil(N / chunks),
+      span: ranked ? span : undefined,
     };
     this.totals = ctx.alloc(keys * 4, 'inverse index totals');
     this.offsets = ctx.alloc((keys + 1) * 4, 'inverse index offsets');
@@ -95,12 +125,22 @@ export class InverseIndex {
       scan();
       return;
     }
-    const { counts, starts, chunk, chunks } = sort;
-    const walkers: [number, number, number] = [Math.ceil((chunks * H) / 128), 1, 1];
+    const { counts, starts, chunk, chunks, span } = sort;
     const selection = [ptr(blockIndices), ptr(tables.rowSeq), ptr(tables.cuBlocks)];
     const walk = [{ i32: N }, { i32: H }, { i32: plan.totalBlocks }, { i32: chunk }, { i32: chunks }];
+    // A thread per (chunk, KV head), or for the ranked walks a warp with 2 * span counters of shared memory.
+    const walkers =
+      span === undefined
+        ? { grid: [Math.ceil((chunks * H) / 128), 1, 1] as [number, number, number], block: [128, 1, 1] as [number, number, number], sharedBytes: 0, args: walk }
+        : {
+            grid: [Math.ceil((chunks * H) / RANKED_WARPS), 1, 1] as [number, number, number],
+            block: [32 * RANKED_WARPS, 1, 1] as [number, number, number],
+            sharedBytes: RANKED_WARPS * span * 8,
+            args: [...walk, { i32: span }],
+          };
+    const ranked = span === undefined ? '' : '_ranked';
     ctx.memset(counts, 0);
-    programs.inverseIndex('count').launch({ grid: walkers, block: [128, 1, 1], args: [...selection, ptr(counts), ...walk] });
+    programs.inverseIndex(`count${ranked}`).launch({ ...walkers, args: [...selection, ptr(counts), ...walkers.args] });
     programs.inverseIndex('key_totals').launch({
       grid: perKey,
       block: [128, 1, 1],
@@ -112,7 +152,7 @@ export class InverseIndex {
       block: [128, 1, 1],
       args: [ptr(counts), ptr(this.offsets), ptr(starts), { i32: keys }, { i32: chunks }],
     });
-    programs.inverseIndex('fill').launch({ grid: walkers, block: [128, 1, 1], args: [...selection, ptr(starts), ptr(this.entries), ...walk] });
+    programs.inverseIndex(`fill${ranked}`).launch({ ...walkers, args: [...selection, ptr(starts), ptr(this.entries), ...walkers.args] });
   }
 
   /**

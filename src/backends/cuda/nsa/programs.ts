@@ -96,6 +96,11 @@ export interface KernelTuning {
    */
   readonly fsaPhases?: 'head' | 'all' | undefined;
   /**
+   * The inverse index's count and fill by a warp per (chunk, KV head) with the chunk's counters in shared memory
+   * (the default, where they fit: InverseIndex), or by one thread's walk per chunk (NSA_INDEX_RANKED=0).
+   */
+  readonly indexRanked?: boolean | undefined;
+  /**
    * The cmp and win branches' dQ in one launch (nsa_flash_bwd_dq_cmp_win: Q and dO read once, dq written once),
    * the default; NSA_FA_BWD_DQ_FUSED=0 runs one launch per branch.
    */
@@ -225,6 +230,7 @@ export function kernelTuning(
     fsaPersistent,
     fsaStage: env['NSA_FSA_STAGE'] === '1' ? true : env['NSA_FSA_STAGE'] === '0' ? false : undefined,
     fsaPhases: env['NSA_FSA_PHASES'] === 'all' ? 'all' : 'head',
+    indexRanked: env['NSA_INDEX_RANKED'] !== '0',
     cmpWinDqFused: env['NSA_FA_BWD_DQ_FUSED'] !== '0',
     faTma: hopper && env['NSA_FA_WGMMA'] !== '0' && env['NSA_FA_TMA'] !== '0',
     faPingpong: env['NSA_FA_PINGPONG'] !== '0',
@@ -627,7 +633,9 @@ export class NsaPrograms {
     return this.tuning.slcDqParts === 'bf16' ? 2 : 4;
   }
 
-  inverseIndex(fn: 'count' | 'key_totals' | 'scan' | 'chunk_starts' | 'fill' | 'item_buckets' | 'item_order'): Kernel {
+  inverseIndex(
+    fn: 'count' | 'count_ranked' | 'key_totals' | 'scan' | 'chunk_starts' | 'fill' | 'fill_ranked' | 'item_buckets' | 'item_order',
+  ): Kernel {
     return this.kernel('inverse_index.cu', `nsa_index_${fn}`, [`-DSEL_N=${this.config.selectCount}`]);
   }
 
