@@ -136,9 +136,9 @@ if (!availability.available) {
 
     // The inverse index by ranked warps (the default where a chunk's counters fit shared memory) and by one thread's
     // walk a chunk (NSA_INDEX_RANKED=0): a stable counting sort has one answer, so the same entries in the same order,
-    // and the selected dK/dV, which sums each key's pairs in that order, the same bits. n = 5, 6 and 7 (a token's
-    // slots do not divide a warp), packed sequences with one-token ones, l' = 32, 64 and 128, G = 1 to 16, both
-    // selected dQ forms, the FSA forward's index shared with the backward.
+    // and the selected dK/dV, which sums each key's pairs in that order, the same bits. n = 4 to 7, packed sequences
+    // with one-token ones, l' = 32, 64 and 128, G = 1 to 16, both selected dQ forms, the FSA forward's index shared
+    // with the backward.
     it('inverse index by ranked warps and by walks (NSA_INDEX_RANKED=0) give the same gradients, bit for bit', async () => {
       for (const i of [1, 3, 4, 5, 6, 9, 11, 13]) {
         const c = CASES[i]!;

@@ -192,7 +192,7 @@ __device__ __forceinline__ RankedChunk ranked_chunk(const int *__restrict__ row_
   return r;
 }
 
-/** Lane `lane`'s token t's blocks (-1 past `end`), their offset from the chunk's first block 0, its valid slots. */
+/** Token t's blocks (-1 past `end`), their offset from the chunk's first block 0, and its valid slots. */
 __device__ __forceinline__ int ranked_token(const int *__restrict__ block_indices, const int *__restrict__ row_seq,
                                             const int *__restrict__ cu_blocks, int t, int end, int H, int h, int first,
                                             int blocks[SEL_N], int *offset) {

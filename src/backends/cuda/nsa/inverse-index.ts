@@ -13,7 +13,10 @@ import type { NsaPrograms } from './programs.js';
 const ptr = (b: DeviceBuffer): KernelArg => ({ ptr: b.ptr });
 /** Tokens per bucket of the work items' order: one selection block at the usual l' = 64. */
 const BUCKET_TOKENS = 64;
-/** The ranked walks: tokens a chunk at least, warps a CTA, and counters a chunk at most (8 bytes each in shared memory). */
+/**
+ * The ranked walks: tokens a chunk at least, warps a CTA, and counters a chunk at most (8 bytes each in shared memory;
+ * fewer where a CTA may not have RANKED_WARPS times that).
+ */
 const RANKED_MIN_CHUNK = 128;
 const RANKED_WARPS = 4;
 const RANKED_MAX_SPAN = 4096;
@@ -82,13 +85,13 @@ export class InverseIndex {
       return;
     }
     // The ranked walks (a warp per (chunk, KV head), 32 tokens a round, its counters in shared memory) take chunks of
-    // at least 128 tokens where every chunk's counters fit RANKED_MAX_SPAN (programs.tuning.indexRanked). Otherwise
+    // at least 128 tokens where every chunk's counters fit (programs.tuning.indexRanked, rankedMaxSpan). Otherwise
     // tokens are cut into chunks of at least 16 (at most 1024 chunks); one thread per (chunk, KV head) walks its
     // chunk in order. Each step of such a walk waits on its counters' read-modify-writes, so shorter walks are
     // faster: 256 chunks took 2.9 ms at 64k tokens, H = 4 (H100).
     const rankedChunks = Math.max(1, Math.min(1024, Math.ceil(N / RANKED_MIN_CHUNK)));
     const span = programs.tuning.indexRanked === false ? undefined : rankedSpan(plan, programs.config.selectBlock, Math.ceil(N / rankedChunks));
-    const ranked = span !== undefined && span <= RANKED_MAX_SPAN;
+    const ranked = span !== undefined && span <= Math.min(RANKED_MAX_SPAN, Math.floor(ctx.maxSharedBytesOptin / (RANKED_WARPS * 8)));
     const chunks = ranked ? rankedChunks : Math.max(1, Math.min(1024, Math.ceil(N / 16)));
     this.sort = {
       counts: ctx.alloc(keys * chunks * 4, 'inverse index counts'),
