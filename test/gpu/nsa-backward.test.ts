@@ -13,6 +13,7 @@ import { randomInputs } from '../../src/nsa/random-inputs.js';
 import type { NsaGradients } from '../../src/nsa/types.js';
 import { Tensor } from '../../src/tensor/tensor.js';
 import { expectRelativeRms, rms } from '../helpers/compare.js';
+import { withEnvironment } from '../helpers/env.js';
 import { referenceInputs, withIndependentKv } from '../helpers/gpu-inputs.js';
 
 const availability = cudaAvailability();
@@ -55,15 +56,15 @@ const CASES: Case[] = [
 ];
 
 /** Runs `body` with NSA_SLC_DQ set to `mode` (left as it was when undefined), restoring it after. */
-async function withSlcDq<T>(mode: Case['slcDq'], body: () => Promise<T>): Promise<T> {
-  const saved = process.env['NSA_SLC_DQ'];
-  if (mode !== undefined) process.env['NSA_SLC_DQ'] = mode;
-  try {
-    return await body();
-  } finally {
-    if (saved === undefined) delete process.env['NSA_SLC_DQ'];
-    else process.env['NSA_SLC_DQ'] = saved;
-  }
+function withSlcDq<T>(mode: Case['slcDq'], body: () => Promise<T>): Promise<T> {
+  return withEnvironment({ NSA_SLC_DQ: mode }, body);
+}
+
+/** Packed offsets [0, len0, len0 + len1, ...] of a case's sequences. */
+function cuSeqlensOf(seqlens: readonly number[]): number[] {
+  const cu = [0];
+  for (const len of seqlens) cu.push(cu[cu.length - 1]! + len);
+  return cu;
 }
 
 const GRADIENTS = ['dq', 'dk', 'dv', 'dg', 'dkCmp', 'dvCmp', 'dkSlc', 'dvSlc', 'dkWin', 'dvWin'] as const;
@@ -105,8 +106,7 @@ if (!availability.available) {
     for (const [i, c] of DENSE.entries()) {
       it(`dense causal backward (the benchmark baseline), ${c.name}, against the float64 reference`, () => {
         const config = new NSAConfig({ ...c.options, window: 1024 });
-        const cuSeqlens = [0];
-        for (const len of c.seqlens) cuSeqlens.push(cuSeqlens[cuSeqlens.length - 1]! + len);
+        const cuSeqlens = cuSeqlensOf(c.seqlens);
         const inputs = randomInputs({ config, cuSeqlens, dtype: 'bf16', seed: 40 + i });
         const dO = Tensor.randn([...inputs.q.shape.slice(0, 3), config.valueDim], 'bf16', 60 + i);
         const gpu = backend.denseAttentionBackward(validateNsaInputs(inputs, config), dO);
@@ -120,18 +120,7 @@ if (!availability.available) {
     }
 
     for (const [i, c] of CASES.entries()) {
-      it(c.name, async () => {
-        const saved = Object.keys(c.env ?? {}).map((name) => [name, process.env[name]] as const);
-        Object.assign(process.env, c.env);
-        try {
-          await runCase(c, i);
-        } finally {
-          for (const [name, value] of saved) {
-            if (value === undefined) delete process.env[name];
-            else process.env[name] = value;
-          }
-        }
-      });
+      it(c.name, () => withEnvironment(c.env ?? {}, () => runCase(c, i)));
     }
 
     // The inverse index by ranked warps (the default where a chunk's counters fit shared memory) and by one thread's
@@ -143,28 +132,18 @@ if (!availability.available) {
       for (const i of [1, 3, 4, 5, 6, 9, 11, 13]) {
         const c = CASES[i]!;
         const config = new NSAConfig(c.options);
-        const cuSeqlens = [0];
-        for (const len of c.seqlens) cuSeqlens.push(cuSeqlens[cuSeqlens.length - 1]! + len);
-        const inputs = randomInputs({ config, cuSeqlens, dtype: 'bf16', seed: 700 + 31 * i });
+        const inputs = randomInputs({ config, cuSeqlens: cuSeqlensOf(c.seqlens), dtype: 'bf16', seed: 700 + 31 * i });
         const dO = Tensor.randn([...inputs.q.shape.slice(0, 3), config.valueDim], 'bf16', 800 + i);
-        const gradients = async (env: Record<string, string>): Promise<{ blocks: Int32Array; grads: NsaGradients }> => {
-          const saved = Object.keys(env).map((name) => [name, process.env[name]] as const);
-          Object.assign(process.env, env);
-          try {
+        const gradients = (env: Record<string, string>): Promise<{ blocks: Int32Array; grads: NsaGradients }> =>
+          withEnvironment({ ...env, NSA_SLC_DQ: c.slcDq }, async () => {
             const b = (await createCudaBackend()) as CudaBackend; // reads the tuning when it builds this config's kernels
             others.push(b);
             const result = await nsaForward(inputs, config, { backend: b });
-            const grads = await withSlcDq(c.slcDq, () => result.backward(dO));
+            const grads = await result.backward(dO);
             const blocks = Int32Array.from(result.blockIndices.data);
             result.release();
             return { blocks, grads };
-          } finally {
-            for (const [name, value] of saved) {
-              if (value === undefined) delete process.env[name];
-              else process.env[name] = value;
-            }
-          }
-        };
+          });
         const walked = await gradients({ ...c.env, NSA_INDEX_RANKED: '0' });
         const ranked = await gradients({ ...c.env });
         expect(Buffer.from(ranked.blocks.buffer).equals(Buffer.from(walked.blocks.buffer)), `${c.name}: the same blocks`).toBe(true);
@@ -175,8 +154,7 @@ if (!availability.available) {
 
     async function runCase(c: Case, i: number): Promise<void> {
       const config = new NSAConfig(c.options);
-      const cuSeqlens = [0];
-      for (const len of c.seqlens) cuSeqlens.push(cuSeqlens[cuSeqlens.length - 1]! + len);
+      const cuSeqlens = cuSeqlensOf(c.seqlens);
       let inputs = randomInputs({ config, cuSeqlens, dtype: 'bf16', seed: 500 + 31 * i });
       if (c.independent) inputs = withIndependentKv(inputs, config, cuSeqlens, 500 + 31 * i);
       const result = await nsaForward(inputs, config, { backend, outputDType: c.outputDType ?? 'f32' });

@@ -23,6 +23,7 @@ import { randomInputs } from '../../src/nsa/random-inputs.js';
 import { validateNsaInputs } from '../../src/nsa/validate.js';
 import type { NsaOutputs } from '../../src/nsa/types.js';
 import { expectRelativeRms } from '../helpers/compare.js';
+import { withEnvironment } from '../helpers/env.js';
 import { referenceInputs, withIndependentKv } from '../helpers/gpu-inputs.js';
 import { checkRowSelection } from '../helpers/selection-check.js';
 
@@ -152,19 +153,12 @@ if (!availability.available) {
     }
 
     /** `run` on a backend created under `env` (read when the backend first builds a config's kernels), kept for the file. */
-    async function withEnv<T>(kernel: 'group' | 'fsa', env: Record<string, string>, run: (backend: CudaBackend) => Promise<T>): Promise<T> {
+    function withEnv<T>(kernel: 'group' | 'fsa', env: Record<string, string>, run: (backend: CudaBackend) => Promise<T>): Promise<T> {
       const key = `${kernel} ${JSON.stringify(env)}`;
-      const saved = Object.keys(env).map((name) => [name, process.env[name]] as const);
-      Object.assign(process.env, env);
-      try {
+      return withEnvironment(env, async () => {
         if (!backends.has(key)) backends.set(key, (await createCudaBackend({ selectedKernel: kernel })) as CudaBackend); // disposed with the others
-        return await run(backends.get(key)!);
-      } finally {
-        for (const [name, value] of saved) {
-          if (value === undefined) delete process.env[name];
-          else process.env[name] = value;
-        }
-      }
+        return run(backends.get(key)!);
+      });
     }
 
     // The group-centric kernel's TMA tiles (one position a CTA, NSA_SLC_UNION=0) against its per-row bulk copies
@@ -174,17 +168,13 @@ if (!availability.available) {
         const c = CASES[i]!;
         const { config, inputs } = caseInputs(i);
         const tiles = await withEnv('group', { NSA_SLC_UNION: '0' }, (backend) => nsaForward(inputs, config, { backend }));
-        const saved = process.env['NSA_SLC_TMA'];
-        process.env['NSA_SLC_TMA'] = '0'; // read when the backend builds this config's kernels (no TMA: no union kernel)
-        try {
+        // NSA_SLC_TMA is read when the backend builds this config's kernels (no TMA: no union kernel)
+        await withEnvironment({ NSA_SLC_TMA: '0' }, async () => {
           const backend = (await createCudaBackend({ selectedKernel: 'group' })) as CudaBackend;
           backends.set(`group rows ${i}`, backend); // disposed with the others
           const rows = await nsaForward(inputs, config, { backend });
           expectSameSelectedBits(rows, tiles, c.name);
-        } finally {
-          if (saved === undefined) delete process.env['NSA_SLC_TMA'];
-          else process.env['NSA_SLC_TMA'] = saved;
-        }
+        });
       }
     });
 

@@ -181,12 +181,11 @@ __device__ __forceinline__ RankedChunk ranked_chunk(const int *__restrict__ row_
                                                     int H, int total_blocks, int chunk, int chunks, int span) {
   RankedChunk r;
   const int idx = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  r.valid = idx < chunks * H;
   r.c = idx / H;
   r.h = idx % H;
   r.t0 = r.c * chunk;
   r.end = min(N, r.t0 + chunk);
-  r.valid = r.valid && r.t0 < r.end;
+  r.valid = idx < chunks * H && r.t0 < r.end;
   r.first = r.valid ? cu_blocks[row_seq[r.t0]] : 0;
   r.limit = min(span, total_blocks - r.first);
   return r;

@@ -130,20 +130,17 @@ export class InverseIndex {
     }
     const { counts, starts, chunk, chunks, span } = sort;
     const selection = [ptr(blockIndices), ptr(tables.rowSeq), ptr(tables.cuBlocks)];
-    const walk = [{ i32: N }, { i32: H }, { i32: plan.totalBlocks }, { i32: chunk }, { i32: chunks }];
     // A thread per (chunk, KV head), or for the ranked walks a warp with 2 * span counters of shared memory.
-    const walkers =
-      span === undefined
-        ? { grid: [Math.ceil((chunks * H) / 128), 1, 1] as [number, number, number], block: [128, 1, 1] as [number, number, number], sharedBytes: 0, args: walk }
-        : {
-            grid: [Math.ceil((chunks * H) / RANKED_WARPS), 1, 1] as [number, number, number],
-            block: [32 * RANKED_WARPS, 1, 1] as [number, number, number],
-            sharedBytes: RANKED_WARPS * span * 8,
-            args: [...walk, { i32: span }],
-          };
-    const ranked = span === undefined ? '' : '_ranked';
+    const walkersPerCta = span === undefined ? 128 : RANKED_WARPS;
+    const walkers = {
+      grid: [Math.ceil((chunks * H) / walkersPerCta), 1, 1] as [number, number, number],
+      block: [span === undefined ? 128 : 32 * RANKED_WARPS, 1, 1] as [number, number, number],
+      sharedBytes: span === undefined ? 0 : RANKED_WARPS * span * 8,
+    };
+    const walk = [{ i32: N }, { i32: H }, { i32: plan.totalBlocks }, { i32: chunk }, { i32: chunks }, ...(span === undefined ? [] : [{ i32: span }])];
+    const form = span === undefined ? '' : '_ranked';
     ctx.memset(counts, 0);
-    programs.inverseIndex(`count${ranked}`).launch({ ...walkers, args: [...selection, ptr(counts), ...walkers.args] });
+    programs.inverseIndex(`count${form}`).launch({ ...walkers, args: [...selection, ptr(counts), ...walk] });
     programs.inverseIndex('key_totals').launch({
       grid: perKey,
       block: [128, 1, 1],
@@ -155,7 +152,7 @@ export class InverseIndex {
       block: [128, 1, 1],
       args: [ptr(counts), ptr(this.offsets), ptr(starts), { i32: keys }, { i32: chunks }],
     });
-    programs.inverseIndex(`fill${ranked}`).launch({ ...walkers, args: [...selection, ptr(starts), ptr(this.entries), ...walkers.args] });
+    programs.inverseIndex(`fill${form}`).launch({ ...walkers, args: [...selection, ptr(starts), ptr(this.entries), ...walk] });
   }
 
   /**
