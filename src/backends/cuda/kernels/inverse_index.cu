@@ -173,9 +173,10 @@ extern "C" __global__ void nsa_index_fill(const int *__restrict__ block_indices,
  */
 struct RankedChunk {
   int c, h, t0, end;
-  int first;  // global block number of the first sequence's block 0
-  int limit;  // counters in use: min(span, total_blocks - first)
-  bool valid; // a (chunk, h) exists for this warp
+  int first;   // global block number of the first sequence's block 0
+  int limit;   // counters in use: min(span, total_blocks - first)
+  bool valid;  // a (chunk, h) exists for this warp
+  bool single; // the chunk's tokens all lie in one sequence (the usual case): every token's offset is 0
 };
 __device__ __forceinline__ RankedChunk ranked_chunk(const int *__restrict__ row_seq, const int *__restrict__ cu_blocks, int N,
                                                     int H, int total_blocks, int chunk, int chunks, int span) {
@@ -186,20 +187,39 @@ __device__ __forceinline__ RankedChunk ranked_chunk(const int *__restrict__ row_
   r.t0 = r.c * chunk;
   r.end = min(N, r.t0 + chunk);
   r.valid = idx < chunks * H && r.t0 < r.end;
-  r.first = r.valid ? cu_blocks[row_seq[r.t0]] : 0;
+  const int seq = r.valid ? row_seq[r.t0] : 0;
+  r.single = r.valid && row_seq[r.end - 1] == seq;
+  r.first = r.valid ? cu_blocks[seq] : 0;
   r.limit = min(span, total_blocks - r.first);
   return r;
 }
 
-/** Token t's blocks (-1 past `end`), their offset from the chunk's first block 0, and its valid slots. */
-__device__ __forceinline__ int ranked_token(const int *__restrict__ block_indices, const int *__restrict__ row_seq,
-                                            const int *__restrict__ cu_blocks, int t, int end, int H, int h, int first,
-                                            int blocks[SEL_N], int *offset) {
-  const int *sel = block_indices + ((i64)t * H + h) * SEL_N;
+/** Token t's blocks (-1 past the chunk's end): SEL_N / 4 vector loads where SEL_N is a multiple of 4. */
+__device__ __forceinline__ void ranked_blocks(const int *__restrict__ block_indices, int t, const RankedChunk &rc, int H, int blocks[SEL_N]) {
+  const int *sel = block_indices + ((i64)t * H + rc.h) * SEL_N;
+  if (SEL_N % 4 == 0) { // a token's row is 16-byte aligned
 #pragma unroll
-  for (int s = 0; s < SEL_N; s++) blocks[s] = t < end ? sel[s] : -1;
-  *offset = t < end ? cu_blocks[row_seq[t]] - first : 0;
-  int valid = SEL_N; // slots before the first -1, as walk_chunk counts them
+    for (int s = 0; s < SEL_N; s += 4) {
+      const int4 v = t < rc.end ? *reinterpret_cast<const int4 *>(sel + s) : make_int4(-1, -1, -1, -1);
+      blocks[s] = v.x;
+      blocks[s + 1] = v.y;
+      blocks[s + 2] = v.z;
+      blocks[s + 3] = v.w;
+    }
+  } else {
+#pragma unroll
+    for (int s = 0; s < SEL_N; s++) blocks[s] = t < rc.end ? sel[s] : -1;
+  }
+}
+
+/**
+ * Token t's offset from the chunk's first block 0 (0 without a load where the chunk lies in one sequence), and its
+ * valid slots (before the first -1, as walk_chunk counts them).
+ */
+__device__ __forceinline__ int ranked_offset(const int *__restrict__ row_seq, const int *__restrict__ cu_blocks, int t,
+                                             const RankedChunk &rc, const int blocks[SEL_N], int *offset) {
+  *offset = rc.single || t >= rc.end ? 0 : cu_blocks[row_seq[t]] - rc.first;
+  int valid = SEL_N;
 #pragma unroll
   for (int s = SEL_N - 1; s >= 0; s--) valid = blocks[s] < 0 ? s : valid;
   return valid;
@@ -214,12 +234,17 @@ extern "C" __global__ void nsa_index_count_ranked(const int *__restrict__ block_
   if (!rc.valid) return; // the whole warp
   const int lane = threadIdx.x % 32;
   int *hist = ranked_smem + (threadIdx.x / 32) * 2 * span;
+  int next[SEL_N]; // the next round's blocks, loading while this one counts
+  ranked_blocks(block_indices, rc.t0 + lane, rc, H, next);
   for (int i = lane; i < rc.limit; i += 32) hist[i] = 0;
   __syncwarp();
   for (int r0 = rc.t0; r0 < rc.end; r0 += 32) {
     int blocks[SEL_N];
+#pragma unroll
+    for (int s = 0; s < SEL_N; s++) blocks[s] = next[s];
+    if (r0 + 32 < rc.end) ranked_blocks(block_indices, r0 + 32 + lane, rc, H, next);
     int offset;
-    const int valid = ranked_token(block_indices, row_seq, cu_blocks, r0 + lane, rc.end, H, rc.h, rc.first, blocks, &offset);
+    const int valid = ranked_offset(row_seq, cu_blocks, r0 + lane, rc, blocks, &offset);
 #pragma unroll
     for (int s = 0; s < SEL_N; s++) {
       if (s < valid) atomicAdd(&hist[offset + blocks[s]], 1);
@@ -236,7 +261,9 @@ extern "C" __global__ void nsa_index_count_ranked(const int *__restrict__ block_
  * nsa_index_fill's entries by a warp per (chunk, h): the chunk's (key, chunk) cursors loaded into shared memory,
  * 32 tokens a round (a lane a token). In a round the lanes that chose one key mark a bit each in that key's mask,
  * then each takes the place its bit's rank gives (lanes in token order, so each (key, chunk) run stays in token
- * order), and the lowest of them advances the cursor: the same entries as nsa_index_fill.
+ * order), and the lowest of them advances the cursor: the same entries as nsa_index_fill. A lane reads all its
+ * slots' masks and cursors before it uses any (the rounds are chains of shared-memory round trips, ~100 cycles an
+ * instruction when each slot waited for its own), and the lowest lanes keep what they read for the cursor's update.
  */
 extern "C" __global__ void nsa_index_fill_ranked(const int *__restrict__ block_indices, const int *__restrict__ row_seq,
                                                  const int *__restrict__ cu_blocks, const int *__restrict__ starts,
@@ -249,6 +276,8 @@ extern "C" __global__ void nsa_index_fill_ranked(const int *__restrict__ block_i
   int *cursor = ranked_smem + (threadIdx.x / 32) * 2 * span;
   unsigned *mask = reinterpret_cast<unsigned *>(cursor + span);
   const i64 key_lo = (i64)rc.h * total_blocks + rc.first;
+  int next[SEL_N]; // the next round's blocks, loading while this one runs (and the cursors load)
+  ranked_blocks(block_indices, rc.t0 + lane, rc, H, next);
   for (int i = lane; i < rc.limit; i += 32) {
     cursor[i] = starts[(key_lo + i) * chunks + rc.c];
     mask[i] = 0;
@@ -258,30 +287,36 @@ extern "C" __global__ void nsa_index_fill_ranked(const int *__restrict__ block_i
   for (int r0 = rc.t0; r0 < rc.end; r0 += 32) {
     const int t = r0 + lane;
     int blocks[SEL_N];
+#pragma unroll
+    for (int s = 0; s < SEL_N; s++) blocks[s] = next[s];
+    if (r0 + 32 < rc.end) ranked_blocks(block_indices, t + 32, rc, H, next);
     int offset;
-    const int valid = ranked_token(block_indices, row_seq, cu_blocks, t, rc.end, H, rc.h, rc.first, blocks, &offset);
+    const int valid = ranked_offset(row_seq, cu_blocks, t, rc, blocks, &offset);
+    int key[SEL_N]; // the slots' counters (slots past valid read block 0's, harmlessly: their results go unused)
+#pragma unroll
+    for (int s = 0; s < SEL_N; s++) key[s] = offset + max(blocks[s], 0);
 #pragma unroll
     for (int s = 0; s < SEL_N; s++) {
-      if (s < valid) atomicOr(&mask[offset + blocks[s]], 1u << lane);
+      if (s < valid) atomicOr(&mask[key[s]], 1u << lane);
     }
     __syncwarp();
-    unsigned lowest = 0; // the slots whose key's mask this lane is the lowest bit of
+    unsigned m[SEL_N];
+    int at[SEL_N];
 #pragma unroll
     for (int s = 0; s < SEL_N; s++) {
-      if (s < valid) {
-        const int i = offset + blocks[s];
-        const unsigned m = mask[i];
-        entries[cursor[i] + __popc(m & below)] = make_int2(t, s);
-        if ((m & below) == 0) lowest |= 1u << s;
-      }
+      m[s] = mask[key[s]];
+      at[s] = cursor[key[s]];
     }
-    __syncwarp();
 #pragma unroll
     for (int s = 0; s < SEL_N; s++) {
-      if (lowest & (1u << s)) {
-        const int i = offset + blocks[s];
-        cursor[i] += __popc(mask[i]);
-        mask[i] = 0;
+      if (s < valid) entries[at[s] + __popc(m[s] & below)] = make_int2(t, s);
+    }
+    __syncwarp(); // every lane has read the round's masks and cursors
+#pragma unroll
+    for (int s = 0; s < SEL_N; s++) {
+      if (s < valid && (m[s] & below) == 0) { // the key's lowest lane
+        cursor[key[s]] = at[s] + __popc(m[s]);
+        mask[key[s]] = 0;
       }
     }
     __syncwarp();
