@@ -194,6 +194,20 @@ if (!availability.available) {
       }
     });
 
+    // The persistent FSA-order attention's query rows by bulk copies into padded rows (NSA_FSA_BULK_Q=1, the sm_90
+    // default) or by 16-byte cp.async copies into swizzled rows (0): the same rows reach the same fragments, so the
+    // same bits; padding rows (tiles of fewer pairs than rows), G = 1 to 16, dk = 64, 128 and 192, packed sequences.
+    it('persistent FSA-order attention with query rows by bulk copies and by cp.async (NSA_FSA_BULK_Q=1|0) gives the same bits', async () => {
+      for (const i of [0, 1, 2, 3, 4, 5, 6, 8, 9]) {
+        const c = CASES[i]!;
+        const { config, inputs } = caseInputs(i);
+        const copies = await withEnv('fsa', { NSA_FSA_BULK_Q: '0', NSA_SLC_DENSE: '0' }, (backend) => nsaForward(inputs, config, { backend }));
+        const bulk = await withEnv('fsa', { NSA_FSA_BULK_Q: '1', NSA_SLC_DENSE: '0' }, (backend) => nsaForward(inputs, config, { backend }));
+        expectSameSelectedBits(bulk, copies, c.name);
+        await new Promise<void>((resolve) => setImmediate(resolve)); // let vitest's RPC replies in between the compiles
+      }
+    });
+
     // The persistent FSA-order attention's tiles shared out a KV head at a time (NSA_FSA_PHASES=head, the default)
     // or all at once (all): only which CTA computes a tile changes, so the same bits; two or more KV heads, packed
     // sequences, l' = 32 and 64, independent K/V per branch, a learned phi.

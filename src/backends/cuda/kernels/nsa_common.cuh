@@ -331,13 +331,14 @@ template <int L> __device__ __forceinline__ uint4 mean_of_rows8(const elem_t *fi
   return packed;
 }
 
-/** A fragments of a 16-row slice (rows r0..r0+15) of a swizzled [*, KDIM] tile, all KDIM/16 k-steps. */
-template <int KDIM> __device__ __forceinline__ void load_a_fragments(u32 a[KDIM / 16][4], const elem_t *tile, int r0, int lane) {
+/** A fragments of a 16-row slice (rows r0..r0+15) of a [*, KDIM] tile (swizzled unless another Layout is given), all KDIM/16 k-steps. */
+template <int KDIM, class Layout = SwizzledTile<KDIM>>
+__device__ __forceinline__ void load_a_fragments(u32 a[KDIM / 16][4], const elem_t *tile, int r0, int lane) {
   const int row = r0 + (lane & 7) + ((lane >> 3) & 1) * 8;
 #pragma unroll
   for (int ks = 0; ks < KDIM / 16; ks++) {
     const int col = ks * 16 + (lane >> 4) * 8;
-    ldmatrix_x4(a[ks], tile + SwizzledTile<KDIM>::offset(row, col));
+    ldmatrix_x4(a[ks], tile + Layout::offset(row, col));
   }
 }
 

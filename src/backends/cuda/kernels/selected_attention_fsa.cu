@@ -4,8 +4,11 @@
 // nvcc-check: -DDK=192 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DGROUP=2
 // nvcc-check: -DDK=128 -DDV=128 -DSEL_L=32 -DSEL_N=16 -DGROUP=4 -DFSA_MIN_BLOCKS=3
 // nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DGROUP=4 -DFSA_MIN_BLOCKS=3 -DFSA_STAGE_OUT
+// nvcc-check: -DDK=128 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DGROUP=4 -DFSA_MIN_BLOCKS=3 -DFSA_STAGE_OUT -DFSA_BULK_Q
 // nvcc-check: -DDK=192 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DGROUP=2 -DFSA_STAGE_OUT
 // nvcc-check: -DDK=64 -DDV=64 -DSEL_L=32 -DSEL_N=8 -DGROUP=3 -DFSA_STAGE_OUT
+// nvcc-check: -DDK=192 -DDV=128 -DSEL_L=64 -DSEL_N=16 -DGROUP=2 -DFSA_BULK_Q
+// nvcc-check: -DDK=64 -DDV=64 -DSEL_L=32 -DSEL_N=8 -DNSA_FP16 -DGROUP=3 -DFSA_STAGE_OUT -DFSA_BULK_Q
 //
 // Selected attention for small G, FSA's loop order: the outer loop runs over (KV head, key block), and each CTA
 // gathers the queries that selected its block into one MMA tile, so a K/V block is read once per tile of queries
@@ -24,6 +27,20 @@
 #define THREADS 128
 #define ROWS 64
 #define BLOCK_N 64
+// FSA_BULK_Q (sm_90; the host's default there, NSA_FSA_BULK_Q=0 turns it off): the persistent kernel gathers its
+// query rows by one bulk copy a row (into rows padded by 16 bytes, completing on a per-warp mbarrier) instead of
+// eight 16-byte cp.async copies a thread through L1, the kernel's busiest unit (selected stage 2-3% faster at G = 4).
+#if defined(FSA_BULK_Q) && defined(NSA_HAS_BULK_COPY)
+#define FSA_USE_BULK_Q 1
+typedef PaddedTile<DK> FsaQLayout;
+#define FSA_Q_ROW (DK + 8)
+#define FSA_Q_BASE 128 // the warps' mbarriers first, the tiles 128-byte aligned after them
+#else
+#define FSA_USE_BULK_Q 0
+typedef SwizzledTile<DK> FsaQLayout;
+#define FSA_Q_ROW DK
+#define FSA_Q_BASE 0
+#endif
 // GROUP: G, the query heads per KV head (baked in: the row -> (pair, head) arithmetic runs per gathered row).
 
 /**
@@ -275,9 +292,9 @@ extern "C" __global__ void FSA_BOUNDS
                               elem_t *__restrict__ partial_o, float *__restrict__ partial_lse, int Hq, int H,
                               int total_blocks, int per_tile, float scale_log2, int phase_keys) {
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  elem_t *qsmem = reinterpret_cast<elem_t *>(smem_raw); // ROWS x DK
-  elem_t *ksmem = qsmem + ROWS * DK;                    // BLOCK_N x DK
-  elem_t *vsmem = ksmem + BLOCK_N * DK;                 // BLOCK_N x DV
+  elem_t *qsmem = reinterpret_cast<elem_t *>(smem_raw + FSA_Q_BASE); // ROWS x FSA_Q_ROW
+  elem_t *ksmem = qsmem + ROWS * FSA_Q_ROW;                            // BLOCK_N x DK
+  elem_t *vsmem = ksmem + BLOCK_N * DK;                                // BLOCK_N x DV
 #ifdef FSA_STAGE_OUT
   unsigned char *stage = reinterpret_cast<unsigned char *>(vsmem + BLOCK_N * DV) + (threadIdx.x / 32) * STAGE_WARP_BYTES;
 #endif
@@ -286,6 +303,17 @@ extern "C" __global__ void FSA_BOUNDS
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   const int my_row = threadIdx.x / 2; // the query row this thread gathers
+#if FSA_USE_BULK_Q
+  // A warp's 16 rows complete on its own mbarrier, one phase a gather. Rows no pair fills keep what they held: zeros
+  // at first, then another tile's finite rows; a row's scores and outputs are its own, and padding rows are not written.
+  unsigned long long *qbar = reinterpret_cast<unsigned long long *>(smem_raw) + warp;
+  u32 qphase = 0;
+  if (lane == 0) mbarrier_init(qbar, 1);
+  for (int i = threadIdx.x; i < ROWS * FSA_Q_ROW / 8; i += THREADS) reinterpret_cast<uint4 *>(qsmem)[i] = make_uint4(0, 0, 0, 0);
+  mbarrier_init_fence();
+  fence_proxy_async_shared();
+  __syncthreads();
+#endif
 
   // The token of this thread's row in tile b of key f, -1 past the tile's rows.
   auto token_of = [&](const FsaKey &f, int b) -> int {
@@ -294,7 +322,17 @@ extern "C" __global__ void FSA_BOUNDS
     return my_row < rows ? entries[e0 + my_row / G].x : -1;
   };
   auto gather_rows = [&](const FsaKey &f, int token) {
+#if FSA_USE_BULK_Q
+    // The even lane of each row's pair copies it; lane 0 announces the warp's bytes before any copy can land.
+    const bool mine = (lane & 1) == 0 && token >= 0;
+    const u32 copies = __popc(__ballot_sync(0xffffffff, mine));
+    fence_proxy_async_shared(); // this warp's reads of the rows (ldmatrix) before the copies rewrite them
+    if (lane == 0) mbarrier_arrive_expect_tx(qbar, copies * DK * (u32)sizeof(elem_t));
+    __syncwarp();
+    if (mine) bulk_copy_g2s(qsmem + FsaQLayout::offset(my_row, 0), q + ((i64)token * Hq + f.h * G + my_row % G) * DK, DK * sizeof(elem_t), qbar);
+#else
     load_row_pairs_async<DK>(qsmem, token >= 0 ? q + ((i64)token * Hq + f.h * G + my_row % G) * DK : nullptr);
+#endif
   };
   auto load_block = [&](const FsaKey &f) {
     load_tile_async<DK, THREADS>(ksmem, BLOCK_N, [&](int r) -> const elem_t * {
@@ -324,6 +362,10 @@ extern "C" __global__ void FSA_BOUNDS
 
     for (int b = b_begin; b < b_end; b++) {
       cp_async_wait<0>();
+#if FSA_USE_BULK_Q
+      mbarrier_wait(qbar, qphase); // this warp's rows
+      qphase ^= 1;
+#endif
       if (block_fresh) __syncthreads(); // the K/V block came from every thread
       else __syncwarp();                // this warp's rows came from its own lanes
       block_fresh = false;
@@ -334,7 +376,7 @@ extern "C" __global__ void FSA_BOUNDS
       const int2 ent_lo = r_lo < rows ? entries[e0 + r_lo / G] : make_int2(-1, 0);
       const int2 ent_hi = r_hi < rows ? entries[e0 + r_hi / G] : make_int2(-1, 0);
       u32 qfrag[DK / 16][4];
-      load_a_fragments<DK>(qfrag, qsmem, warp * 16, lane);
+      load_a_fragments<DK, FsaQLayout>(qfrag, qsmem, warp * 16, lane);
       __syncwarp(); // every lane has read its fragments before the rows are refilled
       const bool next_same_key = b + 1 < min(b_end, f.tile_end);
       if (next_same_key) gather_rows(f, next_token);

@@ -96,6 +96,11 @@ export interface KernelTuning {
    */
   readonly fsaPhases?: 'head' | 'all' | undefined;
   /**
+   * The persistent FSA-order attention gathers its query rows by one bulk copy a row on sm_90 (the default there;
+   * NSA_FSA_BULK_Q=0: 16-byte cp.async copies, as on older GPUs).
+   */
+  readonly fsaBulkQ?: boolean | undefined;
+  /**
    * The inverse index's count and fill by a warp per (chunk, KV head) with the chunk's counters in shared memory
    * (the default, where they fit: InverseIndex), or by one thread's walk per chunk (NSA_INDEX_RANKED=0).
    */
@@ -230,6 +235,7 @@ export function kernelTuning(
     fsaPersistent,
     fsaStage: env['NSA_FSA_STAGE'] === '1' ? true : env['NSA_FSA_STAGE'] === '0' ? false : undefined,
     fsaPhases: env['NSA_FSA_PHASES'] === 'all' ? 'all' : 'head',
+    fsaBulkQ: env['NSA_FSA_BULK_Q'] !== '0',
     indexRanked: env['NSA_INDEX_RANKED'] !== '0',
     cmpWinDqFused: env['NSA_FA_BWD_DQ_FUSED'] !== '0',
     faTma: hopper && env['NSA_FA_WGMMA'] !== '0' && env['NSA_FA_TMA'] !== '0',
@@ -445,7 +451,13 @@ export class NsaPrograms {
       `-DGROUP=${this.config.groupSize}`,
       ...(minBlocks === undefined ? [] : [`-DFSA_MIN_BLOCKS=${minBlocks}`]),
       ...(this.fsaStaged ? ['-DFSA_STAGE_OUT'] : []),
+      ...(this.fsaBulkQ ? ['-DFSA_BULK_Q'] : []),
     ]);
+  }
+
+  /** Whether the persistent FSA-order attention gathers its query rows by bulk copies (tuning.fsaBulkQ, sm_90). */
+  get fsaBulkQ(): boolean {
+    return this.tuning.fsaBulkQ === true && this.ctx.device.computeCapability[0] >= 9;
   }
 
   /**
@@ -759,7 +771,9 @@ export class NsaPrograms {
     const { headDim: dk, valueDim: dv } = this.config;
     // The stage (FSA_STAGE_OUT): each of the 4 warps' 16 rows of dv + 8 elements and their 16 partial rows (i64).
     const stage = staged ? 4 * (16 * (dv + 8) * 2 + 16 * 8) : 0;
-    return 2 * (64 * dk + 64 * dk + 64 * dv) + stage;
+    // With bulk-copied query rows: 128 bytes for the warps' mbarriers, and the rows padded by 8 elements.
+    const bulk = this.fsaBulkQ ? 128 + 2 * 64 * 8 : 0;
+    return 2 * (64 * dk + 64 * dk + 64 * dv) + stage + bulk;
   }
 
   /**
