@@ -37,6 +37,7 @@ describe('kernelTuning', () => {
       fsaMinBlocks: 3,
       fsaPersistent: true,
       fsaPhases: 'head',
+      fsaBulkQ: true,
       indexRanked: true,
       cmpWinDqFused: true,
       faTma: true,
@@ -355,14 +356,28 @@ describe('shared memory of the block-selection kernel', () => {
       const programs = new NsaPrograms(device, c, 'bf16', kernelTuning(c, env, [9, 0]));
       return { staged: programs.fsaStaged, bytes: programs.fsaSharedBytes() };
     };
-    // Q, K and V tiles of 64 rows (48 KB at dk = dv = 128), and with the stage 4 warps x (16 rows of dv + 8, 16 i64).
-    expect(staged(128, 128)).toEqual({ staged: true, bytes: 2 * 64 * (128 + 128 + 128) + 4 * (16 * 136 * 2 + 16 * 8) });
+    // Q, K and V tiles of 64 rows (48 KB at dk = dv = 128), with the stage 4 warps x (16 rows of dv + 8, 16 i64), and
+    // on sm_90 the bulk-copied query rows' 8 elements of padding and 128 bytes of mbarriers.
+    const bulk = 2 * 64 * 8 + 128;
+    expect(staged(128, 128)).toEqual({ staged: true, bytes: 2 * 64 * (128 + 128 + 128) + 4 * (16 * 136 * 2 + 16 * 8) + bulk });
     expect(staged(192, 128).staged).toBe(false); // 3 CTAs an SM without it, 2 with it
     expect(staged(64, 64).staged).toBe(false); // shared memory holds 9 without it, 6 with it (registers not capped)
-    expect(staged(128, 128, { NSA_FSA_STAGE: '0' })).toEqual({ staged: false, bytes: 2 * 64 * 384 });
+    expect(staged(128, 128, { NSA_FSA_STAGE: '0' })).toEqual({ staged: false, bytes: 2 * 64 * 384 + bulk });
+    expect(staged(128, 128, { NSA_FSA_STAGE: '0', NSA_FSA_BULK_Q: '0' })).toEqual({ staged: false, bytes: 2 * 64 * 384 });
     expect(staged(192, 128, { NSA_FSA_STAGE: '1' }).staged).toBe(true);
     const a100 = { ...fakeContext, device: { computeCapability: [8, 0], sharedBytesPerSm: 164 * 1024, reservedSharedBytesPerBlock: 1024 } } as unknown as CudaContext;
     expect(staged(128, 128, {}, a100).staged).toBe(false); // 164 KB an SM: two staged CTAs where the registers allow three
+    expect(staged(128, 128, { NSA_FSA_STAGE: '0' }, a100).bytes).toBe(2 * 64 * 384); // no bulk copies before sm_90
+  });
+
+  it('gathers the persistent FSA attention\'s query rows by bulk copies on sm_90 unless NSA_FSA_BULK_Q=0', () => {
+    const c = new NSAConfig({ heads: 32, kvHeads: 8, headDim: 128, valueDim: 128 });
+    const bulkQ = (env: Record<string, string>, device = fakeContext) => new NsaPrograms(device, c, 'bf16', kernelTuning(c, env, [9, 0])).fsaBulkQ;
+    expect(bulkQ({})).toBe(true);
+    expect(bulkQ({ NSA_FSA_BULK_Q: '0' })).toBe(false);
+    expect(bulkQ({ NSA_FSA_BULK_Q: '1' })).toBe(true);
+    const a100 = { ...fakeContext, device: { computeCapability: [8, 0], sharedBytesPerSm: 164 * 1024, reservedSharedBytesPerBlock: 1024 } } as unknown as CudaContext;
+    expect(bulkQ({}, a100)).toBe(false);
   });
 
   it('fits two CTAs an SM at G = 4, dk = 128 with either preset (one, when scores of whole sequences were kept)', () => {
