@@ -378,6 +378,7 @@ describe('shared memory of the block-selection kernel', () => {
     expect(bulkQ({ NSA_FSA_BULK_Q: '1' })).toBe(true);
     const a100 = { ...fakeContext, device: { computeCapability: [8, 0], sharedBytesPerSm: 164 * 1024, reservedSharedBytesPerBlock: 1024 } } as unknown as CudaContext;
     expect(bulkQ({}, a100)).toBe(false);
+    expect(bulkQ({ NSA_FSA_PERSISTENT: '0' })).toBe(false); // the CTA-per-tile kernel keeps its copies
   });
 
   it('fits two CTAs an SM at G = 4, dk = 128 with either preset (one, when scores of whole sequences were kept)', () => {

@@ -178,49 +178,42 @@ if (!availability.available) {
       }
     });
 
+    /**
+     * Each case's forward in FSA order (never as dense attention) under `before`, then under `after`: the same bits.
+     * `check` states what each case must have for the comparison to cover what it claims.
+     */
+    async function expectSameFsaBits(cases: number[], before: Record<string, string>, after: Record<string, string>, check?: (c: Case) => void): Promise<void> {
+      for (const i of cases) {
+        const c = CASES[i]!;
+        check?.(c);
+        const { config, inputs } = caseInputs(i);
+        const first = await withEnv('fsa', { ...before, NSA_SLC_DENSE: '0' }, (backend) => nsaForward(inputs, config, { backend }));
+        const second = await withEnv('fsa', { ...after, NSA_SLC_DENSE: '0' }, (backend) => nsaForward(inputs, config, { backend }));
+        expectSameSelectedBits(second, first, c.name);
+        await new Promise<void>((resolve) => setImmediate(resolve)); // let vitest's RPC replies in between the compiles
+      }
+    }
+
     // The FSA order's partial outputs written straight from the fragments (NSA_FSA_STAGE=0) or through a per-warp
     // stage along whole rows (1): the same values to the same places, so the same bits; the persistent kernel
     // (l' <= 64) and the CTA-per-tile one (l' = 128), padding rows (tiles of fewer pairs than rows), G = 1 to 16,
     // dv = 64 and 128, packed sequences.
     it('FSA-order partial outputs from the fragments and through a stage (NSA_FSA_STAGE=0|1) give the same bits', async () => {
-      for (const i of [0, 1, 2, 3, 4, 5, 6, 7, 9]) {
-        const c = CASES[i]!;
-        expect(c.kernels, c.name).toContain('fsa');
-        const { config, inputs } = caseInputs(i);
-        const direct = await withEnv('fsa', { NSA_FSA_STAGE: '0', NSA_SLC_DENSE: '0' }, (backend) => nsaForward(inputs, config, { backend }));
-        const staged = await withEnv('fsa', { NSA_FSA_STAGE: '1', NSA_SLC_DENSE: '0' }, (backend) => nsaForward(inputs, config, { backend }));
-        expectSameSelectedBits(staged, direct, c.name);
-        await new Promise<void>((resolve) => setImmediate(resolve)); // let vitest's RPC replies in between the compiles
-      }
+      await expectSameFsaBits([0, 1, 2, 3, 4, 5, 6, 7, 9], { NSA_FSA_STAGE: '0' }, { NSA_FSA_STAGE: '1' }, (c) => expect(c.kernels, c.name).toContain('fsa'));
     });
 
     // The persistent FSA-order attention's query rows by bulk copies into padded rows (NSA_FSA_BULK_Q=1, the sm_90
     // default) or by 16-byte cp.async copies into swizzled rows (0): the same rows reach the same fragments, so the
     // same bits; padding rows (tiles of fewer pairs than rows), G = 1 to 16, dk = 64, 128 and 192, packed sequences.
     it('persistent FSA-order attention with query rows by bulk copies and by cp.async (NSA_FSA_BULK_Q=1|0) gives the same bits', async () => {
-      for (const i of [0, 1, 2, 3, 4, 5, 6, 8, 9]) {
-        const c = CASES[i]!;
-        const { config, inputs } = caseInputs(i);
-        const copies = await withEnv('fsa', { NSA_FSA_BULK_Q: '0', NSA_SLC_DENSE: '0' }, (backend) => nsaForward(inputs, config, { backend }));
-        const bulk = await withEnv('fsa', { NSA_FSA_BULK_Q: '1', NSA_SLC_DENSE: '0' }, (backend) => nsaForward(inputs, config, { backend }));
-        expectSameSelectedBits(bulk, copies, c.name);
-        await new Promise<void>((resolve) => setImmediate(resolve)); // let vitest's RPC replies in between the compiles
-      }
+      await expectSameFsaBits([0, 1, 2, 3, 4, 5, 6, 8, 9], { NSA_FSA_BULK_Q: '0' }, { NSA_FSA_BULK_Q: '1' }, (c) => expect(c.options.selectBlock ?? 64, c.name).toBeLessThanOrEqual(64));
     });
 
     // The persistent FSA-order attention's tiles shared out a KV head at a time (NSA_FSA_PHASES=head, the default)
     // or all at once (all): only which CTA computes a tile changes, so the same bits; two or more KV heads, packed
     // sequences, l' = 32 and 64, independent K/V per branch, a learned phi.
     it('persistent FSA-order attention by KV-head phases and in one phase (NSA_FSA_PHASES=head|all) gives the same bits', async () => {
-      for (const i of [1, 2, 3, 8, 9]) {
-        const c = CASES[i]!;
-        expect(c.options.kvHeads, c.name).toBeGreaterThan(1);
-        const { config, inputs } = caseInputs(i);
-        const all = await withEnv('fsa', { NSA_FSA_PHASES: 'all', NSA_SLC_DENSE: '0' }, (backend) => nsaForward(inputs, config, { backend }));
-        const head = await withEnv('fsa', { NSA_FSA_PHASES: 'head', NSA_SLC_DENSE: '0' }, (backend) => nsaForward(inputs, config, { backend }));
-        expectSameSelectedBits(head, all, c.name);
-        await new Promise<void>((resolve) => setImmediate(resolve)); // let vitest's RPC replies in between the compiles
-      }
+      await expectSameFsaBits([1, 2, 3, 8, 9], { NSA_FSA_PHASES: 'all' }, { NSA_FSA_PHASES: 'head' }, (c) => expect(c.options.kvHeads, c.name).toBeGreaterThan(1));
     });
 
     // CTAs of 2, 3, 4 and 8 consecutive positions over the union of their blocks (NSA_SLC_UNION), a warp a position:

@@ -455,9 +455,12 @@ export class NsaPrograms {
     ]);
   }
 
-  /** Whether the persistent FSA-order attention gathers its query rows by bulk copies (tuning.fsaBulkQ, sm_90). */
+  /**
+   * Whether the FSA-order attention gathers its query rows by bulk copies (tuning.fsaBulkQ): its persistent kernel
+   * only, on sm_90 and later; the CTA-per-tile one (blocks of more than 64 keys) keeps its cp.async copies.
+   */
   get fsaBulkQ(): boolean {
-    return this.tuning.fsaBulkQ === true && this.ctx.device.computeCapability[0] >= 9;
+    return this.tuning.fsaBulkQ === true && this.tuning.fsaPersistent === true && this.ctx.device.computeCapability[0] >= 9;
   }
 
   /**
