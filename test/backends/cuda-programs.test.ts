@@ -52,6 +52,8 @@ describe('kernelTuning', () => {
       selectMinBlocks: undefined,
       selectTma: true,
       selectMergeMin: undefined,
+      selectDirect: false, // the paper's l = 32, d = 16: a block's score spans tiles
+      selectRegLists: true,
       slcDense: true,
       slcWinMerge: true,
     });
@@ -311,15 +313,21 @@ describe('shared memory of the block-selection kernel', () => {
     const tileBlocks = Math.floor((63 * c.compressStride + c.compressBlock - 1 + c.selectBlock - 1) / c.selectBlock) + 1;
     return [128, 256, 512].find((r) => tileBlocks + offerMin <= r)!;
   };
-  for (const preset of ['fla', 'paper'] as const) {
+  // fla's l = d = l' offers each tile's scores straight to the lists (no ring) unless NSA_SELECT_DIRECT=0.
+  for (const [preset, env] of [['fla', {}], ['fla', { NSA_SELECT_DIRECT: '0' }], ['paper', {}]] as const) {
     for (const [G, dk] of [[16, 128], [4, 128], [1, 64], [3, 192]] as const) {
-      it(`${preset} preset, G = ${G}, dk = ${dk}: full 128-row tiles whose size does not depend on the sequence`, () => {
+      it(`${preset} preset${env.NSA_SELECT_DIRECT === '0' ? ' (ring)' : ''}, G = ${G}, dk = ${dk}: full 128-row tiles whose size does not depend on the sequence`, () => {
         const c = NSAConfig.preset(preset, { heads: 4 * G, kvHeads: 4, headDim: dk, valueDim: dk === 192 ? 128 : dk });
-        const programs = new NsaPrograms(fakeContext, c, 'bf16', { ...kernelTuning(c, {}, [9, 0]), faWgmma: true });
+        const programs = new NsaPrograms(fakeContext, c, 'bf16', { ...kernelTuning(c, env, [9, 0]), faWgmma: true });
+        expect(programs.tuning.selectDirect).toBe(preset === 'fla' && env.NSA_SELECT_DIRECT !== '0');
         const P = programs.positionsPerSelectTile();
         const headSums = (G & (G - 1)) === 0 ? 8 * Math.max(1, 16 / G) * 64 : 128 * 65;
+        const ring = programs.tuning.selectDirect === true ? 0 : ringOf(c, programs.selectShape.offerMin);
+        // direct offers at G = 4 and 16 keep the lists in registers
+        expect(programs.selectRegLists).toBe(programs.tuning.selectDirect === true && (G === 4 || G === 16));
+        const lists = programs.selectRegLists ? 0 : 8 * c.selectCount;
         const bytes = programs.selectSharedBytes(P);
-        expect(bytes).toBe(2 * (128 * dk + 2 * 64 * dk) + 4 * headSums + P * (4 * ringOf(c, programs.selectShape.offerMin) + 8 * c.selectCount) + 16 + 1024); // 16: two mbarriers (TMA)
+        expect(bytes).toBe(2 * (128 * dk + 2 * 64 * dk) + 4 * headSums + P * (4 * ring + lists) + 16 + 1024); // 16: two mbarriers (TMA)
         expect(bytes).toBeLessThanOrEqual(227 * 1024);
         expect(P).toBe(Math.floor(128 / G));
       });
@@ -329,7 +337,7 @@ describe('shared memory of the block-selection kernel', () => {
   it('takes a larger ring where NSA_SELECT_RING asks, never a smaller one than a tile needs', () => {
     const c = NSAConfig.preset('fla', { heads: 64, kvHeads: 4, headDim: 128, valueDim: 128 }); // 65 blocks a tile
     const bytes = (selectRing?: number): number =>
-      new NsaPrograms(fakeContext, c, 'bf16', { ...kernelTuning(c, {}, [9, 0]), faWgmma: true, selectRing }).selectSharedBytes(8);
+      new NsaPrograms(fakeContext, c, 'bf16', { ...kernelTuning(c, { NSA_SELECT_DIRECT: '0' }, [9, 0]), faWgmma: true, selectRing }).selectSharedBytes(8);
     expect(bytes(512) - bytes()).toBe(8 * 4 * (512 - 128)); // the default ring is 128 here: selectShape's offerMin 32
     expect(bytes(256) - bytes()).toBe(8 * 4 * (256 - 128));
   });
@@ -341,13 +349,21 @@ describe('shared memory of the block-selection kernel', () => {
       const perSm = Math.floor((228 * 1024) / (programs.selectSharedBytes(programs.positionsPerSelectTile()) + 1024));
       return { ...programs.selectShape, perSm };
     };
-    // G = 16, fla: a tile touches 65 blocks, so 64 more need a ring of 256 (two CTAs an SM), 32 more fit 128 (three).
-    expect(shape('fla', 64, 4, 128)).toEqual({ offerMin: 32, minBlocks: 3, perSm: 3 });
+    // G = 16, fla with the ring: a tile touches 65 blocks, so 64 more need a ring of 256 (two CTAs an SM), 32 more
+    // fit 128 (three).
+    const ring = { NSA_SELECT_DIRECT: '0' };
+    expect(shape('fla', 64, 4, 128, ring)).toEqual({ offerMin: 32, minBlocks: 3, perSm: 3 });
     expect(shape('paper', 64, 4, 128)).toEqual({ offerMin: 64, minBlocks: 3, perSm: 3 }); // 18 blocks a tile: 128 already
-    expect(shape('fla', 32, 8, 128)).toEqual({ offerMin: 64, minBlocks: 2, perSm: 2 }); // G = 4: 32 positions' rings
-    expect(shape('fla', 16, 16, 128)).toEqual({ offerMin: 64, minBlocks: undefined, perSm: 1 }); // G = 1: ptxas chooses
+    expect(shape('fla', 32, 8, 128, ring)).toEqual({ offerMin: 64, minBlocks: 2, perSm: 2 }); // G = 4: 32 positions' rings
+    expect(shape('fla', 16, 16, 128, ring)).toEqual({ offerMin: 64, minBlocks: undefined, perSm: 1 }); // G = 1: ptxas chooses
+    expect(shape('fla', 64, 4, 128, { ...ring, NSA_SELECT_OFFER_MIN: '64', NSA_SELECT_MIN_BLOCKS: '1' })).toEqual({ offerMin: 64, minBlocks: 1, perSm: 2 });
+    // Without a ring (fla's default): three CTAs at G = 16 and G = 4 (73 KB a CTA with the lists in registers, 77 KB
+    // with them in shared memory: two), one at G = 1 (113 KB; its 16 positions a warp keep their lists in shared memory).
+    expect(shape('fla', 64, 4, 128)).toEqual({ offerMin: 64, minBlocks: 3, perSm: 3 });
+    expect(shape('fla', 32, 8, 128)).toEqual({ offerMin: 64, minBlocks: 3, perSm: 3 });
+    expect(shape('fla', 32, 8, 128, { NSA_SELECT_REG_LISTS: '0' })).toEqual({ offerMin: 64, minBlocks: 2, perSm: 2 });
+    expect(shape('fla', 16, 16, 128)).toEqual({ offerMin: 64, minBlocks: undefined, perSm: 1 });
     expect(shape('fla', 64, 4, 128, {}, false)).toMatchObject({ offerMin: 64, minBlocks: undefined }); // mma.sync
-    expect(shape('fla', 64, 4, 128, { NSA_SELECT_OFFER_MIN: '64', NSA_SELECT_MIN_BLOCKS: '1' })).toEqual({ offerMin: 64, minBlocks: 1, perSm: 2 });
   });
 
   it('stages the FSA partial outputs where the stage costs no CTA an SM (H100 at dk = dv = 128), unless NSA_FSA_STAGE says', () => {

@@ -280,10 +280,42 @@ if (!availability.available) {
         const inputs = randomInputs({ config, cuSeqlens, dtype: c.dtype, seed: 99 + i });
         (inputs.q.data as Uint16Array).fill(0); // bf16 zeros
         const expected = Array.from(nsaReferenceForward(config, referenceInputs(inputs, cuSeqlens, config)).blockIndices);
-        for (const env of [{ NSA_SELECT_MERGE_MIN: '1' }, { NSA_SELECT_MERGE_MIN: '33' }, {}]) {
+        for (const env of [{ NSA_SELECT_MERGE_MIN: '1' }, { NSA_SELECT_MERGE_MIN: '33' }, { NSA_SELECT_DIRECT: '0' }, { NSA_SELECT_REG_LISTS: '0' }, {}]) {
           const got = Array.from((await withEnv('group', env, (backend) => nsaForward(inputs, config, { backend }))).blockIndices.data);
           expect(got, `${c.name}, zero queries, ${JSON.stringify(env)}: the tie rule's blocks`).toEqual(expected);
         }
+        await new Promise<void>((resolve) => setImmediate(resolve));
+      }
+    });
+
+    // One compressed key a selection block (l = d = l'): each tile's block scores offered straight from its head sums
+    // (the default there; the lists in registers at G = 4 to 16, or in shared memory with NSA_SELECT_REG_LISTS=0) or
+    // through the ring of open scores (NSA_SELECT_DIRECT=0): the same rounds of offers, so the same blocks, bit for
+    // bit. G = 1 (16 positions a warp), 3 (head sums through shared memory), 4, 8, 16, 32 (a position over two
+    // warps); n not a power of two; packed sequences with a one-token one; T not a multiple of l'.
+    it('block selection, l = d = l\': direct offers and the ring choose the same blocks (NSA_SELECT_DIRECT=0|1, NSA_SELECT_REG_LISTS=0|1)', async () => {
+      const fla = { compressBlock: 64, compressStride: 64, selectBlock: 64, window: 128, headDim: 64, valueDim: 64 };
+      const cases: Case[] = [
+        { name: 'G = 16, n = 16, T = 3500', options: { ...fla, selectCount: 16, heads: 16, kvHeads: 1 }, seqlens: [3500], dtype: 'bf16', kernels: ['group'] },
+        { name: 'G = 4, n = 16, T = 4100', options: { ...fla, selectCount: 16, heads: 8, kvHeads: 2, headDim: 128, valueDim: 128 }, seqlens: [4100], dtype: 'bf16', kernels: ['group'] },
+        { name: 'G = 1, n = 7, f16, packed [2000, 1, 3333]', options: { ...fla, selectCount: 7, heads: 2, kvHeads: 2 }, seqlens: [2000, 1, 3333], dtype: 'f16', kernels: ['group'] },
+        { name: 'G = 3, n = 16, l = 32, T = 2900', options: { ...fla, compressBlock: 32, compressStride: 32, selectBlock: 32, selectCount: 16, heads: 6, kvHeads: 2 }, seqlens: [2900], dtype: 'bf16', kernels: ['group'] },
+        { name: 'G = 32, n = 16, T = 3000', options: { ...fla, selectCount: 16, heads: 32, kvHeads: 1 }, seqlens: [3000], dtype: 'bf16', kernels: ['group'] },
+        { name: 'G = 8, n = 12, packed [1500, 2600]', options: { ...fla, selectCount: 12, heads: 16, kvHeads: 2 }, seqlens: [1500, 2600], dtype: 'bf16', kernels: ['group'] },
+      ];
+      for (const [i, c] of cases.entries()) {
+        const config = new NSAConfig(c.options);
+        const cuSeqlens = [0];
+        for (const len of c.seqlens) cuSeqlens.push(cuSeqlens[cuSeqlens.length - 1]! + len);
+        const inputs = randomInputs({ config, cuSeqlens, dtype: c.dtype, seed: 777 + i });
+        const blocks = async (env: Record<string, string>): Promise<number[]> =>
+          Array.from((await withEnv('group', env, (backend) => nsaForward(inputs, config, { backend }))).blockIndices.data);
+        const ring = await blocks({ NSA_SELECT_DIRECT: '0' });
+        expect(await blocks({ NSA_SELECT_DIRECT: '1' }), `${c.name}: direct offers against the ring`).toEqual(ring);
+        expect(await blocks({ NSA_SELECT_DIRECT: '1', NSA_SELECT_REG_LISTS: '0' }), `${c.name}: lists in shared memory against the ring`).toEqual(ring);
+        const ref = referenceInputs(inputs, cuSeqlens, config);
+        const stats = checkSelection(config, ref, Int32Array.from(ring), nsaReferenceForward(config, ref).blockIndices);
+        console.log(`${c.name}: selection differs from the reference in ${stats.differing} of ${stats.rows} rows`);
         await new Promise<void>((resolve) => setImmediate(resolve));
       }
     });

@@ -9,6 +9,9 @@
 // nvcc-check: -DDK=128 -DCMP_L=64 -DCMP_D=64 -DSEL_L=64 -DSEL_N=16 -DGROUP=16 -DFA_WGMMA -DOFFER_MIN=32 -DSEL_MIN_BLOCKS=3 -DSELECT_TMA
 // nvcc-check: -DDK=192 -DCMP_L=32 -DCMP_D=16 -DSEL_L=64 -DSEL_N=16 -DGROUP=3 -DNSA_FP16 -DFA_WGMMA -DSEL_MIN_BLOCKS=2 -DSELECT_TMA
 // nvcc-check: -DDK=64 -DCMP_L=32 -DCMP_D=16 -DSEL_L=32 -DSEL_N=5 -DGROUP=2 -DTOPK_MERGE_MIN=1
+// nvcc-check: -DDK=128 -DCMP_L=64 -DCMP_D=64 -DSEL_L=64 -DSEL_N=16 -DGROUP=4 -DFA_WGMMA -DSEL_MIN_BLOCKS=2 -DSELECT_TMA -DSELECT_DIRECT
+// nvcc-check: -DDK=192 -DCMP_L=32 -DCMP_D=32 -DSEL_L=32 -DSEL_N=7 -DGROUP=3 -DNSA_FP16 -DSELECT_DIRECT
+// nvcc-check: -DDK=64 -DCMP_L=64 -DCMP_D=64 -DSEL_L=64 -DSEL_N=16 -DGROUP=32 -DFA_WGMMA -DSELECT_DIRECT -DTOPK_MERGE_MIN=33
 //
 // Block scores and top-n, without the [T, Hq, Tc] probability matrix ever reaching global memory.
 // A CTA takes P consecutive query positions of one sequence and all G query heads of one KV head (rows = P*G
@@ -22,7 +25,9 @@
 // index on ties; the forced blocks 0, the block before t's and t's own are not candidates) in a sorted list. At
 // the end the forced blocks and the best of the list make the n blocks, sorted ascending, to block_indices
 // [N, H, n].
-// Shared memory thus does not grow with the sequence, and the top-n work runs between the tiles' loads.
+// Shared memory thus does not grow with the sequence, and the top-n work runs between the tiles' loads. With one
+// compressed key per selection block (l = d = l', SELECT_DIRECT) there is no ring: each tile's block scores are final,
+// and the warps offer them straight from the head sums.
 // The summation order is fixed, so the choice is the same run to run.
 // FA_WGMMA (sm_90a): the scores come from wgmma (two warpgroups of 64 rows, Q and K in 128-byte-swizzled shared
 // tiles, see nsa_wgmma.cuh); the accumulators have the mma.sync fragment layout, so everything after is shared.
@@ -79,6 +84,30 @@
 #ifndef TOPK_MERGE_MIN
 #define TOPK_MERGE_MIN 8
 #endif
+// One compressed key per selection block (fla's l = d = l'): a tile's block scores are final as soon as its head
+// sums are, so the warp owning a position offers them to its list straight from those, a tile at a time
+// (SELECT_DIRECT, the host's default there; NSA_SELECT_DIRECT=0 keeps the ring). No ring of open scores to add into,
+// clear and walk again: the same rounds of 32 blocks, so the same inserts and merges and the same choice.
+#if defined(SELECT_DIRECT) && CMP_L == CMP_D && CMP_D == SEL_L
+#define SEL_DIRECT 1
+#define RING_FLOATS 0
+#else
+#define SEL_DIRECT 0
+#define RING_FLOATS SCORE_RING
+#endif
+// And where a warp's 16 rows are whole positions (G a power of two up to 16), the warp that sums a position's heads
+// owns its list: its offers read only its own head sums, so no CTA barrier comes between the sums and the offers.
+#define SEL_WARP_LOCAL (SEL_DIRECT && POW2_GROUP && GROUP <= 16)
+// Its lists then live in its lanes' registers, a (score bits, block) pair a lane and position, where it owns at most
+// four positions (G >= 4; SELECT_REG_LISTS, the host's): no shared memory a position, which lets a third CTA share an
+// SM at G = 4.
+#if SEL_WARP_LOCAL && SEGS <= 4 && defined(SELECT_REG_LISTS)
+#define SEL_REG_LISTS 1
+#define LIST_KEYS 0
+#else
+#define SEL_REG_LISTS 0
+#define LIST_KEYS SEL_N
+#endif
 #if SEL_USE_WGMMA
 typedef WgmmaTile<ROWS, DK> QTile;
 typedef WgmmaTile<BLOCK_N, DK> KTile;
@@ -92,21 +121,68 @@ __device__ __forceinline__ int cmp_visible(int t, int tc) {
 }
 
 /**
- * Offers the final blocks lo .. hi (scores in `ring`, by block modulo SCORE_RING) to a position's list of its best
- * SEL_N candidates (`list`, topk_key keys best first), by one warp; only blocks 1 .. current - 2 are candidates
- * (0, current - 1 and current are forced). Every offered block's ring slot is cleared for the block SCORE_RING on.
- * Every listed block has a lower index than the offered ones, so a new block enters only with a score above the
- * list's last, and below any listed one of equal score; within a round of 32, lanes hold consecutive blocks, so the
- * lowest lane of equal scores goes first. The one-at-a-time inserts therefore compare 32-bit scores alone
- * (topk_score_bits; the list as a score and an index a lane, topk_key_from_bits rebuilding the keys), which takes
- * about a third fewer instructions than 64-bit keys; the merges of full rounds work on the keys.
+ * One round of offers to a position's list of its best SEL_N candidates, by one warp: lane i offers block j0 + i with
+ * score bits ks (topk_score_bits; 0 if it is no candidate). The list is held a lane each (lane i its i-th: score bits
+ * ms, 0 for none, and block mj), `last` is its SEL_N-th score bits. Every listed block has a lower index than the
+ * offered ones, so a new block enters only with a score above the list's last, and below any listed one of equal
+ * score; lanes hold consecutive blocks, so the lowest lane of equal scores goes first. The one-at-a-time inserts
+ * therefore compare 32-bit scores alone (about a third fewer instructions than 64-bit keys); the merges of full
+ * rounds work on the keys (topk_key_from_bits).
+ */
+__device__ __forceinline__ void offer_round(unsigned &ms, int &mj, unsigned &last, unsigned ks, int j0, int lane) {
+  unsigned cand = ks > last ? ks : 0u;
+#if TOPK_MERGE_MIN <= 32
+  if (__popc(__ballot_sync(0xffffffff, cand != 0u)) >= TOPK_MERGE_MIN) {
+    const unsigned long long merged = warp_merge_keys(topk_key_from_bits(ms, mj), warp_sort_keys(topk_key_from_bits(cand, j0 + lane), lane), lane);
+    ms = (unsigned)(merged >> 32);
+    mj = topk_key_index(merged);
+    last = __shfl_sync(0xffffffff, ms, SEL_N - 1);
+    return;
+  }
+#endif
+  while (__any_sync(0xffffffff, cand != 0u)) {
+    const unsigned top = __reduce_max_sync(0xffffffff, cand);
+    const int src = __ffs(__ballot_sync(0xffffffff, cand == top)) - 1; // the lowest block of that score
+    const int rank = __popc(__ballot_sync(0xffffffff, ms >= top));     // listed ones of equal score stay above
+    const unsigned above_s = __shfl_up_sync(0xffffffff, ms, 1);
+    const int above_j = __shfl_up_sync(0xffffffff, mj, 1);
+    if (lane == rank) {
+      ms = top;
+      mj = j0 + src;
+    } else if (lane > rank && lane < SEL_N) {
+      ms = above_s;
+      mj = above_j;
+    }
+    last = __shfl_sync(0xffffffff, ms, SEL_N - 1);
+    cand = lane != src && cand > last ? cand : 0u;
+  }
+}
+
+/** A position's list (`list`, topk_key keys best first, 0 for none) into a warp's lanes for offer_round, and back. */
+struct OfferList {
+  unsigned ms; // lane i: the i-th's score bits (0: none)
+  int mj;      // its block
+  unsigned last;
+  __device__ __forceinline__ void load(const unsigned long long *list, int lane) {
+    const unsigned long long listed = lane < SEL_N ? list[lane] : 0ull;
+    ms = (unsigned)(listed >> 32);
+    mj = topk_key_index(listed);
+    last = __shfl_sync(0xffffffff, ms, SEL_N - 1);
+  }
+  __device__ __forceinline__ void store(unsigned long long *list, int lane) const {
+    if (lane < SEL_N) list[lane] = topk_key_from_bits(ms, mj);
+  }
+};
+
+/**
+ * Offers the final blocks lo .. hi (scores in `ring`, by block modulo SCORE_RING) to a position's list, rounds of
+ * 32 by one warp; only blocks 1 .. current - 2 are candidates (0, current - 1 and current are forced). Every
+ * offered block's ring slot is cleared for the block SCORE_RING on.
  */
 __device__ __forceinline__ void offer_blocks(float *ring, unsigned long long *list, int lo, int hi, int current, int lane) {
   if (lo > hi) return;
-  const unsigned long long listed = lane < SEL_N ? list[lane] : 0ull; // lane i holds the list's i-th
-  unsigned ms = (unsigned)(listed >> 32);                             // its score bits (0: none)
-  int mj = topk_key_index(listed);                                    // its block
-  unsigned last = __shfl_sync(0xffffffff, ms, SEL_N - 1);
+  OfferList l;
+  l.load(list, lane);
   for (int j0 = lo; j0 <= hi; j0 += 32) {
     const int j = j0 + lane;
     unsigned ks = 0u; // this lane's block's score bits, 0 if it is no candidate
@@ -115,34 +191,9 @@ __device__ __forceinline__ void offer_blocks(float *ring, unsigned long long *li
       if (j >= 1 && j <= current - 2) ks = topk_score_bits(*slot);
       *slot = 0.f;
     }
-    unsigned cand = ks > last ? ks : 0u;
-#if TOPK_MERGE_MIN <= 32
-    if (__popc(__ballot_sync(0xffffffff, cand != 0u)) >= TOPK_MERGE_MIN) {
-      const unsigned long long merged = warp_merge_keys(topk_key_from_bits(ms, mj), warp_sort_keys(topk_key_from_bits(cand, j), lane), lane);
-      ms = (unsigned)(merged >> 32);
-      mj = topk_key_index(merged);
-      last = __shfl_sync(0xffffffff, ms, SEL_N - 1);
-      continue;
-    }
-#endif
-    while (__any_sync(0xffffffff, cand != 0u)) {
-      const unsigned top = __reduce_max_sync(0xffffffff, cand);
-      const int src = __ffs(__ballot_sync(0xffffffff, cand == top)) - 1; // the lowest block of that score
-      const int rank = __popc(__ballot_sync(0xffffffff, ms >= top));     // listed ones of equal score stay above
-      const unsigned above_s = __shfl_up_sync(0xffffffff, ms, 1);
-      const int above_j = __shfl_up_sync(0xffffffff, mj, 1);
-      if (lane == rank) {
-        ms = top;
-        mj = j0 + src;
-      } else if (lane > rank && lane < SEL_N) {
-        ms = above_s;
-        mj = above_j;
-      }
-      last = __shfl_sync(0xffffffff, ms, SEL_N - 1);
-      cand = lane != src && cand > last ? cand : 0u;
-    }
+    offer_round(l.ms, l.mj, l.last, ks, j0, lane);
   }
-  if (lane < SEL_N) list[lane] = topk_key_from_bits(ms, mj);
+  l.store(list, lane);
 }
 
 extern "C" __global__ void SELECT_BOUNDS
@@ -162,11 +213,11 @@ extern "C" __global__ void SELECT_BOUNDS
   elem_t *ksmem = qsmem + ROWS * DK;                                      // 2 stages of BLOCK_N x DK
   // Per-tile head sums: [WARPS][SEGS][BLOCK_N] (power-of-two G) or the probabilities [ROWS][PSTRIDE].
   float *psmem = reinterpret_cast<float *>(ksmem + 2 * BLOCK_N * DK);
-  float *ring = psmem + (POW2_GROUP ? WARPS * SEGS * BLOCK_N : ROWS * PSTRIDE); // [P][SCORE_RING] open block scores
-  // [P][SEL_N] each position's best candidates so far as topk_key keys, best first, 0 for none yet.
-  unsigned long long *best = reinterpret_cast<unsigned long long *>(ring + P * SCORE_RING);
+  float *ring = psmem + (POW2_GROUP ? WARPS * SEGS * BLOCK_N : ROWS * PSTRIDE); // [P][RING_FLOATS] open block scores
+  // [P][LIST_KEYS] each position's best candidates so far as topk_key keys, best first, 0 for none yet.
+  unsigned long long *best = reinterpret_cast<unsigned long long *>(ring + P * RING_FLOATS);
 #if SEL_TMA
-  unsigned long long *stage_full = best + P * SEL_N; // one mbarrier a key stage
+  unsigned long long *stage_full = best + P * LIST_KEYS; // one mbarrier a key stage
 #endif
 
   const int2 tile = tiles[blockIdx.x];
@@ -183,8 +234,8 @@ extern "C" __global__ void SELECT_BOUNDS
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
 
-  for (int i = threadIdx.x; i < P * SCORE_RING; i += THREADS) ring[i] = 0.f;
-  for (int i = threadIdx.x; i < P * SEL_N; i += THREADS) best[i] = 0ull;
+  for (int i = threadIdx.x; i < P * RING_FLOATS; i += THREADS) ring[i] = 0.f;
+  for (int i = threadIdx.x; i < P * LIST_KEYS; i += THREADS) best[i] = 0ull;
 #if SEL_TMA
   if (threadIdx.x == 0) {
     mbarrier_init(&stage_full[0], 1);
@@ -198,7 +249,14 @@ extern "C" __global__ void SELECT_BOUNDS
   });
   cp_async_commit();
 
+#if !SEL_DIRECT
   int done_lo = 0; // the first selection block not yet offered to the positions' lists
+#endif
+#if SEL_REG_LISTS
+  OfferList lists[SEGS]; // this warp's positions' lists, empty
+#pragma unroll
+  for (int seg = 0; seg < SEGS; seg++) lists[seg] = OfferList{0u, NO_BLOCK, 0u};
+#endif
   const int last = pos0 + npos - 1;
   const int nkeys = cmp_visible(last, tc);
   const int ntiles = (nkeys + BLOCK_N - 1) / BLOCK_N;
@@ -336,7 +394,11 @@ extern "C" __global__ void SELECT_BOUNDS
       for (int e = 0; e < 4; e++) psmem[(e >= 2 ? r_hi : r_lo) * PSTRIDE + n * 8 + (lane % 4) * 2 + (e & 1)] = s[n][e];
     }
 #endif
+#if SEL_WARP_LOCAL
+    __syncwarp();
+#else
     __syncthreads();
+#endif
     // Fold this tile into the block scores. The tile's probability of compressed key i (local) at a position:
     auto tile_prob = [&](int pos, int i) {
 #if POW2_GROUP
@@ -352,7 +414,35 @@ extern "C" __global__ void SELECT_BOUNDS
       return ps;
 #endif
     };
-#if CMP_L == CMP_D && CMP_D == SEL_L
+#if SEL_DIRECT
+    // Block k0 + i is compressed key k0 + i: each position's warp offers the tile's candidates (blocks 1 .. current
+    // - 2) in rounds of 32, lane i the (round's) i-th block. With SEL_WARP_LOCAL the warp's positions are its rows'.
+    auto offer_tile = [&](int pos, OfferList &l) {
+      const int hi = min((pos0 + pos) / SEL_L - 2, k0 + BLOCK_N - 1);
+      const int lo = max(k0, 1);
+      for (int j0 = k0; j0 <= hi; j0 += 32) { // none where lo > hi, uniform across the warp
+        const int j = j0 + lane;
+        offer_round(l.ms, l.mj, l.last, j >= lo && j <= hi ? topk_score_bits(tile_prob(pos, j - k0)) : 0u, j0, lane);
+      }
+    };
+#if SEL_REG_LISTS
+#pragma unroll
+    for (int seg = 0; seg < SEGS; seg++) {
+      if (warp * SEGS + seg < npos) offer_tile(warp * SEGS + seg, lists[seg]);
+    }
+#else
+#if SEL_WARP_LOCAL
+    for (int pos = warp * SEGS; pos < min(npos, (warp + 1) * SEGS); pos++) {
+#else
+    for (int pos = warp; pos < npos; pos += WARPS) {
+#endif
+      OfferList l;
+      l.load(best + pos * SEL_N, lane);
+      offer_tile(pos, l);
+      l.store(best + pos * SEL_N, lane);
+    }
+#endif
+#elif CMP_L == CMP_D && CMP_D == SEL_L
     // One compressed key per selection block (fla's l = d = l'): the fold is an add per (position, key), the
     // same sum as the general form's (its weight overlap / d is 1).
     const int nk = min(BLOCK_N, nkeys - k0);
@@ -388,6 +478,7 @@ extern "C" __global__ void SELECT_BOUNDS
     }
 #endif
     __syncthreads();
+#if !SEL_DIRECT
     // Blocks whose compressed keys all lie before k0 + BLOCK_N are final; offered OFFER_BATCH or more at a time
     // (the rest after the last tile).
     const int done_hi = ((k0 + BLOCK_N) * CMP_D) / SEL_L - 1;
@@ -395,22 +486,35 @@ extern "C" __global__ void SELECT_BOUNDS
       for (int pos = warp; pos < npos; pos += WARPS) offer_blocks(ring + pos * SCORE_RING, best + pos * SEL_N, done_lo, done_hi, (pos0 + pos) / SEL_L, lane);
       done_lo = done_hi + 1;
     }
+#endif
   }
 
-  // The rest up to each position's own block (scores of blocks no visible key touched are 0), then the choice.
-  for (int pos = warp; pos < npos; pos += WARPS) {
+  // The choice of position pos from its list (`key`: lane i the i-th best candidate's topk_key, 0 for none): the
+  // forced blocks, then the best candidates, ascending.
+  auto choose = [&](int pos, unsigned long long key) {
     const int t = pos0 + pos;
-    const int current = t / SEL_L;
-    offer_blocks(ring + pos * SCORE_RING, best + pos * SEL_N, done_lo, current, current, lane);
-    __syncwarp();
     int chosen = -1; // lane i keeps the i-th chosen block
-    int count = warp_forced_blocks(current, chosen, lane);
-    const unsigned long long key = lane < SEL_N ? best[pos * SEL_N + lane] : 0ull;
+    int count = warp_forced_blocks(t / SEL_L, chosen, lane);
     const unsigned long long taken = __shfl_sync(0xffffffff, key, (lane - count) & 31);
     if (lane >= count && lane < SEL_N && taken != 0) chosen = topk_key_index(taken);
     count += min(SEL_N - count, __popc(__ballot_sync(0xffffffff, key != 0)));
     warp_write_ascending(chosen, count, block_indices + ((i64)(seq_start + t) * H + h) * SEL_N, lane);
+  };
+#if SEL_REG_LISTS
+#pragma unroll
+  for (int seg = 0; seg < SEGS; seg++) {
+    if (warp * SEGS + seg < npos) choose(warp * SEGS + seg, lane < SEL_N ? topk_key_from_bits(lists[seg].ms, lists[seg].mj) : 0ull);
   }
+#else
+  // The rest up to each position's own block (scores of blocks no visible key touched are 0), then the choice.
+  for (int pos = warp; pos < npos; pos += WARPS) {
+#if !SEL_DIRECT
+    offer_blocks(ring + pos * SCORE_RING, best + pos * SEL_N, done_lo, (pos0 + pos) / SEL_L, (pos0 + pos) / SEL_L, lane);
+    __syncwarp();
+#endif
+    choose(pos, lane < SEL_N ? best[pos * SEL_N + lane] : 0ull);
+  }
+#endif
 }
 
 /**

@@ -178,6 +178,17 @@ export interface KernelTuning {
    * select_blocks.cu), for tuning.
    */
   readonly selectMergeMin?: number | undefined;
+  /**
+   * With one compressed key per selection block (l = d = l'), the block selection offers each tile's final block
+   * scores to the top-n lists straight from the tile's head sums, without a ring of open scores (select_blocks.cu,
+   * SELECT_DIRECT); NSA_SELECT_DIRECT=0 keeps the ring. Same choice either way.
+   */
+  readonly selectDirect?: boolean | undefined;
+  /**
+   * With selectDirect and G a power of two from 4 to 16, each warp keeps its positions' top-n lists in its lanes'
+   * registers instead of shared memory (SELECT_REG_LISTS; NSA_SELECT_REG_LISTS=0 keeps them in shared memory).
+   */
+  readonly selectRegLists?: boolean | undefined;
 }
 
 /**
@@ -250,6 +261,8 @@ export function kernelTuning(
     selectMinBlocks: envInt(env, 'NSA_SELECT_MIN_BLOCKS', 1, 4),
     selectTma: hopper && env['NSA_FA_WGMMA'] !== '0' && env['NSA_SELECT_TMA'] !== '0',
     selectMergeMin: envInt(env, 'NSA_SELECT_MERGE_MIN', 1, 33),
+    selectDirect: config.compressBlock === config.compressStride && config.compressStride === config.selectBlock && env['NSA_SELECT_DIRECT'] !== '0',
+    selectRegLists: env['NSA_SELECT_REG_LISTS'] !== '0',
     slcDense: env['NSA_SLC_DENSE'] !== '0',
     slcWinMerge: env['NSA_SLC_WIN_MERGE'] !== '0',
   };
@@ -373,6 +386,8 @@ export class NsaPrograms {
         `-DOFFER_MIN=${this.selectShape.offerMin}`,
         ...(this.selectTma ? ['-DSELECT_TMA'] : []),
         ...(this.tuning.selectMergeMin === undefined ? [] : [`-DTOPK_MERGE_MIN=${this.tuning.selectMergeMin}`]),
+        ...(this.tuning.selectDirect === true ? ['-DSELECT_DIRECT'] : []),
+        ...(this.selectRegLists ? ['-DSELECT_REG_LISTS'] : []),
         ...(this.selectShape.minBlocks === undefined ? [] : [`-DSEL_MIN_BLOCKS=${this.selectShape.minBlocks}`]),
       ],
       this.tuning.faWgmma,
@@ -744,9 +759,22 @@ export class NsaPrograms {
     return this.selectShapeMemo;
   }
 
-  /** select_blocks.cu's SCORE_RING floats and SEL_N 8-byte keys per position. */
+  /**
+   * Whether the block selection's warps keep their positions' lists in registers (tuning.selectRegLists): with
+   * direct offers, where a warp's 16 rows hold at most four whole positions (G a power of two from 4 to 16).
+   */
+  get selectRegLists(): boolean {
+    const G = this.config.groupSize;
+    return this.tuning.selectDirect === true && this.tuning.selectRegLists === true && (G & (G - 1)) === 0 && G >= 4 && G <= 16;
+  }
+
+  /**
+   * select_blocks.cu's shared memory per position: SCORE_RING floats (none with tuning.selectDirect) and SEL_N 8-byte
+   * keys (none where the lists live in registers).
+   */
   private selectBytesPerPosition(offerMin: number): number {
     const { compressBlock: l, compressStride: d, selectBlock: lp, selectCount: n } = this.config;
+    if (this.tuning.selectDirect === true) return this.selectRegLists ? 0 : 8 * n;
     const tileBlocks = Math.floor((63 * d + l - 1 + lp - 1) / lp) + 1;
     const ring = [128, 256, 512].find((r) => tileBlocks + offerMin <= r && r >= (this.tuning.selectRing ?? 0));
     if (ring === undefined) {
@@ -799,7 +827,8 @@ export class NsaPrograms {
   /** Positions per block-selection tile: as many as the G heads and shared memory allow. */
   positionsPerSelectTile(offerMin = this.selectShape.offerMin): number {
     const byRows = Math.max(1, Math.floor(128 / this.config.groupSize));
-    const byShared = Math.floor((this.ctx.maxSharedBytesOptin - this.selectSharedBytes(0, offerMin)) / this.selectBytesPerPosition(offerMin));
+    const perPosition = this.selectBytesPerPosition(offerMin);
+    const byShared = perPosition === 0 ? byRows : Math.floor((this.ctx.maxSharedBytesOptin - this.selectSharedBytes(0, offerMin)) / perPosition);
     return Math.max(1, Math.min(byRows, byShared));
   }
 
