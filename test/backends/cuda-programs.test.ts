@@ -53,10 +53,22 @@ describe('kernelTuning', () => {
       selectTma: true,
       selectMergeMin: undefined,
       selectDirect: false, // the paper's l = 32, d = 16: a block's score spans tiles
+      selectWarpLocal: true,
       selectRegLists: true,
       slcDense: true,
       slcWinMerge: true,
     });
+  });
+
+  it("gives the block selection's positions to the warps that sum their heads, their lists in registers at G = 4 to 16, unless NSA_SELECT_WARP_LOCAL=0 / NSA_SELECT_REG_LISTS=0", () => {
+    const regLists = (G: number, env: Record<string, string> = {}): boolean => {
+      const c = new NSAConfig({ heads: 4 * G, kvHeads: 4, headDim: 128, valueDim: 128 });
+      return new NsaPrograms(fakeContext, c, 'bf16', kernelTuning(c, env, [9, 0])).selectRegLists;
+    };
+    expect([1, 2, 3, 4, 8, 16, 32].map((G) => regLists(G))).toEqual([false, false, false, true, true, true, false]);
+    expect(regLists(4, { NSA_SELECT_REG_LISTS: '0' })).toBe(false);
+    expect(regLists(4, { NSA_SELECT_WARP_LOCAL: '0' })).toBe(false); // the lists need the warp that owns them
+    expect(kernelTuning(config(128, 128), { NSA_SELECT_WARP_LOCAL: '0' }, [9, 0]).selectWarpLocal).toBe(false);
   });
 
   it('builds the inverse index by ranked warps unless NSA_INDEX_RANKED=0', () => {
@@ -323,8 +335,8 @@ describe('shared memory of the block-selection kernel', () => {
         const P = programs.positionsPerSelectTile();
         const headSums = (G & (G - 1)) === 0 ? 8 * Math.max(1, 16 / G) * 64 : 128 * 65;
         const ring = programs.tuning.selectDirect === true ? 0 : ringOf(c, programs.selectShape.offerMin);
-        // direct offers at G = 4 and 16 keep the lists in registers
-        expect(programs.selectRegLists).toBe(programs.tuning.selectDirect === true && (G === 4 || G === 16));
+        // each warp owning its rows' positions keeps their lists in registers at G = 4 and 16 (four and one a warp)
+        expect(programs.selectRegLists).toBe(G === 4 || G === 16);
         const lists = programs.selectRegLists ? 0 : 8 * c.selectCount;
         const bytes = programs.selectSharedBytes(P);
         expect(bytes).toBe(2 * (128 * dk + 2 * 64 * dk) + 4 * headSums + P * (4 * ring + lists) + 16 + 1024); // 16: two mbarriers (TMA)

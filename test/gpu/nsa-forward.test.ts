@@ -161,6 +161,16 @@ if (!availability.available) {
       });
     }
 
+    /**
+     * The group-centric forward's block indices under `env`, then a turn of the event loop: each variant compiles
+     * its kernels synchronously, and vitest's RPC calls time out if several run back to back without one.
+     */
+    async function selectedBlocks(inputs: ReturnType<typeof randomInputs>, config: NSAConfig, env: Record<string, string>): Promise<number[]> {
+      const blocks = Array.from((await withEnv('group', env, (backend) => nsaForward(inputs, config, { backend }))).blockIndices.data);
+      await new Promise<void>((resolve) => setImmediate(resolve));
+      return blocks;
+    }
+
     // The group-centric kernel's TMA tiles (one position a CTA, NSA_SLC_UNION=0) against its per-row bulk copies
     // (NSA_SLC_TMA=0): the same keys in the same order, the rows past t masked either way, so the same bits.
     it('group-centric selected attention by TMA tiles and by per-row copies (NSA_SLC_TMA=0) give the same bits', async () => {
@@ -254,8 +264,7 @@ if (!availability.available) {
         const cuSeqlens = [0];
         for (const len of c.seqlens) cuSeqlens.push(cuSeqlens[cuSeqlens.length - 1]! + len);
         const inputs = randomInputs({ config, cuSeqlens, dtype: c.dtype, seed: 4242 + i });
-        const blocks = async (env: Record<string, string>): Promise<number[]> =>
-          Array.from((await withEnv('group', env, (backend) => nsaForward(inputs, config, { backend }))).blockIndices.data);
+        const blocks = (env: Record<string, string>): Promise<number[]> => selectedBlocks(inputs, config, env);
         const merged = await blocks({ NSA_SELECT_MERGE_MIN: '1' });
         expect(await blocks({ NSA_SELECT_MERGE_MIN: '33' }), `${c.name}: inserts against merges`).toEqual(merged);
         expect(await blocks({}), `${c.name}: the default against merges`).toEqual(merged);
@@ -280,8 +289,8 @@ if (!availability.available) {
         const inputs = randomInputs({ config, cuSeqlens, dtype: c.dtype, seed: 99 + i });
         (inputs.q.data as Uint16Array).fill(0); // bf16 zeros
         const expected = Array.from(nsaReferenceForward(config, referenceInputs(inputs, cuSeqlens, config)).blockIndices);
-        for (const env of [{ NSA_SELECT_MERGE_MIN: '1' }, { NSA_SELECT_MERGE_MIN: '33' }, { NSA_SELECT_DIRECT: '0' }, { NSA_SELECT_REG_LISTS: '0' }, {}]) {
-          const got = Array.from((await withEnv('group', env, (backend) => nsaForward(inputs, config, { backend }))).blockIndices.data);
+        for (const env of [{ NSA_SELECT_MERGE_MIN: '1' }, { NSA_SELECT_MERGE_MIN: '33' }, { NSA_SELECT_DIRECT: '0' }, { NSA_SELECT_REG_LISTS: '0' }, { NSA_SELECT_WARP_LOCAL: '0' }, {}]) {
+          const got = await selectedBlocks(inputs, config, env);
           expect(got, `${c.name}, zero queries, ${JSON.stringify(env)}: the tie rule's blocks`).toEqual(expected);
         }
         await new Promise<void>((resolve) => setImmediate(resolve));
@@ -308,13 +317,42 @@ if (!availability.available) {
         const cuSeqlens = [0];
         for (const len of c.seqlens) cuSeqlens.push(cuSeqlens[cuSeqlens.length - 1]! + len);
         const inputs = randomInputs({ config, cuSeqlens, dtype: c.dtype, seed: 777 + i });
-        const blocks = async (env: Record<string, string>): Promise<number[]> =>
-          Array.from((await withEnv('group', env, (backend) => nsaForward(inputs, config, { backend }))).blockIndices.data);
-        const ring = await blocks({ NSA_SELECT_DIRECT: '0' });
+        const blocks = (env: Record<string, string>): Promise<number[]> => selectedBlocks(inputs, config, env);
+        const ring = await blocks({ NSA_SELECT_DIRECT: '0', NSA_SELECT_WARP_LOCAL: '0' });
         expect(await blocks({ NSA_SELECT_DIRECT: '1' }), `${c.name}: direct offers against the ring`).toEqual(ring);
         expect(await blocks({ NSA_SELECT_DIRECT: '1', NSA_SELECT_REG_LISTS: '0' }), `${c.name}: lists in shared memory against the ring`).toEqual(ring);
+        expect(await blocks({ NSA_SELECT_DIRECT: '1', NSA_SELECT_WARP_LOCAL: '0' }), `${c.name}: positions dealt in turn against the ring`).toEqual(ring);
         const ref = referenceInputs(inputs, cuSeqlens, config);
         const stats = checkSelection(config, ref, Int32Array.from(ring), nsaReferenceForward(config, ref).blockIndices);
+        console.log(`${c.name}: selection differs from the reference in ${stats.differing} of ${stats.rows} rows`);
+        await new Promise<void>((resolve) => setImmediate(resolve));
+      }
+    });
+
+    // Compressed keys that overlap blocks (the paper's l = 32, d = 16 and others): the ring's fold and offers by the
+    // warp that summed each position's heads, its list in registers (G = 4 to 16) or shared memory, against the
+    // positions dealt to the warps in turn (NSA_SELECT_WARP_LOCAL=0): the same sums in the same order, so the same
+    // blocks, bit for bit. G = 1, 2, 4, 8, 16; packed sequences with a one-token one.
+    it('block selection, the ring: positions owned by the warps that sum their heads choose the same blocks (NSA_SELECT_WARP_LOCAL=0|1, NSA_SELECT_REG_LISTS=0|1)', async () => {
+      const paper = { compressBlock: 32, compressStride: 16, selectBlock: 64, window: 128 };
+      const cases: Case[] = [
+        { name: 'paper, G = 4, dk = 128, T = 4100', options: { ...paper, selectCount: 16, heads: 8, kvHeads: 2, headDim: 128, valueDim: 128 }, seqlens: [4100], dtype: 'bf16', kernels: ['group'] },
+        { name: 'paper, G = 16, T = 3000', options: { ...paper, selectCount: 16, heads: 16, kvHeads: 1, headDim: 64, valueDim: 64 }, seqlens: [3000], dtype: 'bf16', kernels: ['group'] },
+        { name: "l' = 32, d = 8, n = 8, G = 8, packed [2500, 1, 900]", options: { compressBlock: 16, compressStride: 8, selectBlock: 32, selectCount: 8, window: 40, heads: 16, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [2500, 1, 900], dtype: 'bf16', kernels: ['group'] },
+        { name: 'paper, n = 5, G = 2, f16, T = 3001', options: { ...paper, selectBlock: 32, selectCount: 5, heads: 4, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [3001], dtype: 'f16', kernels: ['group'] },
+        { name: 'paper, G = 1, T = 2222', options: { ...paper, selectCount: 16, heads: 2, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [2222], dtype: 'bf16', kernels: ['group'] },
+      ];
+      for (const [i, c] of cases.entries()) {
+        const config = new NSAConfig(c.options);
+        const cuSeqlens = [0];
+        for (const len of c.seqlens) cuSeqlens.push(cuSeqlens[cuSeqlens.length - 1]! + len);
+        const inputs = randomInputs({ config, cuSeqlens, dtype: c.dtype, seed: 555 + i });
+        const blocks = (env: Record<string, string>): Promise<number[]> => selectedBlocks(inputs, config, env);
+        const dealt = await blocks({ NSA_SELECT_WARP_LOCAL: '0' });
+        expect(await blocks({ NSA_SELECT_WARP_LOCAL: '1' }), `${c.name}: owned positions against dealt ones`).toEqual(dealt);
+        expect(await blocks({ NSA_SELECT_WARP_LOCAL: '1', NSA_SELECT_REG_LISTS: '0' }), `${c.name}: lists in shared memory against dealt positions`).toEqual(dealt);
+        const ref = referenceInputs(inputs, cuSeqlens, config);
+        const stats = checkSelection(config, ref, Int32Array.from(dealt), nsaReferenceForward(config, ref).blockIndices);
         console.log(`${c.name}: selection differs from the reference in ${stats.differing} of ${stats.rows} rows`);
         await new Promise<void>((resolve) => setImmediate(resolve));
       }

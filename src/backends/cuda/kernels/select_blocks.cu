@@ -10,6 +10,10 @@
 // nvcc-check: -DDK=192 -DCMP_L=32 -DCMP_D=16 -DSEL_L=64 -DSEL_N=16 -DGROUP=3 -DNSA_FP16 -DFA_WGMMA -DSEL_MIN_BLOCKS=2 -DSELECT_TMA
 // nvcc-check: -DDK=64 -DCMP_L=32 -DCMP_D=16 -DSEL_L=32 -DSEL_N=5 -DGROUP=2 -DTOPK_MERGE_MIN=1
 // nvcc-check: -DDK=128 -DCMP_L=64 -DCMP_D=64 -DSEL_L=64 -DSEL_N=16 -DGROUP=4 -DFA_WGMMA -DSEL_MIN_BLOCKS=2 -DSELECT_TMA -DSELECT_DIRECT
+// nvcc-check: -DDK=128 -DCMP_L=64 -DCMP_D=64 -DSEL_L=64 -DSEL_N=16 -DGROUP=4 -DFA_WGMMA -DSEL_MIN_BLOCKS=3 -DSELECT_TMA -DSELECT_DIRECT -DSELECT_WARP_LOCAL -DSELECT_REG_LISTS
+// nvcc-check: -DDK=128 -DCMP_L=32 -DCMP_D=16 -DSEL_L=64 -DSEL_N=16 -DGROUP=16 -DFA_WGMMA -DSEL_MIN_BLOCKS=3 -DSELECT_TMA -DSELECT_WARP_LOCAL -DSELECT_REG_LISTS
+// nvcc-check: -DDK=192 -DCMP_L=32 -DCMP_D=16 -DSEL_L=64 -DSEL_N=16 -DGROUP=4 -DNSA_FP16 -DSELECT_WARP_LOCAL
+// nvcc-check: -DDK=64 -DCMP_L=16 -DCMP_D=8 -DSEL_L=32 -DSEL_N=5 -DGROUP=2 -DSELECT_WARP_LOCAL -DSELECT_REG_LISTS
 // nvcc-check: -DDK=192 -DCMP_L=32 -DCMP_D=32 -DSEL_L=32 -DSEL_N=7 -DGROUP=3 -DNSA_FP16 -DSELECT_DIRECT
 // nvcc-check: -DDK=64 -DCMP_L=64 -DCMP_D=64 -DSEL_L=64 -DSEL_N=16 -DGROUP=32 -DFA_WGMMA -DSELECT_DIRECT -DTOPK_MERGE_MIN=33
 //
@@ -95,12 +99,18 @@
 #define SEL_DIRECT 0
 #define RING_FLOATS SCORE_RING
 #endif
-// And where a warp's 16 rows are whole positions (G a power of two up to 16), the warp that sums a position's heads
-// owns its list: its offers read only its own head sums, so no CTA barrier comes between the sums and the offers.
-#define SEL_WARP_LOCAL (SEL_DIRECT && POW2_GROUP && GROUP <= 16)
+// Where a warp's 16 rows are whole positions (G a power of two up to 16), the warp that sums a position's heads owns
+// the position (SELECT_WARP_LOCAL, the host's default; NSA_SELECT_WARP_LOCAL=0 deals positions to warps in turn): it
+// folds and offers its scores and keeps its list, reading only its own head sums, so no CTA barrier comes between
+// the sums and the fold or offers.
+#if defined(SELECT_WARP_LOCAL) && POW2_GROUP && GROUP <= 16
+#define SEL_WARP_LOCAL 1
+#else
+#define SEL_WARP_LOCAL 0
+#endif
 // Its lists then live in its lanes' registers, a (score bits, block) pair a lane and position, where it owns at most
-// four positions (G >= 4; SELECT_REG_LISTS, the host's): no shared memory a position, which lets a third CTA share an
-// SM at G = 4.
+// four positions (G >= 4; SELECT_REG_LISTS, the host's): no shared memory a position, which with direct offers lets a
+// third CTA share an SM at G = 4.
 #if SEL_WARP_LOCAL && SEGS <= 4 && defined(SELECT_REG_LISTS)
 #define SEL_REG_LISTS 1
 #define LIST_KEYS 0
@@ -175,14 +185,11 @@ struct OfferList {
 };
 
 /**
- * Offers the final blocks lo .. hi (scores in `ring`, by block modulo SCORE_RING) to a position's list, rounds of
- * 32 by one warp; only blocks 1 .. current - 2 are candidates (0, current - 1 and current are forced). Every
+ * Offers the final blocks lo .. hi (scores in `ring`, by block modulo SCORE_RING) to a position's list `l`, rounds
+ * of 32 by one warp; only blocks 1 .. current - 2 are candidates (0, current - 1 and current are forced). Every
  * offered block's ring slot is cleared for the block SCORE_RING on.
  */
-__device__ __forceinline__ void offer_blocks(float *ring, unsigned long long *list, int lo, int hi, int current, int lane) {
-  if (lo > hi) return;
-  OfferList l;
-  l.load(list, lane);
+__device__ __forceinline__ void offer_ring(float *ring, OfferList &l, int lo, int hi, int current, int lane) {
   for (int j0 = lo; j0 <= hi; j0 += 32) {
     const int j = j0 + lane;
     unsigned ks = 0u; // this lane's block's score bits, 0 if it is no candidate
@@ -193,7 +200,6 @@ __device__ __forceinline__ void offer_blocks(float *ring, unsigned long long *li
     }
     offer_round(l.ms, l.mj, l.last, ks, j0, lane);
   }
-  l.store(list, lane);
 }
 
 extern "C" __global__ void SELECT_BOUNDS
@@ -257,6 +263,26 @@ extern "C" __global__ void SELECT_BOUNDS
 #pragma unroll
   for (int seg = 0; seg < SEGS; seg++) lists[seg] = OfferList{0u, NO_BLOCK, 0u};
 #endif
+  // body(pos, list) for each position this warp owns (its rows', or every WARPS-th), with the position's list.
+  auto each_position = [&](auto &&body) {
+#if SEL_REG_LISTS
+#pragma unroll
+    for (int seg = 0; seg < SEGS; seg++) {
+      if (warp * SEGS + seg < npos) body(warp * SEGS + seg, lists[seg]);
+    }
+#else
+#if SEL_WARP_LOCAL
+    for (int pos = warp * SEGS; pos < min(npos, (warp + 1) * SEGS); pos++) {
+#else
+    for (int pos = warp; pos < npos; pos += WARPS) {
+#endif
+      OfferList l;
+      l.load(best + pos * SEL_N, lane);
+      body(pos, l);
+      l.store(best + pos * SEL_N, lane);
+    }
+#endif
+  };
   const int last = pos0 + npos - 1;
   const int nkeys = cmp_visible(last, tc);
   const int ntiles = (nkeys + BLOCK_N - 1) / BLOCK_N;
@@ -417,42 +443,17 @@ extern "C" __global__ void SELECT_BOUNDS
 #if SEL_DIRECT
     // Block k0 + i is compressed key k0 + i: each position's warp offers the tile's candidates (blocks 1 .. current
     // - 2) in rounds of 32, lane i the (round's) i-th block. With SEL_WARP_LOCAL the warp's positions are its rows'.
-    auto offer_tile = [&](int pos, OfferList &l) {
+    each_position([&](int pos, OfferList &l) {
       const int hi = min((pos0 + pos) / SEL_L - 2, k0 + BLOCK_N - 1);
       const int lo = max(k0, 1);
       for (int j0 = k0; j0 <= hi; j0 += 32) { // none where lo > hi, uniform across the warp
         const int j = j0 + lane;
         offer_round(l.ms, l.mj, l.last, j >= lo && j <= hi ? topk_score_bits(tile_prob(pos, j - k0)) : 0u, j0, lane);
       }
-    };
-#if SEL_REG_LISTS
-#pragma unroll
-    for (int seg = 0; seg < SEGS; seg++) {
-      if (warp * SEGS + seg < npos) offer_tile(warp * SEGS + seg, lists[seg]);
-    }
+    });
 #else
-#if SEL_WARP_LOCAL
-    for (int pos = warp * SEGS; pos < min(npos, (warp + 1) * SEGS); pos++) {
-#else
-    for (int pos = warp; pos < npos; pos += WARPS) {
-#endif
-      OfferList l;
-      l.load(best + pos * SEL_N, lane);
-      offer_tile(pos, l);
-      l.store(best + pos * SEL_N, lane);
-    }
-#endif
-#elif CMP_L == CMP_D && CMP_D == SEL_L
-    // One compressed key per selection block (fla's l = d = l'): the fold is an add per (position, key), the
-    // same sum as the general form's (its weight overlap / d is 1).
-    const int nk = min(BLOCK_N, nkeys - k0);
-    for (int w = threadIdx.x; w < npos * BLOCK_N; w += THREADS) {
-      const int pos = w / BLOCK_N;
-      const int i = w % BLOCK_N;
-      if (i < nk) ring[pos * SCORE_RING + (k0 + i) % SCORE_RING] += tile_prob(pos, i);
-    }
-#else
-    // One thread per (position, selection block) the tile touches. d divides l and l' (the config requires it), so
+    // One thread per (position, selection block) the tile touches (with SEL_WARP_LOCAL, one lane of the warp that
+    // owns the position; otherwise across the CTA). d divides l and l' (the config requires it), so
     // block j overlaps the R + C - 1 compressed keys j R - C + 1 + u, u = 0 .. R + C - 2 (R = l'/d, C = l/d), the
     // u-th by a fixed number of tokens: the loop and the overlaps unroll at compile time (the paper's preset:
     // 9.20 -> 7.93 ms at 64k, G = 4, against a loop over each block's keys with their overlaps computed).
@@ -463,8 +464,14 @@ extern "C" __global__ void SELECT_BOUNDS
     const int j_last = ((min(k0 + BLOCK_N, nkeys) - 1) * CMP_D + CMP_L - 1) / SEL_L;
     const int nj = j_last - j_first + 1;
     const int i_end = min(k0 + BLOCK_N, nkeys);
+#if SEL_WARP_LOCAL
+    const int own0 = warp * SEGS;
+    for (int w = lane; w < max(0, min(SEGS, npos - own0)) * nj; w += 32) {
+      const int pos = own0 + w / nj;
+#else
     for (int w = threadIdx.x; w < npos * nj; w += THREADS) {
       const int pos = w / nj;
+#endif
       const int j = j_first + w % nj;
       const int i0 = j * R - C + 1;
       float acc = 0.f;
@@ -483,7 +490,7 @@ extern "C" __global__ void SELECT_BOUNDS
     // (the rest after the last tile).
     const int done_hi = ((k0 + BLOCK_N) * CMP_D) / SEL_L - 1;
     if (it + 1 < ntiles && done_hi - done_lo + 1 >= OFFER_BATCH) {
-      for (int pos = warp; pos < npos; pos += WARPS) offer_blocks(ring + pos * SCORE_RING, best + pos * SEL_N, done_lo, done_hi, (pos0 + pos) / SEL_L, lane);
+      each_position([&](int pos, OfferList &l) { offer_ring(ring + pos * SCORE_RING, l, done_lo, done_hi, (pos0 + pos) / SEL_L, lane); });
       done_lo = done_hi + 1;
     }
 #endif
@@ -500,21 +507,13 @@ extern "C" __global__ void SELECT_BOUNDS
     count += min(SEL_N - count, __popc(__ballot_sync(0xffffffff, key != 0)));
     warp_write_ascending(chosen, count, block_indices + ((i64)(seq_start + t) * H + h) * SEL_N, lane);
   };
-#if SEL_REG_LISTS
-#pragma unroll
-  for (int seg = 0; seg < SEGS; seg++) {
-    if (warp * SEGS + seg < npos) choose(warp * SEGS + seg, lane < SEL_N ? topk_key_from_bits(lists[seg].ms, lists[seg].mj) : 0ull);
-  }
-#else
   // The rest up to each position's own block (scores of blocks no visible key touched are 0), then the choice.
-  for (int pos = warp; pos < npos; pos += WARPS) {
+  each_position([&](int pos, OfferList &l) {
 #if !SEL_DIRECT
-    offer_blocks(ring + pos * SCORE_RING, best + pos * SEL_N, done_lo, (pos0 + pos) / SEL_L, (pos0 + pos) / SEL_L, lane);
-    __syncwarp();
+    offer_ring(ring + pos * SCORE_RING, l, done_lo, (pos0 + pos) / SEL_L, (pos0 + pos) / SEL_L, lane);
 #endif
-    choose(pos, lane < SEL_N ? best[pos * SEL_N + lane] : 0ull);
-  }
-#endif
+    choose(pos, topk_key_from_bits(l.ms, l.mj)); // 0 past the list (lanes >= SEL_N hold no pair)
+  });
 }
 
 /**

@@ -185,8 +185,14 @@ export interface KernelTuning {
    */
   readonly selectDirect?: boolean | undefined;
   /**
-   * With selectDirect and G a power of two from 4 to 16, each warp keeps its positions' top-n lists in its lanes'
-   * registers instead of shared memory (SELECT_REG_LISTS; NSA_SELECT_REG_LISTS=0 keeps them in shared memory).
+   * Where a warp's 16 rows are whole positions (G a power of two up to 16), the block selection's warp that sums a
+   * position's heads also folds and offers its scores and keeps its list (SELECT_WARP_LOCAL); NSA_SELECT_WARP_LOCAL=0
+   * deals the positions to the warps in turn, across a CTA barrier.
+   */
+  readonly selectWarpLocal?: boolean | undefined;
+  /**
+   * With selectWarpLocal and G from 4 to 16, each warp keeps its positions' top-n lists in its lanes' registers
+   * instead of shared memory (SELECT_REG_LISTS; NSA_SELECT_REG_LISTS=0 keeps them in shared memory).
    */
   readonly selectRegLists?: boolean | undefined;
 }
@@ -262,6 +268,7 @@ export function kernelTuning(
     selectTma: hopper && env['NSA_FA_WGMMA'] !== '0' && env['NSA_SELECT_TMA'] !== '0',
     selectMergeMin: envInt(env, 'NSA_SELECT_MERGE_MIN', 1, 33),
     selectDirect: config.compressBlock === config.compressStride && config.compressStride === config.selectBlock && env['NSA_SELECT_DIRECT'] !== '0',
+    selectWarpLocal: env['NSA_SELECT_WARP_LOCAL'] !== '0',
     selectRegLists: env['NSA_SELECT_REG_LISTS'] !== '0',
     slcDense: env['NSA_SLC_DENSE'] !== '0',
     slcWinMerge: env['NSA_SLC_WIN_MERGE'] !== '0',
@@ -387,6 +394,7 @@ export class NsaPrograms {
         ...(this.selectTma ? ['-DSELECT_TMA'] : []),
         ...(this.tuning.selectMergeMin === undefined ? [] : [`-DTOPK_MERGE_MIN=${this.tuning.selectMergeMin}`]),
         ...(this.tuning.selectDirect === true ? ['-DSELECT_DIRECT'] : []),
+        ...(this.tuning.selectWarpLocal === true ? ['-DSELECT_WARP_LOCAL'] : []),
         ...(this.selectRegLists ? ['-DSELECT_REG_LISTS'] : []),
         ...(this.selectShape.minBlocks === undefined ? [] : [`-DSEL_MIN_BLOCKS=${this.selectShape.minBlocks}`]),
       ],
@@ -760,12 +768,12 @@ export class NsaPrograms {
   }
 
   /**
-   * Whether the block selection's warps keep their positions' lists in registers (tuning.selectRegLists): with
-   * direct offers, where a warp's 16 rows hold at most four whole positions (G a power of two from 4 to 16).
+   * Whether the block selection's warps keep their positions' lists in registers (tuning.selectRegLists): where
+   * each warp owns its rows' positions (tuning.selectWarpLocal), at most four of them (G a power of two from 4 to 16).
    */
   get selectRegLists(): boolean {
     const G = this.config.groupSize;
-    return this.tuning.selectDirect === true && this.tuning.selectRegLists === true && (G & (G - 1)) === 0 && G >= 4 && G <= 16;
+    return this.tuning.selectWarpLocal === true && this.tuning.selectRegLists === true && (G & (G - 1)) === 0 && G >= 4 && G <= 16;
   }
 
   /**
@@ -774,13 +782,14 @@ export class NsaPrograms {
    */
   private selectBytesPerPosition(offerMin: number): number {
     const { compressBlock: l, compressStride: d, selectBlock: lp, selectCount: n } = this.config;
-    if (this.tuning.selectDirect === true) return this.selectRegLists ? 0 : 8 * n;
+    const lists = this.selectRegLists ? 0 : 8 * n;
+    if (this.tuning.selectDirect === true) return lists;
     const tileBlocks = Math.floor((63 * d + l - 1 + lp - 1) / lp) + 1;
     const ring = [128, 256, 512].find((r) => tileBlocks + offerMin <= r && r >= (this.tuning.selectRing ?? 0));
     if (ring === undefined) {
       throw new UnsupportedConfigError(`cuda backend: compressed tokens every ${d} over selection blocks of ${lp} touch too many blocks per tile (${tileBlocks}; at most 448)`);
     }
-    return 4 * ring + 8 * n;
+    return 4 * ring + lists;
   }
 
   /** Q rows and the key/value stages (rows padded by 8 elements for bulk copies), which the warps' merge reuses. */
