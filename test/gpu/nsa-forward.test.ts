@@ -171,6 +171,26 @@ if (!availability.available) {
       return blocks;
     }
 
+    /**
+     * For each case (inputs seeded seed + its index): the blocks chosen under every variant's settings must be those
+     * chosen under `baseline`, bit for bit; the baseline's are checked by the reference's scores (rows whose choice
+     * differs only among near-ties are counted and logged).
+     */
+    async function expectSameBlocks(cases: Case[], seed: number, baseline: Record<string, string>, variants: [string, Record<string, string>][]): Promise<void> {
+      for (const [i, c] of cases.entries()) {
+        const config = new NSAConfig(c.options);
+        const cuSeqlens = [0];
+        for (const len of c.seqlens) cuSeqlens.push(cuSeqlens[cuSeqlens.length - 1]! + len);
+        const inputs = randomInputs({ config, cuSeqlens, dtype: c.dtype, seed: seed + i });
+        const expected = await selectedBlocks(inputs, config, baseline);
+        for (const [what, env] of variants) expect(await selectedBlocks(inputs, config, env), `${c.name}: ${what}`).toEqual(expected);
+        const ref = referenceInputs(inputs, cuSeqlens, config);
+        const stats = checkSelection(config, ref, Int32Array.from(expected), nsaReferenceForward(config, ref).blockIndices);
+        console.log(`${c.name}: selection differs from the reference in ${stats.differing} of ${stats.rows} rows`);
+        await new Promise<void>((resolve) => setImmediate(resolve));
+      }
+    }
+
     // The group-centric kernel's TMA tiles (one position a CTA, NSA_SLC_UNION=0) against its per-row bulk copies
     // (NSA_SLC_TMA=0): the same keys in the same order, the rows past t masked either way, so the same bits.
     it('group-centric selected attention by TMA tiles and by per-row copies (NSA_SLC_TMA=0) give the same bits', async () => {
@@ -259,20 +279,10 @@ if (!availability.available) {
         { name: "l' = 32, n = 8, G = 8, T = 5000", options: { compressBlock: 16, compressStride: 8, selectBlock: 32, selectCount: 8, window: 40, heads: 8, kvHeads: 1, headDim: 64, valueDim: 64 }, seqlens: [5000], dtype: 'bf16', kernels: ['group'] },
         { name: 'n = 5, G = 2, f16, packed [3000, 1, 2047]', options: { ...base, selectBlock: 32, selectCount: 5, heads: 4, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [3000, 1, 2047], dtype: 'f16', kernels: ['group'] },
       ];
-      for (const [i, c] of long.entries()) {
-        const config = new NSAConfig(c.options);
-        const cuSeqlens = [0];
-        for (const len of c.seqlens) cuSeqlens.push(cuSeqlens[cuSeqlens.length - 1]! + len);
-        const inputs = randomInputs({ config, cuSeqlens, dtype: c.dtype, seed: 4242 + i });
-        const blocks = (env: Record<string, string>): Promise<number[]> => selectedBlocks(inputs, config, env);
-        const merged = await blocks({ NSA_SELECT_MERGE_MIN: '1' });
-        expect(await blocks({ NSA_SELECT_MERGE_MIN: '33' }), `${c.name}: inserts against merges`).toEqual(merged);
-        expect(await blocks({}), `${c.name}: the default against merges`).toEqual(merged);
-        const ref = referenceInputs(inputs, cuSeqlens, config);
-        const stats = checkSelection(config, ref, Int32Array.from(merged), nsaReferenceForward(config, ref).blockIndices);
-        console.log(`${c.name}: selection differs from the reference in ${stats.differing} of ${stats.rows} rows`);
-        await new Promise<void>((resolve) => setImmediate(resolve)); // let vitest's RPC replies in between the compiles
-      }
+      await expectSameBlocks(long, 4242, { NSA_SELECT_MERGE_MIN: '1' }, [
+        ['inserts against merges', { NSA_SELECT_MERGE_MIN: '33' }],
+        ['the default against merges', {}],
+      ]);
       // Ties everywhere: with zero queries every visible compressed key has the same probability, and with fla's form
       // (one compressed key a block, so each block's score is one sum, in the same order for every block) the blocks
       // score the same bits on the GPU and in the reference: the tie rule (the lower block first) alone decides, and
@@ -312,21 +322,11 @@ if (!availability.available) {
         { name: 'G = 32, n = 16, T = 3000', options: { ...fla, selectCount: 16, heads: 32, kvHeads: 1 }, seqlens: [3000], dtype: 'bf16', kernels: ['group'] },
         { name: 'G = 8, n = 12, packed [1500, 2600]', options: { ...fla, selectCount: 12, heads: 16, kvHeads: 2 }, seqlens: [1500, 2600], dtype: 'bf16', kernels: ['group'] },
       ];
-      for (const [i, c] of cases.entries()) {
-        const config = new NSAConfig(c.options);
-        const cuSeqlens = [0];
-        for (const len of c.seqlens) cuSeqlens.push(cuSeqlens[cuSeqlens.length - 1]! + len);
-        const inputs = randomInputs({ config, cuSeqlens, dtype: c.dtype, seed: 777 + i });
-        const blocks = (env: Record<string, string>): Promise<number[]> => selectedBlocks(inputs, config, env);
-        const ring = await blocks({ NSA_SELECT_DIRECT: '0', NSA_SELECT_WARP_LOCAL: '0' });
-        expect(await blocks({ NSA_SELECT_DIRECT: '1' }), `${c.name}: direct offers against the ring`).toEqual(ring);
-        expect(await blocks({ NSA_SELECT_DIRECT: '1', NSA_SELECT_REG_LISTS: '0' }), `${c.name}: lists in shared memory against the ring`).toEqual(ring);
-        expect(await blocks({ NSA_SELECT_DIRECT: '1', NSA_SELECT_WARP_LOCAL: '0' }), `${c.name}: positions dealt in turn against the ring`).toEqual(ring);
-        const ref = referenceInputs(inputs, cuSeqlens, config);
-        const stats = checkSelection(config, ref, Int32Array.from(ring), nsaReferenceForward(config, ref).blockIndices);
-        console.log(`${c.name}: selection differs from the reference in ${stats.differing} of ${stats.rows} rows`);
-        await new Promise<void>((resolve) => setImmediate(resolve));
-      }
+      await expectSameBlocks(cases, 777, { NSA_SELECT_DIRECT: '0', NSA_SELECT_WARP_LOCAL: '0' }, [
+        ['direct offers against the ring', { NSA_SELECT_DIRECT: '1' }],
+        ['lists in shared memory against the ring', { NSA_SELECT_DIRECT: '1', NSA_SELECT_REG_LISTS: '0' }],
+        ['positions dealt in turn against the ring', { NSA_SELECT_DIRECT: '1', NSA_SELECT_WARP_LOCAL: '0' }],
+      ]);
     });
 
     // Compressed keys that overlap blocks (the paper's l = 32, d = 16 and others): the ring's fold and offers by the
@@ -342,20 +342,10 @@ if (!availability.available) {
         { name: 'paper, n = 5, G = 2, f16, T = 3001', options: { ...paper, selectBlock: 32, selectCount: 5, heads: 4, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [3001], dtype: 'f16', kernels: ['group'] },
         { name: 'paper, G = 1, T = 2222', options: { ...paper, selectCount: 16, heads: 2, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [2222], dtype: 'bf16', kernels: ['group'] },
       ];
-      for (const [i, c] of cases.entries()) {
-        const config = new NSAConfig(c.options);
-        const cuSeqlens = [0];
-        for (const len of c.seqlens) cuSeqlens.push(cuSeqlens[cuSeqlens.length - 1]! + len);
-        const inputs = randomInputs({ config, cuSeqlens, dtype: c.dtype, seed: 555 + i });
-        const blocks = (env: Record<string, string>): Promise<number[]> => selectedBlocks(inputs, config, env);
-        const dealt = await blocks({ NSA_SELECT_WARP_LOCAL: '0' });
-        expect(await blocks({ NSA_SELECT_WARP_LOCAL: '1' }), `${c.name}: owned positions against dealt ones`).toEqual(dealt);
-        expect(await blocks({ NSA_SELECT_WARP_LOCAL: '1', NSA_SELECT_REG_LISTS: '0' }), `${c.name}: lists in shared memory against dealt positions`).toEqual(dealt);
-        const ref = referenceInputs(inputs, cuSeqlens, config);
-        const stats = checkSelection(config, ref, Int32Array.from(dealt), nsaReferenceForward(config, ref).blockIndices);
-        console.log(`${c.name}: selection differs from the reference in ${stats.differing} of ${stats.rows} rows`);
-        await new Promise<void>((resolve) => setImmediate(resolve));
-      }
+      await expectSameBlocks(cases, 555, { NSA_SELECT_WARP_LOCAL: '0' }, [
+        ['owned positions against dealt ones', { NSA_SELECT_WARP_LOCAL: '1' }],
+        ['lists in shared memory against dealt positions', { NSA_SELECT_WARP_LOCAL: '1', NSA_SELECT_REG_LISTS: '0' }],
+      ]);
     });
 
     it('dense causal kernel (the benchmark baseline) against float64 attention', () => {
