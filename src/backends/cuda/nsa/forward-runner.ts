@@ -21,7 +21,7 @@ import type { HalfDType, NsaPrograms } from './programs.js';
 
 export type SelectedKernelChoice = 'auto' | 'group' | 'fsa';
 
-/** From this G on, 'auto' picks the group-centric selected attention (measured: docs/performance.md). */
+/** From this G on, 'auto' picks the group-centric kernel (measured at G = 4, 8, 16: docs/performance.md, session 35). */
 export const GROUP_CENTRIC_MIN_G = 16;
 
 /**
