@@ -2,9 +2,10 @@
 // seeded inputs, the float64 reference's comparisons at the spec's tolerances, bit-for-bit comparisons, and a pool of
 // backends each created under its own tuning environment.
 
-import { expect } from 'vitest';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { NSAConfig, type NSAConfigOptions } from '../../src/config/nsa-config.js';
 import { createCudaBackend, type CudaBackend } from '../../src/backends/cuda/cuda-backend.js';
+import { cudaAvailability } from '../../src/backends/cuda/libraries.js';
 import type { nsaReferenceForward } from '../../src/reference/nsa-forward.js';
 import { prepareNsaProblem, type NsaReferenceInputs } from '../../src/reference/nsa-forward.js';
 import { randomInputs } from '../../src/nsa/random-inputs.js';
@@ -123,6 +124,26 @@ export class BackendPool {
     for (const b of [...this.backends.values()].reverse()) b.dispose();
     this.backends.clear();
   }
+}
+
+/**
+ * `describe(title on <the GPU>)` with a BackendPool opened before its tests and disposed after them; where no CUDA
+ * GPU is usable, one skipped test that says why.
+ */
+export function describeWithBackends(title: string, body: (pool: BackendPool) => void): void {
+  const availability = cudaAvailability();
+  if (!availability.available) {
+    describe(title, () => {
+      it.skip(`skipped: no usable CUDA GPU here (${availability.reason.split('\n')[0]})`, () => {});
+    });
+    return;
+  }
+  describe(`${title} on ${availability.device.name}`, () => {
+    const pool = new BackendPool();
+    beforeAll(() => pool.open());
+    afterAll(() => pool.dispose());
+    body(pool);
+  });
 }
 
 /** One turn of the event loop: lets vitest's RPC replies in between long runs of synchronous compiles. */
