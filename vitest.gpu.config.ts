@@ -6,8 +6,9 @@ import { defineConfig } from 'vitest/config';
 // side by side, each in its own process (pool 'forks': one CUDA context each, which the GPU holds together easily):
 // most of their time is NVRTC compiles and float64 references on the CPU, so the suite takes about as long as its
 // longest file rather than the sum (14 minutes one after another, past a device command's 10-minute limit). Keep each
-// file's share a few minutes: the forward's grew past 9 minutes on its own and is now three files (nsa-forward,
-// nsa-forward-variants, nsa-select; on an H100 the suite took 325 s, nsa-select the longest at 323 s).
+// file's share a few minutes: the forward's grew past 9 minutes on its own and is now four files (nsa-forward,
+// nsa-forward-variants, nsa-select, nsa-select-direct; the selection tests alone took 323 s on an H100, the split suite
+// 184 s, its longest file the backward's at 181 s).
 const long = process.env['NSA_TEST_LONG'] === '1';
 export default defineConfig({
   test: {
