@@ -53,6 +53,9 @@ const CASES: Case[] = [
   // whose sequences are all <= 384 = n l'); and the same batch shape through the scores and gathers.
   { name: "every visible block selected (T <= n l' = 256): the dense selected backward, G = 4, D = 128, packed [256, 1, 150]", options: { ...base, selectCount: 4, heads: 8, kvHeads: 2, headDim: 128, valueDim: 128 }, seqlens: [256, 1, 150] },
   { name: "every visible block selected (T <= n l' = 256), through the scores and gathers (NSA_SLC_DENSE=0), G = 4, packed [256, 1, 150]", options: { ...base, selectCount: 4, heads: 8, kvHeads: 2, headDim: 64, valueDim: 64 }, seqlens: [256, 1, 150], slcDq: 'fused', env: { NSA_SLC_DENSE: '0' } },
+  // G above 16: the selected backward takes a position's heads 16 at a time, its dK/dV rows by TMA at G = 64.
+  { name: 'G = 64 (MQA), T = 450, fused slc dQ', options: { ...base, heads: 64, kvHeads: 1, headDim: 64, valueDim: 64 }, seqlens: [450], slcDq: 'fused' },
+  { name: 'G = 24 (a part-filled second chunk of 16 heads), T = 380, group-centric slc dQ', options: { ...base, heads: 24, kvHeads: 1, headDim: 64, valueDim: 64 }, seqlens: [380], slcDq: 'group' },
 ];
 
 /** Runs `body` with NSA_SLC_DQ set to `mode` (left as it was when undefined), restoring it after. */

@@ -73,6 +73,9 @@ const CASES: Case[] = [
   // Learned phi: the cache compresses on the host (phi = mean on the device), so these hold that path.
   { name: 'learned phi = linear, G = 4, dk = 128 != dv = 64', options: { ...base, phi: 'linear', heads: 8, kvHeads: 2, headDim: 128, valueDim: 64 }, lengths: [403, 50], speculative: 2 },
   { name: 'learned phi = mlp, G = 2', options: { ...base, phi: 'mlp', heads: 4, kvHeads: 2, headDim: 64, valueDim: 64 }, lengths: [333], speculative: 1 },
+  // G above 16: the step takes a KV head's query heads 16 at a time (G = 24: the second 16 part-filled).
+  { name: 'G = 64 (MQA), ragged batch [600, 1]', options: { ...base, heads: 64, kvHeads: 1, headDim: 64, valueDim: 64 }, lengths: [600, 1], speculative: 1 },
+  { name: 'G = 24, T = 300, speculative 2 tokens', options: { ...base, heads: 24, kvHeads: 1, headDim: 64, valueDim: 64 }, lengths: [300], speculative: 2 },
 ];
 
 if (!availability.available) {

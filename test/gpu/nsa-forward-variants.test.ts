@@ -71,8 +71,8 @@ describeWithBackends('cuda NSA forward variants', (pool) => {
   // CTAs of 2, 3, 4 and 8 consecutive positions over the union of their blocks (NSA_SLC_UNION), a warp a position:
   // the same blocks, each warp's keys in the same ascending order but all of a tile's in one warp (so o_slc to the
   // rounding of P against another running maximum, lse_slc to fp32's); a CTA's positions across sequence boundaries
-  // (the packed case), past the last row, G = 1 to 16, l' of 32, 64 and 128, dk = 192.
-  for (const i of [0, 1, 2, 3, 5, 6, 7, 8]) {
+  // (the packed case), past the last row, G = 1 to 16, 24 and 64, l' of 32, 64 and 128, dk = 192.
+  for (const i of [0, 1, 2, 3, 5, 6, 7, 8, 13, 15]) {
     it(`group-centric selected attention over unions of positions (NSA_SLC_UNION=2|3|4|8) against the reference and one position a CTA: ${CASES[i]!.name}`, async () => {
       const c = CASES[i]!;
       const { config, cuSeqlens, inputs } = caseInputs(i);

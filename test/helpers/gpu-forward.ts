@@ -42,6 +42,10 @@ export const CASES: Case[] = [
   // No sequence longer than n l': the selected branch is dense attention (as in the four cases above with T <= 384).
   { name: "every visible block selected (T <= n l' = 512), G = 16, D = 128, packed [512, 1, 333, 129]", options: { compressBlock: 64, compressStride: 64, selectBlock: 64, selectCount: 8, window: 256, heads: 16, kvHeads: 1, headDim: 128, valueDim: 128 }, seqlens: [512, 1, 333, 129], dtype: 'bf16', kernels: ['group'] },
   { name: "every visible block selected (T <= n l' = 384), G = 4, f16, dk = 192, dv = 128, packed [384, 5, 383]", options: { ...base, heads: 8, kvHeads: 2, headDim: 192, valueDim: 128 }, seqlens: [384, 5, 383], dtype: 'f16', kernels: ['group', 'fsa'] },
+  // G above 16: the selected attention takes a position's heads 16 at a time (grid z), the scoring sums them all.
+  { name: 'G = 64 (MQA: 64 query heads, one KV head), T = 600', options: { ...base, heads: 64, kvHeads: 1, headDim: 64, valueDim: 64 }, seqlens: [600], dtype: 'bf16', kernels: ['group', 'fsa'] },
+  { name: 'G = 32, D = 128, packed [450, 3]', options: { ...base, heads: 64, kvHeads: 2, headDim: 128, valueDim: 128 }, seqlens: [450, 3], dtype: 'bf16', kernels: ['group'] },
+  { name: 'G = 24 (a second chunk of 16 heads, part-filled), T = 520', options: { ...base, heads: 24, kvHeads: 1, headDim: 64, valueDim: 64 }, seqlens: [520], dtype: 'bf16', kernels: ['group', 'fsa'] },
 ];
 
 
