@@ -7,11 +7,11 @@
 // variant, each compiled separately:
 //   // nvcc-check: -DHEAD_DIM=64 -DBLOCK=32
 //   // nvcc-check: -DHEAD_DIM=128 -DBLOCK=64
-import { spawn, spawnSync } from 'node:child_process';
 import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { basename, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { findNvcc, firstLines, indent, runCommand } from './nvcc.mjs';
 
 const ARCHS = [
   { name: 'sm_80', gencode: '-gencode=arch=compute_80,code=sm_80' },
@@ -21,14 +21,6 @@ const PARALLEL = 2;
 const MAX_ERROR_LINES = 40;
 // An optional argument names another folder of .cu files (used to test this script).
 const kernelsDir = process.argv[2] ?? fileURLToPath(new URL('../src/backends/cuda/kernels/', import.meta.url));
-
-/** nvcc from PATH, $CUDA_HOME/bin or /usr/local/cuda/bin; undefined when none runs. */
-function findNvcc() {
-  const candidates = ['nvcc'];
-  if (process.env.CUDA_HOME) candidates.push(join(process.env.CUDA_HOME, 'bin', 'nvcc'));
-  candidates.push('/usr/local/cuda/bin/nvcc');
-  return candidates.find((c) => spawnSync(c, ['--version'], { stdio: 'ignore' }).status === 0);
-}
 
 /** The flag sets of the `// nvcc-check:` lines in the file's leading comment block; one empty set when none. */
 function checkVariants(source) {
@@ -41,17 +33,6 @@ function checkVariants(source) {
     if (match) variants.push(match[1].trim().split(/\s+/).filter((f) => f !== ''));
   }
   return variants.length > 0 ? variants : [[]];
-}
-
-function run(command, args) {
-  return new Promise((resolve) => {
-    const child = spawn(command, args, { stdio: ['ignore', 'pipe', 'pipe'] });
-    let output = '';
-    child.stdout.on('data', (d) => (output += d));
-    child.stderr.on('data', (d) => (output += d));
-    child.on('error', (e) => resolve({ code: -1, output: String(e) }));
-    child.on('close', (code) => resolve({ code, output }));
-  });
 }
 
 async function main() {
@@ -77,7 +58,7 @@ async function main() {
       const out = join(scratch, `${basename(job.file, '.cu')}-${next}.cubin`);
       const args = ['--cubin', job.arch.gencode, '-std=c++17', ...job.flags, '-o', out, join(kernelsDir, job.file)];
       const started = Date.now();
-      const { code, output } = await run(nvcc, args);
+      const { code, output } = await runCommand(nvcc, args);
       const label = `${job.file} [${job.arch.name}]${job.flags.length > 0 ? ` ${job.flags.join(' ')}` : ''}`;
       const seconds = ((Date.now() - started) / 1000).toFixed(1);
       if (code === 0) {
@@ -93,15 +74,6 @@ async function main() {
   rmSync(scratch, { recursive: true, force: true });
   console.log(`compile-kernels: ${jobs.length - failed} of ${jobs.length} compiles passed (${nvcc})`);
   return failed === 0 ? 0 : 1;
-}
-
-function firstLines(text, n) {
-  const lines = text.trimEnd().split('\n');
-  return lines.length <= n ? text : `${lines.slice(0, n).join('\n')}\n... (${lines.length - n} more lines)`;
-}
-
-function indent(text) {
-  return text.trimEnd().split('\n').map((l) => `      ${l}`).join('\n');
 }
 
 process.exitCode = await main();
