@@ -7,8 +7,8 @@
 // selected branch's K/V the default is one launch for all three branches (flash mode 4, o_slc merged from the keys
 // before the window and the window's): its o_slc must match the dense kernel's to the rounding of P (2e-3), its
 // lse_slc to fp32 rounding (1e-5), and the two-launch form (NSA_SLC_WIN_MERGE=0) must give the dense kernel's bits and every other branch's bits as mode 4.
-// The kernels' variants that must give the same bits live in nsa-forward-variants.test.ts, the block selection's
-// forms in nsa-select.test.ts: three files that run side by side (vitest.gpu.config.ts).
+// The kernels' variants that must agree live in nsa-forward-variants.test.ts, the block selection's forms in
+// nsa-select.test.ts and nsa-select-direct.test.ts: files that run side by side (vitest.gpu.config.ts).
 
 import { expect, it } from 'vitest';
 import { NSAConfig } from '../../src/config/nsa-config.js';

@@ -1,4 +1,4 @@
-// The cases and checks the cuda forward's GPU test files share (test/gpu/nsa-forward*.test.ts, nsa-select.test.ts):
+// The cases and checks the cuda forward's GPU test files share (test/gpu/nsa-forward*.test.ts, nsa-select*.test.ts):
 // seeded inputs, the float64 reference's comparisons at the spec's tolerances, bit-for-bit comparisons, and a pool of
 // backends each created under its own tuning environment.
 
@@ -47,7 +47,6 @@ export const CASES: Case[] = [
   { name: 'G = 32, D = 128, packed [450, 3]', options: { ...base, heads: 64, kvHeads: 2, headDim: 128, valueDim: 128 }, seqlens: [450, 3], dtype: 'bf16', kernels: ['group'] },
   { name: 'G = 24 (a second chunk of 16 heads, part-filled), T = 520', options: { ...base, heads: 24, kvHeads: 1, headDim: 64, valueDim: 64 }, seqlens: [520], dtype: 'bf16', kernels: ['group', 'fsa'] },
 ];
-
 
 /** Case i's config, packed offsets and seeded inputs (its own K/V per branch where the case says so). */
 export function caseInputs(i: number): { config: NSAConfig; cuSeqlens: number[]; inputs: ReturnType<typeof randomInputs> } {

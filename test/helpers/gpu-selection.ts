@@ -10,8 +10,8 @@ import { referenceInputs } from './gpu-inputs.js';
 import { type BackendPool, type Case, checkSelection, nextTurn, packedOffsets } from './gpu-forward.js';
 
 /**
- * The group-centric forward's block indices on `pool`'s backend for `env`, then a turn of the event loop: each variant compiles
- * its kernels synchronously, and vitest's RPC calls time out if several run back to back without one.
+ * The group-centric forward's block indices on `pool`'s backend for `env`, then a turn of the event loop: each
+ * variant compiles its kernels synchronously, and vitest's RPC calls time out if several run back to back without one.
  */
 export async function selectedBlocks(pool: BackendPool, inputs: ReturnType<typeof randomInputs>, config: NSAConfig, env: Record<string, string>): Promise<number[]> {
   const blocks = Array.from((await pool.withEnv('group', env, (backend) => nsaForward(inputs, config, { backend }))).blockIndices.data);
