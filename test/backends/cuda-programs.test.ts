@@ -514,6 +514,49 @@ describe('the tensor maps of the TMA kernels', () => {
   });
 });
 
+describe('shared memory of every kernel, across shapes', () => {
+  // The sizes the host asks of a launch must fit the GPU's opt-in limit for every shape a user may pass: G from 1 to
+  // 64 (above 16 the kernels take 16 heads at a time), every supported head-dim pair, four block shapes, the sm_90
+  // tuning on an H100 and the sm_80 one on an A100 (163 KB).
+  const a100 = { device: { computeCapability: [8, 0], sharedBytesPerSm: 164 * 1024, reservedSharedBytesPerBlock: 1024 }, maxSharedBytesOptin: 163 * 1024 } as unknown as CudaContext;
+  const shapes = {
+    fla: { compressBlock: 64, compressStride: 64, selectBlock: 64, selectCount: 16, window: 512 },
+    paper: { compressBlock: 32, compressStride: 16, selectBlock: 64, selectCount: 16, window: 512 },
+    small: { compressBlock: 16, compressStride: 8, selectBlock: 32, selectCount: 8, window: 40 },
+    wide: { compressBlock: 64, compressStride: 32, selectBlock: 128, selectCount: 4, window: 200 },
+  };
+  for (const [gpu, ctx, cc] of [['H100', fakeContext, [9, 0]], ['A100', a100, [8, 0]]] as const) {
+    it(`fits ${gpu}'s ${ctx.maxSharedBytesOptin / 1024} KB for G = 1 to 64, dk/dv 64/64, 128/128, 192/128, 128/64, 64/128, four block shapes`, () => {
+      const over: string[] = [];
+      for (const [name, shape] of Object.entries(shapes)) {
+        for (const G of [1, 2, 3, 4, 8, 16, 24, 64]) {
+          for (const [dk, dv] of [[64, 64], [128, 128], [192, 128], [128, 64], [64, 128]] as const) {
+            const c = new NSAConfig({ ...shape, heads: G, kvHeads: 1, headDim: dk, valueDim: dv });
+            const p = new NsaPrograms(ctx, c, 'bf16', kernelTuning(c, {}, cc));
+            const sizes: Record<string, number> = {
+              select: p.selectSharedBytes(p.positionsPerSelectTile()),
+              selected: p.selectedSharedBytes(),
+              fsa: p.fsaSharedBytes(),
+              ...(p.slcUnionPositions > 0 ? { union: p.selectedUnionSharedBytes() } : {}),
+              ...Object.fromEntries((['fused', 'cmp_win', 'slc', 'dense'] as const).map((f) => [`decode ${f}`, p.decodePartialSharedBytes(f)])),
+              ...Object.fromEntries(([0, 1, 2, 3] as const).map((m) => [`flash ${m}`, p.flashSharedBytes(m)])),
+              ...(p.cmpStash ? { 'flash 4': p.flashSharedBytes(4) } : {}), // all three branches in one launch: only with the stash
+              'selected dq': p.selectedBackwardSharedBytes('dq'),
+              'selected dkdv': p.selectedBackwardSharedBytes('dkdv'),
+              'selected dkdv, fused dq': p.selectedBackwardSharedBytes('dkdv', true),
+              ...Object.fromEntries(([0, 1, 2, 3] as const).flatMap((m) => (['dq', 'dkdv'] as const).map((f) => [`flash bwd ${m} ${f}`, p.flashBackwardSharedBytes(f, m)]))),
+            };
+            for (const [kernel, bytes] of Object.entries(sizes)) {
+              if (!(bytes > 0 && bytes <= ctx.maxSharedBytesOptin)) over.push(`${name} G=${G} dk=${dk} dv=${dv} ${kernel}: ${bytes}`);
+            }
+          }
+        }
+      }
+      expect(over).toEqual([]);
+    });
+  }
+});
+
 describe('selectedDqMode', () => {
   const GiB = 2 ** 30;
   it('fuses dQ into the dK/dV pass where its parts leave a quarter of the free memory', () => {
