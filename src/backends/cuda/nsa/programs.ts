@@ -389,8 +389,7 @@ export class NsaPrograms {
         ...this.selDefines(),
         `-DGROUP=${this.config.groupSize}`,
         ...(this.tuning.faWgmma ? ['-DFA_WGMMA'] : []),
-        ...(this.tuning.selectRing === undefined ? [] : [`-DSCORE_RING_MIN=${this.tuning.selectRing}`]),
-        `-DOFFER_MIN=${this.selectShape.offerMin}`,
+        ...this.selectRingDefines(),
         ...(this.selectTma ? ['-DSELECT_TMA'] : []),
         ...(this.tuning.selectMergeMin === undefined ? [] : [`-DTOPK_MERGE_MIN=${this.tuning.selectMergeMin}`]),
         ...(this.tuning.selectDirect === true ? ['-DSELECT_DIRECT'] : []),
@@ -765,6 +764,15 @@ export class NsaPrograms {
     const minBlocks = this.tuning.selectMinBlocks ?? (wgmma && fit >= 2 ? fit : undefined);
     this.selectShapeMemo = { offerMin, minBlocks };
     return this.selectShapeMemo;
+  }
+
+  /** The ring of open block scores' size (select_blocks.cu); none with direct offers, which keep no ring. */
+  private selectRingDefines(): string[] {
+    if (this.tuning.selectDirect === true) return [];
+    return [
+      ...(this.tuning.selectRing === undefined ? [] : [`-DSCORE_RING_MIN=${this.tuning.selectRing}`]),
+      `-DOFFER_MIN=${this.selectShape.offerMin}`,
+    ];
   }
 
   /**
